@@ -1,0 +1,297 @@
+"""Frozen configuration: the model (from config.json), the KV cache, the scheduler, the engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsserve.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
+DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, normalised from `rope_scaling` (old) or `rope_parameters` (new)."""
+
+    theta: float  # base of the inverse frequencies
+    rope_type: str  # "default", "yarn", "llama3", "linear"
+    factor: float = 1.0  # context extension factor
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0  # YaRN: fast rotation bound
+    beta_slow: float = 1.0  # YaRN: slow rotation bound
+    mscale: float = 1.0  # YaRN: numerator of the cos/sin scale
+    mscale_all_dim: float = 0.0  # YaRN: scale of the attention softmax (DeepSeek)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the engine needs from a checkpoint's config.json, with defaults as transformers applies them."""
+
+    path: str  # the checkpoint folder
+    model_type: str  # one of SUPPORTED_MODEL_TYPES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # dense FFN width
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int  # per-head width for MHA/GQA models
+    rms_norm_eps: float
+    rope: RopeConfig
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2 projections carry a bias
+    checkpoint_dtype: str  # dtype the checkpoint declares ("bfloat16", ...)
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    # MLA (DeepSeek); zero for other models
+    q_lora_rank: int | None = None  # None: plain q_proj (V2-Lite)
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = True  # DeepSeek's rope dims are interleaved pairs
+    # DeepSeekMoE; n_routed_experts 0 means a dense model
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    topk_method: str = "greedy"  # greedy | group_limited_greedy | noaux_tc
+    scoring_func: str = "softmax"  # softmax (V2) | sigmoid (V3)
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    # FP8 block quantization, e.g. (128, 128); None for unquantized checkpoints
+    fp8_block_size: tuple[int, int] | None = None
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """DeepSeek's rule (HF remote code): MoE from `first_k_dense_replace` on, every `moe_layer_freq` layers."""
+        return (
+            self.n_routed_experts > 0
+            and layer_idx >= self.first_k_dense_replace
+            and layer_idx % self.moe_layer_freq == 0
+        )
+
+    @property
+    def kv_cache_entry_shape(self) -> tuple[int, ...]:
+        """Per token per layer: MLA keeps the normalized latent + rope key; MHA/GQA keeps K and V per KV head."""
+        if self.is_mla:
+            return (self.kv_lora_rank + self.qk_rope_head_dim,)
+        return (2, self.num_key_value_heads, self.head_dim)
+
+    @property
+    def kv_cache_elements_per_token(self) -> int:
+        return math.prod(self.kv_cache_entry_shape) * self.num_hidden_layers
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> "ModelConfig":
+        folder = Path(path)
+        if not folder.exists():
+            raise ConfigError(f"model path {folder} does not exist; pass a local checkpoint folder")
+        if not folder.is_dir():
+            raise ConfigError(f"model path {folder} is not a directory; pass the checkpoint folder, not a file")
+        config_file = folder / "config.json"
+        if not config_file.exists():
+            raise ConfigError(f"{config_file} is missing; a Hugging Face checkpoint folder needs its config.json")
+        try:
+            raw = json.loads(config_file.read_text())
+        except PermissionError as e:
+            raise ConfigError(f"{config_file} is not readable ({e.strerror}); fix with: chmod a+r {config_file}") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{config_file} is not valid JSON (line {e.lineno}: {e.msg})") from e
+        return cls.from_dict(raw, str(folder))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], path: str = "") -> "ModelConfig":
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"config.json model_type {model_type!r} is not supported; "
+                f"dsserve runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+
+        def need(key: str) -> Any:
+            if raw.get(key) is None:
+                raise ConfigError(f"config.json in {path or '<dict>'} lacks required field {key!r} for {model_type}")
+            return raw[key]
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        common: dict[str, Any] = dict(
+            path=path,
+            model_type=model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_hidden_layers=int(need("num_hidden_layers")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=_rope_config(raw),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
+            checkpoint_dtype=str(dtype),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"config.json hidden_act {raw.get('hidden_act')!r} is not supported; dsserve implements silu")
+        quant = raw.get("quantization_config")
+        if quant:
+            if quant.get("quant_method") != "fp8" or "weight_block_size" not in quant:
+                raise ConfigError(
+                    f"config.json quantization_config {quant} is not supported; dsserve loads FP8 block-quantized "
+                    "checkpoints (quant_method 'fp8' with weight_block_size) and unquantized ones"
+                )
+            common["fp8_block_size"] = tuple(int(x) for x in quant["weight_block_size"])
+        if model_type in ("deepseek_v2", "deepseek_v3"):
+            is_v3 = model_type == "deepseek_v3"
+            common.update(
+                q_lora_rank=raw.get("q_lora_rank"),
+                kv_lora_rank=int(need("kv_lora_rank")),
+                qk_nope_head_dim=int(need("qk_nope_head_dim")),
+                qk_rope_head_dim=int(need("qk_rope_head_dim")),
+                v_head_dim=int(need("v_head_dim")),
+                rope_interleave=bool(raw.get("rope_interleave", True)),
+                n_routed_experts=int(raw.get("n_routed_experts") or 0),
+                n_shared_experts=int(raw.get("n_shared_experts") or 0),
+                num_experts_per_tok=int(raw.get("num_experts_per_tok") or 0),
+                moe_intermediate_size=int(raw.get("moe_intermediate_size") or 0),
+                n_group=int(raw.get("n_group") or 1),
+                topk_group=int(raw.get("topk_group") or 1),
+                topk_method=raw.get("topk_method") or ("noaux_tc" if is_v3 else "greedy"),
+                scoring_func=raw.get("scoring_func") or ("sigmoid" if is_v3 else "softmax"),
+                norm_topk_prob=bool(raw.get("norm_topk_prob", is_v3)),
+                routed_scaling_factor=float(raw.get("routed_scaling_factor", 2.5 if is_v3 else 1.0)),
+                first_k_dense_replace=int(raw.get("first_k_dense_replace") or 0),
+                moe_layer_freq=int(raw.get("moe_layer_freq") or 1),
+            )
+            if common["topk_method"] not in ("greedy", "group_limited_greedy", "noaux_tc"):
+                raise ConfigError(f"config.json topk_method {common['topk_method']!r} is not supported")
+            if common["scoring_func"] not in ("softmax", "sigmoid"):
+                raise ConfigError(f"config.json scoring_func {common['scoring_func']!r} is not supported")
+            if common["n_routed_experts"] and common["n_routed_experts"] % common["n_group"]:
+                raise ConfigError("config.json n_routed_experts must be a multiple of n_group")
+        return cls(**common)
+
+
+def _rope_config(raw: dict[str, Any]) -> RopeConfig:
+    """Accept both the checkpoint's `rope_theta` + `rope_scaling` and newer transformers' `rope_parameters`."""
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = dict(raw.get("rope_scaling") or {})
+    merged = {**scaling, **params}
+    theta = float(merged.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    if rope_type not in ("default", "yarn", "llama3", "linear"):
+        raise ConfigError(f"config.json rope type {rope_type!r} is not supported; dsserve implements default, yarn, llama3, linear")
+    orig = merged.get("original_max_position_embeddings")
+    return RopeConfig(
+        theta=theta,
+        rope_type=rope_type,
+        factor=float(merged.get("factor") or 1.0),
+        original_max_position_embeddings=int(orig) if orig else None,
+        beta_fast=float(merged.get("beta_fast") or 32),
+        beta_slow=float(merged.get("beta_slow") or 1),
+        mscale=float(merged.get("mscale") or 1.0),
+        mscale_all_dim=float(merged.get("mscale_all_dim") or 0.0),
+        low_freq_factor=float(merged.get("low_freq_factor") or 1.0),
+        high_freq_factor=float(merged.get("high_freq_factor") or 4.0),
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache."""
+
+    block_size: int = 16  # tokens per block (MindIE uses 128)
+    kv_cache_memory: int | None = None  # bytes for the cache; None: a fraction of free memory
+    kv_cache_fraction: float = 0.5  # share of free memory taken when kv_cache_memory is None
+    num_blocks: int | None = None  # exact block count (tests force preemption with a tiny cache)
+    enable_prefix_caching: bool = True  # share full blocks by chained hash
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step budgets."""
+
+    max_num_seqs: int = 256  # requests in one step
+    max_num_batched_tokens: int = 2048  # tokens computed in one step
+    max_model_len: int = 4096  # prompt + output tokens per request
+    enable_chunked_prefill: bool = True  # split long prompts over steps
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything `LLM(...)` and `dsserve serve` resolve before starting the engine."""
+
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    dtype: str  # resolved compute dtype: bfloat16 | float16 | float32
+    device: str  # "cpu" or "cuda"
+    num_threads: int  # torch intra-op threads on CPU
+    seed: int = 0  # default seed of unseeded sampling
+    tokenizer_path: str | None = None  # folder with tokenizer.json; default the model folder
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_dtype(requested: str, checkpoint_dtype: str, device: str) -> str:
+    """`auto` takes the checkpoint's dtype, except on a CPU where bf16/fp16 matmuls are slower than fp32."""
+    if requested not in DTYPE_NAMES:
+        raise ConfigError(f"--dtype {requested!r} is not one of {', '.join(DTYPE_NAMES)}")
+    if requested != "auto":
+        return requested
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}.get(
+        checkpoint_dtype, checkpoint_dtype
+    )
+    if name not in ("bfloat16", "float16", "float32"):
+        name = "bfloat16"  # FP8 checkpoints declare bfloat16; anything exotic computes in bf16
+    if device == "cpu" and name != "float32":
+        return "float32"
+    return name
+
+
+def parse_memory(value: str | int | None) -> int | None:
+    """'4GiB', '512MB', '1e9' or a plain byte count -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "k": 2**10, "m": 2**20, "g": 2**30, "b": 1}
+    for suffix, mult in units.items():
+        if text.endswith(suffix):
+            number = text[: -len(suffix)]
+            break
+    else:
+        number, mult = text, 1
+    try:
+        result = int(float(number) * mult)
+    except ValueError:
+        raise ConfigError(f"memory size {value!r} is not understood; write e.g. 4GiB, 512MiB or a byte count") from None
+    if result <= 0:
+        raise ConfigError(f"memory size {value!r} must be positive")
+    return result

@@ -1,0 +1,316 @@
+"""LLMEngine: add_request / step / abort. One step is schedule -> run -> update."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_memory, resolve_dtype
+from dsserve.engine.detokenizer import IncrementalDetokenizer
+from dsserve.engine.kv_cache import KVCacheManager
+from dsserve.engine.request import Request, RequestStatus, SamplingParams
+from dsserve.engine.scheduler import Scheduler, SchedulerOutput
+from dsserve.engine.tokenizer import Tokenizer
+from dsserve.errors import ConfigError, InvalidRequestError
+from dsserve.runner.model_runner import ModelRunner, StepResult, default_num_threads
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[tuple[float, dict[int, float]]] | None = None
+    cumulative_logprob: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class _Group:
+    """A user request: its n samples and their detokenizers."""
+
+    request_id: str
+    prompt: str | None
+    params: SamplingParams
+    samples: list[Request] = field(default_factory=list)
+    detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_config = config.model
+        self.tokenizer = _load_tokenizer(config)
+        self.runner = ModelRunner(
+            config.model, config.cache, config.dtype, config.device, config.scheduler.max_model_len,
+            config.num_threads, config.seed,
+        )
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.eos_token_ids = (
+            self.tokenizer.eos_token_ids(config.model.eos_token_ids) if self.tokenizer else config.model.eos_token_ids
+        )
+        self.sampling_defaults = self.tokenizer.sampling_defaults() if self.tokenizer else {}
+        self.groups: dict[str, _Group] = {}
+        self._arrivals = itertools.count()
+
+    @classmethod
+    def from_options(cls, model: str | Path, **options: Any) -> "LLMEngine":
+        return cls(build_engine_config(model, **options))
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        result = self._run(plan)
+        return self._update(plan, result)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ---- requests -----------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+        """Validate and queue a request; raises InvalidRequestError (nothing queued) when it cannot run."""
+        if request_id in self.groups:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        params = (params or SamplingParams()).with_defaults(self.sampling_defaults)
+        prompt_text, token_ids = self._tokenize(prompt)
+        max_len = self.config.scheduler.max_model_len
+        if not token_ids:
+            raise InvalidRequestError("the prompt is empty; send at least one token")
+        if len(token_ids) >= max_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(token_ids)} tokens but max_model_len is {max_len}, which must leave room for "
+                "at least one generated token; shorten the prompt or raise --max-model-len"
+            )
+        vocab = self.model_config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab}); got {min(token_ids)}..{max(token_ids)}")
+        max_total = min(len(token_ids) + (params.max_tokens or max_len), max_len)
+        if -(-max_total // self.kv_cache.block_size) > self.kv_cache.num_blocks:
+            raise InvalidRequestError(
+                f"the request may grow to {max_total} tokens but the KV cache holds only "
+                f"{self.kv_cache.num_blocks * self.kv_cache.block_size}; lower max_tokens or raise --kv-cache-memory"
+            )
+        group = _Group(request_id, prompt_text, params)
+        for i in range(params.n):
+            sample = Request(
+                request_id=f"{request_id}#{i}" if params.n > 1 else request_id,
+                prompt_token_ids=list(token_ids),
+                params=params,
+                eos_token_ids=self.eos_token_ids,
+                arrival_index=next(self._arrivals),
+                max_total_tokens=max_total,
+                prompt=prompt_text,
+                parent_id=request_id,
+                sample_index=i,
+                generator=_generator(params.seed, i, self.runner.device),
+                wait_for=group.samples[0] if i > 0 and self.config.cache.enable_prefix_caching else None,
+            )
+            group.samples.append(sample)
+            group.detokenizers.append(
+                IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens, params.stop,
+                                       params.include_stop_str_in_output)
+                if self.tokenizer else None
+            )
+        self.groups[request_id] = group
+        for sample in group.samples:
+            self.scheduler.add(sample)
+
+    def abort_request(self, request_id: str) -> None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for sample in group.samples:
+            self.scheduler.finish(sample, RequestStatus.FINISHED_ABORTED)
+
+    # ---- internals ----------------------------------------------------------------------------------
+
+    def _run(self, plan: SchedulerOutput) -> StepResult:
+        tables = [self.kv_cache.block_ids(r.request_id) for r in plan.requests]
+        computed = [r.num_computed_tokens for r in plan.requests]
+        return self.runner.execute(plan.requests, plan.num_new_tokens, tables, computed)
+
+    def _update(self, plan: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        for row, entries in result.prompt_logprobs.items():
+            request = plan.requests[row]
+            if len(request.prompt_logprobs) < request.num_prompt_tokens - 1:
+                request.prompt_logprobs.extend(entries)
+        advanced = self.scheduler.update(plan, result.sampled)
+        touched: dict[str, _Group] = {}
+        for request in advanced:
+            group = self.groups.get(request.parent_id)
+            if group is None:
+                continue
+            row = plan.requests.index(request)
+            if result.logprobs[row] is not None:
+                request.logprobs.append(result.logprobs[row])
+            detok = group.detokenizers[request.sample_index]
+            if detok is not None and detok.append(request.output_token_ids[-1]) is not None and not request.is_finished:
+                request.stop_reason = detok.stopped_by
+                self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+            touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            output = self._output(group)
+            if output.finished:
+                del self.groups[group.request_id]
+            outputs.append(output)
+        return outputs
+
+    def _output(self, group: _Group) -> RequestOutput:
+        completions = []
+        for sample, detok in zip(group.samples, group.detokenizers):
+            finished = sample.is_finished
+            completions.append(CompletionOutput(
+                index=sample.sample_index,
+                text=detok.visible_text(finished) if detok else "",
+                token_ids=list(sample.output_token_ids),
+                finish_reason=sample.status.value if finished else None,
+                stop_reason=sample.stop_reason,
+                logprobs=list(sample.logprobs) if sample.params.logprobs is not None else None,
+                cumulative_logprob=sum(lp for lp, _ in sample.logprobs) if sample.params.logprobs is not None else None,
+            ))
+        first = group.samples[0]
+        prompt_logprobs = [None, *first.prompt_logprobs] if group.params.prompt_logprobs is not None else None
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=completions,
+            finished=all(c.finished for c in completions),
+            prompt_logprobs=prompt_logprobs,
+            num_cached_tokens=first.num_cached_prompt_tokens,
+        )
+
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), _token_list(prompt["prompt_token_ids"])
+            prompt = prompt.get("prompt")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    f"the model folder {self.model_config.path} has no tokenizer.json, so text prompts cannot be "
+                    "encoded; send {'prompt_token_ids': [...]} or add the tokenizer files"
+                )
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, _token_list(prompt)
+        raise InvalidRequestError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}; got {type(prompt).__name__}")
+
+
+def build_engine_config(
+    model: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    block_size: int = 16,
+    kv_cache_memory: str | int | None = None,
+    kv_cache_fraction: float = 0.5,
+    num_kv_blocks: int | None = None,
+    enable_prefix_caching: bool = True,
+    max_num_seqs: int = 256,
+    max_num_batched_tokens: int | None = None,
+    max_model_len: int | None = None,
+    enable_chunked_prefill: bool = True,
+    num_threads: int | None = None,
+    seed: int = 0,
+    tokenizer: str | None = None,
+) -> EngineConfig:
+    """Resolve every 'auto' value and check the options against each other; the result is frozen."""
+    model_config = ModelConfig.from_path(model)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if block_size < 1 or block_size > 1024:
+        raise ConfigError(f"--block-size {block_size} must be in [1, 1024] (16 is the default, MindIE uses 128)")
+    max_model_len = max_model_len or model_config.max_position_embeddings
+    if max_model_len < 2:
+        raise ConfigError(f"--max-model-len {max_model_len} must be >= 2")
+    if max_model_len > model_config.max_position_embeddings:
+        raise ConfigError(
+            f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings "
+            f"({model_config.max_position_embeddings}); lower it"
+        )
+    batched = max_num_batched_tokens or (2048 if enable_chunked_prefill else max(2048, max_model_len))
+    if not enable_chunked_prefill and batched < max_model_len:
+        raise ConfigError(
+            f"--max-num-batched-tokens {batched} is below --max-model-len {max_model_len} with chunked prefill off: "
+            "long prompts could never be scheduled; raise it or enable chunked prefill"
+        )
+    if max_num_seqs < 1:
+        raise ConfigError(f"--max-num-seqs {max_num_seqs} must be >= 1")
+    if not 0 < kv_cache_fraction <= 1:
+        raise ConfigError(f"kv_cache_fraction {kv_cache_fraction} must be in (0, 1]")
+    return EngineConfig(
+        model=model_config,
+        cache=CacheConfig(
+            block_size=block_size,
+            kv_cache_memory=parse_memory(kv_cache_memory),
+            kv_cache_fraction=kv_cache_fraction,
+            num_blocks=num_kv_blocks,
+            enable_prefix_caching=enable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=batched,
+            max_model_len=max_model_len,
+            enable_chunked_prefill=enable_chunked_prefill,
+        ),
+        dtype=resolve_dtype(dtype, model_config.checkpoint_dtype, device),
+        device=device,
+        num_threads=num_threads or default_num_threads(),
+        seed=seed,
+        tokenizer_path=tokenizer,
+    )
+
+
+def _load_tokenizer(config: EngineConfig) -> Tokenizer | None:
+    folder = Path(config.tokenizer_path or config.model.path)
+    if not (folder / "tokenizer.json").exists():
+        if config.tokenizer_path:
+            raise ConfigError(f"--tokenizer {folder} has no tokenizer.json")
+        logger.warning("%s has no tokenizer.json: only token-id prompts are accepted", folder)
+        return None
+    return Tokenizer(folder)
+
+
+def _generator(seed: int | None, index: int, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed + index)  # n > 1: distinct but reproducible samples
+    return generator
+
+
+def _token_list(ids: Any) -> list[int]:
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise InvalidRequestError("prompt_token_ids must be a list of integers")
+    return list(ids)

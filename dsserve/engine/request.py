@@ -1,0 +1,155 @@
+"""A request as the engine sees it: SamplingParams, status, and its token counts (num_computed_tokens / num_tokens)."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from dsserve.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling, shaped like vLLM's. `None` temperature/top_p/top_k take generation_config.json's values."""
+
+    n: int = 1  # independent samples of the same prompt
+    temperature: float | None = None  # 0: greedy
+    top_p: float | None = None  # nucleus mass in (0, 1]
+    top_k: int | None = None  # keep the k most likely tokens; 0 or -1: all
+    min_p: float = 0.0  # drop tokens below min_p * p(best)
+    presence_penalty: float = 0.0  # subtract once for every token already generated
+    frequency_penalty: float = 0.0  # subtract per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # >1 discourages tokens seen in prompt or output (divide positive logits)
+    seed: int | None = None  # same seed -> same tokens, whatever else is in the batch
+    stop: list[str] | str | None = None  # stop strings, cut from the output
+    stop_token_ids: list[int] | None = None  # extra end tokens (kept in token_ids, not in text)
+    ignore_eos: bool = False  # keep generating past EOS
+    max_tokens: int | None = 16  # generated tokens at most; None: up to max_model_len
+    min_tokens: int = 0  # EOS and stop tokens are masked until this many tokens exist
+    logprobs: int | None = None  # return the sampled token's logprob and this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(field_name: str, value, rule: str) -> InvalidRequestError:
+            return InvalidRequestError(f"{field_name}={value!r} is invalid: {rule}")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", self.n, "must be an integer >= 1")
+        if self.temperature is not None and (not _finite(self.temperature) or self.temperature < 0):
+            raise bad("temperature", self.temperature, "must be >= 0 (0 means greedy)")
+        if self.top_p is not None and (not _finite(self.top_p) or not 0 < self.top_p <= 1):
+            raise bad("top_p", self.top_p, "must be in (0, 1]")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < -1):
+            raise bad("top_k", self.top_k, "must be -1, 0 (both: no limit) or a positive integer")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", self.min_p, "must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2 <= value <= 2:
+                raise bad(name, value, "must be in [-2, 2]")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", self.repetition_penalty, "must be > 0 (1 means no penalty)")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", self.min_tokens, "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", self.min_tokens, f"must not exceed max_tokens ({self.max_tokens})")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
+                raise bad(name, value, "must be an integer in [0, 20]")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", self.seed, "must be an integer")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise bad("stop", self.stop, "must be non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", self.stop_token_ids, "must be non-negative integers")
+
+    def with_defaults(self, defaults: dict) -> "SamplingParams":
+        """Fill unset temperature/top_p/top_k from generation_config.json (or greedy-free vLLM defaults)."""
+        temperature = self.temperature if self.temperature is not None else defaults.get("temperature", 1.0)
+        if self.temperature is None and defaults.get("do_sample") is False:
+            temperature = 0.0
+        top_p = self.top_p if self.top_p is not None else defaults.get("top_p", 1.0)
+        top_k = self.top_k if self.top_k is not None else defaults.get("top_k", 0)
+        clone = SamplingParams(**{**self.__dict__, "temperature": temperature, "top_p": top_p, "top_k": top_k})
+        return clone
+
+    @property
+    def is_greedy(self) -> bool:
+        return (self.temperature or 0.0) < 1e-5
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # blocks freed; recomputes its tokens when rescheduled
+    FINISHED_STOPPED = "stop"  # EOS, stop token or stop string
+    FINISHED_LENGTH = "length"  # max_tokens or max_model_len
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass
+class Request:
+    """One sequence. `num_computed_tokens` of `all_token_ids` have KV in the cache; the rest is work to do."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams  # resolved (defaults filled)
+    eos_token_ids: tuple[int, ...]
+    arrival_index: int  # FCFS order
+    max_total_tokens: int  # min(prompt + max_tokens, max_model_len)
+    prompt: str | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_prompt_tokens: int = 0  # prefix-cache hits at first schedule (reported in usage)
+    status: RequestStatus = RequestStatus.WAITING
+    stop_reason: int | str | None = None
+    generator: torch.Generator | None = None  # per-request RNG when a seed is given
+    parent_id: str | None = None  # n > 1: the user-visible request this sample belongs to
+    sample_index: int = 0
+    wait_for: "Request | None" = None  # n > 1: a sibling whose prompt blocks this one will reuse
+    logprobs: list = field(default_factory=list)  # per output token: (logprob, {token: logprob})
+    prompt_logprobs: list = field(default_factory=list)  # per prompt token after the first
+    num_preemptions: int = 0
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

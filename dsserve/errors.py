@@ -1,0 +1,21 @@
+"""Operator-facing errors: each says what failed, which file or field, and what to do."""
+
+
+class DsserveError(Exception):
+    """Base class for every error dsserve reports to a user."""
+
+
+class ConfigError(DsserveError):
+    """A configuration value, flag or config.json field is wrong or unsupported."""
+
+
+class WeightsError(DsserveError):
+    """A checkpoint file or tensor is missing, unreadable or malformed."""
+
+
+class InvalidRequestError(DsserveError, ValueError):
+    """A request (prompt or sampling parameter) is invalid; other requests are unaffected."""
+
+
+class EngineDeadError(DsserveError):
+    """The engine loop stopped after an internal failure; the process must be restarted."""

@@ -1,0 +1,92 @@
+"""Attention over the paged KV cache for a whole batch at once: MHA/GQA (K and V per KV head) and MLA (latent).
+
+The batch is flat: T new tokens of B sequences, laid out sequence after sequence. Each step the runner
+builds one `AttentionMetadata` (shared by every layer); each layer writes its new K/V (or latent) into
+the cache at `slot_mapping`, gathers every sequence's context into a padded (B, L) view, and runs one
+masked attention call for the batch. No Python loop over sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the cache and what each query may see; built once per step."""
+
+    slot_mapping: torch.Tensor  # (T,) cache slot of each new token
+    query_index: torch.Tensor  # (B, Q) flat token index of each padded query (padding -> 0)
+    query_valid: torch.Tensor  # (B, Q) True where the padded query is a real token
+    context_slots: torch.Tensor  # (B, L) cache slot of each context position (padding -> 0)
+    attn_mask: torch.Tensor  # (B, 1, Q, L) True where query may attend to key (causal and in-length)
+    is_decode: bool  # every sequence has exactly one new token
+
+    def pad_queries(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, ...) -> (B, Q, ...)."""
+        return x[self.query_index]
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Q, ...) -> (T, ...), in flat token order."""
+        return x[self.query_valid]
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """MHA/GQA. q (T, H, D); k, v (T, Hkv, D); cache (S, 2, Hkv, D). Returns (T, H, D)."""
+    cache[meta.slot_mapping, 0] = k
+    cache[meta.slot_mapping, 1] = v
+    context = cache[meta.context_slots]  # (B, L, 2, Hkv, D)
+    keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, L, D)
+    values = context[:, :, 1].transpose(1, 2)
+    queries = meta.pad_queries(q).transpose(1, 2)  # (B, H, Q, D)
+    out = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=meta.attn_mask, scale=scale, enable_gqa=keys.shape[1] != queries.shape[1]
+    )  # (B, H, Q, D)
+    return meta.unpad(out.transpose(1, 2))
+
+
+def mla_attention(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent: torch.Tensor,
+    k_pe: torch.Tensor,
+    w_kv_b: torch.Tensor,
+    cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """MLA over a cache of normalized latents + rope keys.
+
+    q_nope (T, H, N), q_pe (T, H, R), latent (T, C) normalized, k_pe (T, R) rotated,
+    w_kv_b (H, N + V, C) the kv_b_proj weight, cache (S, C + R). Returns (T, H, V).
+    Decode uses the absorbed form (queries projected into latent space: attention is MQA over C + R dims);
+    steps with prefill tokens expand the context latents into per-head keys and values.
+    """
+    num_latent = latent.shape[-1]
+    num_nope = q_nope.shape[-1]
+    cache[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1)
+    context = cache[meta.context_slots]  # (B, L, C + R)
+    w_uk, w_uv = w_kv_b[:, :num_nope], w_kv_b[:, num_nope:]  # (H, N, C), (H, V, C)
+    if meta.is_decode:
+        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # (T, H, C)
+        queries = meta.pad_queries(torch.cat((q_latent, q_pe), dim=-1)).transpose(1, 2)  # (B, H, Q, C + R)
+        keys = context.unsqueeze(1)  # (B, 1, L, C + R): one shared "head"
+        values = context[..., :num_latent].unsqueeze(1)  # (B, 1, L, C)
+        out_latent = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=meta.attn_mask, scale=scale, enable_gqa=True
+        )  # (B, H, Q, C)
+        out_latent = meta.unpad(out_latent.transpose(1, 2))  # (T, H, C)
+        return torch.einsum("thc,hvc->thv", out_latent, w_uv)
+    num_heads = w_kv_b.shape[0]
+    kv = torch.einsum("blc,hkc->blhk", context[..., :num_latent], w_kv_b)  # (B, L, H, N + V)
+    k_nope, values = kv[..., :num_nope], kv[..., num_nope:]
+    k_rope = context[..., num_latent:].unsqueeze(2).expand(-1, -1, num_heads, -1)  # (B, L, H, R)
+    keys = torch.cat((k_nope, k_rope), dim=-1).transpose(1, 2)  # (B, H, L, N + R)
+    queries = meta.pad_queries(torch.cat((q_nope, q_pe), dim=-1)).transpose(1, 2)  # (B, H, Q, N + R)
+    out = F.scaled_dot_product_attention(queries, keys, values.transpose(1, 2), attn_mask=meta.attn_mask, scale=scale)
+    return meta.unpad(out.transpose(1, 2))  # (T, H, V)

@@ -1,0 +1,20 @@
+"""RMSNorm, computed in float32 as transformers does."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsserve.layers.linear import bind, empty_param
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, name: str, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = bind(empty_param(size, dtype=dtype), name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)

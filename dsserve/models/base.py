@@ -1,0 +1,80 @@
+"""What every model shares: embedding -> decoder layers -> norm -> LM head, and loading from the checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsserve.config import ModelConfig
+from dsserve.errors import WeightsError
+from dsserve.layers.attention import AttentionMetadata
+from dsserve.layers.linear import Embedding, bind, empty_param
+from dsserve.layers.norm import RMSNorm
+
+logger = logging.getLogger(__name__)
+
+
+class CausalLM(nn.Module):
+    """Subclasses fill `self.layers` with modules taking (positions, hidden, residual, meta, cache)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, "model.embed_tokens.weight", dtype)
+        self.layers = nn.ModuleList()
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "model.norm.weight", dtype)
+        if config.tie_word_embeddings:
+            self.lm_head_weight = None
+        else:
+            self.lm_head_weight = bind(empty_param(config.vocab_size, config.hidden_size, dtype=dtype), "lm_head.weight")
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """input_ids, positions (T,) -> final hidden states (T, D)."""
+        hidden = self.embed_tokens(input_ids)
+        for layer, cache in zip(self.layers, kv_caches):
+            hidden = layer(positions, hidden, meta, cache)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, V) float32."""
+        weight = self.embed_tokens.weight if self.lm_head_weight is None else self.lm_head_weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy every checkpoint tensor into the parameter slice bound to its name; name what is missing."""
+        targets = {
+            name: (param, selector)
+            for param in self.parameters()
+            for name, selector in getattr(param, "sources", ())
+        }
+        loaded: set[str] = set()
+        ignored: list[str] = []
+        for name, tensor in weights:
+            target = targets.get(name)
+            if target is None:
+                ignored.append(name)
+                continue
+            param, selector = target
+            view = param.data[selector] if selector else param.data
+            if tuple(view.shape) != tuple(tensor.shape):
+                raise WeightsError(
+                    f"tensor {name} in {self.config.path} has shape {tuple(tensor.shape)} but config.json implies "
+                    f"{tuple(view.shape)}; the config does not belong to these weights"
+                )
+            view.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(targets) - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise WeightsError(
+                f"checkpoint {self.config.path} lacks {len(missing)} tensor(s) the model needs: {shown}; "
+                "a shard is missing or the index does not match: download the checkpoint again"
+            )
+        if ignored:
+            logger.info("ignored %d checkpoint tensors not used by dsserve (e.g. %s)", len(ignored), ignored[0])

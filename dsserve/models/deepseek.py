@@ -1,0 +1,81 @@
+"""DeepSeek V2 / V2-Lite / V3 / R1: MLA attention over a latent cache, YaRN rotary, DeepSeekMoE. Reads top to bottom."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsserve.config import ModelConfig
+from dsserve.layers.attention import AttentionMetadata, mla_attention
+from dsserve.layers.linear import MLP, Linear
+from dsserve.layers.moe import DeepseekMoE
+from dsserve.layers.norm import RMSNorm
+from dsserve.layers.rotary import RotaryEmbedding, attention_scale
+from dsserve.models.base import CausalLM
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """q = q_b(norm(q_a(x))) or q_proj(x); the cache holds norm(c_kv) (kv_lora_rank) + rope(k_pe) (qk_rope_head_dim)."""
+
+    def __init__(self, config: ModelConfig, prefix: str, rotary: RotaryEmbedding, dtype: torch.dtype):
+        super().__init__()
+        c = config
+        self.num_heads = c.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_lora_rank = c.kv_lora_rank
+        q_size = self.num_heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = Linear(c.hidden_size, [(f"{prefix}.q_proj", q_size)], False, dtype)
+        else:
+            self.q_a_proj = Linear(c.hidden_size, [(f"{prefix}.q_a_proj", c.q_lora_rank)], c.qkv_bias, dtype)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, 1e-6, f"{prefix}.q_a_layernorm.weight", dtype)
+            self.q_b_proj = Linear(c.q_lora_rank, [(f"{prefix}.q_b_proj", q_size)], False, dtype)
+        self.kv_a_proj_with_mqa = Linear(
+            c.hidden_size, [(f"{prefix}.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim)], c.qkv_bias, dtype
+        )
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, 1e-6, f"{prefix}.kv_a_layernorm.weight", dtype)
+        self.kv_b_proj = Linear(c.kv_lora_rank, [(f"{prefix}.kv_b_proj", self.num_heads * (c.qk_nope_head_dim + c.v_head_dim))], False, dtype)
+        self.o_proj = Linear(self.num_heads * c.v_head_dim, [(f"{prefix}.o_proj", c.hidden_size)], c.qkv_bias, dtype)
+        self.rotary = rotary  # shared by all layers; rotates only the qk_rope_head_dim dims
+        self.scale = attention_scale(c.qk_head_dim, c.rope)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(num_tokens, self.num_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # (T, C)
+        q_pe, k_pe = self.rotary(positions, q_pe, k_pe.unsqueeze(1))  # k_pe: one head shared by all heads
+        w_kv_b = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        out = mla_attention(q_nope, q_pe, latent, k_pe.squeeze(1), w_kv_b, cache, meta, self.scale)  # (T, H, V)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class DeepseekDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, dtype: torch.dtype):
+        super().__init__()
+        prefix = f"model.layers.{layer_idx}"
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, f"{prefix}.input_layernorm.weight", dtype)
+        self.self_attn = MultiHeadLatentAttention(config, f"{prefix}.self_attn", rotary, dtype)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, f"{prefix}.post_attention_layernorm.weight", dtype
+        )
+        if config.is_moe_layer(layer_idx):
+            self.mlp = DeepseekMoE(config, f"{prefix}.mlp", dtype)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, f"{prefix}.mlp", dtype)
+
+    def forward(self, positions, hidden, meta, cache):
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta, cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DeepseekForCausalLM(CausalLM):
+    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype):
+        super().__init__(config, dtype)
+        rotary = RotaryEmbedding(config.qk_rope_head_dim, config.rope, max_positions, config.rope_interleave, dtype)
+        self.layers.extend(DeepseekDecoderLayer(config, i, rotary, dtype) for i in range(config.num_hidden_layers))

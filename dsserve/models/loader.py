@@ -1,0 +1,133 @@
+"""Read a checkpoint folder's safetensors (one file or index + shards), dequantize FP8 blocks, name every failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from dsserve.config import ModelConfig
+from dsserve.errors import WeightsError
+
+INDEX_FILE = "model.safetensors.index.json"
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def checkpoint_files(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Map each shard file name to the tensor names it must hold (from the index), or list a lone file's tensors."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except PermissionError as e:
+            raise WeightsError(f"{index} is not readable ({e.strerror}); fix with: chmod a+r {index}") from e
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightsError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {e}") from e
+        shards: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(shard, []).append(name)
+        return shards
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(
+            f"no *.safetensors files in {folder}; download the checkpoint's weights there "
+            "(.bin / .pth checkpoints are not supported: convert them to safetensors first)"
+        )
+    if len(files) > 1:
+        raise WeightsError(
+            f"{folder} has {len(files)} .safetensors files but no {INDEX_FILE}; restore the index file from the "
+            "original checkpoint so dsserve knows which shard holds which tensor"
+        )
+    return {files[0]: []}
+
+
+def iter_checkpoint(config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every weight the model needs, in `dtype`.
+
+    FP8 weights (`float8_e4m3fn` with a `*_scale_inv` beside them, possibly in another shard) come out
+    dequantized; the multi-token-prediction layers (index >= num_hidden_layers) are skipped.
+    """
+    folder = Path(config.path)
+    shards = checkpoint_files(folder)
+    scale_locations = {
+        name: shard for shard, names in shards.items() for name in names if name.endswith("_scale_inv")
+    }
+    open_files: dict[str, object] = {}
+    try:
+        for shard in sorted(shards):
+            handle = _open_shard(folder / shard)
+            open_files[shard] = handle
+            present = set(handle.keys())
+            expected = shards[shard] or sorted(present)
+            for name in expected:
+                if name not in present:
+                    raise WeightsError(
+                        f"tensor {name} is listed in {folder / INDEX_FILE} under {shard} but that file does not "
+                        "contain it; the shard is incomplete or from another revision: download it again"
+                    )
+                if name.endswith("_scale_inv") or _is_mtp(name, config):
+                    continue
+                tensor = _get_tensor(handle, name, folder / shard)
+                if tensor.dtype == torch.float8_e4m3fn:
+                    scale_name = name + "_scale_inv"
+                    scale_shard = scale_locations.get(scale_name, shard if scale_name in present else None)
+                    if scale_shard is None:
+                        raise WeightsError(
+                            f"FP8 tensor {name} in {shard} has no {scale_name}; the checkpoint is incomplete: "
+                            "download the shard holding the scales again"
+                        )
+                    if scale_shard not in open_files:
+                        open_files[scale_shard] = _open_shard(folder / scale_shard)
+                    scale = _get_tensor(open_files[scale_shard], scale_name, folder / scale_shard)
+                    tensor = dequantize_fp8_blocks(tensor, scale, config.fp8_block_size or (128, 128), dtype)
+                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+    finally:
+        open_files.clear()
+
+
+def dequantize_fp8_blocks(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """W[i, j] = q[i, j] * scale_inv[i // bm, j // bn]; edge blocks may be partial (e.g. 576 rows / 128)."""
+    rows, cols = weight.shape
+    bm, bn = block
+    expected = (-(-rows // bm), -(-cols // bn))
+    if tuple(scale_inv.shape) != expected:
+        raise WeightsError(
+            f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {tuple(weight.shape)} with "
+            f"{bm}x{bn} blocks (expected {expected}); the checkpoint is inconsistent"
+        )
+    scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]  # (rows, cols)
+    return (weight.float() * scale).to(dtype)
+
+
+def _is_mtp(name: str, config: ModelConfig) -> bool:
+    match = _LAYER_RE.match(name)
+    return match is not None and int(match.group(1)) >= config.num_hidden_layers
+
+
+def _open_shard(path: Path):
+    if not path.exists():
+        target = f" (a symlink to {os.readlink(path)}, which is missing)" if path.is_symlink() else ""
+        raise WeightsError(f"checkpoint shard {path} is missing{target}; download it or fix the link")
+    if not os.access(path, os.R_OK):
+        raise WeightsError(
+            f"checkpoint shard {path.resolve()} is not readable by this user; fix with: chmod a+r {path.resolve()}"
+        )
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise WeightsError(f"checkpoint shard {path} is not a valid safetensors file ({e}); download it again") from e
+
+
+def _get_tensor(handle, name: str, path: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(name)
+    except Exception as e:
+        raise WeightsError(f"tensor {name} in {path} cannot be read ({e}); the file is truncated: download it again") from e

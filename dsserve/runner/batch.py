@@ -1,0 +1,77 @@
+"""ForwardBatch: one step's flat token batch and attention metadata, built from the scheduler's plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsserve.layers.attention import AttentionMetadata
+
+
+@dataclass
+class ForwardBatch:
+    """Passed as an argument through the model; never stored globally."""
+
+    input_ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (T,)
+    attn: AttentionMetadata
+    last_token_index: torch.Tensor  # (B,) flat index of each sequence's last new token (its logits are sampled)
+    query_start: list[int]  # (B + 1,) flat offsets of each sequence's tokens
+
+
+def build_forward_batch(
+    token_chunks: list[list[int]],
+    start_positions: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device,
+) -> ForwardBatch:
+    """Sequence i computes `token_chunks[i]` at positions start_positions[i] + 0..len-1, its blocks in block_tables[i].
+
+    All index arithmetic below is batched tensor maths; the Python work is only flattening the lists.
+    """
+    num_seqs = len(token_chunks)
+    query_lens = torch.tensor([len(c) for c in token_chunks], dtype=torch.long)
+    starts = torch.tensor(start_positions, dtype=torch.long)
+    context_lens = starts + query_lens  # (B,)
+    query_start = torch.zeros(num_seqs + 1, dtype=torch.long)
+    torch.cumsum(query_lens, 0, out=query_start[1:])
+    num_tokens = int(query_start[-1])
+    max_query = int(query_lens.max())
+    max_context = int(context_lens.max())
+    max_blocks = max(len(t) for t in block_tables)
+    tables = torch.zeros(num_seqs, max_blocks, dtype=torch.long)  # (B, max_blocks)
+    for i, table in enumerate(block_tables):
+        tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+
+    input_ids = torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long)
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), query_lens)  # (T,)
+    positions = starts[seq_of_token] + torch.arange(num_tokens) - query_start[:-1][seq_of_token]  # (T,)
+    slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+
+    q_offsets = torch.arange(max_query)
+    query_valid = q_offsets.unsqueeze(0) < query_lens.unsqueeze(1)  # (B, Q)
+    query_index = torch.where(query_valid, query_start[:-1].unsqueeze(1) + q_offsets, 0)  # (B, Q)
+    key_pos = torch.arange(max_context)
+    context_slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # (B, L)
+    context_slots = torch.where(key_pos.unsqueeze(0) < context_lens.unsqueeze(1), context_slots, 0)
+    query_pos = starts.unsqueeze(1) + q_offsets  # (B, Q)
+    mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)  # (B, Q, L) causal; also bounds keys by length
+    # Padding queries attend to key 0 only, so that no softmax row is empty (their output is discarded).
+    mask = torch.where(query_valid.unsqueeze(-1), mask, key_pos.view(1, 1, -1) == 0)
+    attn = AttentionMetadata(
+        slot_mapping=slot_mapping.to(device),
+        query_index=query_index.to(device),
+        query_valid=query_valid.to(device),
+        context_slots=context_slots.to(device),
+        attn_mask=mask.unsqueeze(1).to(device),
+        is_decode=max_query == 1,
+    )
+    return ForwardBatch(
+        input_ids=input_ids.to(device),
+        positions=positions.to(device),
+        attn=attn,
+        last_token_index=(query_start[1:] - 1).to(device),
+        query_start=query_start.tolist(),
+    )

@@ -1,0 +1,163 @@
+"""Sampling vectorised over the batch: penalties, temperature, top-k, top-p, min-p, per-request seeds, logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from typing import Any, Protocol
+
+
+class SamplingRow(Protocol):
+    """What the sampler reads of a sequence (the engine's Request satisfies it; the runner never imports the engine)."""
+
+    params: Any  # temperature, top_k, top_p, min_p, penalties, min_tokens, logprobs, stop_token_ids, ignore_eos
+    output_token_ids: list[int]
+    all_token_ids: list[int]
+    eos_token_ids: tuple[int, ...]
+    generator: torch.Generator | None
+    num_output_tokens: int
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-row sampling settings as tensors (B rows = the sequences whose next token is sampled)."""
+
+    temperature: torch.Tensor  # (B,) 0 for greedy rows
+    top_k: torch.Tensor | None  # (B,) vocab size for "no limit"; None when no row limits
+    top_p: torch.Tensor | None  # (B,)
+    min_p: torch.Tensor | None  # (B,)
+    presence: torch.Tensor | None  # (B,)
+    frequency: torch.Tensor | None  # (B,)
+    repetition: torch.Tensor | None  # (B,)
+    output_ids: torch.Tensor | None  # (B, max_out) padded with -1, for penalties
+    seen_ids: torch.Tensor | None  # (B, max_seen) prompt + output padded with -1, for repetition
+    banned: list[tuple[int, list[int]]]  # (row, token ids) masked until min_tokens is reached
+    generators: dict[int, torch.Generator]  # seeded rows
+    num_logprobs: int  # max alternatives any row asked for; -1: none asked
+    all_greedy: bool
+
+    @classmethod
+    def from_requests(cls, requests: list[SamplingRow], vocab_size: int, device: torch.device) -> "SamplingMetadata":
+        params = [r.params for r in requests]
+        temperature = torch.tensor([0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32)
+        top_k_values = [p.top_k if p.top_k and p.top_k > 0 else vocab_size for p in params]
+        needs_top_k = any(k < vocab_size for k in top_k_values)
+        needs_top_p = any(p.top_p < 1.0 for p in params)
+        needs_min_p = any(p.min_p > 0 for p in params)
+        needs_penalty = any(p.presence_penalty or p.frequency_penalty for p in params)
+        needs_repetition = any(p.repetition_penalty != 1.0 for p in params)
+
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        banned = []
+        for row, r in enumerate(requests):
+            if r.num_output_tokens < r.params.min_tokens:
+                ids = ([] if r.params.ignore_eos else list(r.eos_token_ids)) + r.params.stop_token_ids
+                banned.append((row, ids))
+        return cls(
+            temperature=temperature.to(device),
+            top_k=column(top_k_values, torch.long) if needs_top_k else None,
+            top_p=column([p.top_p for p in params]) if needs_top_p else None,
+            min_p=column([p.min_p for p in params]) if needs_min_p else None,
+            presence=column([p.presence_penalty for p in params]) if needs_penalty else None,
+            frequency=column([p.frequency_penalty for p in params]) if needs_penalty else None,
+            repetition=column([p.repetition_penalty for p in params]) if needs_repetition else None,
+            output_ids=_pad([r.output_token_ids for r in requests], device) if needs_penalty else None,
+            seen_ids=_pad([r.all_token_ids for r in requests], device) if needs_repetition else None,
+            banned=banned,
+            generators={row: r.generator for row, r in enumerate(requests) if r.generator is not None},
+            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+            all_greedy=all(p.is_greedy for p in params),
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # (B,)
+    logprobs: torch.Tensor | None  # (B,) logprob of the sampled token under the model's distribution
+    top_ids: torch.Tensor | None  # (B, k)
+    top_logprobs: torch.Tensor | None  # (B, k)
+
+
+def sample(logits: torch.Tensor, meta: SamplingMetadata, default_generator: torch.Generator | None = None) -> SamplerOutput:
+    """logits (B, V) float32 -> one token per row. Logprobs are those of the raw model distribution (as vLLM)."""
+    raw_logprobs = logits.log_softmax(dim=-1) if meta.num_logprobs >= 0 else None
+    logits = _apply_penalties(logits, meta)
+    for row, ids in meta.banned:
+        if ids:
+            logits[row, ids] = float("-inf")
+    greedy = logits.argmax(dim=-1)
+    if meta.all_greedy:
+        tokens = greedy
+    else:
+        tokens = torch.where(meta.temperature == 0, greedy, _sample_random(logits, meta, default_generator))
+    if raw_logprobs is None:
+        return SamplerOutput(tokens, None, None, None)
+    chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+    top = raw_logprobs.topk(meta.num_logprobs, dim=-1) if meta.num_logprobs > 0 else None
+    return SamplerOutput(tokens, chosen, top.indices if top else None, top.values if top else None)
+
+
+def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    if meta.repetition is not None:
+        seen = _token_mask(meta.seen_ids, logits.shape[1])  # (B, V)
+        penalty = meta.repetition.unsqueeze(1)
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalised, logits)
+    if meta.presence is not None:
+        counts = _token_counts(meta.output_ids, logits.shape[1])  # (B, V)
+        logits = logits - meta.frequency.unsqueeze(1) * counts - meta.presence.unsqueeze(1) * (counts > 0)
+    return logits
+
+
+def _sample_random(logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generator | None) -> torch.Tensor:
+    temperature = torch.where(meta.temperature == 0, 1.0, meta.temperature).unsqueeze(1)
+    logits = logits / temperature
+    if meta.top_k is not None or meta.top_p is not None:
+        logits = _top_k_top_p(logits, meta.top_k, meta.top_p)
+    probs = logits.softmax(dim=-1)
+    if meta.min_p is not None:
+        threshold = meta.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = torch.where(probs < threshold, 0.0, probs)
+    # Exponential race: argmax(p / q) with q ~ Exp(1) samples from p. Seeded rows draw their own noise,
+    # so their tokens do not depend on which other requests share the batch.
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    for row, row_generator in meta.generators.items():
+        noise[row].exponential_(generator=row_generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    ranks = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k is not None:
+        drop |= ranks >= top_k.unsqueeze(1)
+    if top_p is not None:
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
+        drop |= mass_before >= top_p.unsqueeze(1)  # the best token always stays
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out.to(device)
+
+
+def _token_counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    counts = torch.zeros(ids.shape[0], vocab_size + 1, device=ids.device)
+    counts.scatter_add_(1, torch.where(ids < 0, vocab_size, ids), torch.ones_like(ids, dtype=counts.dtype))
+    return counts[:, :vocab_size]
+
+
+def _token_mask(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return _token_counts(ids, vocab_size) > 0
