@@ -16,7 +16,7 @@ from dsserve.engine.kv_cache import KVCacheManager
 from dsserve.engine.request import Request, RequestStatus, SamplingParams
 from dsserve.engine.scheduler import Scheduler, SchedulerOutput
 from dsserve.engine.tokenizer import Tokenizer
-from dsserve.errors import ConfigError, InvalidRequestError
+from dsserve.errors import ConfigError, EngineDeadError, InvalidRequestError
 from dsserve.runner.model_runner import ModelRunner, StepResult, default_num_threads
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         if not plan:
+            if self.scheduler.num_unfinished:
+                raise EngineDeadError(
+                    f"no request could be scheduled although {self.scheduler.num_unfinished} are queued "
+                    f"({self.kv_cache.pool.num_free} of {self.kv_cache.num_blocks} KV blocks free); this is a bug"
+                )
             return []
         result = self._run(plan)
         return self._update(plan, result)
