@@ -31,3 +31,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_r1(tmp_path_factory) -> Path:
+    """dsserve's own tiny random DeepSeek-V3 checkpoint with an R1-style byte-level tokenizer and chat template."""
+    from dsserve.assets.tiny_random import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-r1")
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_r1):
+    from dsserve import LLM
+
+    return LLM(tiny_r1, num_kv_blocks=512, max_model_len=1024)

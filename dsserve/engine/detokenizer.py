@@ -46,6 +46,17 @@ class IncrementalDetokenizer:
 
     def visible_text(self, finished: bool) -> str:
         """Text safe to show now: while running, the tail that could begin a stop string is held back."""
-        if finished or not self.stop or self.holdback == 0:
+        if finished:
+            self._flush()
+            return self.text
+        if not self.stop or self.holdback == 0:
             return self.text
         return self.text[: max(0, len(self.text) - self.holdback)]
+
+    def _flush(self) -> None:
+        """At the end, bytes that never formed a character are shown as U+FFFD rather than dropped."""
+        if self.read_offset < len(self.ids) and self.stopped_by is None:
+            prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+            full = self.tokenizer.decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+            self.text += full[len(prefix) :]
+            self.prefix_offset = self.read_offset = len(self.ids)

@@ -68,7 +68,7 @@ class LLMEngine:
         self.tokenizer = _load_tokenizer(config)
         self.runner = ModelRunner(
             config.model, config.cache, config.dtype, config.device, config.scheduler.max_model_len,
-            config.num_threads, config.seed,
+            config.scheduler.max_num_seqs, config.num_threads, config.seed,
         )
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)

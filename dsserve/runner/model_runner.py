@@ -30,7 +30,7 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, dtype: str, device: str, max_model_len: int,
-                 num_threads: int | None = None, seed: int = 0):
+                 max_num_seqs: int = 256, num_threads: int | None = None, seed: int = 0):
         self.config = model_config
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
@@ -43,7 +43,7 @@ class ModelRunner:
         self.model.load_weights(iter_checkpoint(model_config, self.dtype))
         self.model.eval()
         logger.info("loaded %s (%s) in %.1fs", model_config.path, dtype, time.perf_counter() - started)
-        self.num_blocks = self._num_blocks(cache_config)
+        self.num_blocks = self._num_blocks(cache_config, max_model_len, max_num_seqs)
         shape = (self.num_blocks * self.block_size, *model_config.kv_cache_entry_shape)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_hidden_layers)]
         self.generator = torch.Generator(device=self.device)
@@ -108,16 +108,19 @@ class ModelRunner:
                 entries.append((chosen[j], alternatives))
             result.prompt_logprobs[i] = entries
 
-    def _num_blocks(self, cache: CacheConfig) -> int:
+    def _num_blocks(self, cache: CacheConfig, max_model_len: int, max_num_seqs: int) -> int:
         if cache.num_blocks is not None:
             if cache.num_blocks < 1:
                 raise ConfigError(f"num_kv_blocks={cache.num_blocks} must be >= 1")
             return cache.num_blocks
         if cache.kv_cache_memory is not None:
             budget = cache.kv_cache_memory
+            num = budget // self.bytes_per_block
         else:
+            # A share of free memory, but never more than every sequence at full length could use.
             budget = int(_free_memory(self.device) * cache.kv_cache_fraction)
-        num = budget // self.bytes_per_block
+            useful = max_num_seqs * -(-max_model_len // self.block_size)
+            num = min(budget // self.bytes_per_block, useful)
         if num < 1:
             raise ConfigError(
                 f"the KV cache budget of {budget / 2**20:.1f} MiB holds no block of {self.bytes_per_block / 2**20:.2f} MiB; "

@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput on the in-process engine (MindIE CSV and serving benchmarks come later)."""

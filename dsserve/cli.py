@@ -1,0 +1,123 @@
+"""The `dsserve` command line: each command parses flags and calls the layer below; no logic lives here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from dsserve.errors import DsserveError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve and operate DeepSeek models.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks on the in-process engine.")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True)
+
+TINY_MODEL_HELP = "checkpoint folder; default: a tiny random DeepSeek-V3-shaped model dsserve writes on first use"
+
+
+def default_model_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "dsserve" / "tiny-random-deepseek-v3"
+
+
+def _resolve_model(model: Optional[str]) -> str:
+    if model:
+        return model
+    from dsserve.assets.tiny_random import write_tiny_model
+
+    folder = write_tiny_model(default_model_dir())
+    console.print(f"[dim]no model given: using the tiny random model at {folder} (its text is noise)[/dim]")
+    return str(folder)
+
+
+def _engine_options(dtype: str, block_size: int, max_model_len: Optional[int], max_num_seqs: int,
+                    max_num_batched_tokens: Optional[int], kv_cache_memory: Optional[str],
+                    enable_prefix_caching: bool, num_threads: Optional[int]) -> dict:
+    return dict(dtype=dtype, block_size=block_size, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+                enable_prefix_caching=enable_prefix_caching, num_threads=num_threads)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="prompt text"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),
+    chat: bool = typer.Option(True, "--chat/--raw", help="apply the chat template (default) or send the text as is"),
+    max_tokens: int = typer.Option(64, help="tokens to generate at most"),
+    temperature: Optional[float] = typer.Option(None, help="0 for greedy; default from generation_config.json"),
+    top_p: Optional[float] = typer.Option(None),
+    top_k: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None, help="same seed, same output"),
+    n: int = typer.Option(1, help="samples of the prompt"),
+    dtype: str = typer.Option("auto", help="auto|bfloat16|float16|float32"),
+    block_size: int = typer.Option(16),
+    max_model_len: Optional[int] = typer.Option(None),
+    max_num_seqs: int = typer.Option(256),
+    max_num_batched_tokens: Optional[int] = typer.Option(None),
+    kv_cache_memory: Optional[str] = typer.Option(None, help="e.g. 4GiB; default a share of free memory"),
+    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    num_threads: Optional[int] = typer.Option(None, help="torch threads on CPU; default all cores given"),
+):
+    """Generate a completion for one prompt with the offline engine."""
+    from dsserve import LLM, SamplingParams
+
+    llm = LLM(_resolve_model(model), **_engine_options(dtype, block_size, max_model_len, max_num_seqs,
+                                                     max_num_batched_tokens, kv_cache_memory, enable_prefix_caching,
+                                                     num_threads))
+    params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    if chat and llm.tokenizer is not None and llm.tokenizer.chat_template:
+        outputs = llm.chat([{"role": "user", "content": prompt}], params)
+    else:
+        outputs = llm.generate(prompt, params)
+    for completion in outputs[0].outputs:
+        print(completion.text)
+        console.print(f"[dim]({len(completion.token_ids)} tokens, finish_reason={completion.finish_reason})[/dim]")
+
+
+@bench_app.command("throughput")
+def bench_throughput(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),
+    num_prompts: int = typer.Option(64),
+    input_len: int = typer.Option(128),
+    output_len: int = typer.Option(128),
+    seed: int = typer.Option(0),
+    dtype: str = typer.Option("auto"),
+    block_size: int = typer.Option(16),
+    max_model_len: Optional[int] = typer.Option(None),
+    max_num_seqs: int = typer.Option(256),
+    max_num_batched_tokens: Optional[int] = typer.Option(None),
+    kv_cache_memory: Optional[str] = typer.Option(None),
+    enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    num_threads: Optional[int] = typer.Option(None),
+):
+    """Offline throughput: random prompts of exact length, exactly output_len tokens each; prints tokens/s."""
+    from dsserve import LLM
+    from dsserve.bench.throughput import run_throughput
+
+    llm = LLM(_resolve_model(model), **_engine_options(dtype, block_size, max_model_len or input_len + output_len + 8,
+                                                     max_num_seqs, max_num_batched_tokens, kv_cache_memory,
+                                                     enable_prefix_caching, num_threads))
+    r = run_throughput(llm, num_prompts, input_len, output_len, seed)
+    print(f"Throughput: {r.requests_per_s:.2f} requests/s, {r.total_tokens_per_s:.1f} total tokens/s, "
+          f"{r.output_tokens_per_s:.1f} output tokens/s ({r.num_prompts} prompts x {r.input_len} in / "
+          f"{r.output_len} out in {r.elapsed_s:.2f} s; dtype {llm.engine.config.dtype}, "
+          f"{llm.engine.config.num_threads} threads)")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        app()
+    except DsserveError as e:
+        console.print(f"[bold red]error:[/bold red] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
