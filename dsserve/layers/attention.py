@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -43,11 +42,7 @@ def paged_attention(
     context = cache[meta.context_slots]  # (B, L, 2, Hkv, D)
     keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, L, D)
     values = context[:, :, 1].transpose(1, 2)
-    queries = meta.pad_queries(q).transpose(1, 2)  # (B, H, Q, D)
-    out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=meta.attn_mask, scale=scale, enable_gqa=keys.shape[1] != queries.shape[1]
-    )  # (B, H, Q, D)
-    return meta.unpad(out.transpose(1, 2))
+    return meta.unpad(_grouped_attention(meta.pad_queries(q), keys, values, meta.attn_mask, scale))
 
 
 def mla_attention(
@@ -74,19 +69,33 @@ def mla_attention(
     w_uk, w_uv = w_kv_b[:, :num_nope], w_kv_b[:, num_nope:]  # (H, N, C), (H, V, C)
     if meta.is_decode:
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # (T, H, C)
-        queries = meta.pad_queries(torch.cat((q_latent, q_pe), dim=-1)).transpose(1, 2)  # (B, H, Q, C + R)
-        keys = context.unsqueeze(1)  # (B, 1, L, C + R): one shared "head"
-        values = context[..., :num_latent].unsqueeze(1)  # (B, 1, L, C)
-        out_latent = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.attn_mask, scale=scale, enable_gqa=True
-        )  # (B, H, Q, C)
-        out_latent = meta.unpad(out_latent.transpose(1, 2))  # (T, H, C)
-        return torch.einsum("thc,hvc->thv", out_latent, w_uv)
+        queries = meta.pad_queries(torch.cat((q_latent, q_pe), dim=-1))  # (B, Q, H, C + R)
+        keys = context.unsqueeze(1)  # (B, 1, L, C + R): one KV "head" shared by all heads
+        out_latent = _grouped_attention(queries, keys, keys[..., :num_latent], meta.attn_mask, scale)  # (B, Q, H, C)
+        return torch.einsum("thc,hvc->thv", meta.unpad(out_latent), w_uv)
     num_heads = w_kv_b.shape[0]
-    kv = torch.einsum("blc,hkc->blhk", context[..., :num_latent], w_kv_b)  # (B, L, H, N + V)
-    k_nope, values = kv[..., :num_nope], kv[..., num_nope:]
-    k_rope = context[..., num_latent:].unsqueeze(2).expand(-1, -1, num_heads, -1)  # (B, L, H, R)
-    keys = torch.cat((k_nope, k_rope), dim=-1).transpose(1, 2)  # (B, H, L, N + R)
-    queries = meta.pad_queries(torch.cat((q_nope, q_pe), dim=-1)).transpose(1, 2)  # (B, H, Q, N + R)
-    out = F.scaled_dot_product_attention(queries, keys, values.transpose(1, 2), attn_mask=meta.attn_mask, scale=scale)
-    return meta.unpad(out.transpose(1, 2))  # (T, H, V)
+    kv = torch.einsum("blc,hkc->bhlk", context[..., :num_latent], w_kv_b)  # (B, H, L, N + V)
+    k_rope = context[..., num_latent:].unsqueeze(1).expand(-1, num_heads, -1, -1)  # (B, H, L, R)
+    keys = torch.cat((kv[..., :num_nope], k_rope), dim=-1)  # (B, H, L, N + R)
+    queries = meta.pad_queries(torch.cat((q_nope, q_pe), dim=-1))  # (B, Q, H, N + R)
+    return meta.unpad(_grouped_attention(queries, keys, kv[..., num_nope:], meta.attn_mask, scale))  # (T, H, V)
+
+
+def _grouped_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v with G = H / Hkv query heads per KV head, without copying K or V per head.
+
+    queries (B, Q, H, D), keys (B, Hkv, L, D), values (B, Hkv, L, Dv), mask (B, 1, Q, L) -> (B, Q, H, Dv).
+    The softmax runs in float32, as transformers' eager attention does.
+    """
+    batch, num_queries, num_heads, _ = queries.shape
+    num_kv_heads, context_len = keys.shape[1], keys.shape[2]
+    group = num_heads // num_kv_heads
+    q = queries.view(batch, num_queries, num_kv_heads, group, -1).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, Q, D)
+    q = q.reshape(batch, num_kv_heads, group * num_queries, -1)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).view(batch, num_kv_heads, group, num_queries, context_len)
+    scores = scores.float().mul_(scale).masked_fill_(~mask.unsqueeze(1), float("-inf"))  # (B, Hkv, G, Q, L)
+    probs = scores.softmax(dim=-1).to(values.dtype).view(batch, num_kv_heads, group * num_queries, context_len)
+    out = torch.matmul(probs, values).view(batch, num_kv_heads, group, num_queries, -1)  # (B, Hkv, G, Q, Dv)
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, num_queries, num_heads, -1)

@@ -1,0 +1,122 @@
+"""dsserve against transformers on the same tiny random models and the same inputs, in one run, on one machine.
+
+    python benchmarks/compare.py --models qwen2 deepseek --num-prompts 64 --input-len 128 --output-len 128
+
+Builds random-weight checkpoints with transformers' save_pretrained (Qwen2-shaped: hidden 512, 8 layers,
+8 heads / 2 KV heads, intermediate 1408, vocab 32000; DeepSeek-V3-shaped with the real 512 + 64 latent),
+then times exactly `output_len` new tokens for every prompt (EOS ignored) through each engine.
+Reports output tokens/s (best and median of --repeats) and batch-1 time per output token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "qwen2": dict(kind="qwen2", vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096),
+    "deepseek": dict(kind="deepseek_v3", vocab_size=32000, hidden_size=512, intermediate_size=1408,
+                     moe_intermediate_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                     n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                     q_lora_rank=256, kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+                     first_k_dense_replace=1, max_position_embeddings=4096,
+                     rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024,
+                                   "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+}
+
+
+def build(name: str, folder: Path) -> Path:
+    import transformers
+
+    shape = dict(SHAPES[name])
+    kind = shape.pop("kind")
+    if kind == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
+    else:
+        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**shape))
+    torch.manual_seed(0)
+    model.save_pretrained(folder)
+    return folder
+
+
+def prompts(num: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(10, vocab, (num, length), generator=g).tolist()
+
+
+def run_dsserve(path: Path, batch: list[list[int]], output_len: int) -> float:
+    from dsserve import LLM, SamplingParams
+
+    llm = LLM(path, max_model_len=len(batch[0]) + output_len + 16)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in batch[:2]], SamplingParams(max_tokens=4, ignore_eos=True))
+    started = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
+    elapsed = time.perf_counter() - started
+    assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+    return elapsed
+
+
+def run_transformers(path: Path, batch: list[list[int]], output_len: int) -> float:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor(batch)
+    kwargs = dict(do_sample=False, max_new_tokens=output_len, min_new_tokens=output_len, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids[:2, :8], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        started = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        elapsed = time.perf_counter() - started
+    assert out.shape[1] == ids.shape[1] + output_len
+    return elapsed
+
+
+ENGINES = {"dsserve": run_dsserve, "transformers": run_transformers}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch1-tokens", type=int, default=64, help="output tokens of the batch-1 latency run (0: skip)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            path = build(name, Path(tmp) / name)
+            vocab = SHAPES[name]["vocab_size"]
+            batch = prompts(args.num_prompts, args.input_len, vocab)
+            for engine in args.engines:
+                times = [ENGINES[engine](path, batch, args.output_len) for _ in range(args.repeats)]
+                tps = sorted(args.num_prompts * args.output_len / t for t in times)
+                row = {"model": name, "engine": engine, "best_tok_s": round(tps[-1], 1),
+                       "median_tok_s": round(statistics.median(tps), 1)}
+                if args.batch1_tokens:
+                    one = ENGINES[engine](path, batch[:1], args.batch1_tokens)
+                    row["batch1_ms_per_token"] = round(1000 * one / args.batch1_tokens, 2)
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    print("\n| model | engine | output tok/s best | median | batch-1 ms/token |\n|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['engine']} | {r['best_tok_s']} | {r['median_tok_s']} | {r.get('batch1_ms_per_token', '-')} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
