@@ -171,11 +171,12 @@ class LLMEngine:
                 request.prompt_logprobs.extend(entries)
         advanced = self.scheduler.update(plan, result.sampled)
         touched: dict[str, _Group] = {}
+        row_of = {id(r): i for i, r in enumerate(plan.requests)}
         for request in advanced:
             group = self.groups.get(request.parent_id)
             if group is None:
                 continue
-            row = plan.requests.index(request)
+            row = row_of[id(request)]
             if result.logprobs[row] is not None:
                 request.logprobs.append(result.logprobs[row])
             detok = group.detokenizers[request.sample_index]

@@ -106,7 +106,7 @@ class RequestStatus(enum.Enum):
         return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a request equals only itself
 class Request:
     """One sequence. `num_computed_tokens` of `all_token_ids` have KV in the cache; the rest is work to do."""
 

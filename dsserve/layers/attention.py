@@ -2,8 +2,9 @@
 
 The batch is flat: T new tokens of B sequences, laid out sequence after sequence. Each step the runner
 builds one `AttentionMetadata` (shared by every layer); each layer writes its new K/V (or latent) into
-the cache at `slot_mapping`, gathers every sequence's context into a padded (B, L) view, and runs one
-masked attention call for the batch. No Python loop over sequences.
+the cache (num_blocks, block_size, ...) at `slot_mapping`, gathers every sequence's blocks into a padded
+(B, L = max_blocks * block_size) view (whole blocks: few large copies), and runs one masked attention
+call for the batch. No Python loop over sequences.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -20,7 +22,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) cache slot of each new token
     query_index: torch.Tensor  # (B, Q) flat token index of each padded query (padding -> 0)
     query_valid: torch.Tensor  # (B, Q) True where the padded query is a real token
-    context_slots: torch.Tensor  # (B, L) cache slot of each context position (padding -> 0)
+    block_tables: torch.Tensor  # (B, max_blocks) cache block ids of each sequence (padding -> 0)
     attn_mask: torch.Tensor  # (B, 1, Q, L) True where query may attend to key (causal and in-length)
     is_decode: bool  # every sequence has exactly one new token
 
@@ -32,14 +34,21 @@ class AttentionMetadata:
         """(B, Q, ...) -> (T, ...), in flat token order."""
         return x[self.query_valid]
 
+    def write(self, cache: torch.Tensor, values: torch.Tensor) -> None:
+        """Store this step's (T, ...) entries at their slots of cache (num_blocks, block_size, ...)."""
+        cache.view(-1, *cache.shape[2:])[self.slot_mapping] = values
+
+    def gather(self, cache: torch.Tensor) -> torch.Tensor:
+        """Every sequence's context: (B, L, ...) with L = max_blocks * block_size."""
+        return cache[self.block_tables].flatten(1, 2)
+
 
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """MHA/GQA. q (T, H, D); k, v (T, Hkv, D); cache (S, 2, Hkv, D). Returns (T, H, D)."""
-    cache[meta.slot_mapping, 0] = k
-    cache[meta.slot_mapping, 1] = v
-    context = cache[meta.context_slots]  # (B, L, 2, Hkv, D)
+    """MHA/GQA. q (T, H, D); k, v (T, Hkv, D); cache (num_blocks, block_size, 2, Hkv, D). Returns (T, H, D)."""
+    meta.write(cache, torch.stack((k, v), dim=1))
+    context = meta.gather(cache)  # (B, L, 2, Hkv, D)
     keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, L, D)
     values = context[:, :, 1].transpose(1, 2)
     return meta.unpad(_grouped_attention(meta.pad_queries(q), keys, values, meta.attn_mask, scale))
@@ -58,14 +67,14 @@ def mla_attention(
     """MLA over a cache of normalized latents + rope keys.
 
     q_nope (T, H, N), q_pe (T, H, R), latent (T, C) normalized, k_pe (T, R) rotated,
-    w_kv_b (H, N + V, C) the kv_b_proj weight, cache (S, C + R). Returns (T, H, V).
+    w_kv_b (H, N + V, C) the kv_b_proj weight, cache (num_blocks, block_size, C + R). Returns (T, H, V).
     Decode uses the absorbed form (queries projected into latent space: attention is MQA over C + R dims);
     steps with prefill tokens expand the context latents into per-head keys and values.
     """
     num_latent = latent.shape[-1]
     num_nope = q_nope.shape[-1]
-    cache[meta.slot_mapping] = torch.cat((latent, k_pe), dim=-1)
-    context = cache[meta.context_slots]  # (B, L, C + R)
+    meta.write(cache, torch.cat((latent, k_pe), dim=-1))
+    context = meta.gather(cache)  # (B, L, C + R)
     w_uk, w_uv = w_kv_b[:, :num_nope], w_kv_b[:, num_nope:]  # (H, N, C), (H, V, C)
     if meta.is_decode:
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # (T, H, C)
@@ -87,15 +96,24 @@ def _grouped_attention(
     """softmax(q k^T * scale, masked) v with G = H / Hkv query heads per KV head, without copying K or V per head.
 
     queries (B, Q, H, D), keys (B, Hkv, L, D), values (B, Hkv, L, Dv), mask (B, 1, Q, L) -> (B, Q, H, Dv).
-    The softmax runs in float32, as transformers' eager attention does.
+    The G query heads of a KV head become G * Q rows against that head's keys (rows are independent),
+    so one fused attention call serves GQA and MLA's single latent "head" alike.
     """
     batch, num_queries, num_heads, _ = queries.shape
     num_kv_heads, context_len = keys.shape[1], keys.shape[2]
     group = num_heads // num_kv_heads
     q = queries.view(batch, num_queries, num_kv_heads, group, -1).permute(0, 2, 3, 1, 4)  # (B, Hkv, G, Q, D)
     q = q.reshape(batch, num_kv_heads, group * num_queries, -1)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).view(batch, num_kv_heads, group, num_queries, context_len)
-    scores = scores.float().mul_(scale).masked_fill_(~mask.unsqueeze(1), float("-inf"))  # (B, Hkv, G, Q, L)
-    probs = scores.softmax(dim=-1).to(values.dtype).view(batch, num_kv_heads, group * num_queries, context_len)
-    out = torch.matmul(probs, values).view(batch, num_kv_heads, group, num_queries, -1)  # (B, Hkv, G, Q, Dv)
+    if keys.shape[-1] == values.shape[-1]:
+        # The fused CPU/GPU kernel (it needs equal K and V widths).
+        if group > 1:
+            mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(batch, 1, group * num_queries, context_len)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # (B, Hkv, G*Q, Dv)
+    else:
+        # MLA: K is latent + rope (C + R), V the latent (C). Two matmuls, softmax in float32.
+        scores = torch.matmul(q, keys.transpose(-1, -2)).view(batch, num_kv_heads, group, num_queries, context_len)
+        scores = scores.float().mul_(scale).masked_fill_(~mask.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1).to(values.dtype).view(batch, num_kv_heads, group * num_queries, context_len)
+        out = torch.matmul(probs, values)  # (B, Hkv, G*Q, Dv)
+    out = out.view(batch, num_kv_heads, group, num_queries, -1)
     return out.permute(0, 3, 1, 2, 4).reshape(batch, num_queries, num_heads, -1)

@@ -53,9 +53,9 @@ def build_forward_batch(
     q_offsets = torch.arange(max_query)
     query_valid = q_offsets.unsqueeze(0) < query_lens.unsqueeze(1)  # (B, Q)
     query_index = torch.where(query_valid, query_start[:-1].unsqueeze(1) + q_offsets, 0)  # (B, Q)
-    key_pos = torch.arange(max_context)
-    context_slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # (B, L)
-    context_slots = torch.where(key_pos.unsqueeze(0) < context_lens.unsqueeze(1), context_slots, 0)
+    num_context_blocks = -(-max_context // block_size)
+    tables = tables[:, :num_context_blocks]  # blocks beyond the longest context are not read
+    key_pos = torch.arange(num_context_blocks * block_size)
     query_pos = starts.unsqueeze(1) + q_offsets  # (B, Q)
     mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)  # (B, Q, L) causal; also bounds keys by length
     # Padding queries attend to key 0 only, so that no softmax row is empty (their output is discarded).
@@ -64,7 +64,7 @@ def build_forward_batch(
         slot_mapping=slot_mapping.to(device),
         query_index=query_index.to(device),
         query_valid=query_valid.to(device),
-        context_slots=context_slots.to(device),
+        block_tables=tables.to(device),
         attn_mask=mask.unsqueeze(1).to(device),
         is_decode=max_query == 1,
     )

@@ -44,7 +44,7 @@ class ModelRunner:
         self.model.eval()
         logger.info("loaded %s (%s) in %.1fs", model_config.path, dtype, time.perf_counter() - started)
         self.num_blocks = self._num_blocks(cache_config, max_model_len, max_num_seqs)
-        shape = (self.num_blocks * self.block_size, *model_config.kv_cache_entry_shape)
+        shape = (self.num_blocks, self.block_size, *model_config.kv_cache_entry_shape)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_hidden_layers)]
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
