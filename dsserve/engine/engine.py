@@ -166,9 +166,12 @@ class LLMEngine:
 
     def _update(self, plan: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         for row, entries in result.prompt_logprobs.items():
+            # Entries cover positions from num_computed_tokens on; after a preemption the recompute repeats
+            # positions already recorded, which are skipped.
             request = plan.requests[row]
-            if len(request.prompt_logprobs) < request.num_prompt_tokens - 1:
-                request.prompt_logprobs.extend(entries)
+            overlap = len(request.prompt_logprobs) - request.num_computed_tokens
+            if overlap >= 0:
+                request.prompt_logprobs.extend(entries[overlap:])
         advanced = self.scheduler.update(plan, result.sampled)
         touched: dict[str, _Group] = {}
         row_of = {id(r): i for i, r in enumerate(plan.requests)}

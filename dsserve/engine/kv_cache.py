@@ -98,8 +98,8 @@ class KVCacheManager:
         When every token hits the cache, the last one is still recomputed to obtain its logits,
         so at most (num_tokens - 1) tokens count as computed.
         """
-        if not self.enable_prefix_caching:
-            return [], 0
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+            return [], 0  # prompt logprobs need every prompt position computed
         keys = self._block_keys(request, (request.num_tokens - 1) // self.block_size)
         hits = []
         for key in keys:

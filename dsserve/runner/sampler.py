@@ -122,12 +122,15 @@ def _sample_random(logits: torch.Tensor, meta: SamplingMetadata, generator: torc
     if meta.min_p is not None:
         threshold = meta.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         probs = torch.where(probs < threshold, 0.0, probs)
-    # Exponential race: argmax(p / q) with q ~ Exp(1) samples from p. Seeded rows draw their own noise,
-    # so their tokens do not depend on which other requests share the batch.
-    noise = torch.empty_like(probs).exponential_(generator=generator)
+    # Inverse-CDF sampling: one uniform number per row (drawing noise for the whole vocabulary costs more than
+    # the model on a CPU). Seeded rows draw theirs from their own generator, so their tokens do not depend on
+    # which other requests share the batch. u is in (0, 1]: a zero-probability token is never picked.
+    uniform = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
     for row, row_generator in meta.generators.items():
-        noise[row].exponential_(generator=row_generator)
-    return (probs / noise).argmax(dim=-1)
+        uniform[row] = 1.0 - torch.rand(1, generator=row_generator, device=probs.device)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    tokens = torch.searchsorted(cdf, uniform * cdf[:, -1:])  # (B, 1)
+    return tokens.squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:

@@ -173,3 +173,18 @@ def test_generation_config_defaults_apply(tiny_llm):
     assert params.temperature == 0.6 and params.top_p == 0.95
     explicit = SamplingParams(temperature=0.0).with_defaults(tiny_llm.engine.sampling_defaults)
     assert explicit.temperature == 0.0
+
+
+def test_prompt_logprobs_bypass_the_prefix_cache_and_survive_preemption(tiny_r1):
+    from dsserve import LLM
+
+    llm = LLM(tiny_r1, num_kv_blocks=6, block_size=4, max_model_len=24, max_num_batched_tokens=6)
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=1, ignore_eos=True)
+    prompts = [_ids(17, start=3), _ids(17, start=3), _ids(15, start=9)]
+    outs = llm.generate(prompts, params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    reference = LLM(tiny_r1, num_kv_blocks=64, max_model_len=64).generate(prompts, params)
+    for out, ref in zip(outs, reference):
+        assert len(out.prompt_logprobs) == len(ref.prompt_logprobs)
+        for a, b in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
+            assert a[0] == pytest.approx(b[0], abs=1e-4)

@@ -45,9 +45,10 @@ def _check(model_dir, name: str, llm: LLM, prompts: list[list[int]]):
     return outputs
 
 
+@pytest.mark.parametrize("block_size", [16, 128])
 @pytest.mark.parametrize("name", MODELS)
-def test_alone(model_dir, name):
-    llm = LLM(model_dir(name), num_kv_blocks=64, max_model_len=512)
+def test_alone(model_dir, name, block_size):
+    llm = LLM(model_dir(name), num_kv_blocks=1024 // block_size, block_size=block_size, max_model_len=512)
     _check(model_dir, name, llm, _prompts(1, seed=1))
 
 
@@ -58,10 +59,12 @@ def test_mixed_batch(model_dir, name, block_size):
     _check(model_dir, name, llm, _prompts(10, seed=2))
 
 
+@pytest.mark.parametrize("block_size", [16, 128])
 @pytest.mark.parametrize("name", MODELS)
-def test_chunked_prefill(model_dir, name):
+def test_chunked_prefill(model_dir, name, block_size):
     # 7 tokens per step: every prompt above 7 tokens is split, and chunks share steps with decodes.
-    llm = LLM(model_dir(name), num_kv_blocks=256, max_model_len=512, max_num_batched_tokens=7)
+    llm = LLM(model_dir(name), num_kv_blocks=4096 // block_size, block_size=block_size, max_model_len=512,
+              max_num_batched_tokens=7)
     _check(model_dir, name, llm, _prompts(8, seed=3))
 
 

@@ -1,0 +1,99 @@
+"""The sampler on hand-made logits: distribution, truncation (top-k / top-p / min-p), penalties, seeds."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dsserve import SamplingParams
+from dsserve.runner.sampler import SamplingMetadata, sample
+
+PROBS = torch.tensor([0.05, 0.0, 0.5, 0.3, 0.15])
+
+
+def _rows(count: int, **params):
+    p = SamplingParams(**{"temperature": 1.0, "top_p": 1.0, "top_k": 0, **params})
+    return [SimpleNamespace(params=p, output_token_ids=[], all_token_ids=[0], eos_token_ids=(1,), generator=None,
+                            num_output_tokens=0) for _ in range(count)]
+
+
+def _draw(rows, logits, seed=0):
+    meta = SamplingMetadata.from_requests(rows, logits.shape[1], torch.device("cpu"))
+    return sample(logits.clone(), meta, torch.Generator().manual_seed(seed)).token_ids
+
+
+def _frequencies(tokens, vocab):
+    return torch.bincount(tokens, minlength=vocab).float() / len(tokens)
+
+
+def test_samples_follow_the_distribution():
+    n = 40000
+    freq = _frequencies(_draw(_rows(n), PROBS.log().repeat(n, 1)), 5)
+    torch.testing.assert_close(freq, PROBS, atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("params,allowed", [
+    pytest.param({"top_k": 2}, {2, 3}, id="top_k"),
+    pytest.param({"top_p": 0.7}, {2, 3}, id="top_p"),  # 0.5 < 0.7 needs the second token, not the third
+    pytest.param({"top_p": 0.5}, {2}, id="top_p-exact-mass"),
+    pytest.param({"min_p": 0.4}, {2, 3}, id="min_p"),  # 0.4 * 0.5 = 0.2 drops 0.15 and 0.05
+    pytest.param({"temperature": 0.0}, {2}, id="greedy"),
+])
+def test_truncation(params, allowed):
+    n = 4000
+    tokens = set(_draw(_rows(n, **params), PROBS.log().repeat(n, 1)).tolist())
+    assert tokens == allowed
+
+
+def test_temperature_sharpens():
+    n = 20000
+    freq = _frequencies(_draw(_rows(n, temperature=0.5), PROBS.log().repeat(n, 1)), 5)
+    expected = PROBS**2 / (PROBS**2).sum()
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+
+
+def test_penalties():
+    logits = torch.tensor([[2.0, -1.0, 1.0, 0.5]])
+    rows = _rows(1, temperature=0.0, presence_penalty=1.5, frequency_penalty=0.5)
+    rows[0].output_token_ids = [0, 0, 2]
+    rows[0].all_token_ids = [3, 0, 0, 2]
+    meta = SamplingMetadata.from_requests(rows, 4, torch.device("cpu"))
+    # token 0: 2 - 1.5 - 2 * 0.5 = -0.5; token 2: 1 - 1.5 - 0.5 = -1.0; token 3 unseen in the output: 0.5
+    assert sample(logits.clone(), meta).token_ids.tolist() == [3]
+    rep = _rows(1, temperature=0.0, repetition_penalty=4.0)
+    rep[0].all_token_ids = [0, 3]  # 2.0 / 4 = 0.5, 0.5 / 4: token 2 (1.0) now wins
+    meta = SamplingMetadata.from_requests(rep, 4, torch.device("cpu"))
+    assert sample(logits.clone(), meta).token_ids.tolist() == [2]
+
+
+def test_min_tokens_bans_eos_and_stop_ids():
+    logits = torch.tensor([[0.0, 9.0, 8.0, 1.0]])
+    rows = _rows(1, temperature=0.0, min_tokens=2, stop_token_ids=[2])
+    meta = SamplingMetadata.from_requests(rows, 4, torch.device("cpu"))
+    assert sample(logits.clone(), meta).token_ids.tolist() == [3]
+
+
+def test_seeded_rows_ignore_their_neighbours():
+    n = 6
+    rows = _rows(n)
+    for i, row in enumerate(rows):
+        row.generator = torch.Generator().manual_seed(100 + i) if i % 2 == 0 else None
+    logits = torch.randn(1, 50).repeat(n, 1)
+    a = _draw(rows, logits, seed=1)
+    for i, row in enumerate(rows):
+        if row.generator is not None:
+            row.generator.manual_seed(100 + i)
+    b = _draw(rows, logits, seed=2)  # other rows' randomness changes
+    assert a[0::2].tolist() == b[0::2].tolist()
+
+
+def test_logprobs_are_of_the_raw_distribution():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    rows = _rows(1, temperature=0.5, logprobs=2)
+    meta = SamplingMetadata.from_requests(rows, 3, torch.device("cpu"))
+    out = sample(logits.clone(), meta, torch.Generator().manual_seed(0))
+    expected = torch.log_softmax(logits, -1)[0]
+    assert out.top_ids.tolist() == [[2, 1]]
+    assert out.logprobs.item() == pytest.approx(expected[out.token_ids.item()].item())
+    assert math.isclose(out.top_logprobs[0, 0].item(), expected[2].item(), rel_tol=1e-6)
