@@ -89,11 +89,12 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata, default_generator: torc
     for row, ids in meta.banned:
         if ids:
             logits[row, ids] = float("-inf")
-    greedy = logits.argmax(dim=-1)
     if meta.all_greedy:
-        tokens = greedy
+        tokens = logits.argmax(dim=-1)
+    elif bool((meta.temperature == 0).any()):
+        tokens = torch.where(meta.temperature == 0, logits.argmax(dim=-1), _sample_random(logits, meta, default_generator))
     else:
-        tokens = torch.where(meta.temperature == 0, greedy, _sample_random(logits, meta, default_generator))
+        tokens = _sample_random(logits, meta, default_generator)
     if raw_logprobs is None:
         return SamplerOutput(tokens, None, None, None)
     chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
@@ -114,14 +115,15 @@ def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tens
 
 
 def _sample_random(logits: torch.Tensor, meta: SamplingMetadata, generator: torch.Generator | None) -> torch.Tensor:
-    temperature = torch.where(meta.temperature == 0, 1.0, meta.temperature).unsqueeze(1)
-    logits = logits / temperature
+    if not bool((meta.temperature == 1).all()):
+        logits = logits / torch.where(meta.temperature == 0, 1.0, meta.temperature).unsqueeze(1)
     if meta.top_k is not None or meta.top_p is not None:
         logits = _top_k_top_p(logits, meta.top_k, meta.top_p)
-    probs = logits.softmax(dim=-1)
+    # Unnormalised probabilities relative to the best token (which gets 1.0): the CDF below needs no
+    # normalisation, and min_p compares against 1.0 directly.
+    probs = (logits - logits.max(dim=-1, keepdim=True).values).exp_()  # (B, V)
     if meta.min_p is not None:
-        threshold = meta.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-        probs = torch.where(probs < threshold, 0.0, probs)
+        probs = torch.where(probs < meta.min_p.unsqueeze(1), 0.0, probs)
     # Inverse-CDF sampling: one uniform number per row (drawing noise for the whole vocabulary costs more than
     # the model on a CPU). Seeded rows draw theirs from their own generator, so their tokens do not depend on
     # which other requests share the batch. u is in (0, 1]: a zero-probability token is never picked.
