@@ -80,6 +80,71 @@ def generate(
         console.print(f"[dim]({len(completion.token_ids)} tokens, finish_reason={completion.finish_reason})[/dim]")
 
 
+@app.command()
+def serve(
+    model: Optional[str] = typer.Argument(None, help=TINY_MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"),
+    port: int = typer.Option(8000),
+    served_model_name: Optional[str] = typer.Option(None, help="the `model` clients send; default the folder name"),
+    api_key: Optional[str] = typer.Option(None, envvar="DSSERVE_API_KEY", help="require `Authorization: Bearer KEY`"),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with these options' names; flags override"),
+    dtype: Optional[str] = typer.Option(None, help="auto|bfloat16|float16|float32"),
+    max_model_len: Optional[int] = typer.Option(None),
+    max_num_seqs: Optional[int] = typer.Option(None),
+    max_num_batched_tokens: Optional[int] = typer.Option(None),
+    block_size: Optional[int] = typer.Option(None),
+    kv_cache_memory: Optional[str] = typer.Option(None, help="e.g. 4GiB"),
+    enable_prefix_caching: Optional[bool] = typer.Option(None, "--enable-prefix-caching/--no-enable-prefix-caching"),
+    num_threads: Optional[int] = typer.Option(None),
+    max_queued_requests: Optional[int] = typer.Option(None, help="beyond max_num_seqs + this, requests get 503"),
+    reasoning_parser: Optional[str] = typer.Option(None, help="auto|deepseek_r1|none"),
+    strict_reasoning_history: Optional[bool] = typer.Option(
+        None, "--strict-reasoning-history/--no-strict-reasoning-history",
+        help="reject reasoning_content in input messages with 400, as DeepSeek's API does (default: drop it)"),
+    chat_template: Optional[Path] = typer.Option(None, help="a Jinja file replacing the tokenizer's chat template"),
+    max_input_len: Optional[int] = typer.Option(None, help="longest prompt accepted (MindIE maxInputTokenLen)"),
+    truncate_input: Optional[bool] = typer.Option(None, "--truncate-input/--no-truncate-input",
+                                                  help="cut longer prompts to --max-input-len instead of refusing"),
+    log_level: str = typer.Option("INFO"),
+):
+    """Serve the OpenAI-compatible API (chat, completions, models, tokenize, health, metrics)."""
+    from dsserve.config import load_toml
+    from dsserve.server.app import ServerConfig
+    from dsserve.server.launch import serve as run_server
+
+    flags = {k: v for k, v in dict(
+        dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
+        enable_prefix_caching=enable_prefix_caching, num_threads=num_threads, max_queued_requests=max_queued_requests,
+        reasoning_parser=reasoning_parser, strict_reasoning_history=strict_reasoning_history,
+        chat_template=str(chat_template) if chat_template else None, max_input_len=max_input_len,
+        truncate_input=truncate_input, served_model_name=served_model_name, api_key=api_key, model=model,
+        host=host, port=port,
+    ).items() if v is not None}
+    options = {**(load_toml(config) if config else {}), **flags}
+    model_path = _resolve_model(options.pop("model", None))
+    template_file = options.pop("chat_template", None)
+    server_config = ServerConfig(
+        served_model_name=options.pop("served_model_name", None) or _default_name(model_path),
+        api_key=options.pop("api_key", None),
+        max_queued_requests=options.pop("max_queued_requests", 1024),
+        reasoning_parser=options.pop("reasoning_parser", "auto"),
+        strict_reasoning_history=options.pop("strict_reasoning_history", False),
+        chat_template=Path(template_file).read_text() if template_file else None,
+        max_input_len=options.pop("max_input_len", None),
+        truncate_input=options.pop("truncate_input", False),
+    )
+    if server_config.reasoning_parser not in ("auto", "deepseek_r1", "none"):
+        raise typer.BadParameter("--reasoning-parser must be auto, deepseek_r1 or none")
+    bind_host, bind_port = options.pop("host", host), int(options.pop("port", port))
+    sys.exit(run_server(model_path, bind_host, bind_port, server_config, options, log_level))
+
+
+def _default_name(model_path: str) -> str:
+    name = Path(model_path).name
+    return f"{name} (demo)" if Path(model_path) == default_model_dir() else name
+
+
 @bench_app.command("throughput")
 def bench_throughput(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),

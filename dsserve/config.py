@@ -295,3 +295,33 @@ def parse_memory(value: str | int | None) -> int | None:
     if result <= 0:
         raise ConfigError(f"memory size {value!r} must be positive")
     return result
+
+
+ENGINE_KEYS = ("dtype", "device", "block_size", "kv_cache_memory", "kv_cache_fraction", "num_kv_blocks",
+               "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+               "enable_chunked_prefill", "num_threads", "seed", "tokenizer")
+SERVER_KEYS = ("model", "host", "port", "served_model_name", "api_key", "max_queued_requests", "reasoning_parser",
+               "strict_reasoning_history", "chat_template", "max_input_len", "truncate_input")
+
+
+def load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A `dsserve serve --config` file: the flags' names with underscores or dashes, e.g. `max_model_len = 8192`."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {path} is not valid TOML: {e}") from None
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(ENGINE_KEYS) - set(SERVER_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"--config {path} has unknown key(s) {', '.join(unknown)}; known keys: "
+            f"{', '.join(sorted(ENGINE_KEYS + SERVER_KEYS))}"
+        )
+    return data

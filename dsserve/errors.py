@@ -16,6 +16,10 @@ class WeightsError(DsserveError):
 class InvalidRequestError(DsserveError, ValueError):
     """A request (prompt or sampling parameter) is invalid; other requests are unaffected."""
 
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param  # the offending field, when there is one
+
 
 class EngineDeadError(DsserveError):
     """The engine loop stopped after an internal failure; the process must be restarted."""

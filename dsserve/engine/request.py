@@ -43,7 +43,7 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(field_name: str, value, rule: str) -> InvalidRequestError:
-            return InvalidRequestError(f"{field_name}={value!r} is invalid: {rule}")
+            return InvalidRequestError(f"{field_name}={value!r} is invalid: {rule}", param=field_name)
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", self.n, "must be an integer >= 1")

@@ -1,0 +1,171 @@
+"""Asyncio facade for the server: the engine loop runs on its own thread; each request gets an output stream.
+
+HTTP handling, tokenisation and JSON happen on the event loop; `step()` runs on the engine thread, so
+neither stalls the other. Requests and aborts cross to the engine thread through a queue; outputs come
+back with `loop.call_soon_threadsafe`. If a step raises, every open stream receives the error, the
+engine is marked dead and `on_death` is called (the server then exits non-zero rather than hang).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from dsserve.engine.engine import LLMEngine, Prompt, RequestOutput
+from dsserve.engine.request import SamplingParams
+from dsserve.errors import EngineDeadError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestStats:
+    """Timings the server turns into latency metrics."""
+
+    arrival_s: float
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    token_times_s: list[float] = field(default_factory=list)
+
+
+class _Stream:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None):
+        self.engine = engine
+        self.on_death = on_death
+        self.dead: BaseException | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="dsserve-engine", daemon=True)
+        self.num_running = 0
+        self.num_waiting = 0
+        self.kv_cache_usage = 0.0
+        self.observers: list[Callable[[RequestOutput, float], None]] = []  # called on the engine thread
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yield the request's cumulative outputs until it finishes. Validation errors raise before the first yield;
+        leaving the iteration early (client gone) aborts the request and frees its blocks."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine stopped after an internal error: {self.dead}")
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        done = asyncio.get_running_loop().create_future()
+        self._inbox.put(("add", request_id, prompt, params, done))
+        self._wake.set()
+        finished = False
+        try:
+            await done  # raises the validation error, if any
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the client left (or the request failed): stop computing it
+                self._inbox.put(("abort", request_id))
+                self._wake.set()
+
+    # ---- engine thread ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if not self.engine.has_unfinished_requests():
+                    self._update_gauges()
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                outputs = self.engine.step()
+                now = time.perf_counter()
+                for output in outputs:
+                    for observer in self.observers:
+                        observer(output, now)
+                    stream = self._streams.get(output.request_id)
+                    if stream is not None:
+                        stream.put(output)
+                self._update_gauges()
+        except BaseException as e:  # noqa: BLE001 - any failure kills the engine; report it to everyone
+            logger.exception("engine loop failed")
+            self.dead = e
+            error = EngineDeadError(f"the engine stopped after an internal error: {e!r}")
+            for stream in list(self._streams.values()):
+                stream.put(error)
+            self._fail_inbox(error)
+            if self.on_death is not None:
+                self.on_death(e)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "add":
+                _, request_id, prompt, params, done = item
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except Exception as e:  # validation: only this request fails
+                    self._streams.pop(request_id, None)
+                    done.get_loop().call_soon_threadsafe(_set_exception, done, e)
+                else:
+                    done.get_loop().call_soon_threadsafe(_set_result, done)
+            else:
+                self.engine.abort_request(item[1])
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item[0] == "add":
+                done = item[4]
+                done.get_loop().call_soon_threadsafe(_set_exception, done, error)
+
+    def _update_gauges(self) -> None:
+        scheduler = self.engine.scheduler
+        self.num_running = len(scheduler.running)
+        self.num_waiting = len(scheduler.waiting)
+        self.kv_cache_usage = self.engine.kv_cache.usage
+
+
+def _set_result(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

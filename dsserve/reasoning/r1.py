@@ -1,0 +1,64 @@
+"""DeepSeek-R1's `<think>...</think>` format, streamed or not, with the same result either way.
+
+R1 writes `<think>\\n...reasoning...\\n</think>\\n\\nanswer`. Since the 2025-02 template the prompt already ends
+with `<think>\\n`, so the output starts inside the reasoning and has only the closing tag. The rule (as
+vLLM's deepseek_r1 parser): drop an opening `<think>`; everything before `</think>` is reasoning, everything
+after is content; without `</think>` (still thinking, or cut by max_tokens) all of it is reasoning.
+
+Streaming applies the same split to the cumulative text and emits the growth of each part, holding back a
+tail that could still become a tag, so concatenated deltas equal the non-streamed split exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+START, END = "<think>", "</think>"
+
+
+def split(text: str) -> tuple[str | None, str | None]:
+    """Whole output -> (reasoning_content, content); None where a part is absent (as DeepSeek's API)."""
+    if START in text:
+        text = text.split(START, 1)[1]
+    if END not in text:
+        return (text or None), None
+    reasoning, _, content = text.partition(END)
+    return reasoning, (content or None)
+
+
+def count_reasoning_tokens(token_ids: list[int], end_id: int | None) -> int:
+    """Tokens up to and including `</think>`; all of them while the reasoning has not ended."""
+    if end_id is None:
+        return 0
+    try:
+        return token_ids.index(end_id) + 1
+    except ValueError:
+        return len(token_ids)
+
+
+@dataclass
+class ReasoningStream:
+    """Turns cumulative output text into (reasoning delta, content delta) pairs."""
+
+    sent_reasoning: int = 0
+    sent_content: int = 0
+
+    def update(self, text: str, finished: bool) -> tuple[str, str]:
+        if not finished:
+            text = text[: len(text) - _partial_tag_length(text)]
+        reasoning, content = split(text)
+        reasoning, content = reasoning or "", content or ""
+        delta_reasoning = reasoning[self.sent_reasoning :]
+        delta_content = content[self.sent_content :]
+        self.sent_reasoning, self.sent_content = len(reasoning), len(content)
+        return delta_reasoning, delta_content
+
+
+def _partial_tag_length(text: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a tag."""
+    longest = 0
+    for tag in (START, END):
+        for n in range(1, len(tag)):
+            if text.endswith(tag[:n]):
+                longest = max(longest, n)
+    return longest

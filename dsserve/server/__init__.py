@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: app factory, schemas, one module per endpoint, metrics."""

@@ -1,0 +1,158 @@
+"""POST /v1/chat/completions: template the messages, run, split reasoning from content, render JSON or SSE."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from dsserve.errors import DsserveError
+from dsserve.reasoning import r1
+from dsserve.server.common import (
+    final_output, fit_context, request_id, results, sampling_params, token_text, truncate, usage,
+)
+from dsserve.server.protocol import APIError, ChatCompletionRequest, parse
+
+
+async def create_chat_completion(http: Request):
+    from dsserve.server.app import read_body
+
+    state = http.app.state.dsserve
+    req = parse(await read_body(http, state), ChatCompletionRequest)
+    state.check_model(req.model)
+    tokenizer = state.engine.tokenizer
+    if tokenizer is None:
+        raise APIError(400, "this model has no tokenizer, so chat messages cannot be templated; use /v1/completions "
+                       "with token ids", param="messages")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs is only allowed when logprobs is true.", param="top_logprobs")
+    messages = _messages(req, state.config.strict_reasoning_history)
+    try:
+        prompt_ids = tokenizer.encode(
+            tokenizer.apply_chat_template(messages, True, state.config.chat_template, **(req.chat_template_kwargs or {})),
+            add_special_tokens=False,
+        )
+    except DsserveError as e:
+        raise APIError(400, str(e), param="messages") from None
+    prompt_ids = truncate(state, prompt_ids)
+    _, max_tokens = fit_context(state, len(prompt_ids), req.max_completion_tokens or req.max_tokens, "messages")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, max_tokens, logprobs, None, state.engine.engine.model_config.vocab_size)
+    rid = request_id("chatcmpl")
+    prompt = {"prompt_token_ids": prompt_ids}
+    reasoning = state.config.reasoning_parser == "deepseek_r1"
+    end_id = tokenizer.token_to_id(r1.END) if reasoning else None
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(state, http, rid, prompt, params, req.model, reasoning, end_id, include_usage, tokenizer),
+            media_type="text/event-stream",
+        )
+    output = await final_output(state, http, rid, prompt, params)
+    choices = []
+    for c in output.outputs:
+        message: dict[str, Any] = {"role": "assistant"}
+        if reasoning:
+            message["reasoning_content"], message["content"] = r1.split(c.text)
+        else:
+            message["content"] = c.text
+        choices.append({"index": c.index, "message": message, "logprobs": _logprobs(c.logprobs, c.token_ids, tokenizer)
+                        if logprobs is not None else None, "finish_reason": c.finish_reason})
+    reasoning_tokens = sum(r1.count_reasoning_tokens(c.token_ids, end_id) for c in output.outputs) if reasoning else None
+    return JSONResponse({
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
+        "system_fingerprint": None, "choices": choices, "usage": usage(output, reasoning_tokens),
+    })
+
+
+def _messages(req: ChatCompletionRequest, strict: bool) -> list[dict[str, Any]]:
+    """Plain dicts for the template; text parts joined; earlier reasoning dropped (R1 must not see it again)."""
+    out = []
+    for i, m in enumerate(req.messages):
+        if m.reasoning_content is not None and strict:
+            raise APIError(400, "reasoning_content must not be sent back in the conversation history; drop it from "
+                           "earlier assistant messages.", param=f"messages[{i}].reasoning_content")
+        content = m.content
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.type != "text":
+                    raise APIError(400, f"content parts of type '{part.type}' are not supported; this model reads text.",
+                                   param=f"messages[{i}].content[{j}].type", code="invalid_value")
+            content = "".join(part.text or "" for part in content)
+        role = "system" if m.role == "developer" else m.role
+        message = {"role": role, "content": content if content is not None else ""}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(m, key) is not None:
+                message[key] = getattr(m, key)
+        out.append(message)
+    return out
+
+
+def _logprobs(entries, token_ids, tokenizer) -> dict[str, Any]:
+    content = []
+    for token, (logprob, alternatives) in zip(token_ids, entries or []):
+        text = token_text(tokenizer, token)
+        content.append({
+            "token": text, "logprob": logprob, "bytes": list(text.encode()),
+            "top_logprobs": [{"token": token_text(tokenizer, t), "logprob": lp, "bytes": list(token_text(tokenizer, t).encode())}
+                             for t, lp in sorted(alternatives.items(), key=lambda kv: -kv[1])],
+        })
+    return {"content": content}
+
+
+async def _stream(state, http, rid, prompt, params, model, reasoning, end_id, include_usage, tokenizer):
+    created = int(time.time())
+
+    def chunk(choices, usage_body=None) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            body["usage"] = usage_body
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    sent_text = [0] * params.n
+    sent_tokens = [0] * params.n
+    splitters = [r1.ReasoningStream() for _ in range(params.n)]
+    finished = [False] * params.n
+    last = None
+    try:
+        for i in range(params.n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for output in results(state, http, rid, prompt, params):
+            last = output
+            for c in output.outputs:
+                if finished[c.index]:
+                    continue
+                done = c.finish_reason is not None
+                logprobs = None
+                if params.logprobs is not None and c.logprobs:
+                    logprobs = _logprobs(c.logprobs[sent_tokens[c.index]:], c.token_ids[sent_tokens[c.index]:], tokenizer)
+                sent_tokens[c.index] = len(c.token_ids)
+                if reasoning:
+                    delta_reasoning, delta_content = splitters[c.index].update(c.text, done)
+                else:
+                    delta_reasoning, delta_content = "", c.text[sent_text[c.index]:]
+                    sent_text[c.index] = len(c.text)
+                if delta_reasoning:
+                    yield chunk([{"index": c.index, "delta": {"reasoning_content": delta_reasoning}, "logprobs": logprobs,
+                                  "finish_reason": None}])
+                    logprobs = None
+                if delta_content or (logprobs and not delta_reasoning):
+                    yield chunk([{"index": c.index, "delta": {"content": delta_content}, "logprobs": logprobs,
+                                  "finish_reason": None}])
+                if done:
+                    finished[c.index] = True
+                    yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}])
+        if include_usage and last is not None:
+            reasoning_tokens = (sum(r1.count_reasoning_tokens(c.token_ids, end_id) for c in last.outputs)
+                                if reasoning else None)
+            yield chunk([], usage(last, reasoning_tokens))
+    except APIError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+    except DsserveError as e:
+        yield f"data: {json.dumps(APIError(500, f'Internal server error: {e}', type='internal_server_error').body())}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,130 @@
+"""POST /v1/completions: text or token-id prompts, echo, prompt and completion logprobs (lm-eval's local-completions)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from dsserve.errors import DsserveError
+from dsserve.server.common import final_output, fit_context, request_id, results, sampling_params, token_text, truncate, usage
+from dsserve.server.protocol import APIError, CompletionRequest, parse
+
+
+async def create_completion(http: Request):
+    from dsserve.server.app import read_body
+
+    state = http.app.state.dsserve
+    req = parse(await read_body(http, state), CompletionRequest)
+    state.check_model(req.model)
+    tokenizer = state.engine.tokenizer
+    vocab = state.engine.engine.model_config.vocab_size
+    prompts = _prompts(req.prompt, tokenizer, vocab)
+    if req.stream and len(prompts) > 1:
+        raise APIError(400, "streaming supports one prompt per request", param="prompt")
+    jobs = []
+    for ids in prompts:
+        ids = truncate(state, ids)
+        _, max_tokens = fit_context(state, len(ids), req.max_tokens, "prompt")
+        params = sampling_params(req, max_tokens, req.logprobs, req.logprobs if req.echo and req.logprobs is not None
+                                 else None, vocab)
+        jobs.append((ids, params))
+    rid = request_id("cmpl")
+    if req.stream:
+        ids, params = jobs[0]
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_stream(state, http, rid, ids, params, req, include_usage, tokenizer),
+                                 media_type="text/event-stream")
+    outputs = await asyncio.gather(*(final_output(state, http, f"{rid}-{i}", {"prompt_token_ids": ids}, params)
+                                     for i, (ids, params) in enumerate(jobs)))
+    choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    for i, output in enumerate(outputs):
+        for c in output.outputs:
+            choices.append(_choice(len(choices), output, c, req, tokenizer))
+        for key, value in usage(output).items():
+            if key in total:
+                total[key] += value
+    return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model,
+                         "choices": choices, "usage": total})
+
+
+def _prompts(prompt, tokenizer, vocab: int) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise APIError(400, "this model has no tokenizer; send token ids as the prompt", param="prompt")
+            ids = tokenizer.encode(p)
+        else:
+            ids = list(p)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"Token id {bad[0]} is out of vocabulary (size {vocab}).", param="prompt",
+                               code="invalid_value")
+        if not ids:
+            raise APIError(400, "The prompt is empty; send at least one token.", param="prompt", code="invalid_value")
+        out.append(ids)
+    if not out:
+        raise APIError(400, "The prompt is empty; send at least one token.", param="prompt", code="invalid_value")
+    return out
+
+
+def _choice(index: int, output, c, req: CompletionRequest, tokenizer) -> dict[str, Any]:
+    text = c.text
+    tokens, token_logprobs, top = [], [], []
+    if req.echo:
+        prompt_text = tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False) if tokenizer else ""
+        text = prompt_text + text
+        if req.logprobs is not None:
+            for token, entry in zip(output.prompt_token_ids, output.prompt_logprobs or []):
+                tokens.append(token_text(tokenizer, token))
+                token_logprobs.append(entry[0] if entry else None)
+                top.append({token_text(tokenizer, t): lp for t, lp in entry[1].items()} if entry else None)
+    logprobs = None
+    if req.logprobs is not None:
+        for token, (lp, alternatives) in zip(c.token_ids, c.logprobs or []):
+            tokens.append(token_text(tokenizer, token))
+            token_logprobs.append(lp)
+            top.append({token_text(tokenizer, t): v for t, v in alternatives.items()})
+        offsets, position = [], 0
+        for t in tokens:
+            offsets.append(position)
+            position += len(t)
+        logprobs = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+
+async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
+    created = int(time.time())
+    sent = [0] * params.n
+    last = None
+
+    def chunk(choices, usage_body=None):
+        body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": choices}
+        if include_usage:
+            body["usage"] = usage_body
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        async for output in results(state, http, rid, {"prompt_token_ids": ids}, params):
+            last = output
+            for c in output.outputs:
+                delta = c.text[sent[c.index]:]
+                sent[c.index] = len(c.text)
+                if delta or c.finish_reason:
+                    yield chunk([{"index": c.index, "text": delta, "logprobs": None, "finish_reason": c.finish_reason}])
+        if include_usage and last is not None:
+            yield chunk([], usage(last))
+    except APIError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+    except DsserveError as e:
+        yield f"data: {json.dumps(APIError(500, f'Internal server error: {e}', type='internal_server_error').body())}\n\n"
+    yield "data: [DONE]\n\n"

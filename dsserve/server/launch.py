@@ -1,0 +1,114 @@
+"""Start `dsserve serve`: logs to stderr and a rotating file, load the engine, serve, exit non-zero if it dies."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import logging.handlers
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from dsserve.engine.async_engine import AsyncEngine
+from dsserve.engine.engine import LLMEngine, build_engine_config
+from dsserve.server.app import ServerConfig, create_app
+
+logger = logging.getLogger("dsserve")
+
+
+def log_dir() -> Path:
+    """$DSSERVE_LOG_DIR, else $XDG_STATE_HOME/dsserve/logs, else ~/.local/state/dsserve/logs."""
+    if os.environ.get("DSSERVE_LOG_DIR"):
+        return Path(os.environ["DSSERVE_LOG_DIR"])
+    state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+    return state / "dsserve" / "logs"
+
+
+def setup_logging(port: int, level: str = "INFO") -> Path:
+    folder = log_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"dsserve-{port}.log"
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level)
+    for handler in (logging.StreamHandler(), logging.handlers.RotatingFileHandler(path, maxBytes=20 * 2**20, backupCount=5)):
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    return path
+
+
+def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_options: dict, log_level: str = "INFO") -> int:
+    """Run until stopped; returns the process exit code (1 when the engine died)."""
+    log_path = setup_logging(port, log_level)
+    logger.info("log file: %s", log_path)
+    config = build_engine_config(model, **engine_options)
+    _print_config(config, server_config, host, port, log_path)
+    engine = LLMEngine(config)
+    server_config = resolve_reasoning_parser(server_config, engine.tokenizer)
+    logger.info("config: reasoning parser: %s", server_config.reasoning_parser)
+    server: uvicorn.Server | None = None
+    died = threading.Event()
+
+    def on_death(error: BaseException) -> None:
+        logger.error("engine died (%r): answering 503 on /health and shutting down", error)
+        died.set()
+        if server is not None:
+            server.should_exit = True
+
+    async_engine = AsyncEngine(engine, on_death=on_death)
+    async_engine.start()
+    app = create_app(async_engine, server_config)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                                           timeout_graceful_shutdown=5))
+    url = f"http://{host}:{port}"
+
+    def announce() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            logger.info("dsserve ready at %s", url)
+            print(f"dsserve ready at {url}", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+    try:
+        server.run()
+    finally:
+        async_engine.shutdown()
+    if died.is_set():
+        return 1
+    return 0 if server.started else 1
+
+
+def resolve_reasoning_parser(server_config: ServerConfig, tokenizer) -> ServerConfig:
+    """`auto`: deepseek_r1 when the chat template or the vocabulary has R1's `</think>`, else none."""
+    if server_config.reasoning_parser != "auto":
+        return server_config
+    template = (server_config.chat_template or (tokenizer.chat_template if tokenizer else None)) or ""
+    has_think = "<think>" in template or (tokenizer is not None and tokenizer.token_to_id("</think>") is not None)
+    return dataclasses.replace(server_config, reasoning_parser="deepseek_r1" if has_think else "none")
+
+
+def _print_config(config, server_config: ServerConfig, host: str, port: int, log_path: Path) -> None:
+    m, c, s = config.model, config.cache, config.scheduler
+    lines = [
+        f"model: {m.path} ({m.model_type}, {m.num_hidden_layers} layers, vocab {m.vocab_size}"
+        + (f", FP8 blocks {m.fp8_block_size}" if m.fp8_block_size else "") + ")",
+        f"served model name: {server_config.served_model_name}",
+        f"device: {config.device}, dtype: {config.dtype}, threads: {config.num_threads}",
+        f"max_model_len: {s.max_model_len}, max_num_seqs: {s.max_num_seqs}, "
+        f"max_num_batched_tokens: {s.max_num_batched_tokens}, chunked prefill: {s.enable_chunked_prefill}",
+        f"block_size: {c.block_size}, prefix caching: {c.enable_prefix_caching}, "
+        f"kv_cache_memory: {c.kv_cache_memory or f'{c.kv_cache_fraction:.0%} of free memory'}",
+        f"api key: {'set' if server_config.api_key else 'none'}, "
+        f"max queued requests: {server_config.max_queued_requests}",
+        f"listen: http://{host}:{port}",
+        f"log file: {log_path}",
+    ]
+    for line in lines:
+        logger.info("config: %s", line)

@@ -1,0 +1,49 @@
+"""POST /tokenize and /detokenize (vLLM's shapes)."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from dsserve.errors import DsserveError
+from dsserve.server.protocol import APIError, DetokenizeRequest, TokenizeRequest, parse
+
+
+async def tokenize(http: Request):
+    from dsserve.server.app import read_body
+
+    state = http.app.state.dsserve
+    req = parse(await read_body(http, state), TokenizeRequest)
+    state.check_model(req.model)
+    tokenizer = _tokenizer(state)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
+    try:
+        if req.messages is not None:
+            messages = [m.model_dump(exclude_none=True) for m in req.messages]
+            text = tokenizer.apply_chat_template(messages, req.add_generation_prompt, state.config.chat_template)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    except DsserveError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+
+
+async def detokenize(http: Request):
+    from dsserve.server.app import read_body
+
+    state = http.app.state.dsserve
+    req = parse(await read_body(http, state), DetokenizeRequest)
+    state.check_model(req.model)
+    tokenizer = _tokenizer(state)
+    vocab = state.engine.engine.model_config.vocab_size
+    bad = [t for t in req.tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"Token id {bad[0]} is out of vocabulary (size {vocab}).", param="tokens", code="invalid_value")
+    return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+
+def _tokenizer(state):
+    if state.engine.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer.json", param=None)
+    return state.engine.tokenizer
