@@ -12,6 +12,7 @@ RANKS = {
     "cli": 0,
     "server": 1, "llm": 1, "bench": 1, "eval": 1,
     "engine": 2,
+    "reasoning": 2,  # text-level parsing the server uses; imports no engine or HTTP types
     "runner": 3,
     "models": 4,
     "layers": 5,

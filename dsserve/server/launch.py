@@ -49,6 +49,7 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
     config = build_engine_config(model, **engine_options)
     _print_config(config, server_config, host, port, log_path)
     engine = LLMEngine(config)
+    _inject_fault(engine)
     server_config = resolve_reasoning_parser(server_config, engine.tokenizer)
     logger.info("config: reasoning parser: %s", server_config.reasoning_parser)
     server: uvicorn.Server | None = None
@@ -75,6 +76,9 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
             print(f"dsserve ready at {url}", flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
+    parent = os.environ.get("DSSERVE_PARENT_PID")
+    if parent:  # a supervisor (or a test) that wants the server gone when it is gone
+        threading.Thread(target=_exit_with_parent, args=(int(parent), server), daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
     try:
         server.run()
@@ -112,3 +116,32 @@ def _print_config(config, server_config: ServerConfig, host: str, port: int, log
     ]
     for line in lines:
         logger.info("config: %s", line)
+
+
+def _exit_with_parent(pid: int, server: uvicorn.Server) -> None:
+    while not server.should_exit:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            logger.warning("parent process %d is gone: shutting down", pid)
+            server.should_exit = True
+            return
+        time.sleep(1.0)
+
+
+def _inject_fault(engine: LLMEngine) -> None:
+    """DSSERVE_FAULT_AFTER_STEPS=N makes step N+1 raise: how the tests prove an engine failure ends the process."""
+    steps = os.environ.get("DSSERVE_FAULT_AFTER_STEPS")
+    if not steps:
+        return
+    remaining = [int(steps)]
+    real_step = engine.step
+
+    def failing_step():
+        if remaining[0] <= 0:
+            raise RuntimeError("injected engine fault (DSSERVE_FAULT_AFTER_STEPS)")
+        remaining[0] -= 1
+        return real_step()
+
+    engine.step = failing_step
+    logger.warning("fault injection on: the engine fails after %s steps", steps)
