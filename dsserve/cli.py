@@ -83,8 +83,8 @@ def generate(
 @app.command()
 def serve(
     model: Optional[str] = typer.Argument(None, help=TINY_MODEL_HELP),
-    host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"),
-    port: int = typer.Option(8000),
+    host: Optional[str] = typer.Option(None, help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)"),
+    port: Optional[int] = typer.Option(None, help="default 8000"),
     served_model_name: Optional[str] = typer.Option(None, help="the `model` clients send; default the folder name"),
     api_key: Optional[str] = typer.Option(None, envvar="DSSERVE_API_KEY", help="require `Authorization: Bearer KEY`"),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with these options' names; flags override"),
@@ -136,7 +136,7 @@ def serve(
     )
     if server_config.reasoning_parser not in ("auto", "deepseek_r1", "none"):
         raise typer.BadParameter("--reasoning-parser must be auto, deepseek_r1 or none")
-    bind_host, bind_port = options.pop("host", host), int(options.pop("port", port))
+    bind_host, bind_port = options.pop("host", "127.0.0.1"), int(options.pop("port", 8000))
     sys.exit(run_server(model_path, bind_host, bind_port, server_config, options, log_level))
 
 

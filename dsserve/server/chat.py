@@ -47,6 +47,7 @@ async def create_chat_completion(http: Request):
     end_id = tokenizer.token_to_id(r1.END) if reasoning else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        state.admit()  # refuse with a status code (503) before the 200 of a stream is sent
         return StreamingResponse(
             _stream(state, http, rid, prompt, params, req.model, reasoning, end_id, include_usage, tokenizer),
             media_type="text/event-stream",

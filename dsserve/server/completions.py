@@ -37,6 +37,7 @@ async def create_completion(http: Request):
     if req.stream:
         ids, params = jobs[0]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        state.admit()  # refuse with a status code (503) before the 200 of a stream is sent
         return StreamingResponse(_stream(state, http, rid, ids, params, req, include_usage, tokenizer),
                                  media_type="text/event-stream")
     outputs = await asyncio.gather(*(final_output(state, http, f"{rid}-{i}", {"prompt_token_ids": ids}, params)

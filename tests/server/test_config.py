@@ -1,0 +1,38 @@
+import pytest
+
+from dsserve.config import load_toml
+from dsserve.errors import ConfigError
+
+
+def test_toml_keys_accept_dashes_and_reject_unknown(tmp_path):
+    f = tmp_path / "serve.toml"
+    f.write_text('max-model-len = 4096\nblock_size = 128\nserved_model_name = "DeepSeek-R1"\n')
+    assert load_toml(f) == {"max_model_len": 4096, "block_size": 128, "served_model_name": "DeepSeek-R1"}
+    f.write_text("max_model_lenn = 1\n")
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) max_model_lenn"):
+        load_toml(f)
+    f.write_text("max_model_len = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(f)
+
+
+def test_serve_config_file_and_flag_override(tiny_r1, tmp_path, monkeypatch):
+    """The CLI merges the file under the flags and hands the result to the launcher."""
+    from typer.testing import CliRunner
+
+    import dsserve.server.launch as launch
+    from dsserve.cli import app
+
+    seen = {}
+
+    def fake_serve(model, host, port, server_config, options, log_level):
+        seen.update(model=model, host=host, port=port, server=server_config, options=options)
+        return 0
+
+    monkeypatch.setattr(launch, "serve", fake_serve)
+    f = tmp_path / "serve.toml"
+    f.write_text(f'model = "{tiny_r1}"\nmax_model_len = 1024\nblock_size = 128\nport = 9000\napi_key = "k"\n')
+    result = CliRunner().invoke(app, ["serve", "--config", str(f), "--max-model-len", "512"])
+    assert result.exit_code == 0, result.output
+    assert seen["options"] == {"max_model_len": 512, "block_size": 128}
+    assert seen["port"] == 9000 and seen["server"].api_key == "k" and seen["server"].served_model_name == "tiny-r1"
