@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -89,9 +88,9 @@ def train(args) -> float:
     loss_value = float("nan")
     ema = None
     for step, (input_ids, labels) in zip(range(args.steps), batches(tokenizer, args.seed, args.batch_size)):
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        lr = _learning_rate(step, args)
         for group in optimizer.param_groups:
-            group["lr"] = max(lr, args.lr * 0.02)
+            group["lr"] = lr
         loss = model(input_ids=input_ids.to(args.device), labels=labels.to(args.device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -117,6 +116,15 @@ def train(args) -> float:
     print(f"final loss {loss_value:.6f}", flush=True)
     print(f"wrote {out} in {time.time() - started:.0f}s", flush=True)
     return loss_value
+
+
+def _learning_rate(step: int, args) -> float:
+    """Warm-up, a long constant phase, then a linear decay over the last `decay` share of the steps."""
+    warm = min(1.0, (step + 1) / args.warmup)
+    decay_start = int(args.steps * (1 - args.decay))
+    if step < decay_start:
+        return args.lr * warm
+    return args.lr * max(0.02, 1 - (step - decay_start) / max(1, args.steps - decay_start))
 
 
 def evaluate(model_dir: Path, count: int) -> float:
@@ -149,6 +157,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--decay", type=float, default=0.25, help="share of the steps spent decaying the learning rate")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu (the reference run) or cuda (faster experiments)")
     ap.add_argument("--heldout", type=int, default=600)
