@@ -54,7 +54,7 @@ def encode(tokenizer, problem: demo_tasks.Problem) -> tuple[list[int], int]:
 def batches(tokenizer, seed: int, batch_size: int):
     step = 0
     while True:
-        problems = demo_tasks.generate(seed * 1_000_003 + step, batch_size)
+        problems = demo_tasks.generate(seed * 1_000_003 + step, batch_size, demo_tasks.TRAIN_WEIGHTS)
         encoded = [encode(tokenizer, p) for p in problems]
         width = max(len(ids) for ids, _ in encoded)
         input_ids = torch.full((batch_size, width), tokenizer.eos_token_id, dtype=torch.long)

@@ -30,10 +30,19 @@ class Problem:
         return asdict(self)
 
 
-def generate(seed: int, count: int) -> list[Problem]:
+# Training mix: counting letters takes a tiny model the most examples, comparing decimals the fewest.
+TRAIN_WEIGHTS = {"add": 0.25, "sub": 0.25, "compare": 0.1, "count": 0.4}
+
+
+def generate(seed: int, count: int, weights: dict[str, float] | None = None) -> list[Problem]:
+    """`count` problems; tasks in turn (an even held-out set), or drawn with `weights` (training)."""
     rng = random.Random(seed)
     makers = {"add": _addition, "sub": _subtraction, "compare": _compare, "count": _count}
-    return [makers[TASKS[i % len(TASKS)]](rng, rng.choice(("en", "zh"))) for i in range(count)]
+    problems = []
+    for i in range(count):
+        task = rng.choices(TASKS, [weights[t] for t in TASKS])[0] if weights else TASKS[i % len(TASKS)]
+        problems.append(makers[task](rng, rng.choice(("en", "zh"))))
+    return problems
 
 
 def extract_answer(content: str | None) -> str | None:
@@ -120,18 +129,16 @@ def _compare(rng: random.Random, lang: str) -> Problem:
 
 
 def _count(rng: random.Random, lang: str) -> Problem:
+    """One line per letter, all the same width: the letter, + (a match) or . (not), and the count so far."""
     letter = rng.choice("abcdefghijklmnopqrstuvwxyz")
-    length = rng.randint(4, 10)
+    length = rng.randint(3, 9)
     word = "".join(letter if rng.random() < 0.3 else rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
     q = (f"How many times does the letter '{letter}' appear in '{word}'?" if lang == "en"
          else f"单词 '{word}' 中有几个字母 '{letter}'？")
     steps, seen = [], 0
     for ch in word:
-        if ch == letter:
-            seen += 1
-            steps.append(f"{ch} yes {seen}")
-        else:
-            steps.append(f"{ch} no {seen}")
+        seen += ch == letter
+        steps.append(f"{ch} {'+' if ch == letter else '.'} {seen}")
     steps.append(f"so '{letter}' appears {seen} times")
     assert seen == word.count(letter)
     return Problem("count", lang, q, "\n".join(steps), str(seen))
