@@ -129,16 +129,19 @@ def _compare(rng: random.Random, lang: str) -> Problem:
 
 
 def _count(rng: random.Random, lang: str) -> Problem:
-    """One line per letter, all the same width: the letter, + (a match) or . (not), and the count so far."""
+    """One line per letter: the rest of the word, its first letter, + (a match) or . (not), the count so far.
+
+    Each line copies the line above minus one letter, so the letter to check is always at hand.
+    """
     letter = rng.choice("abcdefghijklmnopqrstuvwxyz")
     length = rng.randint(3, 9)
     word = "".join(letter if rng.random() < 0.3 else rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
     q = (f"How many times does the letter '{letter}' appear in '{word}'?" if lang == "en"
          else f"单词 '{word}' 中有几个字母 '{letter}'？")
     steps, seen = [], 0
-    for ch in word:
+    for i, ch in enumerate(word):
         seen += ch == letter
-        steps.append(f"{ch} {'+' if ch == letter else '.'} {seen}")
+        steps.append(f"{word[i:]}: {ch} {'+' if ch == letter else '.'} {seen}")
     steps.append(f"so '{letter}' appears {seen} times")
     assert seen == word.count(letter)
     return Problem("count", lang, q, "\n".join(steps), str(seen))
