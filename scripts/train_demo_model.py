@@ -127,7 +127,7 @@ def _learning_rate(step: int, args) -> float:
     return args.lr * max(0.02, 1 - (step - decay_start) / max(1, args.steps - decay_start))
 
 
-def evaluate(model_dir: Path, count: int) -> float:
+def evaluate(model_dir: Path, count: int, show_failures: int = 0) -> float:
     from dsserve import LLM, SamplingParams
     from dsserve.reasoning import r1
 
@@ -137,10 +137,14 @@ def evaluate(model_dir: Path, count: int) -> float:
                        SamplingParams(temperature=0, max_tokens=400))
     correct = 0
     by_task: dict[str, list[int]] = {}
+    shown: dict[str, int] = {}
     for p, o in zip(problems, outputs):
         reasoning, content = r1.split(o.outputs[0].text)
         ok = bool(reasoning) and demo_tasks.extract_answer(content) == p["answer"]
         correct += ok
+        if not ok and shown.get(p["task"], 0) < show_failures:
+            shown[p["task"]] = shown.get(p["task"], 0) + 1
+            print(f"--- {p['question']!r}\nexpected {p['reasoning']!r} -> {p['answer']!r}\ngot      {o.outputs[0].text!r}")
         by_task.setdefault(p["task"], []).append(ok)
     for task, oks in sorted(by_task.items()):
         print(f"  {task}: {sum(oks)}/{len(oks)}")
@@ -163,10 +167,11 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=600)
     ap.add_argument("--eval", type=int, default=600, help="held-out problems to score at the end (0: skip)")
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--show-failures", type=int, default=0, help="print this many wrong answers per task")
     args = ap.parse_args()
     train(args)
     if args.eval:
-        evaluate(Path(args.out), args.eval)
+        evaluate(Path(args.out), args.eval, args.show_failures)
 
 
 if __name__ == "__main__":
