@@ -145,6 +145,28 @@ def _default_name(model_path: str) -> str:
     return f"{name} (demo)" if Path(model_path) == default_model_dir() else name
 
 
+@app.command()
+def chat(
+    model: Optional[str] = typer.Argument(None, help=TINY_MODEL_HELP + " (ignored with --url)"),
+    url: Optional[str] = typer.Option(None, help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000"),
+    served_model: Optional[str] = typer.Option(None, "--model-name", help="with --url: the model to ask; default the first listed"),
+    api_key: Optional[str] = typer.Option(None, envvar="DSSERVE_API_KEY"),
+    hide_reasoning: bool = typer.Option(False, "--hide-reasoning", help="do not print the chain of thought"),
+    max_tokens: int = typer.Option(1024),
+    temperature: Optional[float] = typer.Option(None, help="default: the model's generation_config.json"),
+    system: Optional[str] = typer.Option(None, help="a system prompt (R1 recommends none)"),
+    kv_cache_memory: Optional[str] = typer.Option(None),
+):
+    """Chat in the terminal: the reasoning streams dimmed, then the answer. Pipe lines into it to script it."""
+    from dsserve.chat import HTTPBackend, InProcessBackend, run_chat
+
+    if url:
+        backend = HTTPBackend(url, served_model, api_key)
+    else:
+        backend = InProcessBackend(_resolve_model(model), kv_cache_memory=kv_cache_memory)
+    run_chat(backend, show_reasoning=not hide_reasoning, max_tokens=max_tokens, temperature=temperature, system=system)
+
+
 @bench_app.command("throughput")
 def bench_throughput(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),

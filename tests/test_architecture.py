@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dsserve"
 # Rank of each layer: a module may import its own layer or any layer with a larger rank.
 RANKS = {
     "cli": 0,
-    "server": 1, "llm": 1, "bench": 1, "eval": 1,
+    "server": 1, "llm": 1, "bench": 1, "eval": 1, "chat": 1,
     "engine": 2,
     "reasoning": 2,  # text-level parsing the server uses; imports no engine or HTTP types
     "runner": 3,
