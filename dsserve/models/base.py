@@ -18,6 +18,24 @@ from dsserve.layers.norm import RMSNorm
 logger = logging.getLogger(__name__)
 
 
+class DecoderLayer(nn.Module):
+    """Pre-norm block shared by every architecture: h += attn(norm(h)); h += mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, self_attn: nn.Module, mlp: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        prefix = f"model.layers.{layer_idx}"
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, f"{prefix}.input_layernorm.weight", dtype)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, f"{prefix}.post_attention_layernorm.weight", dtype
+        )
+        self.mlp = mlp
+
+    def forward(self, positions, hidden, meta, cache):
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta, cache)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
 class CausalLM(nn.Module):
     """Subclasses fill `self.layers` with modules taking (positions, hidden, residual, meta, cache)."""
 

@@ -11,7 +11,7 @@ from dsserve.layers.linear import MLP, Linear
 from dsserve.layers.moe import DeepseekMoE
 from dsserve.layers.norm import RMSNorm
 from dsserve.layers.rotary import RotaryEmbedding, attention_scale
-from dsserve.models.base import CausalLM
+from dsserve.models.base import CausalLM, DecoderLayer
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -55,27 +55,15 @@ class MultiHeadLatentAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
-class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, dtype: torch.dtype):
-        super().__init__()
-        prefix = f"model.layers.{layer_idx}"
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, f"{prefix}.input_layernorm.weight", dtype)
-        self.self_attn = MultiHeadLatentAttention(config, f"{prefix}.self_attn", rotary, dtype)
-        self.post_attention_layernorm = RMSNorm(
-            config.hidden_size, config.rms_norm_eps, f"{prefix}.post_attention_layernorm.weight", dtype
-        )
-        if config.is_moe_layer(layer_idx):
-            self.mlp = DeepseekMoE(config, f"{prefix}.mlp", dtype)
-        else:
-            self.mlp = MLP(config.hidden_size, config.intermediate_size, f"{prefix}.mlp", dtype)
-
-    def forward(self, positions, hidden, meta, cache):
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta, cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-
 class DeepseekForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype):
         super().__init__(config, dtype)
         rotary = RotaryEmbedding(config.qk_rope_head_dim, config.rope, max_positions, config.rope_interleave, dtype)
-        self.layers.extend(DeepseekDecoderLayer(config, i, rotary, dtype) for i in range(config.num_hidden_layers))
+        for i in range(config.num_hidden_layers):
+            prefix = f"model.layers.{i}"
+            attn = MultiHeadLatentAttention(config, f"{prefix}.self_attn", rotary, dtype)
+            if config.is_moe_layer(i):
+                mlp = DeepseekMoE(config, f"{prefix}.mlp", dtype)
+            else:
+                mlp = MLP(config.hidden_size, config.intermediate_size, f"{prefix}.mlp", dtype)
+            self.layers.append(DecoderLayer(config, i, attn, mlp, dtype))

@@ -8,9 +8,8 @@ from torch import nn
 from dsserve.config import ModelConfig
 from dsserve.layers.attention import AttentionMetadata, paged_attention
 from dsserve.layers.linear import MLP, Linear
-from dsserve.layers.norm import RMSNorm
 from dsserve.layers.rotary import RotaryEmbedding
-from dsserve.models.base import CausalLM
+from dsserve.models.base import CausalLM, DecoderLayer
 
 
 class LlamaAttention(nn.Module):
@@ -42,24 +41,12 @@ class LlamaAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding, dtype: torch.dtype):
-        super().__init__()
-        prefix = f"model.layers.{layer_idx}"
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, f"{prefix}.input_layernorm.weight", dtype)
-        self.self_attn = LlamaAttention(config, f"{prefix}.self_attn", rotary, dtype)
-        self.post_attention_layernorm = RMSNorm(
-            config.hidden_size, config.rms_norm_eps, f"{prefix}.post_attention_layernorm.weight", dtype
-        )
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, f"{prefix}.mlp", dtype)
-
-    def forward(self, positions, hidden, meta, cache):
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta, cache)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-
 class LlamaForCausalLM(CausalLM):
     def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype):
         super().__init__(config, dtype)
         rotary = RotaryEmbedding(config.head_dim, config.rope, max_positions, interleaved=False, dtype=dtype)
-        self.layers.extend(LlamaDecoderLayer(config, i, rotary, dtype) for i in range(config.num_hidden_layers))
+        for i in range(config.num_hidden_layers):
+            prefix = f"model.layers.{i}"
+            attn = LlamaAttention(config, f"{prefix}.self_attn", rotary, dtype)
+            mlp = MLP(config.hidden_size, config.intermediate_size, f"{prefix}.mlp", dtype)
+            self.layers.append(DecoderLayer(config, i, attn, mlp, dtype))
