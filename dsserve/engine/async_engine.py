@@ -127,11 +127,7 @@ class AsyncEngine:
                 self.on_death(e)
 
     def _drain_inbox(self) -> None:
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for item in self._pop_inbox():
             if item[0] == "add":
                 _, request_id, prompt, params, done = item
                 try:
@@ -145,14 +141,17 @@ class AsyncEngine:
                 self.engine.abort_request(item[1])
 
     def _fail_inbox(self, error: BaseException) -> None:
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for item in self._pop_inbox():
             if item[0] == "add":
                 done = item[4]
                 done.get_loop().call_soon_threadsafe(_set_exception, done, error)
+
+    def _pop_inbox(self):
+        while True:
+            try:
+                yield self._inbox.get_nowait()
+            except queue.Empty:
+                return
 
     def _update_gauges(self) -> None:
         scheduler = self.engine.scheduler
