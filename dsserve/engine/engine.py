@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class LLMEngine:
             config.model, config.cache, config.dtype, config.device, config.scheduler.max_model_len,
             config.scheduler.max_num_seqs, config.num_threads, config.seed,
         )
+        config = self.config = _fit_max_model_len(config, self.runner.num_blocks)
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.eos_token_ids = (
@@ -260,6 +262,7 @@ def build_engine_config(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if block_size < 1 or block_size > 1024:
         raise ConfigError(f"--block-size {block_size} must be in [1, 1024] (16 is the default, MindIE uses 128)")
+    explicit_max_len = max_model_len is not None
     max_model_len = max_model_len or model_config.max_position_embeddings
     if max_model_len < 2:
         raise ConfigError(f"--max-model-len {max_model_len} must be >= 2")
@@ -298,7 +301,25 @@ def build_engine_config(
         num_threads=num_threads or default_num_threads(),
         seed=seed,
         tokenizer_path=tokenizer,
+        extra={"max_model_len_explicit": explicit_max_len},
     )
+
+
+def _fit_max_model_len(config: EngineConfig, num_blocks: int) -> EngineConfig:
+    """One sequence of max_model_len tokens must fit the KV cache. A default (the model's context) is lowered to
+    what fits, with a warning; an explicit --max-model-len that cannot fit is an error at start, not per request."""
+    capacity = num_blocks * config.cache.block_size
+    max_len = config.scheduler.max_model_len
+    if max_len <= capacity:
+        return config
+    if config.extra.get("max_model_len_explicit"):
+        raise ConfigError(
+            f"--max-model-len {max_len} does not fit the KV cache ({num_blocks} blocks x {config.cache.block_size} "
+            f"= {capacity} tokens); raise --kv-cache-memory or lower --max-model-len"
+        )
+    logger.warning("max_model_len lowered from %d (the model's context) to %d, what the KV cache holds; raise "
+                   "--kv-cache-memory for longer requests", max_len, capacity)
+    return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, max_model_len=capacity))
 
 
 def _load_tokenizer(config: EngineConfig) -> Tokenizer | None:

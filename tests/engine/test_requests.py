@@ -188,3 +188,15 @@ def test_prompt_logprobs_bypass_the_prefix_cache_and_survive_preemption(tiny_r1)
         assert len(out.prompt_logprobs) == len(ref.prompt_logprobs)
         for a, b in zip(out.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
             assert a[0] == pytest.approx(b[0], abs=1e-4)
+
+
+def test_max_model_len_must_fit_the_cache(tiny_r1):
+    from dsserve import LLM
+    from dsserve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="does not fit the KV cache"):
+        LLM(tiny_r1, num_kv_blocks=4, block_size=16, max_model_len=100)
+    llm = LLM(tiny_r1, num_kv_blocks=4, block_size=16)  # default: the model's 2048 positions, lowered to 64
+    assert llm.engine.config.scheduler.max_model_len == 64
+    out = llm.generate(_ids(10), SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 54 and out.finish_reason == "length"
