@@ -52,13 +52,9 @@ def encode(tokenizer, problem: demo_tasks.Problem) -> tuple[list[int], int]:
 
 
 def batches(tokenizer, seed: int, batch_size: int):
-    """One task per batch (drawn by TRAIN_WEIGHTS): similar lengths, so little of each batch is padding."""
     step = 0
-    rng = random.Random(seed)
-    tasks = list(demo_tasks.TRAIN_WEIGHTS)
     while True:
-        task = rng.choices(tasks, [demo_tasks.TRAIN_WEIGHTS[t] for t in tasks])[0]
-        problems = demo_tasks.generate(seed * 1_000_003 + step, batch_size, {t: float(t == task) for t in tasks})
+        problems = demo_tasks.generate(seed * 1_000_003 + step, batch_size, demo_tasks.TRAIN_WEIGHTS)
         encoded = [encode(tokenizer, p) for p in problems]
         width = max(len(ids) for ids, _ in encoded)
         input_ids = torch.full((batch_size, width), tokenizer.eos_token_id, dtype=torch.long)
