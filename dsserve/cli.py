@@ -16,6 +16,8 @@ from dsserve.errors import DsserveError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Serve and operate DeepSeek models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks on the in-process engine.")
 app.add_typer(bench_app, name="bench")
+weights_app = typer.Typer(no_args_is_help=True, help="Check and convert checkpoint folders.")
+app.add_typer(weights_app, name="weights")
 console = Console(stderr=True)
 
 TINY_MODEL_HELP = "checkpoint folder; default: a tiny random DeepSeek-V3-shaped model dsserve writes on first use"
@@ -195,6 +197,48 @@ def bench_throughput(
           f"{r.output_tokens_per_s:.1f} output tokens/s ({r.num_prompts} prompts x {r.input_len} in / "
           f"{r.output_len} out in {r.elapsed_s:.2f} s; dtype {llm.engine.config.dtype}, "
           f"{llm.engine.config.num_threads} threads)")
+
+
+@weights_app.command("verify")
+def weights_verify(
+    path: Path = typer.Argument(..., help="checkpoint folder"),
+    manifest: Optional[Path] = typer.Option(None, help="check files against this sha256 manifest"),
+    write_manifest: bool = typer.Option(False, help="write dsserve-manifest.json (sha256 of every file) into PATH"),
+):
+    """Check every shard, tensor, permission, symlink, the tokenizer and config.json; exit 1 on any failure."""
+    from dsserve.weights.verify import verify
+
+    report = verify(path, manifest, write_manifest)
+    out = Console(highlight=False)
+    for ok, message in report.lines:
+        mark = {True: "[green]PASS[/green]", False: "[bold red]FAIL[/bold red]", None: "[dim]INFO[/dim]"}[ok]
+        out.print(f"{mark} {message}")
+    out.print("[green]verified[/green]" if report.passed else f"[bold red]{len(report.failures)} problem(s)[/bold red]")
+    raise typer.Exit(0 if report.passed else 1)
+
+
+@weights_app.command("convert")
+def weights_convert(
+    path: Path = typer.Argument(..., help="FP8 checkpoint folder (DeepSeek-V3/R1 as published)"),
+    out: Path = typer.Argument(..., help="output folder (must not exist; OUT.partial holds work in progress)"),
+    to: str = typer.Option("bf16", help="target dtype: bf16"),
+):
+    """FP8 block-wise -> BF16 on the CPU, shard by shard; resumable; the output appears only when complete."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dsserve.weights.convert import convert_to_bf16
+
+    if to not in ("bf16", "bfloat16"):
+        raise typer.BadParameter("only --to bf16 is supported")
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task("converting", total=None)
+
+        def progress(shard: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=shard)
+
+        result = convert_to_bf16(path, out, progress)
+    console.print(f"wrote {result}")
 
 
 def main() -> None:

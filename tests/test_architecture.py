@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dsserve"
 RANKS = {
     "cli": 0,
     "server": 1, "llm": 1, "bench": 1, "eval": 1, "chat": 1,
+    "plan": 1, "weights": 1, "ranktable": 1, "doctor": 1,
     "engine": 2,
     "reasoning": 2,  # text-level parsing the server uses; imports no engine or HTTP types
     "runner": 3,
