@@ -199,6 +199,43 @@ def bench_throughput(
           f"{llm.engine.config.num_threads} threads)")
 
 
+@app.command()
+def plan(
+    model: str = typer.Argument(..., help="checkpoint folder, config.json, or a preset: deepseek-r1, deepseek-v3, "
+                                          "deepseek-v2, deepseek-v2-lite, r1-distill-{qwen-1.5b,qwen-7b,qwen-14b,"
+                                          "qwen-32b,llama-8b,llama-70b}"),
+    device: str = typer.Option("910b-64g", help="h100-80g|h800-80g|h200-141g|a100-40g|a100-80g|rtx4090-24g|910b-64g|cpu"),
+    devices_per_node: int = typer.Option(8),
+    dtype: str = typer.Option("bf16", help="weights: bf16|fp8|w8a8|int4"),
+    max_model_len: int = typer.Option(4096, help="tokens per sequence (prompt + output)"),
+    concurrency: int = typer.Option(1, help="sequences of max_model_len that must fit at once"),
+    memory_fraction: float = typer.Option(0.9, help="share of each device's memory dsserve may use"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """How many devices and nodes a model needs, memory per device, and how many sequences fit."""
+    from dsserve.plan.planner import plan as make_plan
+
+    p = make_plan(model, device, devices_per_node, dtype, max_model_len, concurrency, memory_fraction)
+    if as_json:
+        print(p.to_json())
+        raise typer.Exit(0 if p.fits else 1)
+    out = Console(highlight=False, soft_wrap=True)
+    out.print(f"[bold]{p.model}[/bold]: {p.params_total / 1e9:.2f}B parameters ({p.params_active / 1e9:.2f}B active per "
+              f"token); {p.dtype} weights {p.weight_gib:.1f} GiB; KV cache {p.kv_bytes_per_token / 1024:.1f} KiB per token "
+              f"(BF16, per device)")
+    for reason in p.reasons:
+        out.print(f"[dim]  not {reason}[/dim]")
+    if p.fits:
+        out.print(f"[green]fits[/green] on {p.devices} x {p.device} ({p.nodes} node(s) of {devices_per_node}): "
+                  f"{p.weight_gib_per_device:.1f} GiB weights + {p.kv_gib_per_device:.1f} GiB KV per device of "
+                  f"{p.device_memory_gib:.1f} GiB; up to {p.max_concurrent_sequences} concurrent sequences of "
+                  f"{p.max_model_len} tokens")
+    else:
+        out.print(f"[bold red]does not fit[/bold red] on up to 64 nodes of {devices_per_node} x {p.device}, because "
+                  + (p.reasons[-1] if p.reasons else "no device count is valid"))
+    raise typer.Exit(0 if p.fits else 1)
+
+
 @weights_app.command("verify")
 def weights_verify(
     path: Path = typer.Argument(..., help="checkpoint folder"),

@@ -1,0 +1,1 @@
+"""Capacity planning: how many devices and nodes a model needs, and how many sequences then fit."""

@@ -1,0 +1,187 @@
+"""Capacity planning from first principles: parameters from config.json, bytes per dtype, KV bytes per token,
+and the smallest valid device count that holds the weights plus the KV cache for the asked concurrency."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dsserve.config import ModelConfig
+from dsserve.errors import ConfigError
+from dsserve.plan.presets import DEVICES, PRESETS
+
+GiB = 2**30
+WEIGHT_DTYPES = ("bf16", "fp8", "w8a8", "int4")
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int  # every parameter of the main model (no MTP layer)
+    active: int  # parameters one token passes through (routed experts: top-k of them)
+    linear: int  # parameters in the quantizable linear layers (attention, MLPs, experts)
+    linear_blocks: int  # 128x128 blocks of those linears (one FP8 scale each)
+    linear_rows: int  # output rows of those linears (one W8A8 per-channel scale each)
+
+
+def count_params(c: ModelConfig) -> ParamCount:
+    h = c.hidden_size
+    linears: list[tuple[int, int, int]] = []  # (out, in, count)
+    other = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h  # embeddings, head, final norm
+    active_linear = 0
+    for layer in range(c.num_hidden_layers):
+        other += 2 * h
+        if c.is_mla:
+            qk = c.num_attention_heads * c.qk_head_dim
+            if c.q_lora_rank:
+                attn = [(c.q_lora_rank, h), (qk, c.q_lora_rank)]
+                other += c.q_lora_rank
+            else:
+                attn = [(qk, h)]
+            attn += [(c.kv_lora_rank + c.qk_rope_head_dim, h),
+                     (c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
+                     (h, c.num_attention_heads * c.v_head_dim)]
+            other += c.kv_lora_rank
+        else:
+            q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+            attn = [(q, h), (kv, h), (kv, h), (h, q)]
+            if c.qkv_bias:
+                other += q + 2 * kv
+        mlp: list[tuple[int, int, int]] = []
+        if c.is_moe_layer(layer):
+            inter = c.moe_intermediate_size
+            mlp += [(inter, h, c.n_routed_experts * 2), (h, inter, c.n_routed_experts)]
+            if c.n_shared_experts:
+                shared = inter * c.n_shared_experts
+                mlp += [(shared, h, 2), (h, shared, 1)]
+            other += c.n_routed_experts * h + (c.n_routed_experts if c.topk_method == "noaux_tc" else 0)
+            active_linear += 3 * h * inter * c.num_experts_per_tok + 3 * h * inter * c.n_shared_experts
+        else:
+            mlp += [(c.intermediate_size, h, 2), (h, c.intermediate_size, 1)]
+            active_linear += 3 * h * c.intermediate_size
+        for out, inp, n in [(o, i, 1) for o, i in attn] + mlp:
+            linears.append((out, inp, n))
+        active_linear += sum(o * i for o, i in attn)
+    linear = sum(o * i * n for o, i, n in linears)
+    blocks = sum(-(-o // 128) * -(-i // 128) * n for o, i, n in linears)
+    rows = sum(o * n for o, _, n in linears)
+    return ParamCount(total=linear + other, active=active_linear + other, linear=linear,
+                      linear_blocks=blocks, linear_rows=rows)
+
+
+def weight_bytes(p: ParamCount, dtype: str) -> int:
+    """Linears in `dtype` with their scales; embeddings, LM head, norms and routers stay BF16."""
+    other = 2 * (p.total - p.linear)
+    if dtype == "bf16":
+        return 2 * p.total
+    if dtype == "fp8":  # 1 byte + a float32 scale per 128x128 block
+        return p.linear + 4 * p.linear_blocks + other
+    if dtype == "w8a8":  # int8 + a float32 scale per output channel
+        return p.linear + 4 * p.linear_rows + other
+    if dtype == "int4":  # 4 bits + a bf16 scale per group of 128
+        return p.linear // 2 + 2 * (p.linear // 128) + other
+    raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+
+
+def kv_bytes_per_token(c: ModelConfig, tp: int = 1, kv_bytes: int = 2) -> int:
+    """Per device. MLA keeps one latent per token per layer that tensor parallelism cannot split (each rank holds
+    it all); MHA/GQA keeps K and V per KV head, split over ranks down to one head per rank."""
+    if c.is_mla:
+        return (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_hidden_layers * kv_bytes
+    heads = max(1, -(-c.num_key_value_heads // tp))
+    return 2 * heads * c.head_dim * c.num_hidden_layers * kv_bytes
+
+
+@dataclass
+class Plan:
+    model: str
+    device: str
+    device_memory_gib: float
+    dtype: str
+    params_total: int
+    params_active: int
+    weight_gib: float
+    kv_bytes_per_token: int  # one device, BF16 cache
+    max_model_len: int
+    concurrency: int
+    fits: bool
+    devices: int = 0
+    nodes: int = 0
+    weight_gib_per_device: float = 0.0
+    kv_gib_per_device: float = 0.0
+    max_concurrent_sequences: int = 0
+    reasons: list[str] = field(default_factory=list)  # why each smaller device count fails
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def load_model_config(source: str) -> tuple[str, ModelConfig]:
+    """A preset name, a checkpoint folder or a config.json file."""
+    if source.lower() in PRESETS:
+        return source.lower(), ModelConfig.from_dict(PRESETS[source.lower()], source.lower())
+    path = Path(source)
+    if path.is_dir():
+        return path.name, ModelConfig.from_path(path)
+    if path.is_file():
+        try:
+            return path.parent.name or path.name, ModelConfig.from_dict(json.loads(path.read_text()), str(path))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    raise ConfigError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint folder or config.json")
+
+
+def device_memory_gib(device: str) -> float:
+    if device == "cpu":
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20
+    if device not in DEVICES:
+        raise ConfigError(f"--device {device!r} is not one of {', '.join([*DEVICES, 'cpu'])}")
+    return DEVICES[device]
+
+
+def plan(source: str, device: str = "910b-64g", devices_per_node: int = 8, dtype: str = "bf16",
+         max_model_len: int = 4096, concurrency: int = 1, memory_fraction: float = 0.9,
+         max_nodes: int = 64) -> Plan:
+    name, c = load_model_config(source)
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    if not 0 < memory_fraction <= 1:
+        raise ConfigError(f"--memory-fraction {memory_fraction} must be in (0, 1]")
+    memory = device_memory_gib(device)
+    params = count_params(c)
+    weights = weight_bytes(params, dtype)
+    result = Plan(name, device, round(memory, 1), dtype, params.total, params.active, round(weights / GiB, 1),
+                  kv_bytes_per_token(c), max_model_len, concurrency, fits=False)
+    usable = memory * GiB * memory_fraction
+    workspace = max(GiB, 0.05 * memory * GiB)  # activations, communication buffers, graphs
+    candidates = [n for n in (1, 2, 4, 8, 16) if n <= devices_per_node]
+    candidates += [devices_per_node * k for k in range(2, max_nodes + 1)]
+    for n in sorted(set(candidates)):
+        if n > 1 and c.num_attention_heads % n and not (c.n_routed_experts and c.n_routed_experts % n == 0):
+            result.reasons.append(f"{n} devices: {n} divides neither the {c.num_attention_heads} attention heads "
+                                  f"(tensor parallel) nor the experts (expert parallel)")
+            continue
+        per_device = weights / n
+        free = usable - workspace - per_device
+        kv_token = kv_bytes_per_token(c, n)
+        if free <= 0:
+            result.reasons.append(f"{n} devices: {per_device / GiB:.1f} GiB of weights per device exceed the "
+                                  f"{(usable - workspace) / GiB:.1f} GiB usable ({memory_fraction:.0%} of "
+                                  f"{memory:.1f} GiB minus {workspace / GiB:.1f} GiB workspace)")
+            continue
+        seqs = int(free // (kv_token * max_model_len))
+        if seqs < concurrency:
+            result.reasons.append(f"{n} devices: {free / GiB:.1f} GiB left for KV hold {seqs} sequence(s) of "
+                                  f"{max_model_len} tokens at {kv_token / 1024:.1f} KiB/token, fewer than {concurrency}")
+            continue
+        result.fits = True
+        result.devices, result.nodes = n, -(-n // devices_per_node)
+        result.weight_gib_per_device = round(per_device / GiB, 1)
+        result.kv_gib_per_device = round(free / GiB, 1)
+        result.max_concurrent_sequences = seqs
+        return result
+    return result
+

@@ -1,0 +1,110 @@
+"""The planner against an independent calculation from the formulas, and the seed guide's rules of thumb."""
+
+import json
+
+import pytest
+
+from dsserve.plan.planner import count_params, kv_bytes_per_token, load_model_config, plan, weight_bytes
+from dsserve.plan.presets import PRESETS
+
+
+def _dense_params(c) -> float:
+    """Llama/Qwen2: embeddings (+ head), per layer q,k,v,o + 3 MLP matrices + 2 norms (+ qkv bias), final norm."""
+    h, hd = c["hidden_size"], c["hidden_size"] // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    per_layer = h * q * 2 + h * kv * 2 + 3 * h * c["intermediate_size"] + 2 * h
+    if c["model_type"] == "qwen2":
+        per_layer += q + 2 * kv
+    return 2 * c["vocab_size"] * h + c["num_hidden_layers"] * per_layer + h
+
+
+def _mla_moe_params(c) -> tuple[float, float]:
+    """DeepSeek: (total, active) from the config fields, written out term by term."""
+    h, n = c["hidden_size"], c["num_attention_heads"]
+    qk = c["qk_nope_head_dim"] + c["qk_rope_head_dim"]
+    if c["q_lora_rank"]:
+        q = h * c["q_lora_rank"] + c["q_lora_rank"] + c["q_lora_rank"] * n * qk
+    else:
+        q = h * n * qk
+    attn = q + h * (c["kv_lora_rank"] + c["qk_rope_head_dim"]) + c["kv_lora_rank"] \
+        + c["kv_lora_rank"] * n * (c["qk_nope_head_dim"] + c["v_head_dim"]) + n * c["v_head_dim"] * h
+    dense = 3 * h * c["intermediate_size"]
+    expert = 3 * h * c["moe_intermediate_size"]
+    router = c["n_routed_experts"] * h + (c["n_routed_experts"] if c["model_type"] == "deepseek_v3" else 0)
+    moe_layers = c["num_hidden_layers"] - c["first_k_dense_replace"]
+    common = 2 * c["vocab_size"] * h + h + c["num_hidden_layers"] * (attn + 2 * h)
+    total = common + c["first_k_dense_replace"] * dense + moe_layers * (
+        (c["n_routed_experts"] + c["n_shared_experts"]) * expert + router)
+    active = common + c["first_k_dense_replace"] * dense + moe_layers * (
+        (c["num_experts_per_tok"] + c["n_shared_experts"]) * expert + router)
+    return total, active
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_counts_match_the_formulas(name):
+    raw = PRESETS[name]
+    _, config = load_model_config(name)
+    counted = count_params(config)
+    if raw["model_type"].startswith("deepseek"):
+        total, active = _mla_moe_params(raw)
+        assert counted.active == pytest.approx(active, rel=0.01)
+    else:
+        total = _dense_params(raw)
+        assert counted.active == counted.total
+    assert counted.total == pytest.approx(total, rel=0.01)
+
+
+@pytest.mark.parametrize("name,billions,kv_kib", [
+    ("deepseek-r1", 671.03, 68.6), ("deepseek-v2-lite", 15.71, 30.4), ("r1-distill-qwen-1.5b", 1.78, 28),
+    ("r1-distill-qwen-7b", 7.62, 56), ("r1-distill-llama-8b", 8.03, 128), ("r1-distill-qwen-14b", 14.77, 192),
+    ("r1-distill-qwen-32b", 32.76, 256), ("r1-distill-llama-70b", 70.55, 320),
+])
+def test_published_sizes(name, billions, kv_kib):
+    _, c = load_model_config(name)
+    assert count_params(c).total / 1e9 == pytest.approx(billions, rel=0.01)
+    raw = PRESETS[name]
+    if raw["model_type"].startswith("deepseek"):
+        kv = (raw["kv_lora_rank"] + raw["qk_rope_head_dim"]) * raw["num_hidden_layers"] * 2
+    else:
+        kv = 2 * raw["num_key_value_heads"] * (raw["hidden_size"] // raw["num_attention_heads"]) * raw["num_hidden_layers"] * 2
+    assert kv_bytes_per_token(c) == kv
+    assert kv / 1024 == pytest.approx(kv_kib, rel=0.01)
+
+
+def test_mla_cache_is_replicated_but_gqa_splits():
+    _, r1 = load_model_config("deepseek-r1")
+    assert kv_bytes_per_token(r1, tp=16) == kv_bytes_per_token(r1, tp=1)
+    _, qwen = load_model_config("r1-distill-qwen-32b")  # 8 KV heads
+    assert kv_bytes_per_token(qwen, tp=4) * 4 == kv_bytes_per_token(qwen, tp=1)
+    assert kv_bytes_per_token(qwen, tp=16) == kv_bytes_per_token(qwen, tp=8)  # at least one head per rank
+
+
+def test_the_seed_rules_of_thumb():
+    """BF16 R1 needs 4 nodes of 8 x 64 GB (2 cannot hold the weights, 3 = 24 cards is no valid split);
+    W8A8 needs 2 nodes; INT4 fits one node."""
+    bf16 = plan("deepseek-r1", "910b-64g", dtype="bf16")
+    assert (bf16.devices, bf16.nodes) == (32, 4)
+    assert any(r.startswith("16 devices") and "exceed" in r for r in bf16.reasons)
+    assert any(r.startswith("24 devices") and "divides neither" in r for r in bf16.reasons)
+    assert plan("deepseek-r1", "910b-64g", dtype="w8a8").nodes == 2
+    assert plan("deepseek-r1", "910b-64g", dtype="int4").nodes == 1
+    fp8 = weight_bytes(count_params(load_model_config("deepseek-r1")[1]), "fp8") / 2**30
+    assert fp8 == pytest.approx(627, rel=0.01)
+
+
+def test_does_not_fit_says_why():
+    p = plan("deepseek-r1", "rtx4090-24g", devices_per_node=1, dtype="bf16", max_nodes=4)
+    assert not p.fits and "exceed" in p.reasons[-1]
+
+
+def test_cli_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from dsserve.cli import app
+
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["r1-distill-qwen-7b"]))
+    result = CliRunner().invoke(app, ["plan", str(tmp_path / "config.json"), "--device", "a100-80g", "--json",
+                                      "--max-model-len", "32768", "--concurrency", "8"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["fits"] and data["devices"] == 1 and data["max_concurrent_sequences"] >= 8
