@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -18,6 +19,8 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks on the in-process
 app.add_typer(bench_app, name="bench")
 weights_app = typer.Typer(no_args_is_help=True, help="Check and convert checkpoint folders.")
 app.add_typer(weights_app, name="weights")
+ranktable_app = typer.Typer(no_args_is_help=True, help="MindIE rank tables for multi-node deployments.")
+app.add_typer(ranktable_app, name="ranktable")
 console = Console(stderr=True)
 
 TINY_MODEL_HELP = "checkpoint folder; default: a tiny random DeepSeek-V3-shaped model dsserve writes on first use"
@@ -234,6 +237,55 @@ def plan(
         out.print(f"[bold red]does not fit[/bold red] on up to 64 nodes of {devices_per_node} x {p.device}, because "
                   + (p.reasons[-1] if p.reasons else "no device count is valid"))
     raise typer.Exit(0 if p.fits else 1)
+
+
+@ranktable_app.command("generate")
+def ranktable_generate(
+    nodes: str = typer.Option(..., help="node IPs, comma-separated, the master first"),
+    devices_per_node: int = typer.Option(8),
+    device_ips: Optional[Path] = typer.Option(None, help="lines `NODE_IP CARD0_IP CARD1_IP ...` (hccn_tool's card IPs)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write here instead of stdout"),
+):
+    """Write a rank table: device ids local per node, rank ids global and contiguous, the master first."""
+    from dsserve.ranktable.ranktable import generate, read_device_ips
+
+    ips = read_device_ips(device_ips) if device_ips else None
+    if ips is None:
+        console.print("[yellow]no --device-ips: card IPs are set to the node IPs (enough for dsserve and torchrun; "
+                      "MindIE needs the real card IPs)[/yellow]")
+    text = json.dumps(generate([n.strip() for n in nodes.split(",") if n.strip()], devices_per_node, ips), indent=2)
+    if output:
+        output.write_text(text + "\n")
+        console.print(f"wrote {output}")
+    else:
+        print(text)
+
+
+@ranktable_app.command("validate")
+def ranktable_validate(path: Path = typer.Argument(..., help="rank table JSON")):
+    """Check a rank table; print every error with its location; exit 1 if any."""
+    from dsserve.ranktable.ranktable import load, validate
+
+    errors = validate(load(path))
+    out = Console(highlight=False, soft_wrap=True)
+    for error in errors:
+        out.print(f"[bold red]error[/bold red] {path}: {error}")
+    if not errors:
+        out.print(f"[green]valid[/green]: {path}")
+    raise typer.Exit(1 if errors else 0)
+
+
+@ranktable_app.command("env")
+def ranktable_env(
+    path: Path = typer.Argument(..., help="rank table JSON"),
+    node: str = typer.Option(..., help="this node's IP (server_id or container_ip)"),
+    master_port: int = typer.Option(29500),
+):
+    """The torch.distributed environment (MASTER_ADDR/PORT, WORLD_SIZE, RANK, LOCAL_RANK) of each process here."""
+    from dsserve.ranktable.ranktable import environment, load
+
+    for variables in environment(load(path), node, master_port):
+        print(" ".join(f"{k}={v}" for k, v in variables.items()))
 
 
 @weights_app.command("verify")

@@ -1,0 +1,1 @@
+"""MindIE rank tables: generate, validate (every error with its location), and the torch.distributed environment."""
