@@ -110,7 +110,7 @@ def serve(
     max_input_len: Optional[int] = typer.Option(None, help="longest prompt accepted (MindIE maxInputTokenLen)"),
     truncate_input: Optional[bool] = typer.Option(None, "--truncate-input/--no-truncate-input",
                                                   help="cut longer prompts to --max-input-len instead of refusing"),
-    log_level: str = typer.Option("INFO"),
+    log_level: Optional[str] = typer.Option(None, help="DEBUG|INFO|WARNING|ERROR (default INFO)"),
 ):
     """Serve the OpenAI-compatible API (chat, completions, models, tokenize, health, metrics)."""
     from dsserve.config import load_toml
@@ -124,7 +124,7 @@ def serve(
         reasoning_parser=reasoning_parser, strict_reasoning_history=strict_reasoning_history,
         chat_template=str(chat_template) if chat_template else None, max_input_len=max_input_len,
         truncate_input=truncate_input, served_model_name=served_model_name, api_key=api_key, model=model,
-        host=host, port=port,
+        host=host, port=port, log_level=log_level,
     ).items() if v is not None}
     options = {**(load_toml(config) if config else {}), **flags}
     model_path = _resolve_model(options.pop("model", None))
@@ -142,7 +142,8 @@ def serve(
     if server_config.reasoning_parser not in ("auto", "deepseek_r1", "none"):
         raise typer.BadParameter("--reasoning-parser must be auto, deepseek_r1 or none")
     bind_host, bind_port = options.pop("host", "127.0.0.1"), int(options.pop("port", 8000))
-    sys.exit(run_server(model_path, bind_host, bind_port, server_config, options, log_level))
+    level = options.pop("log_level", "INFO")
+    sys.exit(run_server(model_path, bind_host, bind_port, server_config, options, level))
 
 
 def _default_name(model_path: str) -> str:
@@ -237,6 +238,25 @@ def plan(
         out.print(f"[bold red]does not fit[/bold red] on up to 64 nodes of {devices_per_node} x {p.device}, because "
                   + (p.reasons[-1] if p.reasons else "no device count is valid"))
     raise typer.Exit(0 if p.fits else 1)
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Configuration files.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("import-mindie")
+def config_import_mindie(path: Path = typer.Argument(..., help="MindIE's config.json")):
+    """Print a `dsserve serve --config` TOML for a MindIE service config, with the fields that have no equivalent."""
+    from dsserve.config import import_mindie, to_toml
+
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DsserveError(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise DsserveError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    options, notes = import_mindie(data)
+    print(to_toml(options, notes), end="")
 
 
 @ranktable_app.command("generate")

@@ -301,7 +301,7 @@ ENGINE_KEYS = ("dtype", "device", "block_size", "kv_cache_memory", "kv_cache_fra
                "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                "enable_chunked_prefill", "num_threads", "seed", "tokenizer")
 SERVER_KEYS = ("model", "host", "port", "served_model_name", "api_key", "max_queued_requests", "reasoning_parser",
-               "strict_reasoning_history", "chat_template", "max_input_len", "truncate_input")
+               "strict_reasoning_history", "chat_template", "max_input_len", "truncate_input", "log_level")
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -325,3 +325,97 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
             f"{', '.join(sorted(ENGINE_KEYS + SERVER_KEYS))}"
         )
     return data
+
+
+# ---- MindIE service config import -----------------------------------------------------------------------
+
+_MINDIE_UNMAPPED = {
+    "managementIpAddress": "dsserve serves /health and /metrics on its one port",
+    "managementPort": "dsserve serves /health and /metrics on its one port",
+    "metricsPort": "metrics are on the serving port at /metrics",
+    "httpsEnabled": "dsserve speaks HTTP; put a TLS-terminating proxy in front (and keep --host 127.0.0.1)",
+    "tlsCaPath": "no TLS in dsserve (see httpsEnabled)", "tlsCaFile": "no TLS in dsserve (see httpsEnabled)",
+    "tlsCert": "no TLS in dsserve (see httpsEnabled)", "tlsPk": "no TLS in dsserve (see httpsEnabled)",
+    "tlsPkPwd": "no TLS in dsserve (see httpsEnabled)", "tlsCrl": "no TLS in dsserve (see httpsEnabled)",
+    "openAiSupport": "the OpenAI API is always on",
+    "npuDeviceIds": "choose devices with CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES",
+    "tokenizerProcessNumber": "tokenization runs in the server process, off the engine thread",
+    "multiNodesInferEnabled": "multi-node starts from a rank table (dsserve ranktable) and --node-rank",
+    "multiNodesInferPort": "torch.distributed uses MASTER_PORT (dsserve ranktable env)",
+    "interNodeTLSEnabled": "torch.distributed traffic is not encrypted: keep it on a private network",
+    "worldSize": "tensor parallelism is set with --tensor-parallel-size",
+    "cpuMemSize": "dsserve keeps no CPU-side KV swap space",
+    "backendType": "dsserve has one backend (PyTorch)",
+    "trustRemoteCode": "dsserve never runs code from a checkpoint folder",
+    "maxPrefillBatchSize": "continuous batching: prefill and decode share each step's token budget",
+    "prefillTimeMsPerReq": "no time-slice policy: every step schedules by token counts",
+    "prefillPolicyType": "no time-slice policy: every step schedules by token counts",
+    "decodeTimeMsPerReq": "no time-slice policy: every step schedules by token counts",
+    "decodePolicyType": "no time-slice policy: every step schedules by token counts",
+    "maxIterTimes": "the output limit is each request's max_tokens (default: the rest of the context)",
+    "maxPreemptCount": "preemption recomputes and has no cap",
+    "supportSelectBatch": "no time-slice policy: every step schedules by token counts",
+    "maxQueueDelayMicroseconds": "requests join the next step at once",
+    "logFileSize": "log files rotate at 20 MB",
+    "logFileNum": "five rotated log files are kept",
+    "logPath": "set DSSERVE_LOG_DIR (an environment variable, not a config key)",
+    "modelInstanceNumber": "one model per server",
+}
+
+
+def import_mindie(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """MindIE's config.json -> (dsserve serve options, [(field, why it has no equivalent)])."""
+    if not isinstance(data, dict) or not any(k in data for k in ("ServerConfig", "BackendConfig")):
+        raise ConfigError("this is not a MindIE service config: it has neither ServerConfig nor BackendConfig")
+    server = data.get("ServerConfig") or {}
+    backend = data.get("BackendConfig") or {}
+    deploy = backend.get("ModelDeployConfig") or data.get("ModelDeployConfig") or {}
+    schedule = backend.get("ScheduleConfig") or data.get("ScheduleConfig") or {}
+    log = data.get("LogConfig") or {}
+    models = deploy.get("ModelConfig") or []
+    model = models[0] if models else {}
+    out: dict[str, Any] = {}
+    unmapped: list[tuple[str, str]] = []
+
+    def take(section: dict, key: str, target: str, convert=lambda v: v) -> None:
+        if key in section:
+            out[target] = convert(section[key])
+
+    take(server, "ipAddress", "host")
+    take(server, "port", "port", int)
+    if "maxLinkNum" in server:
+        out["max_queued_requests"] = 2 * int(server["maxLinkNum"])  # MindIE queues 2 x maxLinkNum
+    take(model, "modelName", "served_model_name")
+    take(model, "modelWeightPath", "model")
+    if int(model.get("npuMemSize", -1) or -1) > 0:
+        out["kv_cache_memory"] = f"{int(model['npuMemSize'])}GiB"
+    take(deploy, "maxSeqLen", "max_model_len", int)
+    take(deploy, "maxInputTokenLen", "max_input_len", int)
+    take(deploy, "truncation", "truncate_input", bool)
+    take(schedule, "cacheBlockSize", "block_size", int)
+    take(schedule, "maxBatchSize", "max_num_seqs", int)
+    take(schedule, "maxPrefillTokens", "max_num_batched_tokens", int)
+    if "logLevel" in log:
+        out["log_level"] = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "warning": "WARNING",
+                            "error": "ERROR", "critical": "CRITICAL"}.get(str(log["logLevel"]).lower(), "INFO")
+    mapped = {"ipAddress", "port", "maxLinkNum", "modelName", "modelWeightPath", "npuMemSize", "maxSeqLen",
+              "maxInputTokenLen", "truncation", "cacheBlockSize", "maxBatchSize", "maxPrefillTokens", "logLevel",
+              "ModelConfig", "ModelDeployConfig", "ScheduleConfig"}
+    for section in (server, backend, deploy, schedule, log, model):
+        for key in section:
+            if key not in mapped:
+                unmapped.append((key, _MINDIE_UNMAPPED.get(key, "no dsserve equivalent")))
+    if len(models) > 1:
+        unmapped.append(("ModelConfig[1:]", "one model per server: start one dsserve per model"))
+    return out, unmapped
+
+
+def to_toml(options: dict[str, Any], notes: list[tuple[str, str]] = ()) -> str:
+    """A `dsserve serve --config` file, with the fields that did not carry over as comments."""
+    lines = ["# dsserve serve --config FILE (imported from a MindIE config.json)"]
+    for key, value in options.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    if notes:
+        lines += ["", "# MindIE fields with no dsserve equivalent:"]
+        lines += [f"#   {field}: {why}" for field, why in notes]
+    return "\n".join(lines) + "\n"
