@@ -259,6 +259,26 @@ def config_import_mindie(path: Path = typer.Argument(..., help="MindIE's config.
     print(to_toml(options, notes), end="")
 
 
+@app.command()
+def doctor(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="checkpoint folder to verify and size"),
+    config: Optional[Path] = typer.Option(None, "--config", help="the TOML you give `dsserve serve --config`"),
+    port: Optional[int] = typer.Option(None, help="port to check (default: the config's, else 8000)"),
+    rank_table: Optional[Path] = typer.Option(None, help="rank table to validate"),
+):
+    """A pass/fail checklist: Python and torch, devices, the model folder, whether it fits, port, rank table, logs."""
+    from dsserve.doctor.checks import run_checks
+
+    lines = run_checks(model, str(config) if config else None, port, str(rank_table) if rank_table else None)
+    out = Console(highlight=False, soft_wrap=True)
+    for ok, message in lines:
+        mark = {True: "[green]PASS[/green]", False: "[bold red]FAIL[/bold red]", None: "[dim]INFO[/dim]"}[ok]
+        out.print(f"{mark} {message}")
+    failed = sum(ok is False for ok, _ in lines)
+    out.print("[green]all checks passed[/green]" if not failed else f"[bold red]{failed} check(s) failed[/bold red]")
+    raise typer.Exit(1 if failed else 0)
+
+
 @ranktable_app.command("generate")
 def ranktable_generate(
     nodes: str = typer.Option(..., help="node IPs, comma-separated, the master first"),

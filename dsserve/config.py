@@ -259,6 +259,15 @@ class EngineConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def log_dir() -> Path:
+    """Where `dsserve serve` writes its log: $DSSERVE_LOG_DIR, else $XDG_STATE_HOME/dsserve/logs,
+    else ~/.local/state/dsserve/logs."""
+    if os.environ.get("DSSERVE_LOG_DIR"):
+        return Path(os.environ["DSSERVE_LOG_DIR"])
+    state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+    return state / "dsserve" / "logs"
+
+
 def resolve_dtype(requested: str, checkpoint_dtype: str, device: str) -> str:
     """`auto` takes the checkpoint's dtype, except on a CPU where bf16/fp16 matmuls are slower than fp32."""
     if requested not in DTYPE_NAMES:

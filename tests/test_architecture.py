@@ -22,7 +22,7 @@ RANKS = {
 ANYWHERE = {"config", "errors", "assets"}  # imported from any layer; they import nothing above themselves
 # Operator tools read configs and checkpoints, never the engine or the device.
 TOOLS = {"plan", "weights", "ranktable", "doctor"}
-TOOL_ALLOWED = {"config", "errors", "models.loader", "models.registry"}
+TOOL_ALLOWED = {"config", "errors", "models.loader", "models.registry", "plan", "weights", "ranktable"}
 
 
 def _layer(module: str) -> str:

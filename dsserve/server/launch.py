@@ -13,19 +13,12 @@ from pathlib import Path
 
 import uvicorn
 
+from dsserve.config import log_dir
 from dsserve.engine.async_engine import AsyncEngine
 from dsserve.engine.engine import LLMEngine, build_engine_config
 from dsserve.server.app import ServerConfig, create_app
 
 logger = logging.getLogger("dsserve")
-
-
-def log_dir() -> Path:
-    """$DSSERVE_LOG_DIR, else $XDG_STATE_HOME/dsserve/logs, else ~/.local/state/dsserve/logs."""
-    if os.environ.get("DSSERVE_LOG_DIR"):
-        return Path(os.environ["DSSERVE_LOG_DIR"])
-    state = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
-    return state / "dsserve" / "logs"
 
 
 def setup_logging(port: int, level: str = "INFO") -> Path:

@@ -83,7 +83,8 @@ def test_prefix_cache_hits(model_dir, name, block_size):
 @pytest.mark.parametrize("name", MODELS)
 def test_preemption(model_dir, name, block_size, num_blocks, extra_len):
     # The cache holds a fraction of the batch: running requests that need a new block preempt the newest.
-    llm = LLM(model_dir(name), num_kv_blocks=num_blocks, block_size=block_size, max_model_len=256)
+    llm = LLM(model_dir(name), num_kv_blocks=num_blocks, block_size=block_size,
+              max_model_len=min(256, num_blocks * block_size))
     _check(model_dir, name, llm, _prompts(8, seed=5, extra_len=extra_len))
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.kv_cache.pool.num_free == num_blocks

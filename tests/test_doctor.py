@@ -1,0 +1,37 @@
+import json
+import socket
+
+from typer.testing import CliRunner
+
+from dsserve.cli import app
+from dsserve.doctor.checks import run_checks
+
+
+def test_healthy_setup_passes(tiny_r1, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSSERVE_LOG_DIR", str(tmp_path / "logs"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free_port = s.getsockname()[1]
+    result = CliRunner().invoke(app, ["doctor", "--model", str(tiny_r1), "--port", str(free_port)])
+    assert result.exit_code == 0, result.output
+    assert "model folder" in result.output and "the model fits" in result.output
+
+
+def test_failures_say_what_to_do(tiny_r1, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSSERVE_LOG_DIR", "/proc/dsserve-cannot-write-here")
+    table = tmp_path / "rank_table.json"
+    table.write_text(json.dumps({"server_count": "1", "status": "completed", "version": "1.0",
+                                 "server_list": [{"server_id": "10.0.0.1", "device": [
+                                     {"device_id": "0", "device_ip": "10.1.0.1", "rank_id": "1"}]}]}))
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        lines = run_checks(str(broken), None, busy.getsockname()[1], str(table))
+    failures = [m for ok, m in lines if ok is False]
+    assert any("'gpt2' is not supported" in m for m in failures)
+    assert any("is taken" in m and "--port" in m for m in failures)
+    assert any("rank table" in m and "missing [0]" in m for m in failures)
+    assert any("not writable" in m and "DSSERVE_LOG_DIR" in m for m in failures)
