@@ -198,3 +198,31 @@ def test_cli_exit_codes(sharded, tmp_path):
     (sharded / "model-00001-of-00003.safetensors").unlink()
     bad = CliRunner().invoke(app, ["weights", "verify", str(sharded)])
     assert bad.exit_code == 1 and "FAIL" in bad.output
+
+
+def test_sigkill_midway_then_rerun(fp8_checkpoint, tmp_path):
+    """A process killed (SIGKILL) while converting its second shard leaves nothing verify accepts; a re-run finishes."""
+    import subprocess
+    import sys
+    import textwrap
+
+    folder, _ = fp8_checkpoint
+    out = tmp_path / "bf16"
+    script = textwrap.dedent(f"""
+        import os, signal
+        import dsserve.weights.convert as c
+        real, calls = c._convert_shard, []
+        def killed(*args):
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args)
+        c._convert_shard = killed
+        c.convert_to_bf16({str(folder)!r}, {str(out)!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -9
+    assert not out.exists()
+    assert not verify(out).passed and not verify(out.with_name("bf16.partial")).passed
+    convert_to_bf16(folder, out)
+    assert verify(out).passed
