@@ -173,6 +173,15 @@ def chat(
     run_chat(backend, show_reasoning=not hide_reasoning, max_tokens=max_tokens, temperature=temperature, system=system)
 
 
+def _bench_engine(model, dtype, block_size, max_model_len, max_num_seqs, max_num_batched_tokens, kv_cache_memory,
+                  enable_prefix_caching, num_threads):
+    from dsserve.engine.engine import LLMEngine
+
+    return LLMEngine.from_options(_resolve_model(model), **_engine_options(
+        dtype, block_size, max_model_len, max_num_seqs, max_num_batched_tokens, kv_cache_memory,
+        enable_prefix_caching, num_threads))
+
+
 @bench_app.command("throughput")
 def bench_throughput(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),
@@ -190,17 +199,108 @@ def bench_throughput(
     num_threads: Optional[int] = typer.Option(None),
 ):
     """Offline throughput: random prompts of exact length, exactly output_len tokens each; prints tokens/s."""
-    from dsserve import LLM
     from dsserve.bench.throughput import run_throughput
 
-    llm = LLM(_resolve_model(model), **_engine_options(dtype, block_size, max_model_len or input_len + output_len + 8,
-                                                     max_num_seqs, max_num_batched_tokens, kv_cache_memory,
-                                                     enable_prefix_caching, num_threads))
-    r = run_throughput(llm, num_prompts, input_len, output_len, seed)
+    engine = _bench_engine(model, dtype, block_size, max_model_len or input_len + output_len + 8, max_num_seqs,
+                           max_num_batched_tokens, kv_cache_memory, enable_prefix_caching, num_threads)
+    r = run_throughput(engine, num_prompts, input_len, output_len, seed)
     print(f"Throughput: {r.requests_per_s:.2f} requests/s, {r.total_tokens_per_s:.1f} total tokens/s, "
           f"{r.output_tokens_per_s:.1f} output tokens/s ({r.num_prompts} prompts x {r.input_len} in / "
-          f"{r.output_len} out in {r.elapsed_s:.2f} s; dtype {llm.engine.config.dtype}, "
-          f"{llm.engine.config.num_threads} threads)")
+          f"{r.output_len} out in {r.elapsed_s:.2f} s; dtype {engine.config.dtype}, "
+          f"{engine.config.num_threads} threads)")
+
+
+@bench_app.command("perf")
+def bench_perf(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),
+    cases: str = typer.Option("[[256,256]]", help="[[in, out], ...] as MindIE writes them"),
+    batch_size: int = typer.Option(16, help="requests per batch"),
+    batch_sizes: Optional[str] = typer.Option(None, help="a sweep, e.g. 1,4,16,64 (overrides --batch-size)"),
+    output: Optional[Path] = typer.Option(None, help="CSV path; default performance_pa_batch{bs}_tp1_result.csv here"),
+    plot: Optional[Path] = typer.Option(None, help="also plot throughput and per-token latency (needs matplotlib)"),
+    dtype: str = typer.Option("auto"),
+    block_size: int = typer.Option(128, help="MindIE's cacheBlockSize default"),
+    kv_cache_memory: Optional[str] = typer.Option(None),
+    num_threads: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0),
+):
+    """MindIE's performance table: exact input/output lengths, first and non-first token times, throughputs."""
+    from rich.table import Table
+
+    from dsserve.bench.timing import MINDIE_COLUMNS, MindieRow, mindie_csv, time_batch
+
+    try:
+        pairs = [tuple(int(x) for x in pair) for pair in json.loads(cases)]
+        sizes = [int(b) for b in batch_sizes.split(",")] if batch_sizes else [batch_size]
+    except (ValueError, TypeError):
+        raise typer.BadParameter("--cases is [[in, out], ...] and --batch-sizes is comma-separated integers") from None
+    longest = max(i + o for i, o in pairs)
+    engine = _bench_engine(model, dtype, block_size, longest + 8, max(sizes), max(max(sizes) * max(i for i, _ in pairs),
+                           2048), kv_cache_memory, False, num_threads)
+    name = Path(engine.model_config.path).name
+    time_batch(engine, min(2, max(sizes)), 8, 4, seed + 1)  # warm-up
+    rows = []
+    for size in sizes:
+        for input_len, output_len in pairs:
+            rows.append(MindieRow.from_timing(name, time_batch(engine, size, input_len, output_len, seed)))
+    text = mindie_csv(rows)
+    path = output or Path(f"performance_pa_batch{sizes[0] if len(sizes) == 1 else 'sweep'}_tp1_result.csv")
+    path.write_text(text)
+    table = Table(*MINDIE_COLUMNS[1:])
+    for line in text.splitlines()[1:]:
+        table.add_row(*line.split(",")[1:])
+    Console().print(table)
+    console.print(f"wrote {path}")
+    if plot:
+        _plot(rows, plot)
+
+
+def _plot(rows, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DsserveError("--plot needs matplotlib: pip install matplotlib") from None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for input_len, output_len in sorted({(r.input_len, r.output_len) for r in rows}):
+        sel = [r for r in rows if (r.input_len, r.output_len) == (input_len, output_len)]
+        a.plot([r.batch_size for r in sel], [r.e2e_throughput for r in sel], marker="o", label=f"{input_len}/{output_len}")
+        b.plot([r.batch_size for r in sel], [r.decode_ms for r in sel], marker="o", label=f"{input_len}/{output_len}")
+    a.set(xlabel="batch size", ylabel="E2E throughput (tokens/s)", xscale="log")
+    b.set(xlabel="batch size", ylabel="non-first token time (ms)", xscale="log")
+    a.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    console.print(f"wrote {path}")
+
+
+@bench_app.command("latency")
+def bench_latency(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),
+    batch_size: int = typer.Option(8),
+    input_len: int = typer.Option(128),
+    output_len: int = typer.Option(128),
+    dtype: str = typer.Option("auto"),
+    num_threads: Optional[int] = typer.Option(None),
+    seed: int = typer.Option(0),
+):
+    """One batch: prefill time and the distribution of decode-step times."""
+    from dsserve.bench.timing import time_batch
+
+    engine = _bench_engine(model, dtype, 16, input_len + output_len + 8, batch_size,
+                           max(batch_size * input_len, 2048), None, False, num_threads)
+    time_batch(engine, min(2, batch_size), 8, 4, seed + 1)
+    t = time_batch(engine, batch_size, input_len, output_len, seed)
+    steps = sorted(t.decode_steps_s) or [0.0]
+
+    def pct(q: float) -> float:
+        return 1000 * steps[min(len(steps) - 1, int(q * len(steps)))]
+
+    print(f"batch {batch_size}, {input_len} in / {output_len} out: total {t.total_s:.3f} s, prefill "
+          f"{1000 * t.first_token_s:.1f} ms, decode step mean {1000 * t.decode_step_s:.2f} ms, p50 {pct(0.5):.2f}, "
+          f"p90 {pct(0.9):.2f}, p99 {pct(0.99):.2f}, max {1000 * steps[-1]:.2f} ms over {len(t.decode_steps_s)} steps")
 
 
 @app.command()

@@ -1,0 +1,109 @@
+"""One timing core for `bench perf`, `bench latency` and `bench throughput`: run a batch of exact-length requests
+through the in-process engine and time every step; and MindIE's performance CSV computed from those timings.
+
+MindIE's definitions (modeltest's model_test.py): first token time = the prefill forward of the batch; non-first
+token time = the mean decode step; non-first throughput = batch / decode step; E2E throughput =
+batch x Out_seq / total time; the two "Average" columns are means over all rows, written on the last row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import time
+from dataclasses import dataclass
+
+MINDIE_COLUMNS = [
+    "Model", "Batchsize", "In_seq", "Out_seq", "Total time(s)", "First token time(ms)", "Non-first token time(ms)",
+    "Non-first token Throughput(Tokens/s)", "E2E Throughput(Tokens/s)", "Non-first token Throughput Average(Tokens/s)",
+    "E2E Throughput Average(Tokens/s)",
+]
+
+
+@dataclass
+class BatchTiming:
+    batch_size: int
+    input_len: int
+    output_len: int
+    total_s: float
+    first_token_s: float  # from start until every request of the batch has its first token (the prefill)
+    decode_steps_s: list[float]  # every later step
+
+    @property
+    def decode_step_s(self) -> float:
+        return sum(self.decode_steps_s) / len(self.decode_steps_s) if self.decode_steps_s else 0.0
+
+
+def time_batch(engine, batch_size: int, input_len: int, output_len: int, seed: int = 0,
+               temperature: float = 0.0) -> BatchTiming:
+    """`batch_size` random prompts of exactly `input_len` tokens, exactly `output_len` new tokens each (EOS ignored).
+
+    Ids start at 10, above the special tokens at the start of every DeepSeek/Qwen/Llama vocabulary."""
+    from dsserve.engine.request import SamplingParams
+
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    low = min(10, vocab - 1)
+    params = SamplingParams(temperature=temperature, top_p=1.0, top_k=0, max_tokens=output_len, ignore_eos=True)
+    ids = [f"bench-{seed}-{i}" for i in range(batch_size)]
+    for request_id in ids:
+        prompt = [rng.randrange(low, vocab) for _ in range(input_len)]
+        engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+    started = time.perf_counter()
+    first_token_at = None
+    steps: list[float] = []
+    have_first: set[str] = set()
+    while engine.has_unfinished_requests():
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        now = time.perf_counter()
+        if first_token_at is None:
+            have_first.update(o.request_id for o in outputs if o.outputs[0].token_ids)
+            if len(have_first) == batch_size:
+                first_token_at = now
+        else:
+            steps.append(now - step_start)
+    total = time.perf_counter() - started
+    return BatchTiming(batch_size, input_len, output_len, total, (first_token_at or started) - started, steps)
+
+
+@dataclass
+class MindieRow:
+    model: str
+    batch_size: int
+    input_len: int
+    output_len: int
+    total_s: float
+    first_token_ms: float
+    decode_ms: float
+
+    @property
+    def decode_throughput(self) -> float:
+        return self.batch_size / (self.decode_ms / 1000) if self.decode_ms else 0.0
+
+    @property
+    def e2e_throughput(self) -> float:
+        return self.batch_size * self.output_len / self.total_s
+
+    @classmethod
+    def from_timing(cls, model: str, t: BatchTiming) -> "MindieRow":
+        return cls(model, t.batch_size, t.input_len, t.output_len, t.total_s, t.first_token_s * 1000,
+                   t.decode_step_s * 1000)
+
+
+def mindie_csv(rows: list[MindieRow]) -> str:
+    """The CSV MindIE's performance test writes: its exact header, the averages on the last row."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(MINDIE_COLUMNS)
+    decode_avg = sum(r.decode_throughput for r in rows) / len(rows) if rows else 0.0
+    e2e_avg = sum(r.e2e_throughput for r in rows) / len(rows) if rows else 0.0
+    for i, r in enumerate(rows):
+        last = i == len(rows) - 1
+        writer.writerow([
+            r.model, r.batch_size, r.input_len, r.output_len, f"{r.total_s:.10f}", f"{r.first_token_ms:.2f}",
+            f"{r.decode_ms:.2f}", f"{r.decode_throughput:.2f}", f"{r.e2e_throughput:.2f}",
+            f"{decode_avg:.2f}" if last else "", f"{e2e_avg:.2f}" if last else "",
+        ])
+    return out.getvalue()
