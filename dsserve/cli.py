@@ -276,6 +276,69 @@ def _plot(rows, path: Path) -> None:
     console.print(f"wrote {path}")
 
 
+@bench_app.command("serve")
+def bench_serve(
+    base_url: str = typer.Option(..., help="the server, e.g. http://127.0.0.1:8000"),
+    model: Optional[str] = typer.Option(None, help="the served model name; default the first of /v1/models"),
+    dataset: str = typer.Option("random", help="random | sharegpt"),
+    dataset_path: Optional[Path] = typer.Option(None, help="ShareGPT JSON file (with --dataset sharegpt)"),
+    input_len: int = typer.Option(128),
+    output_len: int = typer.Option(128),
+    num_prompts: int = typer.Option(100),
+    request_rate: float = typer.Option(float("inf"), help="requests/s, Poisson arrivals; inf sends all at once"),
+    max_concurrency: Optional[int] = typer.Option(None),
+    goodput: Optional[list[str]] = typer.Option(None, help="SLOs in ms, e.g. --goodput ttft:500 --goodput tpot:50"),
+    vocab_size: int = typer.Option(256, help="random prompts draw token ids below this (keep it <= the model's)"),
+    api_key: Optional[str] = typer.Option(None, envvar="OPENAI_API_KEY"),
+    save_result: Optional[Path] = typer.Option(None, help="write the result JSON here"),
+    mindie_csv_path: Optional[Path] = typer.Option(None, "--mindie-csv", help="also write MindIE's CSV "
+                                                   "(first token = mean TTFT, non-first = mean TPOT)"),
+    seed: int = typer.Option(0),
+):
+    """Streaming load against any OpenAI-compatible server: TTFT, TPOT, ITL, E2E latency, throughput, goodput."""
+    import asyncio
+
+    import httpx
+    from rich.progress import Progress
+
+    from dsserve.bench import serve as online
+    from dsserve.bench.timing import MindieRow, mindie_csv
+
+    slos = {}
+    for item in goodput or []:
+        key, _, value = item.partition(":")
+        if key not in ("ttft", "tpot", "e2el") or not value:
+            raise typer.BadParameter(f"--goodput {item!r}: use ttft:MS, tpot:MS or e2el:MS")
+        slos[key] = float(value)
+    if model is None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        model = httpx.get(base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    if dataset == "sharegpt":
+        if not dataset_path:
+            raise typer.BadParameter("--dataset sharegpt needs --dataset-path FILE")
+        workload = online.sharegpt_workload(dataset_path, num_prompts, output_len, seed)
+    elif dataset == "random":
+        workload = online.random_workload(num_prompts, input_len, output_len, vocab_size, seed)
+    else:
+        raise typer.BadParameter("--dataset is random or sharegpt")
+    with Progress(console=console) as bar:
+        task = bar.add_task("requests", total=len(workload))
+        results, duration = asyncio.run(online.run(base_url, model, workload, request_rate, max_concurrency, api_key,
+                                                   seed, progress=lambda: bar.advance(task)))
+    summary = online.summarize(results, duration, slos or None)
+    print(online.report(summary))
+    if save_result:
+        save_result.write_text(online.to_json(summary, {"base_url": base_url, "model": model, "dataset": dataset,
+                                                        "input_len": input_len, "output_len": output_len,
+                                                        "num_prompts": num_prompts, "request_rate": request_rate,
+                                                        "max_concurrency": max_concurrency}))
+    if mindie_csv_path:
+        row = MindieRow(model, max_concurrency or num_prompts, input_len, output_len, duration,
+                        summary["ttft_ms"]["mean"], summary["tpot_ms"]["mean"])
+        mindie_csv_path.write_text(mindie_csv([row]))
+    raise typer.Exit(0 if summary["failed_requests"] == 0 else 1)
+
+
 @bench_app.command("latency")
 def bench_latency(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),

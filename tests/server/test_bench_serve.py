@@ -1,0 +1,30 @@
+"""`dsserve bench serve` against dsserve's own server: small and bounded."""
+
+import json
+import subprocess
+import sys
+
+
+def test_online_run_against_dsserve(server, tmp_path):
+    result_file, csv_file = tmp_path / "result.json", tmp_path / "mindie.csv"
+    out = subprocess.run([sys.executable, "-m", "dsserve.cli", "bench", "serve", "--base-url", server.url,
+                          "--num-prompts", "12", "--input-len", "16", "--output-len", "8", "--max-concurrency", "4",
+                          "--request-rate", "50", "--goodput", "ttft:60000", "--goodput", "tpot:60000",
+                          "--save-result", str(result_file), "--mindie-csv", str(csv_file)],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Serving Benchmark Result" in out.stdout and "Mean TTFT (ms):" in out.stdout
+    result = json.loads(result_file.read_text())
+    assert result["successful_requests"] == 12 and result["failed_requests"] == 0
+    assert result["total_output_tokens"] == 12 * 8 and result["total_input_tokens"] == 12 * 16
+    assert result["goodput"] > 0 and result["ttft_ms"]["p99"] >= result["ttft_ms"]["median"] > 0
+    assert result["args"]["model"] == "DeepSeek-R1"
+    assert csv_file.read_text().splitlines()[1].startswith("DeepSeek-R1,4,16,8,")
+
+
+def test_failures_are_counted(server):
+    out = subprocess.run([sys.executable, "-m", "dsserve.cli", "bench", "serve", "--base-url", server.url,
+                          "--model", "no-such-model", "--num-prompts", "2", "--input-len", "4", "--output-len", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "Failed requests:                         2" in out.stdout and "404" in out.stdout
