@@ -93,9 +93,11 @@ async def _one(client: httpx.AsyncClient, base_url: str, model: str, work: Workl
                     return result
                 if chunk.get("usage"):
                     result.output_len = chunk["usage"].get("completion_tokens", chunks)
-                texts = [c.get("text") or (c.get("delta") or {}).get("content") or
-                         (c.get("delta") or {}).get("reasoning_content") for c in chunk.get("choices", [])]
-                if any(texts):
+                # A token event: a completions chunk (one per token, its text may be empty) or a chat delta with text.
+                events = [c.get("text") is not None or bool((c.get("delta") or {}).get("content")
+                                                            or (c.get("delta") or {}).get("reasoning_content"))
+                          for c in chunk.get("choices", [])]
+                if any(events):
                     now = time.perf_counter()
                     if chunks == 0:
                         result.ttft_s = now - started

@@ -106,6 +106,7 @@ def _choice(index: int, output, c, req: CompletionRequest, tokenizer) -> dict[st
 async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
     created = int(time.time())
     sent = [0] * params.n
+    sent_tokens = [0] * params.n
     last = None
 
     def chunk(choices, usage_body=None):
@@ -120,7 +121,11 @@ async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
             for c in output.outputs:
                 delta = c.text[sent[c.index]:]
                 sent[c.index] = len(c.text)
-                if delta or c.finish_reason:
+                new_tokens = len(c.token_ids) > sent_tokens[c.index]
+                sent_tokens[c.index] = len(c.token_ids)
+                # One chunk per generated token, even when its text is held back (an unfinished UTF-8 character,
+                # a possible stop string): serving benchmarks time tokens by chunks.
+                if delta or new_tokens or c.finish_reason:
                     yield chunk([{"index": c.index, "text": delta, "logprobs": None, "finish_reason": c.finish_reason}])
         if include_usage and last is not None:
             yield chunk([], usage(last))
