@@ -26,6 +26,12 @@ def split(text: str) -> tuple[str | None, str | None]:
     return reasoning, (content or None)
 
 
+def uses_think(tokenizer, chat_template: str | None = None) -> bool:
+    """Whether a model writes R1's `<think>` reasoning: its chat template or its vocabulary has the tags."""
+    template = chat_template or (tokenizer.chat_template if tokenizer is not None else None) or ""
+    return START in template or (tokenizer is not None and tokenizer.token_to_id(END) is not None)
+
+
 def count_reasoning_tokens(token_ids: list[int], end_id: int | None) -> int:
     """Tokens up to and including `</think>`; all of them while the reasoning has not ended."""
     if end_id is None:

@@ -16,6 +16,7 @@ import uvicorn
 from dsserve.config import log_dir
 from dsserve.engine.async_engine import AsyncEngine
 from dsserve.engine.engine import LLMEngine, build_engine_config
+from dsserve.reasoning import r1
 from dsserve.server.app import ServerConfig, create_app
 
 logger = logging.getLogger("dsserve")
@@ -86,8 +87,7 @@ def resolve_reasoning_parser(server_config: ServerConfig, tokenizer) -> ServerCo
     """`auto`: deepseek_r1 when the chat template or the vocabulary has R1's `</think>`, else none."""
     if server_config.reasoning_parser != "auto":
         return server_config
-    template = (server_config.chat_template or (tokenizer.chat_template if tokenizer else None)) or ""
-    has_think = "<think>" in template or (tokenizer is not None and tokenizer.token_to_id("</think>") is not None)
+    has_think = r1.uses_think(tokenizer, server_config.chat_template)
     return dataclasses.replace(server_config, reasoning_parser="deepseek_r1" if has_think else "none")
 
 
