@@ -23,21 +23,25 @@ ranktable_app = typer.Typer(no_args_is_help=True, help="MindIE rank tables for m
 app.add_typer(ranktable_app, name="ranktable")
 console = Console(stderr=True)
 
-TINY_MODEL_HELP = "checkpoint folder; default: a tiny random DeepSeek-V3-shaped model dsserve writes on first use"
+MODEL_HELP = "checkpoint folder; default: the built-in demo model (a tiny R1-style reasoning model)"
+DEMO_SERVED_NAME = "dsserve-demo-r1"
 
 
-def default_model_dir() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "dsserve" / "tiny-random-deepseek-v3"
+def demo_model_dir() -> Path:
+    """The demo model that ships inside the package (scripts/train_demo_model.py writes it)."""
+    from dsserve import assets
+
+    return Path(assets.__file__).parent / "demo-r1"
 
 
 def _resolve_model(model: Optional[str]) -> str:
     if model:
         return model
-    from dsserve.assets.tiny_random import write_tiny_model
-
-    folder = write_tiny_model(default_model_dir())
-    console.print(f"[dim]no model given: using the tiny random model at {folder} (its text is noise)[/dim]")
+    folder = demo_model_dir()
+    if not (folder / "model.safetensors").exists():
+        raise DsserveError(f"the built-in demo model is missing ({folder}); reinstall dsserve, or give a model folder")
+    console.print(f"[dim]no model given: using the built-in demo model {DEMO_SERVED_NAME} (addition, subtraction, "
+                  "comparing decimals, counting letters; English or Chinese)[/dim]")
     return str(folder)
 
 
@@ -52,9 +56,9 @@ def _engine_options(dtype: str, block_size: int, max_model_len: Optional[int], m
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="prompt text"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     chat: bool = typer.Option(True, "--chat/--raw", help="apply the chat template (default) or send the text as is"),
-    max_tokens: int = typer.Option(64, help="tokens to generate at most"),
+    max_tokens: int = typer.Option(512, help="tokens to generate at most (reasoning models think first)"),
     temperature: Optional[float] = typer.Option(None, help="0 for greedy; default from generation_config.json"),
     top_p: Optional[float] = typer.Option(None),
     top_k: Optional[int] = typer.Option(None),
@@ -87,7 +91,7 @@ def generate(
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Argument(None, help=TINY_MODEL_HELP),
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
     host: Optional[str] = typer.Option(None, help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)"),
     port: Optional[int] = typer.Option(None, help="default 8000"),
     served_model_name: Optional[str] = typer.Option(None, help="the `model` clients send; default the folder name"),
@@ -147,13 +151,12 @@ def serve(
 
 
 def _default_name(model_path: str) -> str:
-    name = Path(model_path).name
-    return f"{name} (demo)" if Path(model_path) == default_model_dir() else name
+    return DEMO_SERVED_NAME if Path(model_path) == demo_model_dir() else Path(model_path).name
 
 
 @app.command()
 def chat(
-    model: Optional[str] = typer.Argument(None, help=TINY_MODEL_HELP + " (ignored with --url)"),
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP + " (ignored with --url)"),
     url: Optional[str] = typer.Option(None, help="an OpenAI-compatible server, e.g. http://127.0.0.1:8000"),
     served_model: Optional[str] = typer.Option(None, "--model-name", help="with --url: the model to ask; default the first listed"),
     api_key: Optional[str] = typer.Option(None, envvar="DSSERVE_API_KEY"),
@@ -184,7 +187,7 @@ def _bench_engine(model, dtype, block_size, max_model_len, max_num_seqs, max_num
 
 @bench_app.command("throughput")
 def bench_throughput(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     num_prompts: int = typer.Option(64),
     input_len: int = typer.Option(128),
     output_len: int = typer.Option(128),
@@ -212,7 +215,7 @@ def bench_throughput(
 
 @bench_app.command("perf")
 def bench_perf(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     cases: str = typer.Option("[[256,256]]", help="[[in, out], ...] as MindIE writes them"),
     batch_size: int = typer.Option(16, help="requests per batch"),
     batch_sizes: Optional[str] = typer.Option(None, help="a sweep, e.g. 1,4,16,64 (overrides --batch-size)"),
@@ -341,7 +344,7 @@ def bench_serve(
 
 @bench_app.command("latency")
 def bench_latency(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=TINY_MODEL_HELP),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     batch_size: int = typer.Option(8),
     input_len: int = typer.Option(128),
     output_len: int = typer.Option(128),

@@ -47,3 +47,25 @@ def test_training_twice_gives_the_same_loss(tmp_path):
     out = LLM(tmp_path / "run0", num_kv_blocks=64).chat([{"role": "user", "content": "What is 12 + 34?"}],
                                                          SamplingParams(temperature=0, max_tokens=4))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_training_attention_equals_transformers_eager():
+    """The script trains with SDPA's fused causal kernel; the saved model is run with HF's and dsserve's own
+    attention, so the two must agree."""
+    import importlib.util
+
+    import torch
+    from transformers import AttentionInterface, DeepseekV3ForCausalLM
+
+    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    AttentionInterface.register("dsserve_train_causal", script._causal_attention)
+    torch.manual_seed(0)
+    config, fused_config = script.model_config(262), script.model_config(262)
+    config._attn_implementation, fused_config._attn_implementation = "eager", "dsserve_train_causal"
+    eager, fused = DeepseekV3ForCausalLM(config).eval(), DeepseekV3ForCausalLM(fused_config).eval()
+    fused.load_state_dict(eager.state_dict())
+    ids = torch.randint(2, 262, (3, 40))
+    with torch.no_grad():
+        assert torch.allclose(eager(input_ids=ids).logits, fused(input_ids=ids).logits, atol=1e-5)

@@ -30,8 +30,8 @@ class Problem:
         return asdict(self)
 
 
-# Training mix: counting letters takes a tiny model the most examples, comparing decimals the fewest.
-TRAIN_WEIGHTS = {"add": 0.25, "sub": 0.25, "compare": 0.1, "count": 0.4}
+# Training mix: counting letters takes a tiny model the most examples, addition the fewest.
+TRAIN_WEIGHTS = {"add": 0.15, "sub": 0.25, "compare": 0.2, "count": 0.4}
 
 
 def generate(seed: int, count: int, weights: dict[str, float] | None = None) -> list[Problem]:
@@ -75,7 +75,8 @@ def _addition(rng: random.Random, lang: str) -> Problem:
 
 
 def _subtraction(rng: random.Random, lang: str) -> Problem:
-    """Column by column from the right with borrows; each line carries the result so far."""
+    """Column by column from the right. A borrowed 1 is taken off first and the result compared with the digit
+    below, so every decision is written out; each line carries the result so far."""
     a, b = sorted((_operand(rng), _operand(rng)), reverse=True)
     q = f"What is {a} - {b}?" if lang == "en" else f"计算 {a} - {b} 等于多少？"
     steps, borrow, result = [], 0, ""
@@ -84,13 +85,13 @@ def _subtraction(rng: random.Random, lang: str) -> Problem:
         x = int(da[i])
         y = int(db[i]) if i < len(db) else 0
         top = x - borrow
-        expr = f"{x}-{borrow}" if borrow else f"{x}"
+        line = f"{x}-1={top}, " if borrow else ""
         if top < y:
             digit, borrow = top + 10 - y, 1
-            line = f"{expr}<{y}, borrow 1: {top + 10}-{y}={digit}"
+            line += f"{top}<{y}, borrow 1: {top + 10}-{y}={digit}"
         else:
             digit, borrow = top - y, 0
-            line = f"{expr}-{y}={digit}"
+            line += f"{top}>={y}: {top}-{y}={digit}"
         result = f"{digit}{result}"
         steps.append(f"{line}, so far {result}")
     answer = str(int(result))
@@ -101,9 +102,14 @@ def _subtraction(rng: random.Random, lang: str) -> Problem:
 
 
 def _compare(rng: random.Random, lang: str) -> Problem:
+    """Both numbers padded to the same shape, then their digits compared from the left.
+
+    Each line drops the leading digit of both digit strings (as counting drops letters), so the digits to
+    compare always open the line, and a whole part like 9 against 12 becomes 09 against 12.
+    """
     whole = rng.randint(0, 20)
-    x = f"{whole if rng.random() < 0.6 else rng.randint(0, 20)}.{rng.randint(1, 99) if rng.random() < 0.5 else rng.randint(1, 9)}"
-    y = f"{whole}.{rng.randint(1, 99) if rng.random() < 0.5 else rng.randint(1, 9)}"
+    x = f"{whole if rng.random() < 0.4 else rng.randint(0, 20)}.{_fraction(rng)}"
+    y = f"{whole}.{_fraction(rng)}"
     while float(x) == float(y):
         y = f"{whole}.{rng.randint(1, 9)}"
     if rng.random() < 0.5:
@@ -112,18 +118,14 @@ def _compare(rng: random.Random, lang: str) -> Problem:
     width = max(len(x.split(".")[1]), len(y.split(".")[1]))
     px, py = _pad(x, width), _pad(y, width)
     steps = [f"align: {px} and {py}"]
-    ix, iy = px.split(".")[0], py.split(".")[0]
-    if int(ix) != int(iy):
-        steps.append(f"whole parts: {ix} {'>' if int(ix) > int(iy) else '<'} {iy}")
-    else:
-        steps.append(f"whole parts: {ix} = {iy}")
-        fx, fy = px.split(".")[1], py.split(".")[1]
-        for i, (cx, cy) in enumerate(zip(fx, fy)):
-            if cx != cy:
-                steps.append(f"decimal digit {i + 1}: {cx} {'>' if cx > cy else '<'} {cy}")
-                break
-            steps.append(f"decimal digit {i + 1}: {cx} = {cy}")
+    dx, dy = px.replace(".", ""), py.replace(".", "")
+    for i in range(len(dx)):
+        cx, cy = dx[i], dy[i]
+        steps.append(f"{dx[i:]} vs {dy[i:]}: {cx} {'>' if cx > cy else '<' if cx < cy else '='} {cy}")
+        if cx != cy:
+            break
     larger = x if float(x) > float(y) else y
+    assert (dx > dy) == (larger == x)
     steps.append(f"so {larger} is larger")
     return Problem("compare", lang, q, "\n".join(steps), larger)
 
@@ -134,7 +136,7 @@ def _count(rng: random.Random, lang: str) -> Problem:
     Each line copies the line above minus one letter, so the letter to check is always at hand.
     """
     letter = rng.choice("abcdefghijklmnopqrstuvwxyz")
-    length = rng.randint(3, 9)
+    length = rng.randint(3, 7)
     word = "".join(letter if rng.random() < 0.3 else rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(length))
     q = (f"How many times does the letter '{letter}' appear in '{word}'?" if lang == "en"
          else f"单词 '{word}' 中有几个字母 '{letter}'？")
@@ -147,13 +149,21 @@ def _count(rng: random.Random, lang: str) -> Problem:
     return Problem("count", lang, q, "\n".join(steps), str(seen))
 
 
+def _fraction(rng: random.Random) -> str:
+    """One or two decimal digits without a trailing zero (2.20 and 2.2 would make the answer ambiguous)."""
+    if rng.random() < 0.5:
+        return str(rng.randint(1, 9))
+    return str(rng.choice([n for n in range(1, 100) if n % 10]))
+
+
 def _operand(rng: random.Random) -> int:
-    digits = rng.randint(2, 4)
+    digits = rng.randint(2, 3)
     return rng.randint(10 ** (digits - 1), 10**digits - 1)
 
 
 def _pad(number: str, width: int) -> str:
+    """Two-digit whole part, `width` decimal digits: 9.8 -> 09.80 at width 2."""
     whole, frac = number.split(".")
-    return f"{whole}.{frac.ljust(width, '0')}"
+    return f"{whole.zfill(2)}.{frac.ljust(width, '0')}"
 
 

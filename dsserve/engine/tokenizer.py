@@ -34,6 +34,7 @@ class Tokenizer:
         self.generation_config = _read_json(folder / "generation_config.json")
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
+        self.pad_token = _token_text(self.config.get("pad_token")) or self.eos_token
         self.add_bos_token = bool(self.config.get("add_bos_token", False))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None

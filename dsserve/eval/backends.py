@@ -31,7 +31,7 @@ class Generation:
 class InProcessBackend:
     """The dsserve engine in this process; requests go in batches so the progress bar moves."""
 
-    def __init__(self, llm, batch_size: int = 64):
+    def __init__(self, llm, batch_size: int = 256):
         self.llm = llm
         self.batch_size = batch_size
         tokenizer = llm.tokenizer

@@ -116,6 +116,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.post("/v1/completions")(completions.create_completion)
     app.post("/tokenize")(tokenize.tokenize)
     app.post("/detokenize")(tokenize.detokenize)
+    app.get("/tokenizer_info")(tokenize.tokenizer_info)
     return app
 
 

@@ -1,4 +1,4 @@
-"""POST /tokenize and /detokenize (vLLM's shapes)."""
+"""POST /tokenize and /detokenize, GET /tokenizer_info (vLLM's shapes; lm-eval's remote tokenizer uses them)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,19 @@ async def detokenize(http: Request):
     if bad:
         raise APIError(400, f"Token id {bad[0]} is out of vocabulary (size {vocab}).", param="tokens", code="invalid_value")
     return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+
+async def tokenizer_info(http: Request):
+    """What a client needs to tokenize and template as the server does: special tokens and the chat template."""
+    state = http.app.state.dsserve
+    tokenizer = _tokenizer(state)
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "chat_template": state.config.chat_template or tokenizer.chat_template,
+        "model_max_length": state.max_model_len, "vocab_size": state.engine.engine.model_config.vocab_size,
+    }
 
 
 def _tokenizer(state):

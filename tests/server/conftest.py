@@ -11,15 +11,16 @@ import pytest
 
 
 class Server:
-    def __init__(self, model, *args: str, env: dict | None = None):
+    def __init__(self, model, *args: str, env: dict | None = None, log_dir=None):
+        """`model` None: serve the built-in demo model (no model argument)."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "DSSERVE_PARENT_PID": str(os.getpid()), "DSSERVE_LOG_DIR": str(model.parent / "logs"),
+        env = {**os.environ, "DSSERVE_PARENT_PID": str(os.getpid()), "DSSERVE_LOG_DIR": str(log_dir or model.parent / "logs"),
                **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dsserve.cli", "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+            [sys.executable, "-m", "dsserve.cli", "serve", *([str(model)] if model else []), "--host", "127.0.0.1", "--port", str(self.port),
              "--kv-cache-memory", "64MiB", "--max-model-len", "512", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
         )
@@ -60,5 +61,13 @@ class Server:
 @pytest.fixture(scope="session")
 def server(tiny_r1):
     s = Server(tiny_r1, "--served-model-name", "DeepSeek-R1")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory):
+    """`dsserve serve` with no model: the built-in demo model under its demo name."""
+    s = Server(None, "--max-num-seqs", "64", log_dir=tmp_path_factory.mktemp("demo-logs"))
     yield s
     s.stop()

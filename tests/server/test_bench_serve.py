@@ -28,3 +28,15 @@ def test_failures_are_counted(server):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "Failed requests:                         2" in out.stdout and "404" in out.stdout
+
+
+def test_online_run_against_the_demo_model(demo_server, tmp_path):
+    result_file = tmp_path / "demo.json"
+    out = subprocess.run([sys.executable, "-m", "dsserve.cli", "bench", "serve", "--base-url", demo_server.url,
+                          "--num-prompts", "16", "--input-len", "32", "--output-len", "16", "--max-concurrency", "8",
+                          "--save-result", str(result_file)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(result_file.read_text())
+    assert result["args"]["model"] == "dsserve-demo-r1"
+    assert result["successful_requests"] == 16 and result["total_output_tokens"] == 16 * 16
+    assert result["output_token_throughput"] > 0 and result["tpot_ms"]["mean"] > 0

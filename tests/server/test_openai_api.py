@@ -120,6 +120,9 @@ def test_models_tokenize_health(server, client):
     chat = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}).json()
     assert chat["tokens"][-1] == httpx.post(server.url + "/tokenize", json={"prompt": "\n", "add_special_tokens": False}).json()["tokens"][-1]
     assert httpx.get(server.url + "/health").status_code == 200
+    info = httpx.get(server.url + "/tokenizer_info").json()  # lm-eval's remote tokenizer reads this
+    assert info["eos_token"] == "<｜end▁of▁sentence｜>" and info["bos_token"] == "<｜begin▁of▁sentence｜>"
+    assert "<｜Assistant｜>" in info["chat_template"] and info["model_max_length"] == 512
 
 
 def test_seed_brief_curl_verbatim(server):
