@@ -551,7 +551,7 @@ def eval_command(
                                                   "multiple choice, generate otherwise)"),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="generate mode: chat template (default) or raw completion"),
     max_tokens: Optional[int] = typer.Option(None, help="generate mode: answer budget (default leaves room for "
-                                                        "the chain of thought: 4096; demo 512)"),
+                                                        "the chain of thought: 4096; demo 384)"),
     limit: Optional[int] = typer.Option(None, help="items per subject at most"),
     concurrency: int = typer.Option(8, help="requests in flight (HTTP)"),
     max_retries: int = typer.Option(3, help="retries of a transient HTTP failure"),
@@ -566,7 +566,7 @@ def eval_command(
     from dsserve.eval.runner import default_mode
 
     if task == "demo" and data is None:
-        data = str(Path(_resolve_model(None if base_url else model)) / "heldout.jsonl")
+        data = str(Path(model if model and not base_url else demo_model_dir()) / "heldout.jsonl")
     if data is None:
         raise typer.BadParameter(f"--data is required for {task}: the folder (or file) in the official layout")
     shots = (0 if task == "demo" else 5) if shots is None else shots
