@@ -72,13 +72,16 @@ def generate(
     kv_cache_memory: Optional[str] = typer.Option(None, help="e.g. 4GiB; default a share of free memory"),
     enable_prefix_caching: bool = typer.Option(True, "--enable-prefix-caching/--no-enable-prefix-caching"),
     num_threads: Optional[int] = typer.Option(None, help="torch threads on CPU; default all cores given"),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", "-tp", help="ranks to split the model over"),
+    enable_expert_parallel: bool = typer.Option(False, "--enable-expert-parallel", help="MoE: whole experts per rank"),
 ):
     """Generate a completion for one prompt with the offline engine."""
     from dsserve import LLM, SamplingParams
 
     llm = LLM(_resolve_model(model), **_engine_options(dtype, block_size, max_model_len, max_num_seqs,
                                                      max_num_batched_tokens, kv_cache_memory, enable_prefix_caching,
-                                                     num_threads))
+                                                     num_threads),
+              tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel)
     params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if chat and llm.tokenizer is not None and llm.tokenizer.chat_template:
         outputs = llm.chat([{"role": "user", "content": prompt}], params)
@@ -115,8 +118,21 @@ def serve(
     truncate_input: Optional[bool] = typer.Option(None, "--truncate-input/--no-truncate-input",
                                                   help="cut longer prompts to --max-input-len instead of refusing"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG|INFO|WARNING|ERROR (default INFO)"),
+    tensor_parallel_size: Optional[int] = typer.Option(
+        None, "--tensor-parallel-size", "-tp", help="ranks (devices) to split the model over; this node starts them"),
+    enable_expert_parallel: Optional[bool] = typer.Option(
+        None, "--enable-expert-parallel/--no-enable-expert-parallel", help="MoE: whole experts per rank"),
+    rank_table: Optional[Path] = typer.Option(None, help="multi-node: the MindIE rank table (same file on every node)"),
+    node_rank: Optional[int] = typer.Option(None, help="multi-node: this node's index in the rank table's server_list"),
+    master_port: Optional[int] = typer.Option(None, help="multi-node: rank 0's rendezvous port (default 29500)"),
+    dist_backend: Optional[str] = typer.Option(None, help="torch.distributed backend (default gloo/nccl/hccl by device)"),
+    connect_timeout: Optional[float] = typer.Option(None, help="seconds for every rank to join and agree (120)"),
+    step_timeout: Optional[float] = typer.Option(None, help="seconds before a dead or stalled rank fails the step (60)"),
 ):
-    """Serve the OpenAI-compatible API (chat, completions, models, tokenize, health, metrics)."""
+    """Serve the OpenAI-compatible API (chat, completions, models, tokenize, health, metrics).
+
+    With -tp N this process is rank 0 and starts N-1 more on this node. Multi-node: run the same command on
+    every node with --rank-table and its own --node-rank (node 0 serves HTTP), or start it with torchrun."""
     from dsserve.config import load_toml
     from dsserve.server.app import ServerConfig
     from dsserve.server.launch import serve as run_server
@@ -128,9 +144,19 @@ def serve(
         reasoning_parser=reasoning_parser, strict_reasoning_history=strict_reasoning_history,
         chat_template=str(chat_template) if chat_template else None, max_input_len=max_input_len,
         truncate_input=truncate_input, served_model_name=served_model_name, api_key=api_key, model=model,
-        host=host, port=port, log_level=log_level,
+        host=host, port=port, log_level=log_level, tensor_parallel_size=tensor_parallel_size,
+        enable_expert_parallel=enable_expert_parallel, rank_table=str(rank_table) if rank_table else None,
+        node_rank=node_rank, master_port=master_port, dist_backend=dist_backend, connect_timeout=connect_timeout,
+        step_timeout=step_timeout,
     ).items() if v is not None}
     options = {**(load_toml(config) if config else {}), **flags}
+    table_file, node = options.pop("rank_table", None), options.pop("node_rank", None)
+    if table_file is not None:
+        from dsserve.ranktable.ranktable import load, topology
+
+        options["topology"] = topology(load(table_file), 0 if node is None else int(node))
+    elif node is not None:
+        raise typer.BadParameter("--node-rank needs --rank-table (or start the ranks with torchrun)")
     model_path = _resolve_model(options.pop("model", None))
     template_file = options.pop("chat_template", None)
     server_config = ServerConfig(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -245,6 +246,93 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Where this process sits in a tensor/expert-parallel deployment: one process per device rank.
+
+    Rank 0 schedules, samples and (under `dsserve serve`) serves HTTP; every other rank only computes.
+    The first process of each node starts that node's other ranks itself (`spawn`), except under torchrun,
+    which starts every rank.
+    """
+
+    world_size: int = 1  # = --tensor-parallel-size: ranks in the deployment, over every node
+    enable_expert_parallel: bool = False  # MoE: whole experts per rank (E / world_size each)
+    rank: int = 0  # this process's global rank
+    local_rank: int = 0  # its index on this node (selects the device)
+    node_rank: int = 0
+    node_ranks: tuple[int, ...] = (0,)  # the global ranks on this node, in local order
+    spawn: bool = True  # this process starts the node's other ranks
+    master_addr: str = "127.0.0.1"  # where rank 0 listens for the others (the rank table's first node)
+    master_port: int = 0  # 0: a free port (only when every rank is on this node)
+    node_addr: str | None = None  # this node's IP from the rank table: picks the network interface
+    backend: str | None = None  # torch.distributed backend; None: gloo on CPU, nccl on CUDA, hccl on Ascend
+    connect_timeout_s: float = 120.0  # for every rank to join and agree, before weights load
+    step_timeout_s: float = 60.0  # for any collective once running: a dead or stalled rank fails within it
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def check(self) -> None:
+        if self.world_size < 1:
+            raise ConfigError(f"--tensor-parallel-size {self.world_size} must be >= 1")
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(f"rank {self.rank} is outside [0, {self.world_size}); the rank table or RANK is wrong")
+        if self.connect_timeout_s <= 0 or self.step_timeout_s <= 0:
+            raise ConfigError("--connect-timeout and --step-timeout must be > 0 seconds")
+        if self.enabled and self.master_port == 0 and len(self.node_ranks) != self.world_size:
+            raise ConfigError("a deployment over several nodes needs --master-port (the same on every node)")
+
+    def parallel_checks(self, model: "ModelConfig") -> None:
+        """The model's dimensions that must divide by the number of ranks, checked before anything starts."""
+        n = self.world_size
+        if n == 1:
+            return
+        what = [("num_attention_heads", model.num_attention_heads)]
+        kv = model.num_key_value_heads
+        if not model.is_mla and kv % n and n % kv:
+            raise ConfigError(f"--tensor-parallel-size {n} and num_key_value_heads = {kv} do not divide one another; "
+                              "choose a size that divides the KV heads or is a multiple of them")
+        if model.intermediate_size:
+            what.append(("intermediate_size", model.intermediate_size))
+        if model.n_routed_experts:
+            if self.enable_expert_parallel:
+                what.append(("n_routed_experts", model.n_routed_experts))
+            else:
+                what.append(("moe_intermediate_size", model.moe_intermediate_size))
+        bad = [f"{name} = {value}" for name, value in what if value % n]
+        if bad:
+            hint = "" if self.enable_expert_parallel or not model.n_routed_experts else (
+                "; with --enable-expert-parallel the experts are split instead of their intermediate size")
+            raise ConfigError(f"--tensor-parallel-size {n} does not divide {', '.join(bad)}; choose a size that "
+                              f"divides them{hint}")
+
+
+def parallel_from_env(env: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) as
+    ParallelConfig fields, or None when this process was not started by torchrun."""
+    env = os.environ if env is None else env
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env.get("LOCAL_RANK", "0"))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+        port = int(env.get("MASTER_PORT", "29500"))
+    except ValueError as e:
+        raise ConfigError(f"a torchrun variable is not an integer ({e}); check RANK, WORLD_SIZE, LOCAL_RANK, MASTER_PORT") from e
+    first = rank - local_rank
+    return dict(world_size=world, rank=rank, local_rank=local_rank, node_rank=first // max(local_world, 1),
+                node_ranks=tuple(range(first, first + local_world)), spawn=False,
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=port)
+
+
+def config_hash(path: str | os.PathLike) -> str:
+    """sha256 of config.json's content (key order and whitespace ignored): ranks must all load the same model."""
+    raw = json.loads((Path(path) / "config.json").read_text())
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything `LLM(...)` and `dsserve serve` resolve before starting the engine."""
 
@@ -257,6 +345,24 @@ class EngineConfig:
     seed: int = 0  # default seed of unseeded sampling
     tokenizer_path: str | None = None  # folder with tokenizer.json; default the model folder
     extra: dict[str, Any] = field(default_factory=dict)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_json(self) -> str:
+        """The resolved settings as JSON: how a node's first process hands them to the ranks it starts."""
+        from dataclasses import asdict
+
+        d = {f: getattr(self, f) for f in ("dtype", "device", "num_threads", "seed", "tokenizer_path", "extra")}
+        d.update(model=self.model.path, cache=asdict(self.cache), scheduler=asdict(self.scheduler),
+                 parallel=asdict(self.parallel))
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EngineConfig":
+        d = json.loads(text)
+        parallel = d.pop("parallel")
+        parallel["node_ranks"] = tuple(parallel["node_ranks"])
+        return cls(model=ModelConfig.from_path(d.pop("model")), cache=CacheConfig(**d.pop("cache")),
+                   scheduler=SchedulerConfig(**d.pop("scheduler")), parallel=ParallelConfig(**parallel), **d)
 
 
 def log_dir() -> Path:
@@ -308,9 +414,11 @@ def parse_memory(value: str | int | None) -> int | None:
 
 ENGINE_KEYS = ("dtype", "device", "block_size", "kv_cache_memory", "kv_cache_fraction", "num_kv_blocks",
                "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
-               "enable_chunked_prefill", "num_threads", "seed", "tokenizer")
+               "enable_chunked_prefill", "num_threads", "seed", "tokenizer", "tensor_parallel_size",
+               "enable_expert_parallel", "master_port", "dist_backend", "connect_timeout", "step_timeout")
 SERVER_KEYS = ("model", "host", "port", "served_model_name", "api_key", "max_queued_requests", "reasoning_parser",
-               "strict_reasoning_history", "chat_template", "max_input_len", "truncate_input", "log_level")
+               "strict_reasoning_history", "chat_template", "max_input_len", "truncate_input", "log_level",
+               "rank_table", "node_rank")
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:

@@ -23,3 +23,7 @@ class InvalidRequestError(DsserveError, ValueError):
 
 class EngineDeadError(DsserveError):
     """The engine loop stopped after an internal failure; the process must be restarted."""
+
+
+class DistributedError(DsserveError):
+    """A rank could not be reached, disagrees with the others, died or stalled; names the node and rank."""

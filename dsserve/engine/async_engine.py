@@ -103,6 +103,7 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
+                    self.engine.check_health()  # a rank lost while idle ends the engine too
                     self._update_gauges()
                     self._wake.wait(0.5)
                     self._wake.clear()

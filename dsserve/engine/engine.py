@@ -11,7 +11,16 @@ from typing import Any
 
 import torch
 
-from dsserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_memory, resolve_dtype
+from dsserve.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    parallel_from_env,
+    parse_memory,
+    resolve_dtype,
+)
 from dsserve.engine.detokenizer import IncrementalDetokenizer
 from dsserve.engine.kv_cache import KVCacheManager
 from dsserve.engine.request import Request, RequestStatus, SamplingParams
@@ -66,12 +75,18 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.model_config = config.model
+        if config.parallel.rank != 0:
+            raise ConfigError(
+                f"this process is rank {config.parallel.rank}; only rank 0 runs the engine. Start every rank with "
+                "`dsserve serve` (it runs the other ranks' compute loop) or let rank 0 start them (-tp N)"
+            )
         self.tokenizer = _load_tokenizer(config)
-        self.runner = ModelRunner(
-            config.model, config.cache, config.dtype, config.device, config.scheduler.max_model_len,
-            config.scheduler.max_num_seqs, config.num_threads, config.seed,
-        )
-        config = self.config = _fit_max_model_len(config, self.runner.num_blocks)
+        self.runner = ModelRunner(config)
+        try:
+            config = self.config = _fit_max_model_len(config, self.runner.num_blocks)
+        except BaseException:
+            self.runner.shutdown()
+            raise
         self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.eos_token_ids = (
@@ -101,6 +116,16 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
+
+    def check_health(self) -> None:
+        """Raise the failure of a lost rank noticed while idle (the heartbeat), so the owner can stop."""
+        heartbeat = self.runner.heartbeat
+        if heartbeat is not None and heartbeat.error is not None:
+            raise heartbeat.error
+
+    def shutdown(self) -> None:
+        """Stop the other ranks of a tensor-parallel deployment (no-op on one device)."""
+        self.runner.shutdown()
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -256,9 +281,24 @@ def build_engine_config(
     num_threads: int | None = None,
     seed: int = 0,
     tokenizer: str | None = None,
+    tensor_parallel_size: int | None = None,
+    enable_expert_parallel: bool = False,
+    topology: dict[str, Any] | None = None,
+    master_port: int | None = None,
+    dist_backend: str | None = None,
+    connect_timeout: float = 120.0,
+    step_timeout: float = 60.0,
 ) -> EngineConfig:
-    """Resolve every 'auto' value and check the options against each other; the result is frozen."""
+    """Resolve every 'auto' value and check the options against each other; the result is frozen.
+
+    Parallelism: `tensor_parallel_size` ranks on this node (this process is rank 0 and starts the others),
+    or a multi-node `topology` (the fields `ranktable.topology` derives from a rank table), or, when neither
+    says otherwise, torchrun's variables (RANK, WORLD_SIZE, ...).
+    """
     model_config = ModelConfig.from_path(model)
+    parallel = _parallel_config(tensor_parallel_size, enable_expert_parallel, topology, master_port, dist_backend,
+                                connect_timeout, step_timeout)
+    parallel.parallel_checks(model_config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if block_size < 1 or block_size > 1024:
         raise ConfigError(f"--block-size {block_size} must be in [1, 1024] (16 is the default, MindIE uses 128)")
@@ -298,11 +338,37 @@ def build_engine_config(
         ),
         dtype=resolve_dtype(dtype, model_config.checkpoint_dtype, device),
         device=device,
-        num_threads=num_threads or default_num_threads(),
+        num_threads=num_threads or max(1, default_num_threads() // len(parallel.node_ranks)),
         seed=seed,
         tokenizer_path=tokenizer,
         extra={"max_model_len_explicit": explicit_max_len},
+        parallel=parallel,
     )
+
+
+def _parallel_config(tp: int | None, expert_parallel: bool, topology: dict[str, Any] | None, master_port: int | None,
+                     backend: str | None, connect_timeout: float, step_timeout: float) -> ParallelConfig:
+    fields: dict[str, Any] = {}
+    env = parallel_from_env() if topology is None else None
+    if topology is not None:
+        fields.update(topology)
+    elif env is not None and env["world_size"] > 1:
+        fields.update(env)  # started by torchrun: it set every rank's variables
+    else:
+        size = tp or 1
+        fields.update(world_size=size, node_ranks=tuple(range(size)))
+    if tp is not None and tp != fields["world_size"]:
+        source = "the rank table" if topology is not None else "torchrun's WORLD_SIZE"
+        raise ConfigError(f"--tensor-parallel-size {tp} disagrees with {source} ({fields['world_size']} ranks); "
+                          "leave it out or make them match")
+    if master_port is not None:
+        fields["master_port"] = master_port
+    elif topology is not None and fields["world_size"] > len(fields["node_ranks"]):
+        fields["master_port"] = 29500
+    config = ParallelConfig(enable_expert_parallel=expert_parallel, backend=backend, connect_timeout_s=connect_timeout,
+                            step_timeout_s=step_timeout, **fields)
+    config.check()
+    return config
 
 
 def _fit_max_model_len(config: EngineConfig, num_blocks: int) -> EngineConfig:

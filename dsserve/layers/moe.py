@@ -8,6 +8,7 @@ from torch import nn
 
 from dsserve.config import ModelConfig
 from dsserve.layers.linear import MLP, bind, empty_param
+from dsserve.layers.parallel import SINGLE, TensorParallel
 
 
 class Router(nn.Module):
@@ -54,27 +55,43 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts' SwiGLU weights stacked: w13 (E, 2I, D) = [gate; up], w2 (E, D, I)."""
+    """The routed experts this rank holds, SwiGLU weights stacked: w13 (E_local, 2I_local, D) = [gate; up], w2 (E_local, D, I_local).
 
-    def __init__(self, config: ModelConfig, prefix: str, dtype: torch.dtype):
+    Tensor parallel: every expert, a 1/size slice of its intermediate dimension. Expert parallel: whole
+    experts [first, first + E/size). Either way the output is this rank's partial sum; the caller all-reduces.
+    """
+
+    def __init__(self, config: ModelConfig, prefix: str, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
         num, inter, hidden = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
-        self.intermediate_size = inter
-        self.w13 = empty_param(num, 2 * inter, hidden, dtype=dtype)
-        self.w2 = empty_param(num, hidden, inter, dtype=dtype)
-        for j in range(num):
-            bind(self.w13, f"{prefix}.{j}.gate_proj.weight", (j, slice(0, inter)))
-            bind(self.w13, f"{prefix}.{j}.up_proj.weight", (j, slice(inter, 2 * inter)))
-            bind(self.w2, f"{prefix}.{j}.down_proj.weight", (j,))
+        if tp.expert_parallel:
+            experts, cols = tp.shard(num, "n_routed_experts (expert parallel)"), slice(0, inter)
+        else:
+            experts, cols = slice(0, num), tp.shard(inter, "moe_intermediate_size")
+        self.first_expert, self.num_local = experts.start, experts.stop - experts.start
+        self.intermediate_size = local_inter = cols.stop - cols.start
+        self.w13 = empty_param(self.num_local, 2 * local_inter, hidden, dtype=dtype)
+        self.w2 = empty_param(self.num_local, hidden, local_inter, dtype=dtype)
+        sliced = not tp.expert_parallel and tp.size > 1
+        for local, j in enumerate(range(experts.start, experts.stop)):
+            rows = (cols,) if sliced else ()
+            bind(self.w13, f"{prefix}.{j}.gate_proj.weight", (local, slice(0, local_inter)), rows)
+            bind(self.w13, f"{prefix}.{j}.up_proj.weight", (local, slice(local_inter, 2 * local_inter)), rows)
+            bind(self.w2, f"{prefix}.{j}.down_proj.weight", (local,), (slice(None), cols) if sliced else ())
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x (T, D), weights/ids (T, k) -> (T, D). Tokens are sorted by expert; one matmul pair per active expert."""
+        """x (T, D), weights/ids (T, k) -> (T, D), the sum over this rank's experts. Tokens are sorted by expert;
+        one matmul pair per active expert."""
         num_tokens, top_k = ids.shape
-        flat_ids = ids.flatten()  # (T*k,)
-        order = flat_ids.argsort(stable=True)
+        local_ids = ids.flatten() - self.first_expert  # (T*k,)
+        mine = (local_ids >= 0) & (local_ids < self.num_local)
+        local_ids = torch.where(mine, local_ids, self.num_local)  # other ranks' experts sort last, never computed
+        order = local_ids.argsort(stable=True)
         token_of = order // top_k  # source token of each sorted slot
-        counts = torch.bincount(flat_ids, minlength=self.w13.shape[0]).tolist()
-        sorted_x = x[token_of]  # (T*k, D)
+        counts = torch.bincount(local_ids, minlength=self.num_local + 1)[: self.num_local].tolist()
+        num_mine = sum(counts)
+        order, token_of = order[:num_mine], token_of[:num_mine]
+        sorted_x = x[token_of]  # (slots, D)
         sorted_out = torch.empty_like(sorted_x)
         start = 0
         for expert, count in enumerate(counts):
@@ -89,14 +106,18 @@ class Experts(nn.Module):
 
 
 class DeepseekMoE(nn.Module):
-    """y = sum of the routed experts' outputs (weighted) + the shared experts' output."""
+    """y = sum of the routed experts' outputs (weighted) + the shared experts' output. With several ranks each
+    computes its partial sum of both (its experts or expert slices, its slice of the shared experts) and one
+    all-reduce combines them."""
 
-    def __init__(self, config: ModelConfig, prefix: str, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, prefix: str, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
+        self.tp = tp
         self.gate = Router(config, f"{prefix}.gate")
-        self.experts = Experts(config, f"{prefix}.experts", dtype)
+        self.experts = Experts(config, f"{prefix}.experts", dtype, tp)
         self.shared_experts = (
-            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, f"{prefix}.shared_experts", dtype)
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, f"{prefix}.shared_experts",
+                dtype, tp, reduce=False)
             if config.n_shared_experts
             else None
         )
@@ -106,4 +127,4 @@ class DeepseekMoE(nn.Module):
         out = self.experts(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        return self.tp.all_reduce(out)

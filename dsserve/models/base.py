@@ -6,14 +6,14 @@ import logging
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsserve.config import ModelConfig
 from dsserve.errors import WeightsError
 from dsserve.layers.attention import AttentionMetadata
-from dsserve.layers.linear import Embedding, bind, empty_param
+from dsserve.layers.linear import VocabParallel
 from dsserve.layers.norm import RMSNorm
+from dsserve.layers.parallel import SINGLE, TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -37,40 +37,49 @@ class DecoderLayer(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Subclasses fill `self.layers` with modules taking (positions, hidden, residual, meta, cache)."""
+    """Subclasses fill `self.layers` with modules taking (positions, hidden, meta, cache) and set
+    `kv_cache_entry_shape` (one token's cache entry on this rank)."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    kv_cache_entry_shape: tuple[int, ...]
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
         self.config = config
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, "model.embed_tokens.weight", dtype)
+        self.tp = tp
+        self.embed_tokens = VocabParallel(config.vocab_size, config.hidden_size, "model.embed_tokens.weight", dtype, tp)
         self.layers = nn.ModuleList()
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "model.norm.weight", dtype)
-        if config.tie_word_embeddings:
-            self.lm_head_weight = None
-        else:
-            self.lm_head_weight = bind(empty_param(config.vocab_size, config.hidden_size, dtype=dtype), "lm_head.weight")
+        self.lm_head = (
+            self.embed_tokens if config.tie_word_embeddings
+            else VocabParallel(config.vocab_size, config.hidden_size, "lm_head.weight", dtype, tp)
+        )
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]
     ) -> torch.Tensor:
         """input_ids, positions (T,) -> final hidden states (T, D)."""
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed_tokens.embed(input_ids)
         for layer, cache in zip(self.layers, kv_caches):
             hidden = layer(positions, hidden, meta, cache)
         return self.norm(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, V) float32."""
-        weight = self.embed_tokens.weight if self.lm_head_weight is None else self.lm_head_weight
-        return F.linear(hidden, weight).float()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """(N, D) -> (N, V) float32; with tensor parallelism every rank takes part and only rank 0 gets them."""
+        return self.lm_head.logits(hidden)
+
+    def checkpoint_slices(self) -> dict[str, tuple]:
+        """Each checkpoint tensor this rank reads -> the slice of it that it needs (() for all)."""
+        return {name: source for _, name, _, source in self._targets()}
+
+    def _targets(self):
+        for param in self.parameters():
+            for name, selector, source in getattr(param, "sources", ()):
+                yield param, name, selector, source
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy every checkpoint tensor into the parameter slice bound to its name; name what is missing."""
-        targets = {
-            name: (param, selector)
-            for param in self.parameters()
-            for name, selector in getattr(param, "sources", ())
-        }
+        """Copy every checkpoint tensor (already sliced to this rank's part) into the parameter slice bound to its
+        name; name what is missing."""
+        targets = {name: (param, selector) for param, name, selector, _ in self._targets()}
         loaded: set[str] = set()
         ignored: list[str] = []
         for name, tensor in weights:

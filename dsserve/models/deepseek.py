@@ -10,32 +10,46 @@ from dsserve.layers.attention import AttentionMetadata, mla_attention
 from dsserve.layers.linear import MLP, Linear
 from dsserve.layers.moe import DeepseekMoE
 from dsserve.layers.norm import RMSNorm
+from dsserve.layers.parallel import SINGLE, TensorParallel
 from dsserve.layers.rotary import RotaryEmbedding, attention_scale
 from dsserve.models.base import CausalLM, DecoderLayer
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """q = q_b(norm(q_a(x))) or q_proj(x); the cache holds norm(c_kv) (kv_lora_rank) + rope(k_pe) (qk_rope_head_dim)."""
+    """q = q_b(norm(q_a(x))) or q_proj(x); the cache holds norm(c_kv) (kv_lora_rank) + rope(k_pe) (qk_rope_head_dim).
 
-    def __init__(self, config: ModelConfig, prefix: str, rotary: RotaryEmbedding, dtype: torch.dtype):
+    Tensor parallel: the heads are split (q_b / q_proj and kv_b column-parallel by head, o_proj row-parallel);
+    the low-rank down-projections (q_a, kv_a) are small and replicated, and so is the latent cache: every
+    rank keeps the whole 576-value entry and attends with its own heads.
+    """
+
+    def __init__(self, config: ModelConfig, prefix: str, rotary: RotaryEmbedding, dtype: torch.dtype,
+                 tp: TensorParallel = SINGLE):
         super().__init__()
         c = config
-        self.num_heads = c.num_attention_heads
+        heads = tp.shard(c.num_attention_heads, "num_attention_heads")
+        self.num_heads = heads.stop - heads.start
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.kv_lora_rank = c.kv_lora_rank
-        q_size = self.num_heads * c.qk_head_dim
+
+        def by_head(name: str, per_head: int) -> list:
+            rows = (f"{prefix}.{name}", self.num_heads * per_head)
+            return [(*rows, slice(heads.start * per_head, heads.stop * per_head))] if tp.size > 1 else [rows]
+
         if c.q_lora_rank is None:
-            self.q_proj = Linear(c.hidden_size, [(f"{prefix}.q_proj", q_size)], False, dtype)
+            self.q_proj = Linear(c.hidden_size, by_head("q_proj", c.qk_head_dim), False, dtype)
         else:
             self.q_a_proj = Linear(c.hidden_size, [(f"{prefix}.q_a_proj", c.q_lora_rank)], c.qkv_bias, dtype)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank, 1e-6, f"{prefix}.q_a_layernorm.weight", dtype)
-            self.q_b_proj = Linear(c.q_lora_rank, [(f"{prefix}.q_b_proj", q_size)], False, dtype)
+            self.q_b_proj = Linear(c.q_lora_rank, by_head("q_b_proj", c.qk_head_dim), False, dtype)
         self.kv_a_proj_with_mqa = Linear(
             c.hidden_size, [(f"{prefix}.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim)], c.qkv_bias, dtype
         )
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, 1e-6, f"{prefix}.kv_a_layernorm.weight", dtype)
-        self.kv_b_proj = Linear(c.kv_lora_rank, [(f"{prefix}.kv_b_proj", self.num_heads * (c.qk_nope_head_dim + c.v_head_dim))], False, dtype)
-        self.o_proj = Linear(self.num_heads * c.v_head_dim, [(f"{prefix}.o_proj", c.hidden_size)], c.qkv_bias, dtype)
+        self.kv_b_proj = Linear(c.kv_lora_rank, by_head("kv_b_proj", c.qk_nope_head_dim + c.v_head_dim), False, dtype)
+        v_cols = slice(heads.start * c.v_head_dim, heads.stop * c.v_head_dim)
+        self.o_proj = Linear(c.num_attention_heads * c.v_head_dim, [(f"{prefix}.o_proj", c.hidden_size)], c.qkv_bias,
+                             dtype, in_shard=v_cols if tp.size > 1 else None, tp=tp)
         self.rotary = rotary  # shared by all layers; rotates only the qk_rope_head_dim dims
         self.scale = attention_scale(c.qk_head_dim, c.rope)
 
@@ -56,14 +70,15 @@ class MultiHeadLatentAttention(nn.Module):
 
 
 class DeepseekForCausalLM(CausalLM):
-    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype):
-        super().__init__(config, dtype)
+    def __init__(self, config: ModelConfig, max_positions: int, dtype: torch.dtype, tp: TensorParallel = SINGLE):
+        super().__init__(config, dtype, tp)
+        self.kv_cache_entry_shape = (config.kv_lora_rank + config.qk_rope_head_dim,)
         rotary = RotaryEmbedding(config.qk_rope_head_dim, config.rope, max_positions, config.rope_interleave, dtype)
         for i in range(config.num_hidden_layers):
             prefix = f"model.layers.{i}"
-            attn = MultiHeadLatentAttention(config, f"{prefix}.self_attn", rotary, dtype)
+            attn = MultiHeadLatentAttention(config, f"{prefix}.self_attn", rotary, dtype, tp)
             if config.is_moe_layer(i):
-                mlp = DeepseekMoE(config, f"{prefix}.mlp", dtype)
+                mlp = DeepseekMoE(config, f"{prefix}.mlp", dtype, tp)
             else:
-                mlp = MLP(config.hidden_size, config.intermediate_size, f"{prefix}.mlp", dtype)
+                mlp = MLP(config.hidden_size, config.intermediate_size, f"{prefix}.mlp", dtype, tp)
             self.layers.append(DecoderLayer(config, i, attn, mlp, dtype))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from safetensors import safe_open
 
 from dsserve.config import ModelConfig
 from dsserve.errors import WeightsError
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
@@ -47,11 +50,16 @@ def checkpoint_files(folder: str | os.PathLike) -> dict[str, list[str]]:
     return {files[0]: []}
 
 
-def iter_checkpoint(config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every weight the model needs, in `dtype`.
+def iter_checkpoint(
+    config: ModelConfig, dtype: torch.dtype, slices: dict[str, tuple] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every weight in the checkpoint, in `dtype`.
 
-    FP8 weights (`float8_e4m3fn` with a `*_scale_inv` beside them, possibly in another shard) come out
-    dequantized; the multi-token-prediction layers (index >= num_hidden_layers) are skipped.
+    With `slices` (name -> index, as a model's `checkpoint_slices()` gives), only those tensors are read
+    and only their slice (safetensors reads just those bytes): a tensor-parallel rank never loads what
+    belongs to another rank. FP8 weights (`float8_e4m3fn` with a `*_scale_inv` beside them, possibly in
+    another shard) come out dequantized (then sliced); the multi-token-prediction layers (index >=
+    num_hidden_layers) are skipped.
     """
     folder = Path(config.path)
     shards = checkpoint_files(folder)
@@ -59,6 +67,7 @@ def iter_checkpoint(config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[s
         name: shard for shard, names in shards.items() for name in names if name.endswith("_scale_inv")
     }
     open_files: dict[str, object] = {}
+    skipped = 0
     try:
         for shard in sorted(shards):
             handle = _open_shard(folder / shard)
@@ -73,7 +82,11 @@ def iter_checkpoint(config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[s
                     )
                 if name.endswith("_scale_inv") or _is_mtp(name, config):
                     continue
-                tensor = _get_tensor(handle, name, folder / shard)
+                if slices is not None and name not in slices:
+                    skipped += 1
+                    continue
+                index = slices.get(name, ()) if slices is not None else ()
+                tensor = _get_tensor(handle, name, folder / shard, index)
                 if tensor.dtype == torch.float8_e4m3fn:
                     scale_name = name + "_scale_inv"
                     scale_shard = scale_locations.get(scale_name, shard if scale_name in present else None)
@@ -86,9 +99,12 @@ def iter_checkpoint(config: ModelConfig, dtype: torch.dtype) -> Iterator[tuple[s
                         open_files[scale_shard] = _open_shard(folder / scale_shard)
                     scale = _get_tensor(open_files[scale_shard], scale_name, folder / scale_shard)
                     tensor = dequantize_fp8_blocks(tensor, scale, config.fp8_block_size or (128, 128), dtype)
+                    tensor = tensor[index] if index else tensor
                 yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
     finally:
         open_files.clear()
+    if skipped:
+        logger.info("skipped %d checkpoint tensors this rank does not use", skipped)
 
 
 def dequantize_fp8_blocks(
@@ -126,8 +142,11 @@ def _open_shard(path: Path):
         raise WeightsError(f"checkpoint shard {path} is not a valid safetensors file ({e}); download it again") from e
 
 
-def _get_tensor(handle, name: str, path: Path) -> torch.Tensor:
+def _get_tensor(handle, name: str, path: Path, index: tuple = ()) -> torch.Tensor:
+    """The tensor, or only its `index` slice (FP8 tensors are read whole: their scales cover blocks)."""
     try:
+        if index and handle.get_slice(name).get_dtype() not in ("F8_E4M3", "F8_E5M2"):
+            return handle.get_slice(name)[index]
         return handle.get_tensor(name)
     except Exception as e:
         raise WeightsError(f"tensor {name} in {path} cannot be read ({e}); the file is truncated: download it again") from e

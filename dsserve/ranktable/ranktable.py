@@ -157,6 +157,29 @@ def environment(table: dict[str, Any], node: str, master_port: int = 29500) -> l
     raise ConfigError(f"node {node} is not in the rank table (its nodes: {[s['server_id'] for s in servers]})")
 
 
+def topology(table: dict[str, Any], node_rank: int) -> dict[str, Any]:
+    """Where node `node_rank` (its index in server_list) sits: the ParallelConfig fields of its first process,
+    which serves the card with device_id 0 and starts one process for each of the node's other cards."""
+    errors = validate(table)
+    if errors:
+        raise ConfigError("the rank table is invalid: " + "; ".join(errors))
+    servers = table["server_list"]
+    if not 0 <= node_rank < len(servers):
+        raise ConfigError(f"--node-rank {node_rank} is outside the rank table's {len(servers)} node(s) "
+                          f"[0, {len(servers) - 1}]; node 0 is {servers[0]['server_id']} (the master)")
+    server = servers[node_rank]
+    devices = sorted(server["device"], key=lambda d: int(d["device_id"]))
+    ranks = tuple(int(d["rank_id"]) for d in devices)
+    if node_rank == 0 and ranks[0] != 0:
+        raise ConfigError("server_list[0]: rank_id 0 (the master) must be the card with device_id 0")
+    return {
+        "world_size": sum(len(s["device"]) for s in servers), "rank": ranks[0], "local_rank": 0,
+        "node_rank": node_rank, "node_ranks": ranks, "spawn": True,
+        "master_addr": servers[0].get("container_ip") or servers[0]["server_id"],
+        "node_addr": server.get("container_ip") or server["server_id"],
+    }
+
+
 def _int(value: Any) -> int | None:
     try:
         return int(str(value))

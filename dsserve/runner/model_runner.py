@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from dsserve.config import CacheConfig, ModelConfig
-from dsserve.errors import ConfigError
+from dsserve.config import CacheConfig, EngineConfig, ParallelConfig
+from dsserve.errors import ConfigError, DistributedError
+from dsserve.layers.parallel import SINGLE
 from dsserve.models.loader import iter_checkpoint
 from dsserve.models.registry import model_class
-from dsserve.runner.batch import build_forward_batch
+from dsserve.runner.batch import StepInputs, build_forward_batch
+from dsserve.runner.parallel import STEP, STOP, Distributed, Heartbeat
 from dsserve.runner.sampler import SamplingMetadata, SamplingRow, sample
 
 logger = logging.getLogger(__name__)
@@ -29,46 +34,77 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, dtype: str, device: str, max_model_len: int,
-                 max_num_seqs: int = 256, num_threads: int | None = None, seed: int = 0):
+    """Rank 0's runner executes the scheduler's plan (and, with several ranks, first sends it to the others);
+    the other ranks' runners wait in `serve_steps` for rank 0's plans and compute their share."""
+
+    def __init__(self, config: EngineConfig):
+        model_config, cache_config = config.model, config.cache
         self.config = model_config
-        self.device = torch.device(device)
-        self.dtype = getattr(torch, dtype)
-        if self.device.type == "cpu" and num_threads:
-            torch.set_num_threads(num_threads)
+        self.parallel = config.parallel
+        self.device = _device_of_rank(config.device, config.parallel)
+        self.dtype = getattr(torch, config.dtype)
+        if self.device.type == "cpu" and config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        elif self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.block_size = cache_config.block_size
+        self.group: Distributed | None = Distributed(config, self.device) if config.parallel.enabled else None
+        tp = self.group.tp if self.group else SINGLE
         started = time.perf_counter()
         with torch.device(self.device):
-            self.model = model_class(model_config)(model_config, max_model_len, self.dtype)
-        self.model.load_weights(iter_checkpoint(model_config, self.dtype))
+            self.model = model_class(model_config)(model_config, config.scheduler.max_model_len, self.dtype, tp)
+        self.model.load_weights(iter_checkpoint(model_config, self.dtype, self.model.checkpoint_slices()))
         self.model.eval()
-        logger.info("loaded %s (%s) in %.1fs", model_config.path, dtype, time.perf_counter() - started)
-        self.num_blocks = self._num_blocks(cache_config, max_model_len, max_num_seqs)
-        shape = (self.num_blocks, self.block_size, *model_config.kv_cache_entry_shape)
+        logger.info("loaded %s (%s%s) in %.1fs", model_config.path, config.dtype,
+                    f", rank {tp.rank} of {tp.size}" if self.group else "", time.perf_counter() - started)
+        self.num_blocks = self._num_blocks(cache_config, config.scheduler.max_model_len, config.scheduler.max_num_seqs)
+        if self.group:
+            self.num_blocks = self.group.agree_min("num_blocks", self.num_blocks)
+        shape = (self.num_blocks, self.block_size, *self.model.kv_cache_entry_shape)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_hidden_layers)]
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(config.seed)
+        self._lock = threading.Lock()  # one collective sequence at a time: steps vs the heartbeat
+        self.heartbeat = (
+            Heartbeat(self.group, self._lock, config.parallel.step_timeout_s / 4)
+            if self.group and self.group.rank == 0 else None
+        )
+        self.failure: BaseException | None = None
 
     @property
     def bytes_per_block(self) -> int:
-        return self.block_size * self.config.kv_cache_elements_per_token * self.dtype.itemsize
+        return self.block_size * math.prod(self.model.kv_cache_entry_shape) * self.config.num_hidden_layers * self.dtype.itemsize
 
     @torch.inference_mode()
     def execute(self, rows: list[SamplingRow], num_new_tokens: list[int], block_tables: list[list[int]],
                 num_computed: list[int]) -> StepResult:
         """Compute `num_new_tokens[i]` tokens of each row after its `num_computed[i]`; sample rows that reach the end."""
         chunks = [row.all_token_ids[start : start + n] for row, start, n in zip(rows, num_computed, num_new_tokens)]
-        batch = build_forward_batch(chunks, num_computed, block_tables, self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # (T, D)
-
+        inputs = StepInputs.build(chunks, num_computed, block_tables)
+        # Every logit this step needs comes from one LM-head call: the sampled rows' last tokens, then the
+        # positions of prompt tokens whose logprobs were asked for.
         due = [i for i, (row, start, n) in enumerate(zip(rows, num_computed, num_new_tokens))
                if start + n == len(row.all_token_ids)]
+        query_start = [0, *itertools.accumulate(num_new_tokens)]
+        logit_rows = [query_start[i + 1] - 1 for i in due]
+        prompt_spans = []  # (row, offset into the logits, number of positions, target token ids)
+        for i, row in enumerate(rows):
+            k = row.params.prompt_logprobs
+            num_prompt = len(row.all_token_ids) - row.num_output_tokens
+            start, n = num_computed[i], num_new_tokens[i]
+            if k is None or start >= num_prompt - 1:
+                continue
+            end = min(start + n, num_prompt - 1)  # position p predicts prompt token p + 1
+            prompt_spans.append((i, len(logit_rows), end - start, row.all_token_ids[start + 1 : end + 1]))
+            logit_rows.extend(range(query_start[i], query_start[i] + end - start))
+        inputs.logit_rows = torch.tensor(logit_rows, dtype=torch.long)
+        logits = self._run(inputs, send=True)
+
         sampled: list[int] = [-1] * len(rows)
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         if due:
-            logits = self.model.compute_logits(hidden[batch.last_token_index[due]])  # (B_due, V)
             meta = SamplingMetadata.from_requests([rows[i] for i in due], logits.shape[1], self.device)
-            out = sample(logits, meta, self.generator)
+            out = sample(logits[: len(due)], meta, self.generator)
             tokens = out.token_ids.tolist()
             for j, i in enumerate(due):
                 sampled[i] = tokens[j]
@@ -84,29 +120,67 @@ class ModelRunner:
                     alternatives.setdefault(tokens[j], chosen[j])
                     logprobs[i] = (chosen[j], alternatives)
         result = StepResult(sampled, logprobs)
-        self._prompt_logprobs(rows, num_new_tokens, num_computed, batch.query_start, hidden, result)
+        for i, offset, count, targets in prompt_spans:
+            result.prompt_logprobs[i] = _prompt_logprobs(logits[offset : offset + count], targets, rows[i].params.prompt_logprobs)
         return result
 
-    def _prompt_logprobs(self, rows, num_new_tokens, num_computed, query_start, hidden, result: StepResult) -> None:
-        """Logprob of each prompt token (from position 1) given the ones before it, for rows that ask."""
-        for i, row in enumerate(rows):
-            k = row.params.prompt_logprobs
-            num_prompt = len(row.all_token_ids) - row.num_output_tokens
-            start, n = num_computed[i], num_new_tokens[i]
-            if k is None or start >= num_prompt - 1:
-                continue
-            end = min(start + n, num_prompt - 1)  # position p predicts prompt token p + 1
-            flat = torch.arange(query_start[i], query_start[i] + end - start, device=self.device)
-            targets = torch.tensor(row.all_token_ids[start + 1 : end + 1], device=self.device)
-            lps = self.model.compute_logits(hidden[flat]).log_softmax(dim=-1)  # (P, V)
-            chosen = lps.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-            top = lps.topk(k, dim=-1) if k else None
-            entries = []
-            for j, token in enumerate(targets.tolist()):
-                alternatives = dict(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else {}
-                alternatives.setdefault(token, chosen[j])
-                entries.append((chosen[j], alternatives))
-            result.prompt_logprobs[i] = entries
+    def _run(self, inputs: StepInputs, send: bool) -> torch.Tensor | None:
+        """Forward the step and compute the requested logits; rank 0 first sends the step to the other ranks."""
+        if self.group is None:
+            return self._forward(inputs)
+        if self.failure is not None or (self.heartbeat and self.heartbeat.error):
+            raise DistributedError(f"the deployment lost a rank earlier: {self.failure or self.heartbeat.error}")
+        with self._lock:
+            try:
+                if send:
+                    dead = self.group.dead_children()
+                    if dead:
+                        raise DistributedError(f"rank 0: {'; '.join(dead)}")
+                    self.group.send(STEP, inputs.pack())
+                return self._forward(inputs)
+            except DistributedError as e:
+                self.failure = e
+                raise
+            except RuntimeError as e:  # a collective inside the model failed: a rank died or stalled
+                self.failure = self.group.lost(e)
+                raise self.failure from e
+            finally:
+                if self.heartbeat:
+                    self.heartbeat.touch()
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        batch = build_forward_batch(inputs, self.block_size, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # (T, D)
+        if inputs.logit_rows.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden[inputs.logit_rows.to(self.device)])  # (N, V) on rank 0
+
+    @torch.inference_mode()
+    def serve_steps(self) -> None:
+        """Ranks other than 0: run rank 0's steps until it says stop; raise DistributedError when it is lost."""
+        assert self.group is not None and self.group.rank != 0
+        logger.info("rank %d ready: waiting for rank 0's steps", self.group.rank)
+        while True:
+            command, payload = self.group.receive()
+            if command == STOP:
+                logger.info("rank %d: stop received", self.group.rank)
+                return
+            if command == STEP:
+                try:
+                    self._forward(StepInputs.unpack(payload))
+                except RuntimeError as e:
+                    raise self.group.lost(e) from e
+
+    def shutdown(self) -> None:
+        """Stop the other ranks (rank 0) and the processes this one started; safe to call twice."""
+        if self.group is None:
+            return
+        if self.heartbeat:
+            self.heartbeat.stop()
+        healthy = self.failure is None and not (self.heartbeat and self.heartbeat.error)
+        with self._lock:
+            self.group.shutdown(graceful=healthy)
+        self.group = None
 
     def _num_blocks(self, cache: CacheConfig, max_model_len: int, max_num_seqs: int) -> int:
         if cache.num_blocks is not None:
@@ -119,6 +193,8 @@ class ModelRunner:
         else:
             # A share of free memory, but never more than every sequence at full length could use.
             budget = int(_free_memory(self.device) * cache.kv_cache_fraction)
+            if self.device.type == "cpu":
+                budget //= len(self.parallel.node_ranks)  # the ranks of a node share its memory
             useful = max_num_seqs * -(-max_model_len // self.block_size)
             num = min(budget // self.bytes_per_block, useful)
         if num < 1:
@@ -128,6 +204,28 @@ class ModelRunner:
             )
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num, self.block_size, num * self.bytes_per_block / 2**20)
         return int(num)
+
+
+def _prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
+    """Logprob of each prompt token given the ones before it, and its top-k alternatives."""
+    lps = logits.log_softmax(dim=-1)  # (P, V)
+    target = torch.tensor(targets, device=lps.device)
+    chosen = lps.gather(1, target.unsqueeze(1)).squeeze(1).tolist()
+    top = lps.topk(k, dim=-1) if k else None
+    entries = []
+    for j, token in enumerate(targets):
+        alternatives = dict(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else {}
+        alternatives.setdefault(token, chosen[j])
+        entries.append((chosen[j], alternatives))
+    return entries
+
+
+def _device_of_rank(device: str, parallel: ParallelConfig) -> torch.device:
+    """One device per rank: cuda -> cuda:LOCAL_RANK when there are several ranks on the node."""
+    dev = torch.device(device)
+    if dev.type != "cpu" and dev.index is None and parallel.enabled:
+        return torch.device(dev.type, parallel.local_rank)
+    return dev
 
 
 def _free_memory(device: torch.device) -> int:

@@ -41,6 +41,14 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
     log_path = setup_logging(port, log_level)
     logger.info("log file: %s", log_path)
     config = build_engine_config(model, **engine_options)
+    if config.parallel.rank != 0:
+        # A rank table's other nodes and torchrun's other ranks: compute only; rank 0 serves HTTP.
+        from dsserve.runner.worker import run_worker
+
+        logger.info("rank %d of %d (node %d): compute only; rank 0 at %s:%d serves HTTP", config.parallel.rank,
+                    config.parallel.world_size, config.parallel.node_rank, config.parallel.master_addr,
+                    config.parallel.master_port)
+        return run_worker(config)
     _print_config(config, server_config, host, port, log_path)
     engine = LLMEngine(config)
     _inject_fault(engine)
@@ -78,6 +86,7 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
         server.run()
     finally:
         async_engine.shutdown()
+        engine.shutdown()
     if died.is_set():
         return 1
     return 0 if server.started else 1
@@ -97,7 +106,9 @@ def _print_config(config, server_config: ServerConfig, host: str, port: int, log
         f"model: {m.path} ({m.model_type}, {m.num_hidden_layers} layers, vocab {m.vocab_size}"
         + (f", FP8 blocks {m.fp8_block_size}" if m.fp8_block_size else "") + ")",
         f"served model name: {server_config.served_model_name}",
-        f"device: {config.device}, dtype: {config.dtype}, threads: {config.num_threads}",
+        f"device: {config.device}, dtype: {config.dtype}, threads: {config.num_threads}"
+        + (f", tensor parallel: {config.parallel.world_size} ranks"
+           + (" (expert parallel)" if config.parallel.enable_expert_parallel else "") if config.parallel.enabled else ""),
         f"max_model_len: {s.max_model_len}, max_num_seqs: {s.max_num_seqs}, "
         f"max_num_batched_tokens: {s.max_num_batched_tokens}, chunked prefill: {s.enable_chunked_prefill}",
         f"block_size: {c.block_size}, prefix caching: {c.enable_prefix_caching}, "

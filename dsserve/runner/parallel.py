@@ -1,0 +1,370 @@
+"""The process group as an object: start a node's ranks, meet the others, agree, then run collectives.
+
+Start-up, in order, before a single weight is read:
+  1. the first process of a node starts the node's other ranks (`python -m dsserve.runner.worker`);
+  2. rank 0 listens on master_addr:master_port (a torch TCPStore bound to that address only) and every
+     rank checks in there within --connect-timeout, with a fingerprint: model, config.json hash, dtype,
+     parallel sizes, block size, max_model_len, dsserve version, node, host;
+  3. rank 0 compares the fingerprints and publishes a verdict: a disagreement names node and rank, and
+     every rank stops with it; a rank that never checks in is named too;
+  4. torch.distributed's process group (gloo on CPU, nccl on CUDA, hccl with torch_npu) with
+     --step-timeout on every collective, so a rank that dies or stalls fails the step instead of hanging.
+
+Each step rank 0 sends the others a two-int header (command, payload length) and the step's inputs as
+one int64 tensor (`StepInputs.pack`); while idle it sends a heartbeat often enough that a healthy
+worker never times out waiting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import fcntl
+import json
+import logging
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dsserve import __version__
+from dsserve.config import EngineConfig, ParallelConfig, config_hash
+from dsserve.errors import DistributedError
+from dsserve.layers.parallel import TensorParallel
+
+logger = logging.getLogger(__name__)
+
+STEP, HEARTBEAT, STOP = 1, 2, 3
+WORKER_CONFIG_ENV = "DSSERVE_WORKER_CONFIG"
+_AGREE = ("model_type", "config_hash", "dtype", "world_size", "expert_parallel", "block_size", "max_model_len",
+          "dsserve")
+_LOAD_TIMEOUT_S = 3600.0  # the slowest rank's weight loading, between check-in and the first collective
+
+
+def backend_for(device: torch.device, override: str | None) -> str:
+    if override:
+        return override
+    if device.type == "cuda":
+        return "nccl"
+    if device.type == "npu":
+        return "hccl"
+    return "gloo"
+
+
+class Distributed:
+    """This process's rank in the deployment; `tp` is what the layers use."""
+
+    def __init__(self, config: EngineConfig, device: torch.device):
+        self.engine_config = config
+        self.config: ParallelConfig = config.parallel
+        self.rank, self.world_size = self.config.rank, self.config.world_size
+        self.device = device
+        self.backend = backend_for(device, self.config.backend)
+        # NCCL/HCCL move device tensors; gloo moves CPU tensors.
+        self.comm_device = device if self.backend in ("nccl", "hccl") else torch.device("cpu")
+        self.children: list[tuple[int, subprocess.Popen]] = []
+        self.store: dist.TCPStore | None = None
+        self._stopping = False
+        self._listen: socket.socket | None = None
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown_children()
+            raise
+        self.tp = TensorParallel(self.rank, self.world_size, self.config.enable_expert_parallel)
+
+    # ---- start-up ------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        c = self.config
+        _choose_interface(c.node_addr, self.backend)
+        if self.rank == 0 and not _agent_store():
+            self._listen = _listen(c.master_addr, c.master_port)
+            port = self._listen.getsockname()[1]
+            if port != c.master_port:
+                self.config = dataclasses.replace(c, master_port=port)
+                self.engine_config = dataclasses.replace(self.engine_config, parallel=self.config)
+        if self.config.spawn and self.rank == self.config.node_ranks[0]:
+            self._spawn_node_ranks()
+        self.store = self._connect_store()
+        self._check_in()
+        started = time.monotonic()
+        dist.init_process_group(
+            self.backend, store=dist.PrefixStore("dsserve/pg", self.store), rank=self.rank,
+            world_size=self.world_size, timeout=datetime.timedelta(seconds=self.config.step_timeout_s),
+        )
+        logger.info("rank %d/%d joined the %s process group in %.1fs", self.rank, self.world_size, self.backend,
+                    time.monotonic() - started)
+
+    def _spawn_node_ranks(self) -> None:
+        c = self.config
+        for local_rank, rank in enumerate(c.node_ranks[1:], start=1):
+            child = dataclasses.replace(self.engine_config, parallel=dataclasses.replace(
+                c, rank=rank, local_rank=local_rank, spawn=False))
+            env = {**os.environ, WORKER_CONFIG_ENV: child.to_json(), "DSSERVE_PARENT_PID": str(os.getpid())}
+            proc = subprocess.Popen([sys.executable, "-m", "dsserve.runner.worker"], env=env)
+            self.children.append((rank, proc))
+            logger.info("started rank %d (pid %d)", rank, proc.pid)
+
+    def _connect_store(self) -> dist.TCPStore:
+        c = self.config
+        timeout = datetime.timedelta(seconds=c.connect_timeout_s)
+        try:
+            if self._listen is not None:
+                return dist.TCPStore(c.master_addr, c.master_port, self.world_size, True, timeout,
+                                     wait_for_workers=False, master_listen_fd=self._listen.fileno())
+            return dist.TCPStore(c.master_addr, c.master_port, self.world_size, False, timeout)
+        except (RuntimeError, dist.DistStoreError) as e:
+            raise DistributedError(
+                f"rank {self.rank} (node {c.node_rank}) could not reach rank 0 at {c.master_addr}:{c.master_port} "
+                f"within {c.connect_timeout_s:.0f}s ({e}); check that node 0 is started, that the address is "
+                "node 0's (the rank table's first server / MASTER_ADDR) and that the port is open between the nodes"
+            ) from e
+
+    def _fingerprint(self) -> dict:
+        e = self.engine_config
+        return {
+            "rank": self.rank, "node": self.config.node_rank, "host": socket.gethostname(), "pid": os.getpid(),
+            "model": e.model.path, "model_type": e.model.model_type, "config_hash": config_hash(e.model.path),
+            "dtype": e.dtype, "world_size": self.world_size, "expert_parallel": self.config.enable_expert_parallel,
+            "block_size": e.cache.block_size, "max_model_len": e.scheduler.max_model_len, "dsserve": __version__,
+        }
+
+    def _check_in(self) -> None:
+        store, mine = self.store, self._fingerprint()
+        store.set(f"dsserve/hello/{self.rank}", json.dumps(mine))
+        if self.rank == 0:
+            verdict = self._judge(mine)
+            store.set("dsserve/verdict", verdict or "ok")
+            if verdict:
+                raise DistributedError(verdict)
+        else:
+            try:
+                store.wait(["dsserve/verdict"], datetime.timedelta(seconds=self.config.connect_timeout_s))
+            except (RuntimeError, dist.DistStoreError) as e:
+                raise DistributedError(
+                    f"rank {self.rank} checked in with rank 0 but got no go-ahead within "
+                    f"{self.config.connect_timeout_s:.0f}s: another rank did not join (see rank 0's log)"
+                ) from e
+            verdict = store.get("dsserve/verdict").decode()
+            if verdict != "ok":
+                raise DistributedError(verdict)
+
+    def _judge(self, mine: dict) -> str | None:
+        """Rank 0: wait for every rank's fingerprint; the first disagreement or absence as an error message."""
+        deadline = time.monotonic() + self.config.connect_timeout_s
+        missing = set(range(1, self.world_size))
+        while missing:
+            missing = {r for r in missing if not self.store.check([f"dsserve/hello/{r}"])}
+            dead = [(r, p.returncode) for r, p in self.children if p.poll() is not None]
+            if dead:
+                return "; ".join(f"rank {r} (started on this node) exited with code {code} before joining"
+                                 for r, code in dead) + ": its error is in the log above"
+            if missing and time.monotonic() > deadline:
+                return (f"rank(s) {', '.join(map(str, sorted(missing)))} of {self.world_size} did not check in at "
+                        f"{self.config.master_addr}:{self.config.master_port} within "
+                        f"{self.config.connect_timeout_s:.0f}s; start `dsserve serve` on every node (same rank "
+                        "table, each with its own --node-rank) or raise --connect-timeout")
+            if missing:
+                time.sleep(0.05)
+        problems = []
+        for r in range(1, self.world_size):
+            theirs = json.loads(self.store.get(f"dsserve/hello/{r}"))
+            diffs = [f"{k} {theirs[k]!r} (rank 0: {mine[k]!r})" for k in _AGREE if theirs.get(k) != mine[k]]
+            if diffs:
+                problems.append(f"rank {r} on node {theirs['node']} ({theirs['host']}, model {theirs['model']}) "
+                                f"has {', '.join(diffs)}")
+        if problems:
+            return ("the ranks disagree before loading weights: " + "; ".join(problems) +
+                    ". Every node must run the same dsserve on the same checkpoint (identical config.json) with the "
+                    "same --dtype, --block-size, --max-model-len, --tensor-parallel-size and --enable-expert-parallel")
+        logger.info("all %d ranks checked in and agree (model %s, config %s)", self.world_size,
+                    mine["model_type"], mine["config_hash"][:12])
+        return None
+
+    def agree_min(self, key: str, value: int) -> int:
+        """The smallest `value` over the ranks (e.g. KV blocks that fit everywhere), through the store."""
+        self.store.set(f"dsserve/{key}/{self.rank}", str(value))
+        keys = [f"dsserve/{key}/{r}" for r in range(self.world_size)]
+        try:
+            self.store.wait(keys, datetime.timedelta(seconds=_LOAD_TIMEOUT_S))
+        except (RuntimeError, dist.DistStoreError) as e:
+            raise DistributedError(f"rank {self.rank}: not every rank reported {key} (a rank failed loading?)") from e
+        return min(int(self.store.get(k)) for k in keys)
+
+    # ---- steps ---------------------------------------------------------------------------------------
+
+    def send(self, command: int, payload: torch.Tensor | None = None) -> None:
+        """Rank 0: the next command (and the step's packed inputs) to every other rank."""
+        header = torch.tensor([command, 0 if payload is None else payload.numel()], dtype=torch.long)
+        self._collective(dist.broadcast, header.to(self.comm_device), 0)
+        if payload is not None:
+            self._collective(dist.broadcast, payload.to(self.comm_device), 0)
+
+    def receive(self) -> tuple[int, torch.Tensor | None]:
+        header = torch.empty(2, dtype=torch.long, device=self.comm_device)
+        self._collective(dist.broadcast, header, 0)
+        command, length = header.tolist()
+        if command != STEP:
+            return command, None
+        payload = torch.empty(length, dtype=torch.long, device=self.comm_device)
+        self._collective(dist.broadcast, payload, 0)
+        return command, payload.cpu()
+
+    def _collective(self, op, tensor: torch.Tensor, src: int) -> None:
+        try:
+            op(tensor, src)
+        except Exception as e:  # gloo/nccl raise RuntimeError (DistBackendError) on a lost peer or a timeout
+            raise self.lost(e) from e
+
+    def lost(self, error: BaseException) -> DistributedError:
+        """The message for a failed collective, naming what this rank knows about its local children."""
+        dead = [f"rank {r} (pid {p.pid}) exited with code {p.returncode}" for r, p in self.children if p.poll() is not None]
+        who = "; ".join(dead) if dead else f"a rank died or stalled for more than {self.config.step_timeout_s:.0f}s"
+        return DistributedError(f"rank {self.rank}: lost the other ranks ({who}): {error}")
+
+    def dead_children(self) -> list[str]:
+        return [f"rank {r} (pid {p.pid}) exited with code {p.returncode}"
+                for r, p in self.children if p.poll() is not None and not self._stopping]
+
+    # ---- shutdown ------------------------------------------------------------------------------------
+
+    def shutdown(self, graceful: bool) -> None:
+        """Rank 0: tell the others to stop (when the group is healthy), then make sure the local ranks exit."""
+        self._stopping = True
+        sent = False
+        if graceful and self.rank == 0 and dist.is_initialized():
+            try:
+                self.send(STOP)
+                sent = True
+            except DistributedError:
+                pass
+        self.shutdown_children(wait_s=10.0 if sent else 0.0)
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+
+    def shutdown_children(self, wait_s: float = 0.0) -> None:
+        """Wait up to `wait_s` for the local ranks to exit on their own, then terminate (and kill) them."""
+        self._stopping = True
+        deadline = time.monotonic() + wait_s
+        for _, proc in self.children:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        for _, proc in self.children:
+            try:
+                proc.wait(3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if self._listen is not None:
+            self._listen.close()
+            self._listen = None
+
+
+def _agent_store() -> bool:
+    """Under torchrun its agent already hosts the store at MASTER_PORT; rank 0 then joins it as a client."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _listen(addr: str, port: int) -> socket.socket:
+    """Bind rank 0's rendezvous port on `addr` only (not every interface)."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((addr, port))
+    except OSError as e:
+        sock.close()
+        raise DistributedError(
+            f"rank 0 cannot listen on {addr}:{port} ({e.strerror}); the address must be this node's "
+            "(the rank table's first server / MASTER_ADDR) and the port free (--master-port)"
+        ) from e
+    sock.listen(128)
+    return sock
+
+
+def _choose_interface(addr: str | None, backend: str) -> None:
+    """gloo/nccl pick a network interface by hostname unless told; use the one that holds this node's IP."""
+    variable = {"gloo": "GLOO_SOCKET_IFNAME", "nccl": "NCCL_SOCKET_IFNAME"}.get(backend)
+    if not addr or variable is None or os.environ.get(variable):
+        return
+    name = interface_of(addr)
+    if name:
+        os.environ[variable] = name
+        logger.info("%s=%s (the interface holding %s)", variable, name, addr)
+
+
+def interface_of(addr: str) -> str | None:
+    """The name of the local network interface with IPv4 address `addr`, if any (Linux)."""
+    try:
+        wanted = socket.inet_aton(addr)
+    except OSError:
+        return None
+    if addr.startswith("127."):
+        return "lo" if Path("/sys/class/net/lo").exists() else None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            if packed[20:24] == wanted:
+                return name
+    return None
+
+
+class Heartbeat:
+    """Rank 0, while no step runs: a HEARTBEAT to every rank each `interval_s`, under the lock that steps take.
+
+    A failure (a rank died while idle) is kept in `error` for the next step and reported through `on_failure`.
+    """
+
+    def __init__(self, group: Distributed, lock: threading.Lock, interval_s: float):
+        self.group, self.lock, self.interval_s = group, lock, interval_s
+        self.last = time.monotonic()
+        self.error: BaseException | None = None
+        self.on_failure = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dsserve-heartbeat", daemon=True)
+        self._thread.start()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.interval_s / 2)):
+            if time.monotonic() - self.last < self.interval_s:
+                continue
+            if not self.lock.acquire(blocking=False):
+                continue  # a step is running: that is traffic enough
+            try:
+                if self._stop.is_set():
+                    return
+                dead = self.group.dead_children()
+                if dead:
+                    raise DistributedError(f"rank 0: {'; '.join(dead)}")
+                self.group.send(HEARTBEAT)
+                self.touch()
+            except BaseException as e:  # noqa: BLE001
+                self.error = e
+                logger.error("lost a rank while idle: %s", e)
+                if self.on_failure is not None:
+                    self.on_failure(e)
+                return
+            finally:
+                self.lock.release()
