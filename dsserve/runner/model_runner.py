@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import math
@@ -70,6 +71,8 @@ class ModelRunner:
             if self.group and self.group.rank == 0 else None
         )
         self.failure: BaseException | None = None
+        if self.group is not None:
+            atexit.register(self.shutdown)  # an offline LLM nobody shut down still stops its ranks cleanly
 
     @property
     def bytes_per_block(self) -> int:

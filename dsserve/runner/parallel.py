@@ -177,7 +177,8 @@ class Distributed:
         problems = []
         for r in range(1, self.world_size):
             theirs = json.loads(self.store.get(f"dsserve/hello/{r}"))
-            diffs = [f"{k} {theirs[k]!r} (rank 0: {mine[k]!r})" for k in _AGREE if theirs.get(k) != mine[k]]
+            diffs = [f"{k} {_short(theirs.get(k))!r} (rank 0: {_short(mine[k])!r})" for k in _AGREE
+                     if theirs.get(k) != mine[k]]
             if diffs:
                 problems.append(f"rank {r} on node {theirs['node']} ({theirs['host']}, model {theirs['model']}) "
                                 f"has {', '.join(diffs)}")
@@ -270,6 +271,10 @@ class Distributed:
         if self._listen is not None:
             self._listen.close()
             self._listen = None
+
+
+def _short(value):
+    return value[:12] if isinstance(value, str) and len(value) == 64 else value  # sha256 hex -> its prefix
 
 
 def _agent_store() -> bool:
