@@ -426,7 +426,12 @@ def plan(
                   f"{p.weight_gib_per_device:.1f} GiB weights + {p.kv_gib_per_device:.1f} GiB KV per device of "
                   f"{p.device_memory_gib:.1f} GiB; up to {p.max_concurrent_sequences} concurrent sequences of "
                   f"{p.max_model_len} tokens")
-    else:
+        out.print(f"launch: {p.launch}")
+    if p.dtype != "bf16":
+        out.print(f"[yellow]note[/yellow]: dsserve's engine dequantizes {p.dtype} weights to BF16 when it loads them; "
+                  "these figures are for an engine that keeps them quantized. For a dsserve deployment, plan with "
+                  "--dtype bf16.")
+    if not p.fits:
         out.print(f"[bold red]does not fit[/bold red] on up to 64 nodes of {devices_per_node} x {p.device}, because "
                   + (p.reasons[-1] if p.reasons else "no device count is valid"))
     raise typer.Exit(0 if p.fits else 1)

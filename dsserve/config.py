@@ -457,10 +457,9 @@ _MINDIE_UNMAPPED = {
     "openAiSupport": "the OpenAI API is always on",
     "npuDeviceIds": "choose devices with CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES",
     "tokenizerProcessNumber": "tokenization runs in the server process, off the engine thread",
-    "multiNodesInferEnabled": "multi-node starts from a rank table (dsserve ranktable) and --node-rank",
-    "multiNodesInferPort": "torch.distributed uses MASTER_PORT (dsserve ranktable env)",
+    "multiNodesInferEnabled": "multi-node: run `dsserve serve --rank-table FILE --node-rank K` on every node",
     "interNodeTLSEnabled": "torch.distributed traffic is not encrypted: keep it on a private network",
-    "worldSize": "tensor parallelism is set with --tensor-parallel-size",
+    "worldSize": "multi-node: the rank table's card count is the tensor-parallel size",
     "cpuMemSize": "dsserve keeps no CPU-side KV swap space",
     "backendType": "dsserve has one backend (PyTorch)",
     "trustRemoteCode": "dsserve never runs code from a checkpoint folder",
@@ -512,12 +511,18 @@ def import_mindie(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str,
     take(schedule, "cacheBlockSize", "block_size", int)
     take(schedule, "maxBatchSize", "max_num_seqs", int)
     take(schedule, "maxPrefillTokens", "max_num_batched_tokens", int)
+    multi_node = bool(backend.get("multiNodesInferEnabled"))
+    if multi_node:
+        take(backend, "multiNodesInferPort", "master_port", int)
+    elif int(model.get("worldSize", 1) or 1) > 1:
+        out["tensor_parallel_size"] = int(model["worldSize"])
     if "logLevel" in log:
         out["log_level"] = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "warning": "WARNING",
                             "error": "ERROR", "critical": "CRITICAL"}.get(str(log["logLevel"]).lower(), "INFO")
     mapped = {"ipAddress", "port", "maxLinkNum", "modelName", "modelWeightPath", "npuMemSize", "maxSeqLen",
               "maxInputTokenLen", "truncation", "cacheBlockSize", "maxBatchSize", "maxPrefillTokens", "logLevel",
               "ModelConfig", "ModelDeployConfig", "ScheduleConfig"}
+    mapped |= {"multiNodesInferPort"} if multi_node else {"worldSize"} if "tensor_parallel_size" in out else set()
     for section in (server, backend, deploy, schedule, log, model):
         for key in section:
             if key not in mapped:

@@ -44,11 +44,20 @@ def test_seed_config_maps_and_lists_the_rest():
         "host": "127.0.0.1", "port": 1025, "max_queued_requests": 600, "served_model_name": "DeepSeek-R1",
         "model": "/data/DeepSeek-R1-W8A8", "max_model_len": 10000, "max_input_len": 2048, "truncate_input": True,
         "block_size": 128, "max_num_seqs": 8, "max_num_batched_tokens": 2048, "log_level": "INFO",
+        "master_port": 1120,  # multiNodesInferEnabled: the rank table gives the size, this port the rendezvous
     }
     why = dict(notes)
     for field in ("managementPort", "metricsPort", "httpsEnabled", "npuDeviceIds", "worldSize", "maxIterTimes",
                   "prefillTimeMsPerReq", "logPath", "trustRemoteCode"):
         assert field in why and why[field], field
+
+
+def test_single_node_world_size_is_the_tensor_parallel_size():
+    single = json.loads(json.dumps(SEED_CONFIG))
+    single["BackendConfig"]["multiNodesInferEnabled"] = False
+    options, notes = import_mindie(single)
+    assert options["tensor_parallel_size"] == 8 and "master_port" not in options
+    assert "worldSize" not in dict(notes)
 
 
 def test_cli_writes_a_toml_serve_reads(tmp_path):

@@ -22,6 +22,9 @@ class ParamCount:
     linear: int  # parameters in the quantizable linear layers (attention, MLPs, experts)
     linear_blocks: int  # 128x128 blocks of those linears (one FP8 scale each)
     linear_rows: int  # output rows of those linears (one W8A8 per-channel scale each)
+    replicated_linear: int = 0  # linears every tensor-parallel rank holds whole (MLA's q_a / kv_a down-projections)
+    replicated_other: int = 0  # norms, also held whole by every rank
+    routers: int = 0  # MoE router weights and biases: whole on every rank, float32 in the engine
 
 
 def count_params(c: ModelConfig) -> ParamCount:
@@ -29,15 +32,21 @@ def count_params(c: ModelConfig) -> ParamCount:
     linears: list[tuple[int, int, int]] = []  # (out, in, count)
     other = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) + h  # embeddings, head, final norm
     active_linear = 0
+    replicated_linear, replicated_other, routers = 0, h, 0
     for layer in range(c.num_hidden_layers):
         other += 2 * h
+        replicated_other += 2 * h
         if c.is_mla:
             qk = c.num_attention_heads * c.qk_head_dim
             if c.q_lora_rank:
                 attn = [(c.q_lora_rank, h), (qk, c.q_lora_rank)]
                 other += c.q_lora_rank
+                replicated_linear += c.q_lora_rank * h
+                replicated_other += c.q_lora_rank
             else:
                 attn = [(qk, h)]
+            replicated_linear += (c.kv_lora_rank + c.qk_rope_head_dim) * h
+            replicated_other += c.kv_lora_rank
             attn += [(c.kv_lora_rank + c.qk_rope_head_dim, h),
                      (c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
                      (h, c.num_attention_heads * c.v_head_dim)]
@@ -54,7 +63,9 @@ def count_params(c: ModelConfig) -> ParamCount:
             if c.n_shared_experts:
                 shared = inter * c.n_shared_experts
                 mlp += [(shared, h, 2), (h, shared, 1)]
-            other += c.n_routed_experts * h + (c.n_routed_experts if c.topk_method == "noaux_tc" else 0)
+            router = c.n_routed_experts * h + (c.n_routed_experts if c.topk_method == "noaux_tc" else 0)
+            other += router
+            routers += router
             active_linear += 3 * h * inter * c.num_experts_per_tok + 3 * h * inter * c.n_shared_experts
         else:
             mlp += [(c.intermediate_size, h, 2), (h, c.intermediate_size, 1)]
@@ -66,7 +77,8 @@ def count_params(c: ModelConfig) -> ParamCount:
     blocks = sum(-(-o // 128) * -(-i // 128) * n for o, i, n in linears)
     rows = sum(o * n for o, _, n in linears)
     return ParamCount(total=linear + other, active=active_linear + other, linear=linear,
-                      linear_blocks=blocks, linear_rows=rows)
+                      linear_blocks=blocks, linear_rows=rows, replicated_linear=replicated_linear,
+                      replicated_other=replicated_other, routers=routers)
 
 
 def weight_bytes(p: ParamCount, dtype: str) -> int:
@@ -81,6 +93,15 @@ def weight_bytes(p: ParamCount, dtype: str) -> int:
     if dtype == "int4":  # 4 bits + a bf16 scale per group of 128
         return p.linear // 2 + 2 * (p.linear // 128) + other
     raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+
+
+def weight_bytes_per_device(p: ParamCount, dtype: str, n: int) -> float:
+    """What one of `n` tensor-parallel ranks holds: its share of the split weights plus the parts every rank
+    keeps whole (MLA's down-projections, norms, MoE routers in float32, as dsserve's engine loads them)."""
+    total = weight_bytes(p, dtype)
+    per_linear = (total - 2 * (p.total - p.linear)) / max(p.linear, 1)  # bytes per linear weight, scales included
+    replicated = p.replicated_linear * per_linear + 2 * (p.replicated_other + p.routers)  # as counted in `total`
+    return (total - replicated) / n + replicated + 2 * p.routers  # + the routers' float32 upgrade
 
 
 def kv_bytes_per_token(c: ModelConfig, tp: int = 1, kv_bytes: int = 2) -> int:
@@ -111,6 +132,7 @@ class Plan:
     kv_gib_per_device: float = 0.0
     max_concurrent_sequences: int = 0
     reasons: list[str] = field(default_factory=list)  # why each smaller device count fails
+    launch: str = ""  # the dsserve serve flags that deploy it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -160,11 +182,12 @@ def plan(source: str, device: str = "910b-64g", devices_per_node: int = 8, dtype
     candidates = [n for n in (1, 2, 4, 8, 16) if n <= devices_per_node]
     candidates += [devices_per_node * k for k in range(2, max_nodes + 1)]
     for n in sorted(set(candidates)):
-        if n > 1 and c.num_attention_heads % n and not (c.n_routed_experts and c.n_routed_experts % n == 0):
+        if n > 1 and (c.num_attention_heads % n or (c.n_routed_experts and c.n_routed_experts % n
+                                                        and c.moe_intermediate_size % n)):
             result.reasons.append(f"{n} devices: {n} divides neither the {c.num_attention_heads} attention heads "
-                                  f"(tensor parallel) nor the experts (expert parallel)")
+                                  f"(split over the ranks) nor the experts (expert parallel)")
             continue
-        per_device = weights / n
+        per_device = weight_bytes_per_device(params, dtype, n)
         free = usable - workspace - per_device
         kv_token = kv_bytes_per_token(c, n)
         if free <= 0:
@@ -182,6 +205,18 @@ def plan(source: str, device: str = "910b-64g", devices_per_node: int = 8, dtype
         result.weight_gib_per_device = round(per_device / GiB, 1)
         result.kv_gib_per_device = round(free / GiB, 1)
         result.max_concurrent_sequences = seqs
+        result.launch = _launch_hint(c, n, devices_per_node)
         return result
     return result
 
+
+
+def _launch_hint(c: ModelConfig, n: int, devices_per_node: int) -> str:
+    if n == 1:
+        return "dsserve serve MODEL"
+    ep = " --enable-expert-parallel" if c.n_routed_experts and c.n_routed_experts % n == 0 else ""
+    if n <= devices_per_node:
+        return f"dsserve serve MODEL -tp {n}{ep}"
+    nodes = -(-n // devices_per_node)
+    return (f"dsserve ranktable generate --nodes IP0,...,IP{nodes - 1} --devices-per-node {devices_per_node} -o rt.json; "
+            f"on node K: dsserve serve MODEL --rank-table rt.json --node-rank K{ep}")

@@ -108,3 +108,30 @@ def test_cli_json(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["fits"] and data["devices"] == 1 and data["max_concurrent_sequences"] >= 8
+
+
+def test_bytes_per_device_match_what_a_rank_loads(model_dir):
+    """The planner's per-device weights for 2 ranks equal the parameter bytes of rank 0's model in the engine
+    (split heads, experts and vocabulary; whole MLA down-projections, norms and float32 routers)."""
+    import torch
+
+    from dsserve.config import ModelConfig
+    from dsserve.layers.parallel import TensorParallel
+    from dsserve.models.registry import model_class
+    from dsserve.plan.planner import weight_bytes_per_device
+
+    config = ModelConfig.from_path(model_dir("deepseek_v3"))
+    params = count_params(config)
+    for ep in (False, True):
+        rank0 = model_class(config)(config, 64, torch.bfloat16, TensorParallel(0, 2, ep))
+        loaded = sum(p.numel() * p.element_size() for p in rank0.parameters())
+        assert weight_bytes_per_device(params, "bf16", 2) == pytest.approx(loaded, rel=1e-9)
+    single = model_class(config)(config, 64, torch.bfloat16)
+    assert weight_bytes_per_device(params, "bf16", 1) == sum(p.numel() * p.element_size() for p in single.parameters())
+
+
+def test_the_plan_says_how_to_launch():
+    assert "--rank-table" in plan("deepseek-r1", "910b-64g", dtype="bf16").launch
+    assert "--enable-expert-parallel" in plan("deepseek-r1", "910b-64g", dtype="bf16").launch
+    assert plan("deepseek-r1", "910b-64g", dtype="int4").launch == "dsserve serve MODEL -tp 8 --enable-expert-parallel"
+    assert plan("r1-distill-qwen-32b", "a100-80g", max_model_len=32768, concurrency=8).launch == "dsserve serve MODEL -tp 2"

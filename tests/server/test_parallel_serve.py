@@ -21,10 +21,24 @@ from conftest import Server
 PROMPTS = ["2+2=", "The capital of", "数一数", "abc" * 5, "Hello, world! " * 3, "x"]
 
 
+def _greedy_texts(path) -> list[str]:
+    llm = LLM(path, num_kv_blocks=128, max_model_len=512)
+    return [o.outputs[0].text for o in llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))]
+
+
 @pytest.fixture(scope="module")
 def expected(tiny_r1):
-    llm = LLM(tiny_r1, num_kv_blocks=128, max_model_len=512)
-    return [o.outputs[0].text for o in llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0))]
+    return _greedy_texts(tiny_r1)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(model_dir, tiny_r1, tmp_path_factory):
+    """transformers' tiny Qwen2 with the byte-level tokenizer (its 262 tokens fit the 320-token vocabulary)."""
+    folder = tmp_path_factory.mktemp("qwen2") / "tiny-qwen2"
+    shutil.copytree(model_dir("qwen2_untied"), folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_r1 / name, folder / name)
+    return folder
 
 
 def _complete_all(server: Server) -> list[str]:
@@ -66,6 +80,16 @@ def test_tp2_server_serves_the_same_tokens(tiny_r1, expected, extra):
     assert server.proc.returncode == 0
     for pid in workers:  # rank 1 was told to stop and is gone
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_tp2_server_on_qwen2(tiny_qwen2):
+    expected = _greedy_texts(tiny_qwen2)
+    server = Server(tiny_qwen2, "-tp", "2", "--step-timeout", "30")
+    try:
+        assert _complete_all(server) == expected
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0
 
 
 def test_two_nodes_from_a_generated_rank_table(tiny_r1, expected, tmp_path):
