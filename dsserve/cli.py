@@ -629,7 +629,10 @@ def main() -> None:
     try:
         app()
     except DsserveError as e:
-        console.print(f"[bold red]error:[/bold red] {e}")
+        from rich.markup import escape
+
+        # soft_wrap: long paths stay whole for copy and paste (the terminal wraps them)
+        console.print(f"[bold red]error:[/bold red] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)
 
 

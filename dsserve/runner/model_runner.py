@@ -49,7 +49,20 @@ class ModelRunner:
         elif self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.block_size = cache_config.block_size
+        self.failure: BaseException | None = None
+        self.heartbeat: Heartbeat | None = None
+        self._lock = threading.Lock()  # one collective sequence at a time: steps vs the heartbeat
         self.group: Distributed | None = Distributed(config, self.device) if config.parallel.enabled else None
+        try:
+            self._load(config)
+        except BaseException as e:
+            if self.group is not None:
+                self.group.report_failure(e)
+                self.group.shutdown(graceful=False)
+            raise
+
+    def _load(self, config: EngineConfig) -> None:
+        model_config, cache_config = config.model, config.cache
         tp = self.group.tp if self.group else SINGLE
         started = time.perf_counter()
         with torch.device(self.device):
@@ -65,12 +78,10 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_hidden_layers)]
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
-        self._lock = threading.Lock()  # one collective sequence at a time: steps vs the heartbeat
         self.heartbeat = (
             Heartbeat(self.group, self._lock, config.parallel.step_timeout_s / 4)
             if self.group and self.group.rank == 0 else None
         )
-        self.failure: BaseException | None = None
         if self.group is not None:
             atexit.register(self.shutdown)  # an offline LLM nobody shut down still stops its ranks cleanly
 

@@ -84,6 +84,11 @@ class Distributed:
 
     def _start(self) -> None:
         c = self.config
+        if dist.is_initialized():
+            raise DistributedError(
+                "this process already belongs to a torch.distributed group (another tensor-parallel engine is "
+                "running in it); shut that engine down first: one tensor-parallel engine per process"
+            )
         _choose_interface(c.node_addr, self.backend)
         if self.rank == 0 and not _agent_store():
             self._listen = _listen(c.master_addr, c.master_port)
@@ -191,14 +196,32 @@ class Distributed:
         return None
 
     def agree_min(self, key: str, value: int) -> int:
-        """The smallest `value` over the ranks (e.g. KV blocks that fit everywhere), through the store."""
+        """The smallest `value` over the ranks (e.g. KV blocks that fit everywhere), through the store. Waits for
+        the slowest rank's weight loading; a rank that fails meanwhile (`report_failure`) fails every rank."""
         self.store.set(f"dsserve/{key}/{self.rank}", str(value))
         keys = [f"dsserve/{key}/{r}" for r in range(self.world_size)]
+        deadline = time.monotonic() + _LOAD_TIMEOUT_S
         try:
-            self.store.wait(keys, datetime.timedelta(seconds=_LOAD_TIMEOUT_S))
+            while not self.store.check(keys):
+                if self.store.check(["dsserve/failed"]):
+                    raise DistributedError(self.store.get("dsserve/failed").decode())
+                dead = self.dead_children()
+                if dead:
+                    raise DistributedError(f"rank {self.rank}: {'; '.join(dead)} while loading; its error is above")
+                if time.monotonic() > deadline:
+                    raise DistributedError(f"rank {self.rank}: not every rank finished loading within "
+                                           f"{_LOAD_TIMEOUT_S:.0f}s")
+                time.sleep(0.05)
         except (RuntimeError, dist.DistStoreError) as e:
-            raise DistributedError(f"rank {self.rank}: not every rank reported {key} (a rank failed loading?)") from e
+            raise DistributedError(f"rank {self.rank}: lost rank 0's store while waiting for {key} ({e})") from e
         return min(int(self.store.get(k)) for k in keys)
+
+    def report_failure(self, error: BaseException) -> None:
+        """Tell every rank (through the store) that this one failed before the first step, and why."""
+        try:
+            self.store.set("dsserve/failed", f"rank {self.rank} on node {self.config.node_rank} failed: {error}")
+        except Exception:  # noqa: BLE001 - the store may be gone too
+            pass
 
     # ---- steps ---------------------------------------------------------------------------------------
 

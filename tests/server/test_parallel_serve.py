@@ -203,12 +203,33 @@ def test_a_rank_with_another_config_is_reported_before_weights_load(tiny_r1, tmp
     node1 = _start_node(other, table, 1, port, tmp_path / "node1.log")
     with pytest.raises(RuntimeError, match="server did not start") as failure:
         Server(tiny_r1, "--rank-table", str(table), "--node-rank", "0", "--master-port", str(port))
-    message = str(failure.value)
+    message = " ".join(str(failure.value).split())  # the CLI wraps long error lines
     assert "rank 1 on node 1" in message and "config_hash" in message and str(other) in message
     assert "loaded" not in message  # no rank read a weight
     assert node1.wait(30) == 1
     log = (tmp_path / "node1.log").read_text()
     assert "rank 1 on node 1" in log and "loaded" not in log
+
+
+def test_a_rank_that_fails_to_load_fails_every_rank(tiny_r1, tmp_path):
+    """Same config, but node 1's weights are truncated: node 1 says which file, and node 0 stops with that
+    message instead of waiting for a rank that will never be ready."""
+    broken = tmp_path / "broken-r1"
+    shutil.copytree(tiny_r1, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    table = tmp_path / "rank_table.json"
+    subprocess.run([sys.executable, "-m", "dsserve.cli", "ranktable", "generate", "--nodes", "127.0.0.1,127.0.0.2",
+                    "--devices-per-node", "1", "-o", str(table)], check=True)
+    port = _free_port()
+    node1 = _start_node(broken, table, 1, port, tmp_path / "node1.log")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="server did not start") as failure:
+        Server(tiny_r1, "--rank-table", str(table), "--node-rank", "0", "--master-port", str(port))
+    assert time.monotonic() - started < 60
+    message = " ".join(str(failure.value).split())  # the CLI wraps long error lines
+    assert "rank 1 on node 1 failed" in message and "model.safetensors" in message, message
+    assert node1.wait(30) == 1
 
 
 def _start_node(model: Path, table: Path, node: int, port: int, log: Path) -> subprocess.Popen:
