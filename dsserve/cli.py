@@ -377,14 +377,15 @@ def bench_latency(
     dtype: str = typer.Option("auto"),
     num_threads: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
+    profile: bool = typer.Option(False, "--profile", help="also print where a decode step's time goes"),
 ):
-    """One batch: prefill time and the distribution of decode-step times."""
-    from dsserve.bench.timing import time_batch
+    """One batch: prefill time and the distribution of decode-step times (--profile: and their breakdown)."""
+    from dsserve.bench.timing import profile_rows, time_batch
 
     engine = _bench_engine(model, dtype, 16, input_len + output_len + 8, batch_size,
                            max(batch_size * input_len, 2048), None, False, num_threads)
     time_batch(engine, min(2, batch_size), 8, 4, seed + 1)
-    t = time_batch(engine, batch_size, input_len, output_len, seed)
+    t = time_batch(engine, batch_size, input_len, output_len, seed, profile=profile)
     steps = sorted(t.decode_steps_s) or [0.0]
 
     def pct(q: float) -> float:
@@ -393,6 +394,17 @@ def bench_latency(
     print(f"batch {batch_size}, {input_len} in / {output_len} out: total {t.total_s:.3f} s, prefill "
           f"{1000 * t.first_token_s:.1f} ms, decode step mean {1000 * t.decode_step_s:.2f} ms, p50 {pct(0.5):.2f}, "
           f"p90 {pct(0.9):.2f}, p99 {pct(0.99):.2f}, max {1000 * steps[-1]:.2f} ms over {len(t.decode_steps_s)} steps")
+    if profile:
+        from rich.table import Table
+
+        table = Table(title=f"where a decode step goes (batch {batch_size}, mean over {len(t.decode_steps_s)} steps; "
+                            "timing each section adds a little)")
+        table.add_column("section")
+        table.add_column("ms / step", justify="right")
+        table.add_column("share", justify="right")
+        for label, ms, share in profile_rows():
+            table.add_row(label, f"{ms:.2f}", f"{share:.0%}")
+        Console().print(table)
 
 
 @app.command()

@@ -19,7 +19,7 @@ RANKS = {
     "layers": 5,
     "kernels": 6,
 }
-ANYWHERE = {"config", "errors", "assets"}  # imported from any layer; they import nothing above themselves
+ANYWHERE = {"config", "errors", "assets", "profiling"}  # imported from any layer; they import nothing above themselves
 # Operator tools read configs and checkpoints, never the engine or the device.
 TOOLS = {"plan", "weights", "ranktable", "doctor"}
 TOOL_ALLOWED = {"config", "errors", "models.loader", "models.registry", "plan", "weights", "ranktable"}

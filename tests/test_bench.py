@@ -44,3 +44,21 @@ def test_perf_cli_writes_the_csv(tiny_r1, tmp_path):
     latency = CliRunner().invoke(app, ["bench", "latency", "--model", str(tiny_r1), "--batch-size", "2",
                                        "--input-len", "8", "--output-len", "4"])
     assert latency.exit_code == 0 and "decode step mean" in latency.output
+
+
+def test_latency_profile_breaks_the_decode_step_down(tiny_r1):
+    from dsserve.bench.timing import profile_rows
+    from dsserve.profiling import PROFILER
+
+    result = CliRunner().invoke(app, ["bench", "latency", "--model", str(tiny_r1), "--batch-size", "4",
+                                      "--input-len", "16", "--output-len", "12", "--profile"])
+    assert result.exit_code == 0, result.output
+    for label in ("model forward", "of which attention", "LM head", "sampling", "scheduling", "detokenizing",
+                  "whole decode step"):
+        assert label in result.output, label
+    assert not PROFILER.enabled  # off again after the run: no cost on the serving path
+    rows = {label.strip(): ms for label, ms, _ in profile_rows()}
+    assert PROFILER.steps == 11  # the decode steps only (the first token comes from the prefill)
+    assert 0 < rows["of which attention"] < rows["model forward"] < rows["whole decode step"]
+    parts = sum(ms for label, ms, _ in profile_rows()[:-1] if not label.startswith("  "))
+    assert parts == pytest.approx(rows["whole decode step"], rel=1e-6)

@@ -14,6 +14,8 @@ import random
 import time
 from dataclasses import dataclass
 
+from dsserve.profiling import PROFILER
+
 MINDIE_COLUMNS = [
     "Model", "Batchsize", "In_seq", "Out_seq", "Total time(s)", "First token time(ms)", "Non-first token time(ms)",
     "Non-first token Throughput(Tokens/s)", "E2E Throughput(Tokens/s)", "Non-first token Throughput Average(Tokens/s)",
@@ -36,10 +38,11 @@ class BatchTiming:
 
 
 def time_batch(engine, batch_size: int, input_len: int, output_len: int, seed: int = 0,
-               temperature: float = 0.0) -> BatchTiming:
+               temperature: float = 0.0, profile: bool = False) -> BatchTiming:
     """`batch_size` random prompts of exactly `input_len` tokens, exactly `output_len` new tokens each (EOS ignored).
 
-    Ids start at 10, above the special tokens at the start of every DeepSeek/Qwen/Llama vocabulary."""
+    Ids start at 10, above the special tokens at the start of every DeepSeek/Qwen/Llama vocabulary.
+    `profile`: collect the decode steps' sections in `dsserve.profiling.PROFILER` (see `profile_rows`)."""
     from dsserve.engine.request import SamplingParams
 
     rng = random.Random(seed)
@@ -62,10 +65,45 @@ def time_batch(engine, batch_size: int, input_len: int, output_len: int, seed: i
             have_first.update(o.request_id for o in outputs if o.outputs[0].token_ids)
             if len(have_first) == batch_size:
                 first_token_at = now
+                if profile:
+                    PROFILER.start(_synchronizer(engine))
         else:
             steps.append(now - step_start)
     total = time.perf_counter() - started
+    PROFILER.stop()
     return BatchTiming(batch_size, input_len, output_len, total, (first_token_at or started) - started, steps)
+
+
+PROFILE_SECTIONS = [
+    ("schedule", "scheduling (incl. block tables)"),
+    ("prepare", "step inputs (ids, positions, slots, masks)"),
+    ("model", "model forward"),
+    ("attention", "  of which attention"),
+    ("logits", "LM head (logits)"),
+    ("sample", "sampling"),
+    ("update", "output bookkeeping"),
+    ("detokenize", "  of which detokenizing"),
+]
+
+
+def profile_rows() -> list[tuple[str, float, float]]:
+    """The profiled decode steps: [(section, ms per step, share)], with the unaccounted rest and the whole step."""
+    rows = PROFILER.report(PROFILE_SECTIONS)
+    steps = max(PROFILER.steps, 1)
+    step_ms = 1000 * PROFILER.totals.get("step", 0.0) / steps
+    top_level = sum(ms for label, ms, _ in rows if not label.startswith("  "))
+    rest = max(step_ms - top_level, 0.0)
+    return rows + [("other (Python between sections)", rest, rest / step_ms if step_ms else 0.0),
+                   ("whole decode step", step_ms, 1.0 if step_ms else 0.0)]
+
+
+def _synchronizer(engine):
+    device = getattr(engine.runner, "device", None)
+    if device is not None and device.type == "cuda":
+        import torch
+
+        return lambda: torch.cuda.synchronize(device)
+    return None
 
 
 @dataclass

@@ -27,6 +27,7 @@ from dsserve.engine.request import Request, RequestStatus, SamplingParams
 from dsserve.engine.scheduler import Scheduler, SchedulerOutput
 from dsserve.engine.tokenizer import Tokenizer
 from dsserve.errors import ConfigError, EngineDeadError, InvalidRequestError
+from dsserve.profiling import PROFILER
 from dsserve.runner.model_runner import ModelRunner, StepResult, default_num_threads
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,14 @@ class LLMEngine:
     # ---- the loop -----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
+        with PROFILER.section("step"):
+            outputs = self._step()
+        PROFILER.step_done()
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
+        with PROFILER.section("schedule"):
+            plan = self.scheduler.schedule()
         if not plan:
             if self.scheduler.num_unfinished:
                 raise EngineDeadError(
@@ -112,7 +120,8 @@ class LLMEngine:
                 )
             return []
         result = self._run(plan)
-        return self._update(plan, result)
+        with PROFILER.section("update"):
+            return self._update(plan, result)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
@@ -187,8 +196,9 @@ class LLMEngine:
     # ---- internals ----------------------------------------------------------------------------------
 
     def _run(self, plan: SchedulerOutput) -> StepResult:
-        tables = [self.kv_cache.block_ids(r.request_id) for r in plan.requests]
-        computed = [r.num_computed_tokens for r in plan.requests]
+        with PROFILER.section("schedule"):
+            tables = [self.kv_cache.block_ids(r.request_id) for r in plan.requests]
+            computed = [r.num_computed_tokens for r in plan.requests]
         return self.runner.execute(plan.requests, plan.num_new_tokens, tables, computed)
 
     def _update(self, plan: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
@@ -210,7 +220,9 @@ class LLMEngine:
             if result.logprobs[row] is not None:
                 request.logprobs.append(result.logprobs[row])
             detok = group.detokenizers[request.sample_index]
-            if detok is not None and detok.append(request.output_token_ids[-1]) is not None and not request.is_finished:
+            with PROFILER.section("detokenize"):
+                stopped = detok is not None and detok.append(request.output_token_ids[-1]) is not None
+            if stopped and not request.is_finished:
                 request.stop_reason = detok.stopped_by
                 self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
             touched[group.request_id] = group

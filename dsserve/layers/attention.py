@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dsserve.profiling import PROFILER
+
 
 @dataclass
 class AttentionMetadata:
@@ -36,17 +38,25 @@ class AttentionMetadata:
 
     def write(self, cache: torch.Tensor, values: torch.Tensor) -> None:
         """Store this step's (T, ...) entries at their slots of cache (num_blocks, block_size, ...)."""
-        cache.view(-1, *cache.shape[2:])[self.slot_mapping] = values
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, self.slot_mapping, values.to(cache.dtype))
 
     def gather(self, cache: torch.Tensor) -> torch.Tensor:
-        """Every sequence's context: (B, L, ...) with L = max_blocks * block_size."""
-        return cache[self.block_tables].flatten(1, 2)
+        """Every sequence's context: (B, L, ...) with L = max_blocks * block_size. Whole blocks are copied with
+        index_select (memcpy-sized pieces; about twice as fast on CPU as advanced indexing)."""
+        batch, num_blocks = self.block_tables.shape
+        picked = cache.index_select(0, self.block_tables.flatten())  # (B * max_blocks, block_size, ...)
+        return picked.view(batch, num_blocks * cache.shape[1], *cache.shape[2:])
 
 
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """MHA/GQA. q (T, H, D); k, v (T, Hkv, D); cache (num_blocks, block_size, 2, Hkv, D). Returns (T, H, D)."""
+    with PROFILER.section("attention"):
+        return _paged_attention(q, k, v, cache, meta, scale)
+
+
+def _paged_attention(q, k, v, cache, meta, scale):
     meta.write(cache, torch.stack((k, v), dim=1))
     context = meta.gather(cache)  # (B, L, 2, Hkv, D)
     keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, L, D)
@@ -71,6 +81,11 @@ def mla_attention(
     Decode uses the absorbed form (queries projected into latent space: attention is MQA over C + R dims);
     steps with prefill tokens expand the context latents into per-head keys and values.
     """
+    with PROFILER.section("attention"):
+        return _mla_attention(q_nope, q_pe, latent, k_pe, w_kv_b, cache, meta, scale)
+
+
+def _mla_attention(q_nope, q_pe, latent, k_pe, w_kv_b, cache, meta, scale):
     num_latent = latent.shape[-1]
     num_nope = q_nope.shape[-1]
     meta.write(cache, torch.cat((latent, k_pe), dim=-1))

@@ -30,6 +30,8 @@ class StepInputs:
     starts: torch.Tensor  # (B,) tokens already in the cache per sequence
     block_tables: torch.Tensor  # (B, max_blocks) cache block ids, padded with 0
     logit_rows: torch.Tensor  # (N,) flat token indices whose logits are needed (sampling, prompt logprobs)
+    due: list[int] | None = None  # rank 0 only, not sent: rows sampled this step
+    prompt_spans: list | None = None  # rank 0 only, not sent: (row, logits offset, count, target ids)
 
     @classmethod
     def build(cls, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]]) -> "StepInputs":

@@ -17,6 +17,7 @@ from dsserve.config import CacheConfig, EngineConfig, ParallelConfig
 from dsserve.errors import ConfigError, DistributedError
 from dsserve.layers.parallel import SINGLE
 from dsserve.models.loader import iter_checkpoint
+from dsserve.profiling import PROFILER
 from dsserve.models.registry import model_class
 from dsserve.runner.batch import StepInputs, build_forward_batch
 from dsserve.runner.parallel import STEP, STOP, Distributed, Heartbeat
@@ -93,6 +94,16 @@ class ModelRunner:
     def execute(self, rows: list[SamplingRow], num_new_tokens: list[int], block_tables: list[list[int]],
                 num_computed: list[int]) -> StepResult:
         """Compute `num_new_tokens[i]` tokens of each row after its `num_computed[i]`; sample rows that reach the end."""
+        with PROFILER.section("prepare"):
+            inputs = self._inputs(rows, num_new_tokens, block_tables, num_computed)
+        prompt_spans = inputs.prompt_spans
+        due = inputs.due
+        logits = self._run(inputs, send=True)
+
+        with PROFILER.section("sample"):
+            return self._sample(rows, due, prompt_spans, logits)
+
+    def _inputs(self, rows, num_new_tokens, block_tables, num_computed) -> StepInputs:
         chunks = [row.all_token_ids[start : start + n] for row, start, n in zip(rows, num_computed, num_new_tokens)]
         inputs = StepInputs.build(chunks, num_computed, block_tables)
         # Every logit this step needs comes from one LM-head call: the sampled rows' last tokens, then the
@@ -112,8 +123,10 @@ class ModelRunner:
             prompt_spans.append((i, len(logit_rows), end - start, row.all_token_ids[start + 1 : end + 1]))
             logit_rows.extend(range(query_start[i], query_start[i] + end - start))
         inputs.logit_rows = torch.tensor(logit_rows, dtype=torch.long)
-        logits = self._run(inputs, send=True)
+        inputs.due, inputs.prompt_spans = due, prompt_spans
+        return inputs
 
+    def _sample(self, rows, due, prompt_spans, logits) -> StepResult:
         sampled: list[int] = [-1] * len(rows)
         logprobs: list[TokenLogprobs | None] = [None] * len(rows)
         if due:
@@ -163,11 +176,14 @@ class ModelRunner:
                     self.heartbeat.touch()
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
-        batch = build_forward_batch(inputs, self.block_size, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # (T, D)
+        with PROFILER.section("prepare"):
+            batch = build_forward_batch(inputs, self.block_size, self.device)
+        with PROFILER.section("model"):
+            hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # (T, D)
         if inputs.logit_rows.numel() == 0:
             return None
-        return self.model.compute_logits(hidden[inputs.logit_rows.to(self.device)])  # (N, V) on rank 0
+        with PROFILER.section("logits"):
+            return self.model.compute_logits(hidden[inputs.logit_rows.to(self.device)])  # (N, V) on rank 0
 
     @torch.inference_mode()
     def serve_steps(self) -> None:
