@@ -157,6 +157,7 @@ def serve(
         options["topology"] = topology(load(table_file), 0 if node is None else int(node))
     elif node is not None:
         raise typer.BadParameter("--node-rank needs --rank-table (or start the ranks with torchrun)")
+    options["from_env"] = True  # torchrun's RANK / WORLD_SIZE / ... start a multi-rank deployment
     model_path = _resolve_model(options.pop("model", None))
     template_file = options.pop("chat_template", None)
     server_config = ServerConfig(

@@ -75,6 +75,7 @@ class ModelConfig:
     moe_layer_freq: int = 1
     # FP8 block quantization, e.g. (128, 128); None for unquantized checkpoints
     fp8_block_size: tuple[int, int] | None = None
+    o_proj_bias: bool = False  # Llama with attention_bias: o_proj has a bias too (Qwen2's does not)
 
     @property
     def is_mla(self) -> bool:
@@ -155,6 +156,7 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(raw.get("attention_bias", False)),
+            o_proj_bias=model_type == "llama" and bool(raw.get("attention_bias", False)),
             checkpoint_dtype=str(dtype),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -297,6 +299,9 @@ class ParallelConfig:
         if model.n_routed_experts:
             if self.enable_expert_parallel:
                 what.append(("n_routed_experts", model.n_routed_experts))
+                if model.n_shared_experts:
+                    what.append(("the shared experts' intermediate size",
+                                 model.moe_intermediate_size * model.n_shared_experts))
             else:
                 what.append(("moe_intermediate_size", model.moe_intermediate_size))
         bad = [f"{name} = {value}" for name, value in what if value % n]

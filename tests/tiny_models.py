@@ -73,10 +73,11 @@ def qwen2(path: Path, tied: bool, seed: int = 0) -> Path:
     return _finish(Qwen2ForCausalLM(cfg), path, seed)
 
 
-def llama(path: Path, seed: int = 0) -> Path:
+def llama(path: Path, seed: int = 0, attention_bias: bool = False) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
+        attention_bias=attention_bias,
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, rope_theta=500000.0,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -93,6 +94,7 @@ BUILDERS = {
     "qwen2_tied": lambda p: qwen2(p, tied=True),
     "qwen2_untied": lambda p: qwen2(p, tied=False),
     "llama3": llama,
+    "llama_bias": lambda p: llama(p, attention_bias=True),  # q/k/v and o_proj biases
 }
 
 

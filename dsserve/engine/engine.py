@@ -300,16 +300,18 @@ def build_engine_config(
     dist_backend: str | None = None,
     connect_timeout: float = 120.0,
     step_timeout: float = 60.0,
+    from_env: bool = False,
 ) -> EngineConfig:
     """Resolve every 'auto' value and check the options against each other; the result is frozen.
 
     Parallelism: `tensor_parallel_size` ranks on this node (this process is rank 0 and starts the others),
     or a multi-node `topology` (the fields `ranktable.topology` derives from a rank table), or, when neither
-    says otherwise, torchrun's variables (RANK, WORLD_SIZE, ...).
+    says otherwise and `from_env` is set (`dsserve serve` sets it), torchrun's variables (RANK, WORLD_SIZE, ...):
+    an offline `LLM` inside some other torchrun job stays a single-device engine.
     """
     model_config = ModelConfig.from_path(model)
     parallel = _parallel_config(tensor_parallel_size, enable_expert_parallel, topology, master_port, dist_backend,
-                                connect_timeout, step_timeout)
+                                connect_timeout, step_timeout, from_env)
     parallel.parallel_checks(model_config)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if block_size < 1 or block_size > 1024:
@@ -359,9 +361,10 @@ def build_engine_config(
 
 
 def _parallel_config(tp: int | None, expert_parallel: bool, topology: dict[str, Any] | None, master_port: int | None,
-                     backend: str | None, connect_timeout: float, step_timeout: float) -> ParallelConfig:
+                     backend: str | None, connect_timeout: float, step_timeout: float,
+                     from_env: bool) -> ParallelConfig:
     fields: dict[str, Any] = {}
-    env = parallel_from_env() if topology is None else None
+    env = parallel_from_env() if topology is None and from_env else None
     if topology is not None:
         fields.update(topology)
     elif env is not None and env["world_size"] > 1:

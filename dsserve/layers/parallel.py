@@ -45,9 +45,14 @@ class TensorParallel:
         if self.size == 1:
             return x
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
-        dist.gather(x, parts, dst=0, group=self.group)
-        return torch.cat(parts, dim=-1) if parts is not None else None
+        if dist.get_backend(self.group) == "gloo":  # gloo has gather: only rank 0 receives
+            parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+            dist.gather(x, parts, dst=0, group=self.group)
+            return torch.cat(parts, dim=-1) if parts is not None else None
+        # NCCL / HCCL: all_gather_into_tensor is what every device backend implements
+        out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x, group=self.group)
+        return torch.cat(out.unbind(0), dim=-1) if self.rank == 0 else None
 
 
 SINGLE = TensorParallel()

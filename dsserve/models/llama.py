@@ -48,7 +48,7 @@ class LlamaAttention(nn.Module):
             config.qkv_bias,
             dtype,
         )
-        self.o_proj = Linear(config.num_attention_heads * d, [(f"{prefix}.o_proj", config.hidden_size)], False, dtype,
+        self.o_proj = Linear(config.num_attention_heads * d, [(f"{prefix}.o_proj", config.hidden_size)], config.o_proj_bias, dtype,
                              in_shard=q_rows if tp.size > 1 else None, tp=tp)
         self.rotary = rotary  # shared by all layers
         self.scale = self.head_dim**-0.5

@@ -67,7 +67,7 @@ def iter_checkpoint(
         name: shard for shard, names in shards.items() for name in names if name.endswith("_scale_inv")
     }
     open_files: dict[str, object] = {}
-    skipped = 0
+    skipped: list[str] = []
     try:
         for shard in sorted(shards):
             handle = _open_shard(folder / shard)
@@ -83,7 +83,7 @@ def iter_checkpoint(
                 if name.endswith("_scale_inv") or _is_mtp(name, config):
                     continue
                 if slices is not None and name not in slices:
-                    skipped += 1
+                    skipped.append(name)
                     continue
                 index = slices.get(name, ()) if slices is not None else ()
                 tensor = _get_tensor(handle, name, folder / shard, index)
@@ -104,7 +104,8 @@ def iter_checkpoint(
     finally:
         open_files.clear()
     if skipped:
-        logger.info("skipped %d checkpoint tensors this rank does not use", skipped)
+        logger.info("skipped %d checkpoint tensors this rank does not use (e.g. %s)", len(skipped),
+                    ", ".join(skipped[:3]))
 
 
 def dequantize_fp8_blocks(

@@ -12,13 +12,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from dsserve.config import CacheConfig, EngineConfig, ParallelConfig
-from dsserve.errors import ConfigError, DistributedError
+from dsserve.errors import ConfigError, DistributedError, EngineDeadError
 from dsserve.layers.parallel import SINGLE
 from dsserve.models.loader import iter_checkpoint
-from dsserve.profiling import PROFILER
 from dsserve.models.registry import model_class
+from dsserve.profiling import PROFILER
 from dsserve.runner.batch import StepInputs, build_forward_batch
 from dsserve.runner.parallel import STEP, STOP, Distributed, Heartbeat
 from dsserve.runner.sampler import SamplingMetadata, SamplingRow, sample
@@ -53,6 +54,7 @@ class ModelRunner:
         self.failure: BaseException | None = None
         self.heartbeat: Heartbeat | None = None
         self._lock = threading.Lock()  # one collective sequence at a time: steps vs the heartbeat
+        self._closed = False
         self.group: Distributed | None = Distributed(config, self.device) if config.parallel.enabled else None
         try:
             self._load(config)
@@ -154,26 +156,39 @@ class ModelRunner:
     def _run(self, inputs: StepInputs, send: bool) -> torch.Tensor | None:
         """Forward the step and compute the requested logits; rank 0 first sends the step to the other ranks."""
         if self.group is None:
+            if self._closed:
+                raise EngineDeadError("the engine was shut down; create a new one")
             return self._forward(inputs)
-        if self.failure is not None or (self.heartbeat and self.heartbeat.error):
-            raise DistributedError(f"the deployment lost a rank earlier: {self.failure or self.heartbeat.error}")
         with self._lock:
+            earlier = self.failure or (self.heartbeat and self.heartbeat.error)
+            if earlier:
+                raise DistributedError(f"the deployment lost a rank earlier: {earlier}")
             try:
-                if send:
-                    dead = self.group.dead_children()
-                    if dead:
-                        raise DistributedError(f"rank 0: {'; '.join(dead)}")
-                    self.group.send(STEP, inputs.pack())
-                return self._forward(inputs)
-            except DistributedError as e:
-                self.failure = e
-                raise
-            except RuntimeError as e:  # a collective inside the model failed: a rank died or stalled
-                self.failure = self.group.lost(e)
+                dead = self.group.dead_children()
+                if dead:
+                    raise DistributedError(f"rank 0: {'; '.join(dead)}")
+                self.group.send(STEP, inputs.pack())
+                logits = self._forward(inputs)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # NCCL is asynchronous: surface its errors in this step
+                return logits
+            except BaseException as e:
+                # Whatever failed, the ranks' collective sequences no longer match: nothing more can run.
+                self.failure = self._step_failure(e)
                 raise self.failure from e
             finally:
                 if self.heartbeat:
                     self.heartbeat.touch()
+
+    def _step_failure(self, error: BaseException) -> DistributedError:
+        if isinstance(error, DistributedError):
+            return error
+        if _is_communication_error(error):
+            return self.group.lost(error)
+        failure = DistributedError(f"rank {self.group.rank} failed during a step ({error!r}); the other ranks are "
+                                   "left mid-step, so the deployment stops")
+        self.group.report_failure(failure)
+        return failure
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
         with PROFILER.section("prepare"):
@@ -198,19 +213,21 @@ class ModelRunner:
             if command == STEP:
                 try:
                     self._forward(StepInputs.unpack(payload))
-                except RuntimeError as e:
-                    raise self.group.lost(e) from e
+                except BaseException as e:
+                    raise self._step_failure(e) from e
 
     def shutdown(self) -> None:
         """Stop the other ranks (rank 0) and the processes this one started; safe to call twice."""
         if self.group is None:
             return
+        atexit.unregister(self.shutdown)  # the registration held this runner (weights, cache) alive
         if self.heartbeat:
             self.heartbeat.stop()
-        healthy = self.failure is None and not (self.heartbeat and self.heartbeat.error)
         with self._lock:
+            healthy = self.failure is None and not (self.heartbeat and self.heartbeat.error)
             self.group.shutdown(graceful=healthy)
         self.group = None
+        self._closed = True
 
     def _num_blocks(self, cache: CacheConfig, max_model_len: int, max_num_seqs: int) -> int:
         if cache.num_blocks is not None:
@@ -234,6 +251,14 @@ class ModelRunner:
             )
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num, self.block_size, num * self.bytes_per_block / 2**20)
         return int(num)
+
+
+def _is_communication_error(error: BaseException) -> bool:
+    """A failed collective (peer gone, timeout) rather than this rank's own bug or resource error."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(s in text for s in ("gloo", "Gloo", "NCCL", "HCCL", "Connection"))
 
 
 def _prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:

@@ -68,7 +68,6 @@ class Distributed:
         self.device = device
         self.backend = backend_for(device, self.config.backend)
         # NCCL/HCCL move device tensors; gloo moves CPU tensors.
-        self.comm_device = device if self.backend in ("nccl", "hccl") else torch.device("cpu")
         self.children: list[tuple[int, subprocess.Popen]] = []
         self.store: dist.TCPStore | None = None
         self._stopping = False
@@ -105,6 +104,10 @@ class Distributed:
             self.backend, store=dist.PrefixStore("dsserve/pg", self.store), rank=self.rank,
             world_size=self.world_size, timeout=datetime.timedelta(seconds=self.config.step_timeout_s),
         )
+        # Rank 0's commands travel over a CPU (gloo) group: synchronous errors and timeouts even when the model's
+        # collectives run on NCCL/HCCL (asynchronous there), and idle ranks wait on a socket, not on the GPU.
+        self.control_group = None if self.backend == "gloo" else dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=self.config.step_timeout_s))
         logger.info("rank %d/%d joined the %s process group in %.1fs", self.rank, self.world_size, self.backend,
                     time.monotonic() - started)
 
@@ -228,30 +231,36 @@ class Distributed:
     def send(self, command: int, payload: torch.Tensor | None = None) -> None:
         """Rank 0: the next command (and the step's packed inputs) to every other rank."""
         header = torch.tensor([command, 0 if payload is None else payload.numel()], dtype=torch.long)
-        self._collective(dist.broadcast, header.to(self.comm_device), 0)
+        self._broadcast(header)
         if payload is not None:
-            self._collective(dist.broadcast, payload.to(self.comm_device), 0)
+            self._broadcast(payload)
 
     def receive(self) -> tuple[int, torch.Tensor | None]:
-        header = torch.empty(2, dtype=torch.long, device=self.comm_device)
-        self._collective(dist.broadcast, header, 0)
+        header = torch.empty(2, dtype=torch.long)
+        self._broadcast(header)
         command, length = header.tolist()
         if command != STEP:
             return command, None
-        payload = torch.empty(length, dtype=torch.long, device=self.comm_device)
-        self._collective(dist.broadcast, payload, 0)
-        return command, payload.cpu()
+        payload = torch.empty(length, dtype=torch.long)
+        self._broadcast(payload)
+        return command, payload
 
-    def _collective(self, op, tensor: torch.Tensor, src: int) -> None:
+    def _broadcast(self, tensor: torch.Tensor) -> None:
         try:
-            op(tensor, src)
-        except Exception as e:  # gloo/nccl raise RuntimeError (DistBackendError) on a lost peer or a timeout
+            dist.broadcast(tensor, 0, group=self.control_group)
+        except Exception as e:  # gloo raises (DistBackendError) on a lost peer or a timeout
             raise self.lost(e) from e
 
     def lost(self, error: BaseException) -> DistributedError:
-        """The message for a failed collective, naming what this rank knows about its local children."""
+        """The message for a failed collective: the cause a rank published, else what this rank knows."""
+        reported = None
+        try:
+            if self.store is not None and self.store.check(["dsserve/failed"]):
+                reported = self.store.get("dsserve/failed").decode()
+        except Exception:  # noqa: BLE001 - rank 0's store may be gone with rank 0
+            pass
         dead = [f"rank {r} (pid {p.pid}) exited with code {p.returncode}" for r, p in self.children if p.poll() is not None]
-        who = "; ".join(dead) if dead else f"a rank died or stalled for more than {self.config.step_timeout_s:.0f}s"
+        who = reported or "; ".join(dead) or f"a rank died or stalled for more than {self.config.step_timeout_s:.0f}s"
         return DistributedError(f"rank {self.rank}: lost the other ranks ({who}): {error}")
 
     def dead_children(self) -> list[str]:

@@ -27,7 +27,8 @@ def run_worker(config: EngineConfig) -> int:
         runner.serve_steps()
         return 0
     except DsserveError as e:
-        logger.error("rank %d: %s", rank, e)
+        text = str(e)
+        logger.error("%s", text if text.startswith(f"rank {rank}") else f"rank {rank}: {text}")
         return 1
     except KeyboardInterrupt:
         return 130

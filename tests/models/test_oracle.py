@@ -46,7 +46,7 @@ def _check(model_dir, name: str, llm: LLM, prompts: list[list[int]]):
 
 
 @pytest.mark.parametrize("block_size", [16, 128])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [*MODELS, "llama_bias"])
 def test_alone(model_dir, name, block_size):
     llm = LLM(model_dir(name), num_kv_blocks=1024 // block_size, block_size=block_size, max_model_len=512)
     _check(model_dir, name, llm, _prompts(1, seed=1))
