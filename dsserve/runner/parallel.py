@@ -67,9 +67,9 @@ class Distributed:
         self.rank, self.world_size = self.config.rank, self.config.world_size
         self.device = device
         self.backend = backend_for(device, self.config.backend)
-        # NCCL/HCCL move device tensors; gloo moves CPU tensors.
         self.children: list[tuple[int, subprocess.Popen]] = []
         self.store: dist.TCPStore | None = None
+        self.control_group = None  # rank 0's commands: gloo (the default group, or its own on NCCL/HCCL)
         self._stopping = False
         self._listen: socket.socket | None = None
         try:

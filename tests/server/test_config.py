@@ -34,5 +34,5 @@ def test_serve_config_file_and_flag_override(tiny_r1, tmp_path, monkeypatch):
     f.write_text(f'model = "{tiny_r1}"\nmax_model_len = 1024\nblock_size = 128\nport = 9000\napi_key = "k"\n')
     result = CliRunner().invoke(app, ["serve", "--config", str(f), "--max-model-len", "512"])
     assert result.exit_code == 0, result.output
-    assert seen["options"] == {"max_model_len": 512, "block_size": 128}
+    assert seen["options"] == {"max_model_len": 512, "block_size": 128, "from_env": True}
     assert seen["port"] == 9000 and seen["server"].api_key == "k" and seen["server"].served_model_name == "tiny-r1"
