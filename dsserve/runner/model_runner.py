@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from dsserve.config import CacheConfig, EngineConfig, ParallelConfig
 from dsserve.errors import ConfigError, DistributedError, EngineDeadError
+from dsserve.layers.linear import prepack_for_cpu
 from dsserve.layers.parallel import SINGLE
 from dsserve.models.loader import iter_checkpoint
 from dsserve.models.registry import model_class
@@ -72,6 +73,8 @@ class ModelRunner:
             self.model = model_class(model_config)(model_config, config.scheduler.max_model_len, self.dtype, tp)
         self.model.load_weights(iter_checkpoint(model_config, self.dtype, self.model.checkpoint_slices()))
         self.model.eval()
+        if self.device.type == "cpu" and config.extra.get("cpu_prepack", True):
+            logger.info("oneDNN pre-packed weights for %d linear layers", prepack_for_cpu(self.model))
         logger.info("loaded %s (%s%s) in %.1fs", model_config.path, config.dtype,
                     f", rank {tp.rank} of {tp.size}" if self.group else "", time.perf_counter() - started)
         self.num_blocks = self._num_blocks(cache_config, config.scheduler.max_model_len, config.scheduler.max_num_seqs)
