@@ -30,10 +30,14 @@ class AttentionMetadata:
 
     def pad_queries(self, x: torch.Tensor) -> torch.Tensor:
         """(T, ...) -> (B, Q, ...)."""
+        if self.is_decode:  # one token per sequence, in sequence order: a view
+            return x.unsqueeze(1)
         return x[self.query_index]
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Q, ...) -> (T, ...), in flat token order."""
+        if self.is_decode:
+            return x.squeeze(1)
         return x[self.query_valid]
 
     def write(self, cache: torch.Tensor, values: torch.Tensor) -> None:
@@ -121,8 +125,9 @@ def _grouped_attention(
     q = q.reshape(batch, num_kv_heads, group * num_queries, -1)
     if keys.shape[-1] == values.shape[-1]:
         # The fused CPU/GPU kernel (it needs equal K and V widths).
-        if group > 1:
+        if group > 1 and num_queries > 1:  # rows are (group, query): repeat the queries' mask per group
             mask = mask.unsqueeze(2).expand(-1, -1, group, -1, -1).reshape(batch, 1, group * num_queries, context_len)
+        # (decode: one query per sequence, so the (B, 1, 1, L) mask broadcasts over the group's rows as it is)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)  # (B, Hkv, G*Q, Dv)
     else:
         # MLA: K is latent + rope (C + R), V the latent (C). Two matmuls, softmax in float32.
