@@ -301,6 +301,7 @@ def build_engine_config(
     connect_timeout: float = 120.0,
     step_timeout: float = 60.0,
     from_env: bool = False,
+    cpu_prepack: bool = True,
 ) -> EngineConfig:
     """Resolve every 'auto' value and check the options against each other; the result is frozen.
 
@@ -355,7 +356,7 @@ def build_engine_config(
         num_threads=num_threads or max(1, default_num_threads() // len(parallel.node_ranks)),
         seed=seed,
         tokenizer_path=tokenizer,
-        extra={"max_model_len_explicit": explicit_max_len},
+        extra={"max_model_len_explicit": explicit_max_len, "cpu_prepack": cpu_prepack},
         parallel=parallel,
     )
 
