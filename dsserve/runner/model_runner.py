@@ -58,7 +58,11 @@ class ModelRunner:
         self._closed = False
         self.group: Distributed | None = Distributed(config, self.device) if config.parallel.enabled else None
         try:
-            self._load(config)
+            if self.group is not None:
+                with self.group.loading():  # the other ranks see this rank alive while it loads
+                    self._load(config)
+            else:
+                self._load(config)
         except BaseException as e:
             if self.group is not None:
                 self.group.report_failure(e)

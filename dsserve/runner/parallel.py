@@ -200,10 +200,12 @@ class Distributed:
 
     def agree_min(self, key: str, value: int) -> int:
         """The smallest `value` over the ranks (e.g. KV blocks that fit everywhere), through the store. Waits for
-        the slowest rank's weight loading; a rank that fails meanwhile (`report_failure`) fails every rank."""
+        the slowest rank's weight loading; a rank that fails meanwhile (`report_failure`) fails every rank, and
+        so does one whose loading heartbeat stops (killed, e.g. by the OOM killer) for `_stall_s()`."""
         self.store.set(f"dsserve/{key}/{self.rank}", str(value))
         keys = [f"dsserve/{key}/{r}" for r in range(self.world_size)]
         deadline = time.monotonic() + _LOAD_TIMEOUT_S
+        beats: dict[int, tuple[int, float]] = {}  # rank -> (last heartbeat count seen, when it last changed)
         try:
             while not self.store.check(keys):
                 if self.store.check(["dsserve/failed"]):
@@ -211,13 +213,29 @@ class Distributed:
                 dead = self.dead_children()
                 if dead:
                     raise DistributedError(f"rank {self.rank}: {'; '.join(dead)} while loading; its error is above")
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                for r in range(self.world_size):
+                    if self.store.check([keys[r]]):
+                        continue
+                    count = self.store.add(f"dsserve/alive/{r}", 0)
+                    seen, since = beats.get(r, (-1, now))
+                    if count != seen:
+                        beats[r] = (count, now)
+                    elif now - since > _stall_s(self.config):
+                        raise DistributedError(
+                            f"rank {self.rank}: rank {r} stopped loading its weights (no sign of life for "
+                            f"{now - since:.0f}s): its process died or hangs; see that node's log")
+                if now > deadline:
                     raise DistributedError(f"rank {self.rank}: not every rank finished loading within "
                                            f"{_LOAD_TIMEOUT_S:.0f}s")
-                time.sleep(0.05)
+                time.sleep(0.2)
         except (RuntimeError, dist.DistStoreError) as e:
             raise DistributedError(f"rank {self.rank}: lost rank 0's store while waiting for {key} ({e})") from e
         return min(int(self.store.get(k)) for k in keys)
+
+    def loading(self) -> "_LoadingBeat":
+        """`with group.loading():` around weight loading: a heartbeat the other ranks watch in `agree_min`."""
+        return _LoadingBeat(self.store, f"dsserve/alive/{self.rank}")
 
     def report_failure(self, error: BaseException) -> None:
         """Tell every rank (through the store) that this one failed before the first step, and why."""
@@ -303,6 +321,35 @@ class Distributed:
         if self._listen is not None:
             self._listen.close()
             self._listen = None
+
+
+class _LoadingBeat:
+    """Adds 1 to a store counter every 2 s from a thread while the block runs (and once at the start)."""
+
+    def __init__(self, store, key: str):
+        self.store, self.key = store, key
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dsserve-loading-beat", daemon=True)
+
+    def __enter__(self):
+        self.store.add(self.key, 1)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(2.0):
+            try:
+                self.store.add(self.key, 1)
+            except Exception:  # noqa: BLE001 - the store is gone: agree_min reports it
+                return
+
+
+def _stall_s(config: ParallelConfig) -> float:
+    return max(30.0, config.step_timeout_s)
 
 
 def _short(value):

@@ -181,3 +181,35 @@ def test_a_failure_on_rank_0_mid_step_stops_the_deployment_at_once(model_dir, mo
         llm.engine.shutdown()
         assert time.monotonic() - started < 10
     assert child.poll() is not None
+
+
+def test_a_rank_that_stops_loading_is_named(monkeypatch):
+    """A rank whose process dies while loading (no error published: SIGKILL, OOM killer) is noticed from its
+    stopped heartbeat instead of being waited for up to the load timeout."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    import dsserve.runner.parallel as parallel
+
+    monkeypatch.setattr(parallel, "_stall_s", lambda config: 3.0)  # beats come every 2 s
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, 2, True, datetime.timedelta(seconds=10), wait_for_workers=False)
+    group = object.__new__(parallel.Distributed)
+    group.store, group.rank, group.world_size, group.children, group._stopping = store, 0, 2, [], False
+    group.config = ParallelConfig(world_size=2, node_ranks=(0, 1))
+    store.add("dsserve/alive/1", 1)  # rank 1 started loading, then went silent
+    started = time.monotonic()
+    with group.loading():
+        with pytest.raises(DistributedError, match="rank 1 stopped loading its weights"):
+            group.agree_min("num_blocks", 10)
+    assert time.monotonic() - started < 8
+    # A rank that keeps beating and then reports is waited for, and the smallest value wins.
+    rank1 = parallel._LoadingBeat(store, "dsserve/alive/1")
+    with rank1:
+        import threading
+
+        threading.Timer(4.5, lambda: store.set("dsserve/kv/1", "7")).start()  # longer than the stall limit
+        with group.loading():
+            assert group.agree_min("kv", 10) == 7
