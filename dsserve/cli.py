@@ -381,7 +381,8 @@ def bench_latency(
     profile: bool = typer.Option(False, "--profile", help="also print where a decode step's time goes"),
 ):
     """One batch: prefill time and the distribution of decode-step times (--profile: and their breakdown)."""
-    from dsserve.bench.timing import profile_rows, time_batch
+    from dsserve.bench.timing import time_batch
+    from dsserve.profiling import profile_rows
 
     engine = _bench_engine(model, dtype, 16, input_len + output_len + 8, batch_size,
                            max(batch_size * input_len, 2048), None, False, num_threads)

@@ -63,3 +63,25 @@ class StepProfiler:
 
 
 PROFILER = StepProfiler()
+
+PROFILE_SECTIONS = [
+    ("schedule", "scheduling (incl. block tables)"),
+    ("prepare", "step inputs (ids, positions, slots, masks)"),
+    ("model", "model forward"),
+    ("attention", "  of which attention"),
+    ("logits", "LM head (logits)"),
+    ("sample", "sampling"),
+    ("update", "output bookkeeping"),
+    ("detokenize", "  of which detokenizing"),
+]
+
+
+def profile_rows() -> list[tuple[str, float, float]]:
+    """The profiled steps: [(section, ms per step, share)], with the unaccounted rest and the whole step."""
+    rows = PROFILER.report(PROFILE_SECTIONS)
+    steps = max(PROFILER.steps, 1)
+    step_ms = 1000 * PROFILER.totals.get("step", 0.0) / steps
+    top_level = sum(ms for label, ms, _ in rows if not label.startswith("  "))
+    rest = max(step_ms - top_level, 0.0)
+    return rows + [("other (Python between sections)", rest, rest / step_ms if step_ms else 0.0),
+                   ("whole decode step", step_ms, 1.0 if step_ms else 0.0)]

@@ -47,7 +47,7 @@ def test_perf_cli_writes_the_csv(tiny_r1, tmp_path):
 
 
 def test_latency_profile_breaks_the_decode_step_down(tiny_r1):
-    from dsserve.bench.timing import profile_rows
+    from dsserve.profiling import profile_rows
     from dsserve.profiling import PROFILER
 
     result = CliRunner().invoke(app, ["bench", "latency", "--model", str(tiny_r1), "--batch-size", "4",

@@ -74,29 +74,6 @@ def time_batch(engine, batch_size: int, input_len: int, output_len: int, seed: i
     return BatchTiming(batch_size, input_len, output_len, total, (first_token_at or started) - started, steps)
 
 
-PROFILE_SECTIONS = [
-    ("schedule", "scheduling (incl. block tables)"),
-    ("prepare", "step inputs (ids, positions, slots, masks)"),
-    ("model", "model forward"),
-    ("attention", "  of which attention"),
-    ("logits", "LM head (logits)"),
-    ("sample", "sampling"),
-    ("update", "output bookkeeping"),
-    ("detokenize", "  of which detokenizing"),
-]
-
-
-def profile_rows() -> list[tuple[str, float, float]]:
-    """The profiled decode steps: [(section, ms per step, share)], with the unaccounted rest and the whole step."""
-    rows = PROFILER.report(PROFILE_SECTIONS)
-    steps = max(PROFILER.steps, 1)
-    step_ms = 1000 * PROFILER.totals.get("step", 0.0) / steps
-    top_level = sum(ms for label, ms, _ in rows if not label.startswith("  "))
-    rest = max(step_ms - top_level, 0.0)
-    return rows + [("other (Python between sections)", rest, rest / step_ms if step_ms else 0.0),
-                   ("whole decode step", step_ms, 1.0 if step_ms else 0.0)]
-
-
 def _synchronizer(engine):
     device = getattr(engine.runner, "device", None)
     if device is not None and device.type == "cuda":

@@ -27,6 +27,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # (B, max_blocks) cache block ids of each sequence (padding -> 0)
     attn_mask: torch.Tensor  # (B, 1, Q, L) True where query may attend to key (causal and in-length)
     is_decode: bool  # every sequence has exactly one new token
+    # A step mixing decode rows and prompt chunks: ((decode rows' metadata, their flat token indices),
+    # (the chunks' metadata, theirs)); the fields above are then unused but slot_mapping.
+    parts: tuple | None = None
 
     def pad_queries(self, x: torch.Tensor) -> torch.Tensor:
         """(T, ...) -> (B, Q, ...)."""
@@ -62,6 +65,15 @@ def paged_attention(
 
 def _paged_attention(q, k, v, cache, meta, scale):
     meta.write(cache, torch.stack((k, v), dim=1))
+    if meta.parts is not None:
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+        for part, token_index in meta.parts:
+            out.index_copy_(0, token_index, _attend(q.index_select(0, token_index), cache, part, scale))
+        return out
+    return _attend(q, cache, meta, scale)
+
+
+def _attend(q, cache, meta, scale):
     context = meta.gather(cache)  # (B, L, 2, Hkv, D)
     keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, L, D)
     values = context[:, :, 1].transpose(1, 2)
@@ -90,9 +102,18 @@ def mla_attention(
 
 
 def _mla_attention(q_nope, q_pe, latent, k_pe, w_kv_b, cache, meta, scale):
-    num_latent = latent.shape[-1]
-    num_nope = q_nope.shape[-1]
     meta.write(cache, torch.cat((latent, k_pe), dim=-1))
+    if meta.parts is not None:
+        out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], w_kv_b.shape[1] - q_nope.shape[-1])
+        for part, token_index in meta.parts:
+            q_n, q_p = q_nope.index_select(0, token_index), q_pe.index_select(0, token_index)
+            out.index_copy_(0, token_index, _mla_attend(q_n, q_p, latent.shape[-1], w_kv_b, cache, part, scale))
+        return out
+    return _mla_attend(q_nope, q_pe, latent.shape[-1], w_kv_b, cache, meta, scale)
+
+
+def _mla_attend(q_nope, q_pe, num_latent, w_kv_b, cache, meta, scale):
+    num_nope = q_nope.shape[-1]
     context = meta.gather(cache)  # (B, L, C + R)
     w_uk, w_uv = w_kv_b[:, :num_nope], w_kv_b[:, num_nope:]  # (H, N, C), (H, V, C)
     if meta.is_decode:

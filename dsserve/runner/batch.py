@@ -63,22 +63,52 @@ class StepInputs:
 def build_forward_batch(inputs: StepInputs, block_size: int, device: torch.device) -> ForwardBatch:
     """Sequence i computes `query_lens[i]` tokens at positions starts[i] + 0..len-1, its blocks in block_tables[i].
 
-    All index arithmetic below is batched tensor maths.
+    All index arithmetic below is batched tensor maths. A step that mixes decode rows (one new token) with
+    prompt chunks gets its attention split in two (`AttentionMetadata.parts`): otherwise every decode row
+    would be padded to the longest chunk's query count (x128 the attention work in a typical serving step).
     """
     query_lens, starts, tables = inputs.query_lens, inputs.starts, inputs.block_tables
     num_seqs = query_lens.numel()
-    context_lens = starts + query_lens  # (B,)
     query_start = torch.zeros(num_seqs + 1, dtype=torch.long)
     torch.cumsum(query_lens, 0, out=query_start[1:])
     num_tokens = int(query_start[-1])
-    max_query = int(query_lens.max())
-    max_context = int(context_lens.max())
 
-    input_ids = inputs.input_ids
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), query_lens)  # (T,)
     positions = starts[seq_of_token] + torch.arange(num_tokens) - query_start[:-1][seq_of_token]  # (T,)
     slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
 
+    decode_rows = query_lens == 1
+    num_decode = int(decode_rows.sum())
+    if 0 < num_decode < num_seqs:
+        parts = []
+        for rows in (decode_rows, ~decode_rows):
+            token_index = torch.nonzero(rows[seq_of_token]).squeeze(1)  # the rows' tokens, in flat order
+            meta = _attention_metadata(query_lens[rows], starts[rows], tables[rows], block_size, device)
+            parts.append((meta, token_index.to(device)))
+        attn = AttentionMetadata(
+            slot_mapping=slot_mapping.to(device), query_index=None, query_valid=None, block_tables=None,
+            attn_mask=None, is_decode=False, parts=tuple(parts),
+        )
+    else:
+        attn = _attention_metadata(query_lens, starts, tables, block_size, device)
+        attn.slot_mapping = slot_mapping.to(device)
+    return ForwardBatch(
+        input_ids=inputs.input_ids.to(device),
+        positions=positions.to(device),
+        attn=attn,
+        last_token_index=(query_start[1:] - 1).to(device),
+        query_start=query_start.tolist(),
+    )
+
+
+def _attention_metadata(query_lens: torch.Tensor, starts: torch.Tensor, tables: torch.Tensor, block_size: int,
+                        device: torch.device) -> AttentionMetadata:
+    """What the queries of these rows (their tokens numbered 0.. in row order) may see; no slot mapping."""
+    num_seqs = query_lens.numel()
+    query_start = torch.zeros(num_seqs + 1, dtype=torch.long)
+    torch.cumsum(query_lens, 0, out=query_start[1:])
+    max_query = int(query_lens.max())
+    max_context = int((starts + query_lens).max())
     q_offsets = torch.arange(max_query)
     query_valid = q_offsets.unsqueeze(0) < query_lens.unsqueeze(1)  # (B, Q)
     query_index = torch.where(query_valid, query_start[:-1].unsqueeze(1) + q_offsets, 0)  # (B, Q)
@@ -89,18 +119,11 @@ def build_forward_batch(inputs: StepInputs, block_size: int, device: torch.devic
     mask = key_pos.view(1, 1, -1) <= query_pos.unsqueeze(-1)  # (B, Q, L) causal; also bounds keys by length
     # Padding queries attend to key 0 only, so that no softmax row is empty (their output is discarded).
     mask = torch.where(query_valid.unsqueeze(-1), mask, key_pos.view(1, 1, -1) == 0)
-    attn = AttentionMetadata(
-        slot_mapping=slot_mapping.to(device),
+    return AttentionMetadata(
+        slot_mapping=None,
         query_index=query_index.to(device),
         query_valid=query_valid.to(device),
         block_tables=tables.to(device),
         attn_mask=mask.unsqueeze(1).to(device),
         is_decode=max_query == 1,
-    )
-    return ForwardBatch(
-        input_ids=input_ids.to(device),
-        positions=positions.to(device),
-        attn=attn,
-        last_token_index=(query_start[1:] - 1).to(device),
-        query_start=query_start.tolist(),
     )

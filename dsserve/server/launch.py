@@ -63,6 +63,11 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
         if server is not None:
             server.should_exit = True
 
+    profiling = bool(os.environ.get("DSSERVE_PROFILE"))
+    if profiling:  # where the serving steps' time goes, logged at exit (as `bench latency --profile` prints)
+        from dsserve.profiling import PROFILER
+
+        PROFILER.start()
     async_engine = AsyncEngine(engine, on_death=on_death)
     async_engine.start()
     app = create_app(async_engine, server_config)
@@ -87,6 +92,8 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
     finally:
         async_engine.shutdown()
         engine.shutdown()
+        if profiling:
+            _log_profile()
     if died.is_set():
         return 1
     return 0 if server.started else 1
@@ -120,6 +127,14 @@ def _print_config(config, server_config: ServerConfig, host: str, port: int, log
     ]
     for line in lines:
         logger.info("config: %s", line)
+
+
+def _log_profile() -> None:
+    from dsserve.profiling import PROFILER, profile_rows
+
+    PROFILER.stop()
+    logger.info("profile of %d engine steps (DSSERVE_PROFILE): %s", PROFILER.steps, "; ".join(
+        f"{label.strip()} {ms:.2f} ms ({share:.0%})" for label, ms, share in profile_rows()))
 
 
 def _exit_with_parent(pid: int, server: uvicorn.Server) -> None:
