@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -112,6 +113,7 @@ if __name__ == "__main__":  # vLLM's workers may be spawned: they re-import this
     main()
 """
 VLLM_PYTHON: list[str] = []
+VLLM_ENV: dict[str, str] = {}  # e.g. VLLM_CPU_OMP_THREADS_BIND=0-1, LD_PRELOAD=<the allocator vLLM asks for>
 
 
 def run_vllm(path: Path, batch: list[list[int]], output_len: int) -> float:
@@ -124,7 +126,7 @@ def run_vllm(path: Path, batch: list[list[int]], output_len: int) -> float:
         script.write_text(_VLLM_SCRIPT)
         prompts.write_text(json.dumps(batch))
         out = subprocess.run([VLLM_PYTHON[0], str(script), str(path), str(prompts), str(output_len)],
-                             capture_output=True, text=True, cwd=tmp)
+                             capture_output=True, text=True, cwd=tmp, env={**os.environ, **VLLM_ENV})
     for line in out.stdout.splitlines():
         if line.startswith("ELAPSED "):
             return float(line.split()[1])
@@ -145,9 +147,16 @@ def main() -> None:
     ap.add_argument("--batch1-tokens", type=int, default=64, help="output tokens of the batch-1 latency run (0: skip)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed (for --engines vllm)")
+    ap.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment for vLLM's process, repeatable: its best CPU configuration binds the cores and "
+                         "preloads its allocator, e.g. --vllm-env VLLM_CPU_OMP_THREADS_BIND=0-1 "
+                         "--vllm-env LD_PRELOAD=/path/libtcmalloc_minimal.so.4")
     args = ap.parse_args()
     if args.vllm_python:
         VLLM_PYTHON.append(args.vllm_python)
+    for item in args.vllm_env:
+        key, _, value = item.partition("=")
+        VLLM_ENV[key] = value
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
