@@ -107,7 +107,7 @@ class ModelRunner:
             inputs = self._inputs(rows, num_new_tokens, block_tables, num_computed)
         prompt_spans = inputs.prompt_spans
         due = inputs.due
-        logits = self._run(inputs, send=True)
+        logits = self._run(inputs)
 
         with PROFILER.section("sample"):
             return self._sample(rows, due, prompt_spans, logits)
@@ -160,7 +160,7 @@ class ModelRunner:
             result.prompt_logprobs[i] = _prompt_logprobs(logits[offset : offset + count], targets, rows[i].params.prompt_logprobs)
         return result
 
-    def _run(self, inputs: StepInputs, send: bool) -> torch.Tensor | None:
+    def _run(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward the step and compute the requested logits; rank 0 first sends the step to the other ranks."""
         if self.group is None:
             if self._closed:
