@@ -27,16 +27,16 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each x is (T, heads, dim); the output keeps DeepSeek's pairs as [evens | odds] (as transformers does)."""
-        cos, sin, cos_full, sin_full = self._step_tables(positions)
+        cos, sin, cos_full, sin_signed = self._step_tables(positions)
         out = []
         for x in xs:
             if self.interleaved:
                 x1, x2 = x[..., 0::2], x[..., 1::2]
                 out.append(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
             else:
-                # x * [cos|cos] + [-x2|x1] * [sin|sin]: the same products and sums as the split form, fewer ops
+                # x * [cos|cos] + [x2|x1] * [-sin|sin]: the split form's products and sums (a sign moved), three ops
                 x1, x2 = x.chunk(2, dim=-1)
-                out.append(torch.addcmul(x * cos_full, torch.cat((-x2, x1), dim=-1), sin_full))
+                out.append(torch.addcmul(x * cos_full, torch.cat((x2, x1), dim=-1), sin_signed))
         return tuple(out)
 
     def _step_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -44,7 +44,7 @@ class RotaryEmbedding(nn.Module):
         if positions is not self._positions:
             cos = self.cos[positions].unsqueeze(1)  # (T, 1, dim/2)
             sin = self.sin[positions].unsqueeze(1)
-            full = (torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)) if not self.interleaved else (None, None)
+            full = (torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)) if not self.interleaved else (None, None)
             self._tables = (cos, sin, *full)
             self._positions = positions
         return self._tables

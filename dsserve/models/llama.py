@@ -56,11 +56,11 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        qkv = self.qkv_proj(x)
+        # q and k are adjacent columns: rotate them as one (T, H + Hkv, D) tensor
+        qk = qkv[:, : self.split[0] + self.split[1]].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, qk)[0].split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.split[0] + self.split[1] :].view(num_tokens, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, cache, meta, self.scale)  # (T, H, D)
         return self.o_proj(out.reshape(num_tokens, -1))
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsserve.layers.attention import AttentionMetadata
+from dsserve.layers.attention import AttentionMetadata, Workspace
 
 
 @dataclass
@@ -60,7 +60,8 @@ class StepInputs:
         return cls(input_ids, query_lens, starts, tables.view(b, m), logit_rows)
 
 
-def build_forward_batch(inputs: StepInputs, block_size: int, device: torch.device) -> ForwardBatch:
+def build_forward_batch(inputs: StepInputs, block_size: int, device: torch.device,
+                        workspace: Workspace | None = None) -> ForwardBatch:
     """Sequence i computes `query_lens[i]` tokens at positions starts[i] + 0..len-1, its blocks in block_tables[i].
 
     All index arithmetic below is batched tensor maths. A step that mixes decode rows (one new token) with
@@ -84,6 +85,7 @@ def build_forward_batch(inputs: StepInputs, block_size: int, device: torch.devic
         for rows in (decode_rows, ~decode_rows):
             token_index = torch.nonzero(rows[seq_of_token]).squeeze(1)  # the rows' tokens, in flat order
             meta = _attention_metadata(query_lens[rows], starts[rows], tables[rows], block_size, device)
+            meta.workspace = workspace
             parts.append((meta, token_index.to(device)))
         attn = AttentionMetadata(
             slot_mapping=slot_mapping.to(device), query_index=None, query_valid=None, block_tables=None,
@@ -92,6 +94,7 @@ def build_forward_batch(inputs: StepInputs, block_size: int, device: torch.devic
     else:
         attn = _attention_metadata(query_lens, starts, tables, block_size, device)
         attn.slot_mapping = slot_mapping.to(device)
+        attn.workspace = workspace
     return ForwardBatch(
         input_ids=inputs.input_ids.to(device),
         positions=positions.to(device),

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from dsserve.config import CacheConfig, EngineConfig, ParallelConfig
 from dsserve.errors import ConfigError, DistributedError, EngineDeadError
+from dsserve.layers.attention import Workspace
 from dsserve.layers.linear import prepack_for_cpu
 from dsserve.layers.parallel import SINGLE
 from dsserve.models.loader import iter_checkpoint
@@ -88,6 +89,8 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_hidden_layers)]
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
+        # CPU: one reused buffer for the attention context gathered from the paged cache (device allocators cache)
+        self.workspace = Workspace() if self.device.type == "cpu" else None
         self.heartbeat = (
             Heartbeat(self.group, self._lock, config.parallel.step_timeout_s / 4)
             if self.group and self.group.rank == 0 else None
@@ -199,7 +202,7 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
         with PROFILER.section("prepare"):
-            batch = build_forward_batch(inputs, self.block_size, self.device)
+            batch = build_forward_batch(inputs, self.block_size, self.device, self.workspace)
         with PROFILER.section("model"):
             hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # (T, D)
         if inputs.logit_rows.numel() == 0:
