@@ -122,8 +122,9 @@ def main():
     from vllm import LLM, SamplingParams
 
     path, batch, output_len = sys.argv[1], json.loads(open(sys.argv[2]).read()), int(sys.argv[3])
+    eager = sys.argv[4] == "eager"  # vLLM's default on CPU compiles the model with torch.compile (slow to start)
     llm = LLM(model=path, dtype="float32", max_model_len=len(batch[0]) + output_len + 16, skip_tokenizer_init=True,
-              enforce_eager=True)
+              enforce_eager=eager)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     warm = SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)
     llm.generate([{"prompt_token_ids": p} for p in batch[:2]], warm)
@@ -138,6 +139,7 @@ if __name__ == "__main__":  # vLLM's workers may be spawned: they re-import this
     main()
 """
 VLLM_PYTHON: list[str] = []
+VLLM_COMPILE = False  # --vllm-compile: vLLM's default torch.compile mode instead of enforce_eager
 VLLM_ENV: dict[str, str] = {}  # e.g. VLLM_CPU_OMP_THREADS_BIND=0-1, LD_PRELOAD=<the allocator vLLM asks for>
 
 
@@ -148,7 +150,8 @@ def run_vllm(path: Path, batch: list[list[int]], output_len: int) -> float:
         script, prompts = Path(tmp) / "run_vllm.py", Path(tmp) / "prompts.json"
         script.write_text(_VLLM_SCRIPT)
         prompts.write_text(json.dumps(batch))
-        out = subprocess.run([VLLM_PYTHON[0], str(script), str(path), str(prompts), str(output_len)],
+        mode = "compile" if VLLM_COMPILE else "eager"
+        out = subprocess.run([VLLM_PYTHON[0], str(script), str(path), str(prompts), str(output_len), mode],
                              capture_output=True, text=True, cwd=tmp, env={**os.environ, **VLLM_ENV})
     for line in out.stdout.splitlines():
         if line.startswith("ELAPSED "):
@@ -213,6 +216,8 @@ def main() -> None:
                     help="environment for vLLM's process, repeatable: its best CPU configuration binds the cores and "
                          "preloads its allocator, e.g. --vllm-env VLLM_CPU_OMP_THREADS_BIND=0-1 "
                          "--vllm-env LD_PRELOAD=/path/libtcmalloc_minimal.so.4")
+    ap.add_argument("--vllm-compile", action="store_true",
+                    help="run vLLM in its default compiled mode (torch.compile; minutes to start) instead of eager")
     ap.add_argument("--llamacpp-bin", help="llama.cpp build/bin folder with llama-batched-bench (for --engines llamacpp)")
     ap.add_argument("--llamacpp-src", help="llama.cpp source folder for convert_hf_to_gguf.py (default: the one "
                                            "--llamacpp-bin was configured from, read from its CMakeCache.txt)")
@@ -225,6 +230,8 @@ def main() -> None:
                     args=args.llamacpp_args)
     if args.vllm_python:
         VLLM_PYTHON.append(args.vllm_python)
+    global VLLM_COMPILE
+    VLLM_COMPILE = args.vllm_compile
     for item in args.vllm_env:
         key, _, value = item.partition("=")
         VLLM_ENV[key] = value

@@ -16,8 +16,6 @@ class ForwardBatch:
     input_ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (T,)
     attn: AttentionMetadata
-    last_token_index: torch.Tensor  # (B,) flat index of each sequence's last new token (its logits are sampled)
-    query_start: list[int]  # (B + 1,) flat offsets of each sequence's tokens
 
 
 @dataclass
@@ -36,9 +34,7 @@ class StepInputs:
     @classmethod
     def build(cls, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]]) -> "StepInputs":
         max_blocks = max(len(t) for t in block_tables)
-        tables = torch.zeros(len(block_tables), max_blocks, dtype=torch.long)
-        for i, table in enumerate(block_tables):
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.long)
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)
         return cls(
             input_ids=torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long),
             query_lens=torch.tensor([len(c) for c in token_chunks], dtype=torch.long),
@@ -70,6 +66,8 @@ def build_forward_batch(inputs: StepInputs, block_size: int, device: torch.devic
     """
     query_lens, starts, tables = inputs.query_lens, inputs.starts, inputs.block_tables
     num_seqs = query_lens.numel()
+    if inputs.input_ids.numel() == num_seqs and bool((query_lens == 1).all()):  # one token per row: fewer ops
+        return _decode_batch(inputs, block_size, device, workspace)
     query_start = torch.zeros(num_seqs + 1, dtype=torch.long)
     torch.cumsum(query_lens, 0, out=query_start[1:])
     num_tokens = int(query_start[-1])
@@ -99,8 +97,25 @@ def build_forward_batch(inputs: StepInputs, block_size: int, device: torch.devic
         input_ids=inputs.input_ids.to(device),
         positions=positions.to(device),
         attn=attn,
-        last_token_index=(query_start[1:] - 1).to(device),
-        query_start=query_start.tolist(),
+    )
+
+
+def _decode_batch(inputs: StepInputs, block_size: int, device: torch.device, workspace: Workspace | None) -> ForwardBatch:
+    """build_forward_batch for a step of one new token per row: the token sits at position starts[i]."""
+    starts, tables = inputs.starts, inputs.block_tables
+    num_seqs = starts.numel()
+    rows = torch.arange(num_seqs)
+    slot_mapping = tables[rows, starts // block_size] * block_size + starts % block_size
+    num_context_blocks = int(starts.max()) // block_size + 1
+    key_pos = torch.arange(num_context_blocks * block_size)
+    mask = key_pos.view(1, 1, 1, -1) <= starts.view(-1, 1, 1, 1)  # (B, 1, 1, L)
+    attn = AttentionMetadata(
+        slot_mapping=slot_mapping.to(device), query_index=None, query_valid=None,
+        block_tables=tables[:, :num_context_blocks].to(device), attn_mask=mask.to(device), is_decode=True,
+        workspace=workspace,
+    )
+    return ForwardBatch(
+        input_ids=inputs.input_ids.to(device), positions=starts.to(device), attn=attn,
     )
 
 
