@@ -71,11 +71,11 @@ def build(name: str, folder: Path) -> Path:
 
     shape = dict(SHAPES[name])
     kind = shape.pop("kind")
+    torch.manual_seed(0)  # the same weights in every run
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
     else:
         model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**shape))
-    torch.manual_seed(0)
     model.save_pretrained(folder)
     return folder
 
@@ -184,10 +184,10 @@ def run_llamacpp(path: Path, batch: list[list[int]], output_len: int) -> float:
         raise SystemExit("--engines llamacpp needs --llamacpp-bin DIR (a llama.cpp build/bin with llama-batched-bench)")
     num, length = len(batch), len(batch[0])
     cmd = [str(Path(LLAMACPP["bin"]) / "llama-batched-bench"), "-m", str(llamacpp_gguf(path)),
-           "-c", str(num * (length + output_len)), "-npp", str(length), "-ntg", str(output_len), "-npl", str(num),
+           "-c", str(num * (length + output_len) + 256), "-npp", str(length), "-ntg", str(output_len), "-npl", str(num),
            "-t", str(torch.get_num_threads()), "--output-format", "jsonl", *shlex.split(LLAMACPP["args"])]
     out = subprocess.run(cmd, capture_output=True, text=True)
-    for line in out.stdout.splitlines() + out.stderr.splitlines():
+    for line in out.stdout.splitlines() + out.stderr.splitlines():  # (a run that does not fit -c prints nothing)
         if line.startswith("{") and '"speed_tg"' in line:
             r = json.loads(line)
             print(f"# llama-batched-bench pl={r['pl']} pp={r['pp']} tg={r['tg']} fa={r['flash_attn']} "
@@ -195,7 +195,7 @@ def run_llamacpp(path: Path, batch: list[list[int]], output_len: int) -> float:
                   f"T_PP {r['t_pp']:.3f} s, S_PP {r['speed_pp']:.1f} t/s, T_TG {r['t_tg']:.3f} s, "
                   f"S_TG {r['speed_tg']:.1f} t/s, T {r['t']:.3f} s", flush=True)
             return r["t"]
-    raise RuntimeError(f"llama-batched-bench failed ({shlex.join(cmd)}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    raise RuntimeError(f"llama-batched-bench failed (exit {out.returncode}: {shlex.join(cmd)}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
 
 
 ENGINES = {"dsserve": run_dsserve, "transformers": run_transformers, "vllm": run_vllm, "llamacpp": run_llamacpp}
