@@ -38,6 +38,7 @@ Reports output tokens/s (best and median of --repeats) and batch-1 time per outp
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -95,6 +96,9 @@ def run_dsserve(path: Path, batch: list[list[int]], output_len: int) -> float:
     outputs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
     elapsed = time.perf_counter() - started
     assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+    llm.engine.shutdown()
+    del llm, outputs
+    gc.collect()  # give back the KV cache: the next engine sizes itself to the free memory (llama.cpp's --fit)
     return elapsed
 
 
@@ -185,9 +189,10 @@ def run_llamacpp(path: Path, batch: list[list[int]], output_len: int) -> float:
     num, length = len(batch), len(batch[0])
     cmd = [str(Path(LLAMACPP["bin"]) / "llama-batched-bench"), "-m", str(llamacpp_gguf(path)),
            "-c", str(num * (length + output_len) + 256), "-npp", str(length), "-ntg", str(output_len), "-npl", str(num),
-           "-t", str(torch.get_num_threads()), "--output-format", "jsonl", *shlex.split(LLAMACPP["args"])]
+           "-t", str(torch.get_num_threads()), "-fit", "off", "--output-format", "jsonl", *shlex.split(LLAMACPP["args"])]
     out = subprocess.run(cmd, capture_output=True, text=True)
-    for line in out.stdout.splitlines() + out.stderr.splitlines():  # (a run that does not fit -c prints nothing)
+    # (-fit off: with the context given, --fit would shrink it to the free memory and skip the run silently)
+    for line in out.stdout.splitlines() + out.stderr.splitlines():
         if line.startswith("{") and '"speed_tg"' in line:
             r = json.loads(line)
             print(f"# llama-batched-bench pl={r['pl']} pp={r['pp']} tg={r['tg']} fa={r['flash_attn']} "
