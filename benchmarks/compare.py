@@ -188,10 +188,11 @@ def run_llamacpp(path: Path, batch: list[list[int]], output_len: int) -> float:
         raise SystemExit("--engines llamacpp needs --llamacpp-bin DIR (a llama.cpp build/bin with llama-batched-bench)")
     num, length = len(batch), len(batch[0])
     cmd = [str(Path(LLAMACPP["bin"]) / "llama-batched-bench"), "-m", str(llamacpp_gguf(path)),
-           "-c", str(num * (length + output_len) + 256), "-npp", str(length), "-ntg", str(output_len), "-npl", str(num),
+           "-c", str(max(num * (length + output_len), 4096) + 256), "-npp", str(length), "-ntg", str(output_len), "-npl", str(num),
            "-t", str(torch.get_num_threads()), "-fit", "off", "--output-format", "jsonl", *shlex.split(LLAMACPP["args"])]
     out = subprocess.run(cmd, capture_output=True, text=True)
-    # (-fit off: with the context given, --fit would shrink it to the free memory and skip the run silently)
+    # (-fit off: with the context given, --fit would shrink it to the free memory and skip the run silently;
+    # a context of at least 4096: with a smaller one the batch-1 run printed nothing after a dsserve run)
     for line in out.stdout.splitlines() + out.stderr.splitlines():
         if line.startswith("{") and '"speed_tg"' in line:
             r = json.loads(line)
