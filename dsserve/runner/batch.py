@@ -34,7 +34,7 @@ class StepInputs:
     @classmethod
     def build(cls, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]]) -> "StepInputs":
         max_blocks = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)
+        tables = torch.tensor([list(t) + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)
         return cls(
             input_ids=torch.tensor([t for chunk in token_chunks for t in chunk], dtype=torch.long),
             query_lens=torch.tensor([len(c) for c in token_chunks], dtype=torch.long),
