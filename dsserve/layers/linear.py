@@ -12,11 +12,15 @@ by rank 0 only, before the reduce).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsserve.layers.parallel import SINGLE, TensorParallel
+
+logger = logging.getLogger(__name__)
 
 Selector = tuple  # index into a parameter: () whole, (slice,) rows, (expert, slice) one expert's rows
 Part = tuple  # (checkpoint prefix, rows) or (checkpoint prefix, rows, slice of the checkpoint tensor's rows)
@@ -174,8 +178,12 @@ def prepack_for_cpu(model: nn.Module) -> int:
             bias = getattr(module, "bias", None) if isinstance(module, Linear) else None
             if not torch.allclose(_onednn_linear(probe, packed, bias), F.linear(probe, weight, bias),
                                   rtol=1e-4, atol=1e-4):
+                logger.warning("oneDNN packed linear disagrees with F.linear for a %s weight: the remaining "
+                               "layers stay on F.linear", tuple(weight.shape))
                 return count  # never trust a kernel that disagrees
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError) as e:  # this torch build's oneDNN cannot pack it
+            logger.warning("oneDNN weight packing unavailable (%s): the remaining layers stay on F.linear "
+                           "(slower on CPU; correct)", e)
             return count
         module.packed = packed
         if isinstance(module, Linear):
