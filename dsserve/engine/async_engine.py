@@ -2,7 +2,7 @@
 
 HTTP handling, tokenisation and JSON happen on the event loop; `step()` runs on the engine thread, so
 neither stalls the other. Requests and aborts cross to the engine thread through a queue; outputs come
-back with `loop.call_soon_threadsafe`. If a step raises, every open stream receives the error, the
+back with `loop.call_soon_threadsafe`, one call per step. If a step raises, every open stream receives the error, the
 engine is marked dead and `on_death` is called (the server then exits non-zero rather than hang).
 """
 
@@ -110,12 +110,15 @@ class AsyncEngine:
                     continue
                 outputs = self.engine.step()
                 now = time.perf_counter()
+                deliveries: dict[asyncio.AbstractEventLoop, list] = {}
                 for output in outputs:
                     for observer in self.observers:
                         observer(output, now)
                     stream = self._streams.get(output.request_id)
                     if stream is not None:
-                        stream.put(output)
+                        deliveries.setdefault(stream.loop, []).append((stream.queue, output))
+                for loop, items in deliveries.items():  # one wake-up of the event loop per step, not per stream
+                    loop.call_soon_threadsafe(_deliver, items)
                 self._update_gauges()
         except BaseException as e:  # noqa: BLE001 - any failure kills the engine; report it to everyone
             logger.exception("engine loop failed")
@@ -159,6 +162,11 @@ class AsyncEngine:
         self.num_running = len(scheduler.running)
         self.num_waiting = len(scheduler.waiting)
         self.kv_cache_usage = self.engine.kv_cache.usage
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue_, output in items:
+        queue_.put_nowait(output)
 
 
 def _set_result(future: asyncio.Future) -> None:

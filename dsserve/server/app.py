@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 
 from dsserve.engine.async_engine import AsyncEngine
 from dsserve.errors import EngineDeadError
@@ -62,27 +63,59 @@ class ServerState:
                            type="server_overloaded", code="server_overloaded")
 
 
+class Guard:
+    """API key and body-size checks in front of every route, as plain ASGI middleware: a streamed response's
+    chunks pass straight through (Starlette's `@app.middleware("http")` relays each one through a memory
+    stream and a task switch, a cost paid per token per stream)."""
+
+    def __init__(self, app, config: ServerConfig):
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await _error(refusal)(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except APIError as e:
+            if started:  # too late for an error response: the stream's own error chunk has said it
+                raise
+            await _error(e)(scope, receive, send)
+
+    def _refusal(self, scope) -> APIError | None:
+        config = self.config
+        headers = Headers(scope=scope)
+        if config.api_key and scope["path"] != "/health":
+            given = headers.get("authorization", "")
+            token = given[7:] if given[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                shown = (token[:3] + "***" + token[-4:]) if len(token) > 8 else "***"
+                return APIError(401, f"Incorrect API key provided: {shown}.", param=None, code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            return APIError(413, f"The request body is {length} bytes; the limit is {config.max_body_bytes}.",
+                            code="request_too_large")
+        return None
+
+
 def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="dsserve", docs_url=None, redoc_url=None, openapi_url=None)
     state = ServerState(engine, config)
     app.state.dsserve = state
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if config.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
-                shown = (token[:3] + "***" + token[-4:]) if len(token) > 8 else "***"
-                return _error(APIError(401, f"Incorrect API key provided: {shown}.", param=None, code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            return _error(APIError(413, f"The request body is {length} bytes; the limit is {config.max_body_bytes}.",
-                                   code="request_too_large"))
-        try:
-            return await call_next(request)
-        except APIError as e:
-            return _error(e)
+    app.add_middleware(Guard, config=config)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, e: APIError):
