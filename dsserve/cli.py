@@ -334,6 +334,10 @@ def bench_serve(
     from dsserve.bench import serve as online
     from dsserve.bench.timing import MindieRow, mindie_csv
 
+    try:
+        online.Client(base_url)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--base-url") from None
     slos = {}
     for item in goodput or []:
         key, _, value = item.partition(":")

@@ -40,3 +40,43 @@ def test_online_run_against_the_demo_model(demo_server, tmp_path):
     assert result["args"]["model"] == "dsserve-demo-r1"
     assert result["successful_requests"] == 16 and result["total_output_tokens"] == 16 * 16
     assert result["output_token_throughput"] > 0 and result["tpot_ms"]["mean"] > 0
+
+
+def test_client_streams_over_kept_alive_connections(server):
+    """The benchmark's own HTTP/1.1 client: token events are counted from the SSE stream and a connection is
+    reused for the next request once a response was read to its end."""
+    import asyncio
+
+    from dsserve.bench import serve as online
+
+    async def go():
+        client = online.Client(server.url)
+        try:
+            results = [await online._one(client, "DeepSeek-R1", work)
+                       for work in online.random_workload(3, 8, 5, 256, seed=1)]
+        finally:
+            await client.close()
+        return results, client.connections_opened
+
+    results, opened = asyncio.run(go())
+    assert [(r.ok, r.output_len, len(r.itl_s)) for r in results] == [(True, 5, 4)] * 3
+    assert all(r.e2e_s >= r.ttft_s > 0 for r in results)
+    assert opened == 1
+
+
+def test_unreachable_server_and_bad_url_are_reported():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = [sys.executable, "-m", "dsserve.cli", "bench", "serve", "--model", "m", "--num-prompts", "2",
+            "--input-len", "4", "--output-len", "2"]
+    out = subprocess.run(base + ["--base-url", f"http://127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "Failed requests:                         2" in out.stdout and "ConnectionRefusedError" in out.stdout
+    import os
+
+    out = subprocess.run(base + ["--base-url", "127.0.0.1:8000"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "300"})  # one line per message in rich's error box
+    assert out.returncode == 2 and "expected http://HOST[:PORT]" in out.stdout + out.stderr
