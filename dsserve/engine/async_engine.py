@@ -51,19 +51,32 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="dsserve-engine", daemon=True)
+        self._thread: threading.Thread | None = None
         self.num_running = 0
         self.num_waiting = 0
         self.kv_cache_usage = 0.0
         self.observers: list[Callable[[RequestOutput, float], None]] = []  # called on the engine thread
 
     def start(self) -> None:
+        """Run the engine loop on a thread of its own (tests, embedding in another program)."""
+        self._thread = threading.Thread(target=self.run, name="dsserve-engine", daemon=True)
         self._thread.start()
+
+    def run(self) -> None:
+        """Run the engine loop on the calling thread until `shutdown` or an engine failure.
+
+        `dsserve serve` runs it on the main thread, the one that loaded the model, and serves HTTP from another:
+        on CPU, torch's OpenMP pool belongs to the thread that first entered it, a second computing thread gets a
+        second pool, and with more OpenMP threads than cores libgomp stops spinning between parallel regions,
+        so every op waits for a sleeping worker (offline generation from a second thread: 404-406 vs 480-549
+        tok/s from the loading thread, docs/benchmarks.md)."""
+        self._loop()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout_s)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
     @property
     def tokenizer(self):

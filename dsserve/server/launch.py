@@ -69,7 +69,6 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
 
         PROFILER.start()
     async_engine = AsyncEngine(engine, on_death=on_death)
-    async_engine.start()
     app = create_app(async_engine, server_config)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=5))
@@ -86,11 +85,25 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
     parent = os.environ.get("DSSERVE_PARENT_PID")
     if parent:  # a supervisor (or a test) that wants the server gone when it is gone
         threading.Thread(target=_exit_with_parent, args=(int(parent), server), daemon=True).start()
-    signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+
+    def stop(*_) -> None:
+        server.should_exit = True  # uvicorn drains open streams (at most 5 s), then the engine loop ends
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:
+            async_engine.shutdown()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    http = threading.Thread(target=serve_http, name="dsserve-http")
+    http.start()
     try:
-        server.run()
+        async_engine.run()  # on this thread, which loaded the model: see AsyncEngine.run
     finally:
-        async_engine.shutdown()
+        server.should_exit = True
+        http.join()
         engine.shutdown()
         if profiling:
             _log_profile()
