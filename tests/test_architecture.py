@@ -99,3 +99,16 @@ def test_checker_catches_an_upward_arrow(tmp_path, monkeypatch):
 def test_every_package_says_what_it_owns(package):
     doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
     assert doc, f"dsserve/{package}/__init__.py needs a one-line docstring saying what it owns"
+
+
+def test_the_cli_and_the_benchmark_client_do_not_import_torch():
+    """Every CLI command imports `dsserve`; the `bench serve` client runs beside the server it measures. Neither
+    should pay torch's import (~2 CPU-seconds) unless it computes."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dsserve, dsserve.cli, dsserve.bench.serve, dsserve.bench.timing; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

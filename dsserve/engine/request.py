@@ -5,10 +5,12 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from dsserve.errors import InvalidRequestError
+
+if TYPE_CHECKING:  # `import dsserve` (every CLI command) stays free of torch's ~2 s import
+    import torch
 
 
 @dataclass
