@@ -1,4 +1,4 @@
-"""AsyncEngine: the engine loop on the caller's thread (as `dsserve serve` runs it), outputs handed to the event loop."""
+"""AsyncEngine: the loop on the caller's thread (as `dsserve serve` runs it), outputs handed to the event loop."""
 
 import asyncio
 import threading
