@@ -35,6 +35,9 @@ Builds random-weight checkpoints with transformers' save_pretrained (Qwen2-shape
 8 heads / 2 KV heads, intermediate 1408, vocab 32000; DeepSeek-V3-shaped with the real 512 + 64 latent),
 then times exactly `output_len` new tokens for every prompt (EOS ignored) through each engine.
 Reports output tokens/s (best and median of --repeats) and batch-1 time per output token.
+
+Engines `dsserve` (the checkpoint's float32 weights) and `dsserve-f16` (`weight_dtype="float16"`: weights stored
+in fp16, fp32 compute, the precision of llama.cpp's f16 GGUF); both in one run compare like with like.
 """
 
 from __future__ import annotations
@@ -88,10 +91,10 @@ def prompts(num: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(10, vocab, (num, length), generator=g).tolist()
 
 
-def run_dsserve(path: Path, batch: list[list[int]], output_len: int) -> float:
+def run_dsserve(path: Path, batch: list[list[int]], output_len: int, weight_dtype: str = "auto") -> float:
     from dsserve import LLM, SamplingParams
 
-    llm = LLM(path, max_model_len=len(batch[0]) + output_len + 16)
+    llm = LLM(path, max_model_len=len(batch[0]) + output_len + 16, weight_dtype=weight_dtype)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in batch[:2]], SamplingParams(max_tokens=4, ignore_eos=True))
     started = time.perf_counter()
@@ -206,7 +209,12 @@ def run_llamacpp(path: Path, batch: list[list[int]], output_len: int) -> float:
     raise RuntimeError(f"llama-batched-bench failed (exit {out.returncode}: {shlex.join(cmd)}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
 
 
-ENGINES = {"dsserve": run_dsserve, "transformers": run_transformers, "vllm": run_vllm, "llamacpp": run_llamacpp}
+def run_dsserve_f16(path: Path, batch: list[list[int]], output_len: int) -> float:
+    """dsserve with float16 weights (fp32 compute): the precision of llama.cpp's f16 GGUF."""
+    return run_dsserve(path, batch, output_len, weight_dtype="float16")
+
+
+ENGINES = {"dsserve": run_dsserve, "dsserve-f16": run_dsserve_f16, "transformers": run_transformers, "vllm": run_vllm, "llamacpp": run_llamacpp}
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from dsserve.config import (
     parallel_from_env,
     parse_memory,
     resolve_dtype,
+    resolve_weight_dtype,
 )
 from dsserve.engine.detokenizer import IncrementalDetokenizer
 from dsserve.engine.kv_cache import KVCacheManager
@@ -280,6 +281,7 @@ def build_engine_config(
     model: str | Path,
     *,
     dtype: str = "auto",
+    weight_dtype: str = "auto",
     device: str | None = None,
     block_size: int = 16,
     kv_cache_memory: str | int | None = None,
@@ -336,6 +338,7 @@ def build_engine_config(
         raise ConfigError(f"--max-num-seqs {max_num_seqs} must be >= 1")
     if not 0 < kv_cache_fraction <= 1:
         raise ConfigError(f"kv_cache_fraction {kv_cache_fraction} must be in (0, 1]")
+    compute_dtype = resolve_dtype(dtype, model_config.checkpoint_dtype, device)
     return EngineConfig(
         model=model_config,
         cache=CacheConfig(
@@ -351,7 +354,8 @@ def build_engine_config(
             max_model_len=max_model_len,
             enable_chunked_prefill=enable_chunked_prefill,
         ),
-        dtype=resolve_dtype(dtype, model_config.checkpoint_dtype, device),
+        dtype=compute_dtype,
+        weight_dtype=resolve_weight_dtype(weight_dtype, model_config.checkpoint_dtype, device, compute_dtype),
         device=device,
         num_threads=num_threads or max(1, default_num_threads() // len(parallel.node_ranks)),
         seed=seed,

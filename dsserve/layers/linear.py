@@ -78,12 +78,12 @@ class Linear(nn.Module):
                 bind(self.bias, f"{prefix}.bias", (dst,), (rows,) if rows != slice(None) else ())
             offset += size
 
-    packed = None  # oneDNN's pre-packed copy of the weight on CPU (see `prepack_for_cpu`)
+    packed: "PackedLinear | None" = None  # the weight in a CPU kernel's own layout (see `prepack_for_cpu`)
     packable = True  # False where the weight is read directly (MLA's kv_b_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            y = _onednn_linear(x, self.packed, self.bias)
+            y = self.packed(x)
         else:
             y = F.linear(x, self.weight, self.bias)
         if self.row_parallel and self.reduce:
@@ -139,58 +139,124 @@ class VocabParallel(nn.Module):
         out.mul_(mine.unsqueeze(-1).to(out.dtype))
         return self.tp.all_reduce(out)
 
-    packed = None  # oneDNN's pre-packed copy for the LM head on CPU (the weight stays: the embedding reads it)
+    packed: "PackedLinear | None" = None  # the LM head's weight packed for a CPU kernel (see `prepack_for_cpu`)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """(N, D) -> (N, V) float32 on rank 0; None on the other ranks."""
-        local = _onednn_linear(hidden, self.packed, None) if self.packed is not None else F.linear(hidden, self.weight)
+        local = self.packed(hidden) if self.packed is not None else F.linear(hidden, self.weight)
         full = self.tp.gather_last_dim(local.float())
         return None if full is None else full[:, : self.vocab_size]
 
 
-# ---- CPU: oneDNN with pre-packed weights ----------------------------------------------------------------------
+# ---- CPU: weights pre-packed for oneDNN (float32) or FBGEMM (float16) --------------------------------------------
 
 _PACK_BATCH_HINT = 64  # the layout oneDNN picks for this M is the fastest here from M = 1 to several hundred
+_FP16_MAX = 65504.0
 
 
-def prepack_for_cpu(model: nn.Module) -> int:
-    """Give every float32 Linear (and the LM head) on CPU a oneDNN pre-packed weight, as vLLM's CPU backend does.
+class PackedLinear:
+    """One linear layer's weight (and bias) in a CPU kernel library's own layout: `packed(x)` = x W^T + b, float32.
 
-    On a 2-core AVX2 machine this is 1.3-2.3x faster than F.linear (MKL) for decode-sized batches and about equal
-    for prefill (docs/benchmarks.md). A Linear's plain weight is then dropped (it is never read again); the LM
-    head keeps its weight, which the embedding may share. Returns the number of layers packed; 0 where this
-    torch build has no oneDNN, or its packing fails (the plain path stays)."""
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Linear) and module.packable:
-            weight = module.weight
-        elif isinstance(module, VocabParallel):
-            weight = module.weight
+    float32: oneDNN's reordered weight (`_linear_pointwise`), 1.3-2.3x faster than F.linear at decode sizes.
+    float16: FBGEMM's packed half-precision weight (`linear_dynamic_fp16`): the weight is stored in fp16 and
+    widened to fp32 inside the kernel, activations and accumulation stay fp32. Half the bytes per decode step:
+    on a 2-core AVX2 box a whole Qwen2-shaped model's linears take 6.3 ms at batch 1 vs 11.9 ms for oneDNN fp32,
+    and 45 vs 54 ms at batch 64 (docs/benchmarks.md).
+    """
+
+    __slots__ = ("weight_dtype", "data", "bias")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype):
+        self.weight_dtype, self.bias = weight_dtype, bias
+        if weight_dtype == torch.float16:
+            self.data = torch.ops.quantized.linear_prepack_fp16(weight.detach(), None if bias is None else bias.detach())
         else:
-            continue
-        if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
-            continue
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
-            probe = torch.randn(3, weight.shape[1])
-            bias = getattr(module, "bias", None) if isinstance(module, Linear) else None
-            if not torch.allclose(_onednn_linear(probe, packed, bias), F.linear(probe, weight, bias),
-                                  rtol=1e-4, atol=1e-4):
-                logger.warning("oneDNN packed linear disagrees with F.linear for a %s weight: the remaining "
-                               "layers stay on F.linear", tuple(weight.shape))
-                return count  # never trust a kernel that disagrees
-        except (RuntimeError, NotImplementedError) as e:  # this torch build's oneDNN cannot pack it
-            logger.warning("oneDNN weight packing unavailable (%s): the remaining layers stay on F.linear "
-                           "(slower on CPU; correct)", e)
-            return count
-        module.packed = packed
-        if isinstance(module, Linear):
-            module.weight = None
-        count += 1
+            self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_dtype == torch.float16:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.data)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.data, self.bias, "none", [], "")
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes if isinstance(self.data, torch.Tensor) else 0
+
+
+def cpu_kernels_available(weight_dtype: torch.dtype) -> str | None:
+    """None when this torch build can pack `weight_dtype` weights, else why not (for the log)."""
+    if weight_dtype == torch.float16:
+        engines = torch.backends.quantized.supported_engines
+        if not ("fbgemm" in engines or "x86" in engines) or not hasattr(torch.ops.quantized, "linear_dynamic_fp16"):
+            return f"this torch build has no FBGEMM (quantized engines: {', '.join(engines)})"
+        return None
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return "this torch build has no oneDNN"
+    return None
+
+
+def prepack_for_cpu(model: nn.Module, weight_dtype: torch.dtype = torch.float32) -> int:
+    """Give every float32 Linear, every routed expert and the LM head on CPU a packed weight (`PackedLinear`).
+
+    `weight_dtype` float16 stores them as FBGEMM fp16 (a layer whose weights exceed fp16's range stays float32,
+    logged); float32 as oneDNN's layout. The plain weights are dropped where nothing else reads them (a tied
+    LM head keeps its weight: the embedding reads it). Each layer's packed result is checked against F.linear
+    on the same (fp16-rounded) weight before it is used; a kernel that disagrees or fails stops the packing
+    and the remaining layers stay on F.linear (slower, correct). Returns the number of matrices packed.
+    """
+    reason = cpu_kernels_available(weight_dtype)
+    if reason is not None and weight_dtype == torch.float16:
+        logger.warning("float16 weights unavailable (%s): packing float32 weights for oneDNN instead", reason)
+        weight_dtype, reason = torch.float32, cpu_kernels_available(torch.float32)
+    if reason is not None:
+        logger.warning("weight packing unavailable (%s): linear layers stay on F.linear (slower; correct)", reason)
+        return 0
+    from dsserve.layers.moe import Experts  # layers/moe imports this module
+
+    embedding = getattr(model, "embed_tokens", None)
+    count = 0
+    try:
+        for module in model.modules():
+            if isinstance(module, Linear) and module.packable and _is_cpu_fp32(module.weight):
+                module.packed = _pack_checked(module.weight, module.bias, weight_dtype)
+                module.weight = None
+                count += 1
+            elif isinstance(module, Experts) and _is_cpu_fp32(module.w13):
+                module.packed = [(_pack_checked(module.w13[e], None, weight_dtype),
+                                  _pack_checked(module.w2[e], None, weight_dtype)) for e in range(module.num_local)]
+                module.w13 = module.w2 = None
+                count += 2 * module.num_local
+        head = getattr(model, "lm_head", None)
+        if isinstance(head, VocabParallel) and _is_cpu_fp32(head.weight):
+            head.packed = _pack_checked(head.weight, None, weight_dtype)
+            if head is not embedding:
+                head.weight = None
+            count += 1
+    except _PackingFailed as e:
+        logger.warning("%s: the remaining linear layers stay on F.linear (slower; correct)", e)
     return count
 
 
-def _onednn_linear(x: torch.Tensor, packed, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+class _PackingFailed(Exception):
+    pass
+
+
+def _is_cpu_fp32(weight: torch.Tensor | None) -> bool:
+    return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+def _pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype) -> PackedLinear:
+    if weight_dtype == torch.float16 and weight.abs().amax().item() > _FP16_MAX:
+        logger.warning("a %s weight exceeds float16's range: that layer keeps float32 weights", tuple(weight.shape))
+        weight_dtype = torch.float32
+    try:
+        packed = PackedLinear(weight, bias, weight_dtype)
+        rows = slice(None, None, max(1, weight.shape[0] // 64))  # a sample of the outputs: no copy of a big weight
+        probe = torch.randn(3, weight.shape[1])
+        expected = F.linear(probe, weight[rows].to(weight_dtype).float(), None if bias is None else bias[rows])
+        agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4, atol=1e-4)
+    except (RuntimeError, NotImplementedError) as e:  # this torch build cannot pack it
+        raise _PackingFailed(f"packing a {tuple(weight.shape)} weight as {weight_dtype} failed ({e})") from e
+    if not agrees:  # never trust a kernel that disagrees
+        raise _PackingFailed(f"the packed {weight_dtype} linear disagrees with F.linear for a {tuple(weight.shape)} weight")
+    return packed

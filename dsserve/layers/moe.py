@@ -79,6 +79,8 @@ class Experts(nn.Module):
             bind(self.w13, f"{prefix}.{j}.up_proj.weight", (local, slice(local_inter, 2 * local_inter)), rows)
             bind(self.w2, f"{prefix}.{j}.down_proj.weight", (local,), (slice(None), cols) if sliced else ())
 
+    packed: list | None = None  # CPU: (w13, w2) per local expert as `PackedLinear`s (see `prepack_for_cpu`)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x (T, D), weights/ids (T, k) -> (T, D), the sum over this rank's experts. Tokens are sorted by expert;
         one matmul pair per active expert."""
@@ -98,8 +100,13 @@ class Experts(nn.Module):
             if count == 0:
                 continue
             end = start + count
-            gate, up = F.linear(sorted_x[start:end], self.w13[expert]).split(self.intermediate_size, dim=-1)
-            sorted_out[start:end] = F.linear(F.silu(gate) * up, self.w2[expert])
+            if self.packed is not None:
+                w13, w2 = self.packed[expert]
+                gate, up = w13(sorted_x[start:end]).split(self.intermediate_size, dim=-1)
+                sorted_out[start:end] = w2(F.silu(gate) * up)
+            else:
+                gate, up = F.linear(sorted_x[start:end], self.w13[expert]).split(self.intermediate_size, dim=-1)
+                sorted_out[start:end] = F.linear(F.silu(gate) * up, self.w2[expert])
             start = end
         sorted_out *= weights.flatten()[order].unsqueeze(1).to(sorted_out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, sorted_out)

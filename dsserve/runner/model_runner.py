@@ -79,7 +79,9 @@ class ModelRunner:
         self.model.load_weights(iter_checkpoint(model_config, self.dtype, self.model.checkpoint_slices()))
         self.model.eval()
         if self.device.type == "cpu" and config.extra.get("cpu_prepack", True):
-            logger.info("oneDNN pre-packed weights for %d linear layers", prepack_for_cpu(self.model))
+            weight_dtype = getattr(torch, config.weight_dtype)
+            logger.info("packed %d weight matrices (%s) for the CPU kernels", prepack_for_cpu(self.model, weight_dtype),
+                        config.weight_dtype)
         logger.info("loaded %s (%s%s) in %.1fs", model_config.path, config.dtype,
                     f", rank {tp.rank} of {tp.size}" if self.group else "", time.perf_counter() - started)
         self.num_blocks = self._num_blocks(cache_config, config.scheduler.max_model_len, config.scheduler.max_num_seqs)

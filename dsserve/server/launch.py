@@ -126,7 +126,7 @@ def _print_config(config, server_config: ServerConfig, host: str, port: int, log
         f"model: {m.path} ({m.model_type}, {m.num_hidden_layers} layers, vocab {m.vocab_size}"
         + (f", FP8 blocks {m.fp8_block_size}" if m.fp8_block_size else "") + ")",
         f"served model name: {server_config.served_model_name}",
-        f"device: {config.device}, dtype: {config.dtype}, threads: {config.num_threads}"
+        f"device: {config.device}, dtype: {config.dtype}, weights: {config.weight_dtype}, threads: {config.num_threads}"
         + (f", tensor parallel: {config.parallel.world_size} ranks"
            + (" (expert parallel)" if config.parallel.enable_expert_parallel else "") if config.parallel.enabled else ""),
         f"max_model_len: {s.max_model_len}, max_num_seqs: {s.max_num_seqs}, "

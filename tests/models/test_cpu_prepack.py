@@ -1,9 +1,13 @@
-"""oneDNN pre-packed weights on CPU: the same greedy tokens and logprobs as plain F.linear, and a clean fallback."""
+"""Pre-packed CPU weights (oneDNN float32, FBGEMM float16): the same greedy tokens and logprobs as plain F.linear
+on the same weights, and clean fallbacks."""
 
 import pytest
+import torch
 
 from dsserve import LLM, SamplingParams
-from dsserve.layers.linear import Linear, VocabParallel
+from dsserve.errors import ConfigError
+from dsserve.layers.linear import Linear, VocabParallel, _pack_checked
+from dsserve.layers.moe import Experts
 
 PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18]]
 
@@ -23,3 +27,78 @@ def test_packed_equals_plain(model_dir, name):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for (x, _), (y, _) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             assert x == pytest.approx(y, abs=1e-4)
+
+
+def _fp16_representable_copy(src, dst):
+    """The checkpoint with every tensor rounded to float16 (still stored as float32): packing it as fp16 is exact."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for shard in dst.glob("*.safetensors"):
+        save_file({k: v.half().float() if v.is_floating_point() else v for k, v in load_file(shard).items()}, shard,
+                  metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_untied"])
+def test_fp16_weights_equal_plain_on_fp16_exact_weights(model_dir, tmp_path, name):
+    path = _fp16_representable_copy(model_dir(name), tmp_path / name)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
+    half = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
+    plain = LLM(path, num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
+    assert half.engine.config.weight_dtype == "float16"
+    model = half.engine.runner.model
+    packed = [m.packed for m in model.modules() if isinstance(m, Linear) and m.packed is not None]
+    assert packed and all(p.weight_dtype == torch.float16 for p in packed)
+    assert model.lm_head.packed.weight_dtype == torch.float16
+    if name == "deepseek_v3":  # routed experts: one packed pair per expert, the stacked weights dropped
+        experts = [m for m in model.modules() if isinstance(m, Experts)]
+        assert experts and all(e.packed is not None and e.w13 is None and e.w2 is None for e in experts)
+    else:  # an untied LM head's plain weight is dropped; the embedding keeps its own
+        assert model.lm_head.weight is None and model.embed_tokens.weight is not None
+    for a, b in zip(half.generate(PROMPTS, params), plain.generate(PROMPTS, params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for (x, _), (y, _) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x == pytest.approx(y, abs=1e-4)
+
+
+def test_weight_beyond_fp16_range_keeps_fp32(caplog):
+    weight, bias = torch.randn(32, 16), torch.randn(32)
+    weight[3, 5] = 1e6  # fp16 would saturate it to 65504
+    packed = _pack_checked(weight, bias, torch.float16)
+    assert packed.weight_dtype == torch.float32
+    assert "exceeds float16's range" in caplog.text
+    x = torch.randn(4, 16)
+    assert torch.allclose(packed(x), torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-3)
+
+
+def test_no_fbgemm_falls_back_to_fp32_packing(model_dir, monkeypatch, caplog):
+    import dsserve.layers.linear as linear
+
+    real = linear.cpu_kernels_available
+    monkeypatch.setattr(linear, "cpu_kernels_available",
+                        lambda dtype: "no FBGEMM here" if dtype == torch.float16 else real(dtype))
+    llm = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, weight_dtype="float16")
+    packed = [m.packed for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
+    assert packed and all(p is not None and p.weight_dtype == torch.float32 for p in packed)
+    assert "float16 weights unavailable (no FBGEMM here)" in caplog.text
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_weight_dtype_resolution():
+    from dsserve.config import resolve_weight_dtype
+
+    assert resolve_weight_dtype("auto", "bfloat16", "cpu", "float32") == "float16"
+    assert resolve_weight_dtype("auto", "float16", "cpu", "float32") == "float16"
+    assert resolve_weight_dtype("auto", "float32", "cpu", "float32") == "float32"
+    assert resolve_weight_dtype("float16", "float32", "cpu", "float32") == "float16"
+    assert resolve_weight_dtype("float32", "bfloat16", "cpu", "float32") == "float32"
+    assert resolve_weight_dtype("auto", "bfloat16", "cpu", "bfloat16") == "bfloat16"
+    assert resolve_weight_dtype("auto", "bfloat16", "cuda", "bfloat16") == "bfloat16"
+    with pytest.raises(ConfigError, match="applies only on CPU with --dtype float32"):
+        resolve_weight_dtype("float16", "bfloat16", "cuda", "bfloat16")
+    with pytest.raises(ConfigError, match="is not one of auto, float32, float16"):
+        resolve_weight_dtype("int8", "bfloat16", "cpu", "float32")
