@@ -35,3 +35,18 @@ def test_failures_say_what_to_do(tiny_r1, tmp_path, monkeypatch):
     assert any("is taken" in m and "--port" in m for m in failures)
     assert any("rank table" in m and "missing [0]" in m for m in failures)
     assert any("not writable" in m and "DSSERVE_LOG_DIR" in m for m in failures)
+
+
+def test_cpu_kernels_line_names_what_is_missing(monkeypatch):
+    import torch
+
+    import dsserve.layers.linear as linear
+    from dsserve.doctor.checks import _cpu_kernels
+
+    ok, text = _cpu_kernels()
+    assert ok is True and "float16 (FBGEMM)" in text and "float32 (oneDNN)" in text
+    monkeypatch.setattr(linear, "cpu_kernels_available",
+                        lambda dtype: "no FBGEMM in this build" if dtype == torch.float16 else None)
+    ok, text = _cpu_kernels()
+    assert ok is None
+    assert "packed weights float32 (oneDNN) (float16 (FBGEMM): no FBGEMM in this build)" in text

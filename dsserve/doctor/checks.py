@@ -78,7 +78,25 @@ def _devices() -> list[Line]:
                              "(npu-smi info) and its version against torch_npu's"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     lines.append((True, f"CPU: {cores} core(s) available, {_mem_total_gib():.1f} GiB memory"))
+    lines.append(_cpu_kernels())
     return lines
+
+
+def _cpu_kernels() -> Line:
+    """What the CPU path will use: the vector ISA torch picked and the packed-weight kernels available."""
+    import torch
+
+    from dsserve.layers.linear import cpu_kernels_available
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    missing = {name: cpu_kernels_available(dtype)
+               for name, dtype in (("float32 (oneDNN)", torch.float32), ("float16 (FBGEMM)", torch.float16))}
+    have = [name for name, why in missing.items() if why is None]
+    if len(have) == len(missing):
+        return True, f"CPU kernels: {isa}; packed weights {', '.join(have)}"
+    reasons = "; ".join(f"{name}: {why}" for name, why in missing.items() if why is not None)
+    return None, (f"CPU kernels: {isa}; packed weights {', '.join(have) or 'none'} ({reasons}): CPU decode is slower "
+                  "than with the official torch CPU wheel (pip install torch==2.13.0)")
 
 
 def _model(model: str, options: dict[str, Any]) -> list[Line]:
