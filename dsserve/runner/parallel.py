@@ -126,8 +126,13 @@ class Distributed:
         timeout = datetime.timedelta(seconds=c.connect_timeout_s)
         try:
             if self._listen is not None:
-                return dist.TCPStore(c.master_addr, c.master_port, self.world_size, True, timeout,
-                                     wait_for_workers=False, master_listen_fd=self._listen.fileno())
+                store = dist.TCPStore(c.master_addr, c.master_port, self.world_size, True, timeout,
+                                      wait_for_workers=False, master_listen_fd=self._listen.fileno())
+                # The store's server now owns the descriptor and closes it when it goes: closing it here too
+                # would close whatever socket reuses that number next (a later engine's listening socket).
+                self._listen.detach()
+                self._listen = None
+                return store
             return dist.TCPStore(c.master_addr, c.master_port, self.world_size, False, timeout)
         except (RuntimeError, dist.DistStoreError) as e:
             raise DistributedError(

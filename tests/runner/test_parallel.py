@@ -213,3 +213,19 @@ def test_a_rank_that_stops_loading_is_named(monkeypatch):
         threading.Timer(4.5, lambda: store.set("dsserve/kv/1", "7")).start()  # longer than the stall limit
         with group.loading():
             assert group.agree_min("kv", 10) == 7
+
+
+def test_fp16_weights_under_tp_and_engines_one_after_another(model_dir):
+    """float16 weights split over ranks give one rank's tokens; a second -tp engine in the same process starts and
+    shuts down cleanly after the first (the first's store must not close the second's listening socket)."""
+    path = model_dir("deepseek_v3")
+    expected = _tokens(LLM(path, weight_dtype="float16", **OPTIONS))
+    for expert_parallel in (False, True):
+        llm = LLM(path, weight_dtype="float16", tensor_parallel_size=2, enable_expert_parallel=expert_parallel,
+                  **OPTIONS)
+        children = [proc for _, proc in llm.engine.runner.group.children]
+        try:
+            assert _tokens(llm) == expected
+        finally:
+            llm.engine.shutdown()
+        assert children[0].poll() == 0
