@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dsserve.kernels import cpu as cpu_kernels
 from dsserve.profiling import PROFILER
 
 
@@ -32,6 +33,7 @@ class AttentionMetadata:
     # (the chunks' metadata, theirs)); the fields above are then unused but slot_mapping.
     parts: tuple | None = None
     workspace: "Workspace | None" = None  # CPU: where `gather` copies the context (reused by every layer)
+    context_lens: torch.Tensor | None = None  # (B,) tokens each sequence attends to, this step's included
     _biases: dict = field(default_factory=dict, repr=False)
 
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor:
@@ -108,6 +110,12 @@ def _paged_attention(q, k, v, cache, meta, scale):
 
 
 def _attend(q, cache, meta, scale):
+    num_kv_heads, head_dim = cache.shape[3], cache.shape[4]
+    if _use_cpu_kernel(meta, q, cache, head_dim, head_dim):  # reads the blocks in place: no copy, no padding mask
+        return cpu_kernels.paged_decode(q, cache, meta.block_tables, meta.context_lens, scale,
+                                        num_kv_heads=num_kv_heads, v_dim=head_dim,
+                                        token_stride=2 * num_kv_heads * head_dim, head_stride=head_dim,
+                                        v_offset=num_kv_heads * head_dim)
     context = meta.gather(cache)  # (B, L, 2, Hkv, D)
     keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, L, D)
     values = context[:, :, 1].transpose(1, 2)
@@ -150,6 +158,13 @@ def _mla_attend(q_nope, q_pe, num_latent, w_kv_b, cache, meta, scale):
     num_nope = q_nope.shape[-1]
     context = meta.gather(cache)  # (B, L, C + R)
     w_uk, w_uv = w_kv_b[:, :num_nope], w_kv_b[:, num_nope:]  # (H, N, C), (H, V, C)
+    if meta.is_decode and _use_cpu_kernel(meta, q_nope, cache, cache.shape[-1], num_latent):
+        q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # (T, H, C)
+        entry = cache.shape[-1]  # C + R: the whole entry is the key, its first C values the value
+        out_latent = cpu_kernels.paged_decode(torch.cat((q_latent, q_pe), dim=-1), cache, meta.block_tables,
+                                              meta.context_lens, scale, num_kv_heads=1, v_dim=num_latent,
+                                              token_stride=entry, head_stride=0, v_offset=0)
+        return torch.einsum("thc,hvc->thv", out_latent, w_uv)
     if meta.is_decode:
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # (T, H, C)
         queries = meta.pad_queries(torch.cat((q_latent, q_pe), dim=-1))  # (B, Q, H, C + R)
@@ -162,6 +177,13 @@ def _mla_attend(q_nope, q_pe, num_latent, w_kv_b, cache, meta, scale):
     keys = torch.cat((kv[..., :num_nope], k_rope), dim=-1)  # (B, H, L, N + R)
     queries = meta.pad_queries(torch.cat((q_nope, q_pe), dim=-1))  # (B, Q, H, N + R)
     return meta.unpad(_grouped_attention(queries, keys, kv[..., num_nope:], meta, scale))  # (T, H, V)
+
+
+def _use_cpu_kernel(meta: AttentionMetadata, q: torch.Tensor, cache: torch.Tensor, k_dim: int, v_dim: int) -> bool:
+    """Decode rows on CPU in float32, with the compiled kernel available for these head sizes (kernels/cpu.py)."""
+    return (meta.is_decode and meta.context_lens is not None and q.device.type == "cpu"
+            and q.dtype == torch.float32 and cache.dtype == torch.float32 and cache.is_contiguous()
+            and cpu_kernels.usable(k_dim, v_dim))
 
 
 def _grouped_attention(

@@ -112,7 +112,7 @@ def _decode_batch(inputs: StepInputs, block_size: int, device: torch.device, wor
     attn = AttentionMetadata(
         slot_mapping=slot_mapping.to(device), query_index=None, query_valid=None,
         block_tables=tables[:, :num_context_blocks].to(device), attn_mask=mask.to(device), is_decode=True,
-        workspace=workspace,
+        workspace=workspace, context_lens=(starts + 1).to(device),
     )
     return ForwardBatch(
         input_ids=inputs.input_ids.to(device), positions=starts.to(device), attn=attn,
@@ -144,4 +144,5 @@ def _attention_metadata(query_lens: torch.Tensor, starts: torch.Tensor, tables: 
         block_tables=tables.to(device),
         attn_mask=mask.unsqueeze(1).to(device),
         is_decode=max_query == 1,
+        context_lens=(starts + query_lens).to(device),
     )

@@ -1,0 +1,148 @@
+"""The CPU decode-attention kernel (paged_attention.c): built once per machine with the system C compiler,
+loaded with ctypes, and called on float32 CPU tensors.
+
+Why C: plain torch has no attention that reads a paged cache in place, and at decode sizes its SDPA over a
+gathered copy is bound by per-call overhead (docs/benchmarks.md). The kernel reads every key and value once,
+through the block table, with an online softmax, on torch's own OpenMP threads.
+
+The library is compiled on first use into $DSSERVE_CACHE_DIR (default $XDG_CACHE_HOME/dsserve, else
+~/.cache/dsserve)/kernels, named by a hash of the source, the flags and the compiler, written to a temporary
+file and renamed (ranks starting together do not collide). No compiler, a failed build or
+DSSERVE_CPU_KERNELS=0: `library()` is None and attention takes the torch path (logged once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_attention.c")
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": ctypes.CDLL | None once tried, "why": the reason when None
+
+
+def cache_dir() -> Path:
+    if os.environ.get("DSSERVE_CACHE_DIR"):
+        return Path(os.environ["DSSERVE_CACHE_DIR"]) / "kernels"
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "dsserve" / "kernels"
+
+
+def _isa_flags() -> list[str]:
+    """The vector ISA torch itself dispatches to on this CPU (so the build never uses an instruction it lacks)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        return ["-mavx512f", "-mavx512vl", "-mavx2", "-mfma"]
+    if capability == "AVX2":
+        return ["-mavx2", "-mfma"]
+    return []
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang; or set CC)")
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", *_isa_flags()]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, *version]).encode()).hexdigest()[:16]
+    folder = cache_dir()
+    target = folder / f"paged_attention-{digest}.so"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            out = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"{Path(compiler).name} failed: {out.stderr.strip()[-800:]}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    fn = lib.dsserve_paged_decode
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12 + [ctypes.c_float]
+    lib.dsserve_vector_width.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first call; None (and the reason logged once) where it cannot be."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" not in _state:
+            lib, why = None, None
+            if os.environ.get("DSSERVE_CPU_KERNELS", "1") == "0":
+                why = "DSSERVE_CPU_KERNELS=0"
+            else:
+                try:
+                    lib = _build()
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    why = str(e)
+            if lib is None:
+                logger.warning("CPU attention kernel unavailable (%s): decode attention takes the torch path "
+                               "(slower; same results)", why)
+            _state.update(lib=lib, why=why, width=lib.dsserve_vector_width() if lib is not None else 0)
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def usable(k_dim: int, v_dim: int) -> bool:
+    """The kernel is built and handles these head sizes (multiples of its vector width: 8 floats with AVX2)."""
+    return library() is not None and k_dim % _state["width"] == 0 and v_dim % _state["width"] == 0
+
+
+def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 scale: float, *, num_kv_heads: int, v_dim: int, token_stride: int, head_stride: int, v_offset: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for one query per sequence over its first context_lens[b] cached tokens.
+
+    q (B, H, Dk) float32; cache float32, contiguous, in the layout paged_attention.c describes; block_tables
+    (B, >= ceil(len / block_size)) and context_lens (B,) int64. Returns (B, H, v_dim)."""
+    lib = library()
+    assert lib is not None, "paged_decode needs the kernel library (check kernels.cpu.library() first)"
+    batch, num_heads, k_dim = q.shape
+    q = q.contiguous()
+    tables = block_tables if block_tables.dtype == torch.int64 else block_tables.long()
+    if tables.stride(1) != 1:  # rows may be strided (a slice of the step's table), entries not
+        tables = tables.contiguous()
+    lens = context_lens.contiguous()
+    if out is None:
+        out = torch.empty(batch, num_heads, v_dim, dtype=torch.float32)
+    group = num_heads // num_kv_heads
+    # enough tasks for every thread when there are few sequences (batch 1 with one latent "head": split the heads)
+    threads = torch.get_num_threads()
+    chunks = min(group, max(1, -(-2 * threads // (batch * num_kv_heads))))
+    heads_per_task = -(-group // chunks)
+    status = lib.dsserve_paged_decode(
+        q.data_ptr(), cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
+        batch, num_heads, num_kv_heads, k_dim, v_dim, cache.shape[1], tables.stride(0), token_stride, head_stride,
+        0, v_offset, heads_per_task, scale,
+    )
+    if status == -2:
+        raise ValueError(f"head sizes {k_dim}/{v_dim} are not multiples of the kernel's vector width (check usable())")
+    if status != 0:
+        raise MemoryError("the CPU attention kernel could not allocate its scratch buffers")
+    return out

@@ -1,0 +1,218 @@
+/* Decode attention over the paged KV cache on CPU: one query token per sequence, the keys and values read in
+ * place through the block table (no gathered copy of the context), online softmax in float32.
+ *
+ * Built by dsserve/kernels/cpu.py with the system C compiler (-O3, -fopenmp, the vector ISA torch uses) and
+ * called through ctypes; its plain-torch twin, layers/attention.py, is the fallback and the test oracle.
+ *
+ * Layouts (all float32, row-major, contiguous where stated):
+ *   q       (B, H, Dk) contiguous: H query heads; heads [g * G, (g + 1) * G) share KV head g (G = H / Hkv)
+ *   cache   the token in slot s of block n, KV head g: key at cache + (n * block_size + s) * token_stride
+ *           + g * head_stride + k_offset (Dk values), value at the same + v_offset - k_offset (Dv values).
+ *           MHA/GQA (num_blocks, block_size, 2, Hkv, D): token_stride 2 * Hkv * D, head_stride D,
+ *           k_offset 0, v_offset Hkv * D. MLA's latent cache (num_blocks, block_size, C + R) with Hkv = 1:
+ *           token_stride C + R, head_stride 0, k_offset 0, v_offset 0 (the value is the key's first C).
+ *   tables  (B, table_stride) int64 block ids; lens (B,) int64 context length of each sequence (>= 1)
+ *   out     (B, H, Dv) contiguous
+ *
+ * Work is split into tasks of (sequence, KV head, chunk of heads_per_task query heads), spread over torch's
+ * OpenMP threads (the process's one libgomp: the same pool as torch's own ops).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* exp(x) for x <= 0 (a score minus its running maximum): Cephes' expf polynomial after reducing by ln 2,
+ * written so the compiler vectorizes the loops that call it; relative error ~1e-7, x < -87 clamps there. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = rintf(x * 1.44269504088896341f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* The two inner products of a block, for a group of at most 8 query heads: scores s[h][j] = q_h . k_j * scale
+ * and accumulators acc[h] += sum_j p[h][j] v_j. The AVX2 versions keep one register per head (the key or value
+ * chunk is loaded once for all heads); `heads` is a compile-time constant in each instance (see GROUP). */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define VEC 8
+
+static inline float hsum(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+static inline __attribute__((always_inline)) void block_scores(
+    const float *q, int64_t heads, int64_t k_dim, const float *keys, int64_t token_stride, int64_t n, float *s,
+    int64_t s_stride, float scale) {
+    for (int64_t j = 0; j < n; j++) {
+        const float *k = keys + j * token_stride;
+        __m256 acc[8];
+        for (int64_t h = 0; h < heads; h++) acc[h] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < k_dim; d += VEC) {
+            const __m256 kv = _mm256_loadu_ps(k + d);
+            for (int64_t h = 0; h < heads; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * k_dim + d), kv, acc[h]);
+        }
+        for (int64_t h = 0; h < heads; h++) s[h * s_stride + j] = hsum(acc[h]) * scale;
+    }
+}
+
+static inline __attribute__((always_inline)) void block_values(
+    const float *p, int64_t p_stride, int64_t heads, const float *values, int64_t token_stride, int64_t n,
+    float *acc, int64_t v_dim) {
+    for (int64_t d = 0; d < v_dim; d += VEC) {
+        __m256 o[8];
+        for (int64_t h = 0; h < heads; h++) o[h] = _mm256_loadu_ps(acc + h * v_dim + d);
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 v = _mm256_loadu_ps(values + j * token_stride + d);
+            for (int64_t h = 0; h < heads; h++) o[h] = _mm256_fmadd_ps(_mm256_set1_ps(p[h * p_stride + j]), v, o[h]);
+        }
+        for (int64_t h = 0; h < heads; h++) _mm256_storeu_ps(acc + h * v_dim + d, o[h]);
+    }
+}
+#else
+#define VEC 1
+
+static inline void block_scores(const float *q, int64_t heads, int64_t k_dim, const float *keys,
+                                int64_t token_stride, int64_t n, float *s, int64_t s_stride, float scale) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t h = 0; h < heads; h++) {
+            float sum = 0.0f;
+            const float *k = keys + j * token_stride, *qh = q + h * k_dim;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t d = 0; d < k_dim; d++) sum += qh[d] * k[d];
+            s[h * s_stride + j] = sum * scale;
+        }
+}
+
+static inline void block_values(const float *p, int64_t p_stride, int64_t heads, const float *values,
+                                int64_t token_stride, int64_t n, float *acc, int64_t v_dim) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t h = 0; h < heads; h++) {
+            const float w = p[h * p_stride + j], *v = values + j * token_stride;
+            float *a = acc + h * v_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < v_dim; d++) a[d] += w * v[d];
+        }
+}
+#endif
+
+/* One instance per head count, so that the AVX2 loops above unroll over constant heads into registers. */
+#define GROUP(fn, heads, ...)                                                                                         \
+    switch (heads) {                                                                                                  \
+    case 1: fn(__VA_ARGS__, 1); break;                                                                                \
+    case 2: fn(__VA_ARGS__, 2); break;                                                                                \
+    case 3: fn(__VA_ARGS__, 3); break;                                                                                \
+    case 4: fn(__VA_ARGS__, 4); break;                                                                                \
+    case 5: fn(__VA_ARGS__, 5); break;                                                                                \
+    case 6: fn(__VA_ARGS__, 6); break;                                                                                \
+    case 7: fn(__VA_ARGS__, 7); break;                                                                                \
+    default: fn(__VA_ARGS__, 8); break;                                                                               \
+    }
+#define SCORES(q, k_dim, keys, token_stride, n, s, s_stride, scale, heads) \
+    block_scores(q, heads, k_dim, keys, token_stride, n, s, s_stride, scale)
+#define VALUES(p, p_stride, values, token_stride, n, acc, v_dim, heads) \
+    block_values(p, p_stride, heads, values, token_stride, n, acc, v_dim)
+
+int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tables, const int64_t *lens, float *out,
+                         int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t k_dim, int64_t v_dim,
+                         int64_t block_size, int64_t table_stride, int64_t token_stride, int64_t head_stride,
+                         int64_t k_offset, int64_t v_offset, int64_t heads_per_task, float scale) {
+    if (k_dim % VEC || v_dim % VEC) return -2; /* the caller checks `vector_width()` first */
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t chunks = (group + heads_per_task - 1) / heads_per_task;
+    const int64_t tasks = batch * num_kv_heads * chunks;
+    int failed = 0;
+#pragma omp parallel
+    {
+        /* per thread: scores/probabilities (heads x block), accumulators (heads x Dv), running max and sum */
+        float *scores = malloc(sizeof(float) * (size_t)(heads_per_task * block_size));
+        float *acc = malloc(sizeof(float) * (size_t)(heads_per_task * v_dim));
+        float *run_max = malloc(sizeof(float) * (size_t)heads_per_task);
+        float *run_sum = malloc(sizeof(float) * (size_t)heads_per_task);
+        if (!scores || !acc || !run_max || !run_sum) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            if (failed) continue;
+            const int64_t b = task / (num_kv_heads * chunks);
+            const int64_t kv_head = task / chunks % num_kv_heads;
+            const int64_t first = kv_head * group + task % chunks * heads_per_task;
+            const int64_t heads = group - task % chunks * heads_per_task < heads_per_task
+                                      ? group - task % chunks * heads_per_task : heads_per_task;
+            const float *qb = q + (b * num_heads + first) * k_dim;
+            const int64_t len = lens[b];
+            memset(acc, 0, sizeof(float) * (size_t)(heads * v_dim));
+            for (int64_t h = 0; h < heads; h++) {
+                run_max[h] = -INFINITY;
+                run_sum[h] = 0.0f;
+            }
+            for (int64_t start = 0; start < len; start += block_size) {
+                const int64_t n = len - start < block_size ? len - start : block_size;
+                const float *base = cache + tables[b * table_stride + start / block_size] * block_size * token_stride
+                                    + kv_head * head_stride;
+                for (int64_t g = 0; g < heads; g += 8) {
+                    const int64_t in_group = heads - g < 8 ? heads - g : 8;
+                    GROUP(SCORES, in_group, qb + g * k_dim, k_dim, base + k_offset, token_stride, n,
+                          scores + g * block_size, block_size, scale)
+                }
+                for (int64_t h = 0; h < heads; h++) {
+                    float *s = scores + h * block_size;
+                    float block_max = -INFINITY;
+                    for (int64_t j = 0; j < n; j++) block_max = s[j] > block_max ? s[j] : block_max;
+                    const float new_max = block_max > run_max[h] ? block_max : run_max[h];
+                    if (new_max > run_max[h] && run_max[h] != -INFINITY) {
+                        const float shrink = exp_nonpositive(run_max[h] - new_max);
+                        run_sum[h] *= shrink;
+                        float *a = acc + h * v_dim;
+#pragma omp simd
+                        for (int64_t d = 0; d < v_dim; d++) a[d] *= shrink;
+                    }
+                    run_max[h] = new_max;
+                    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                    for (int64_t j = 0; j < n; j++) {
+                        s[j] = exp_nonpositive(s[j] - new_max);
+                        sum += s[j];
+                    }
+                    run_sum[h] += sum;
+                }
+                for (int64_t g = 0; g < heads; g += 8) {
+                    const int64_t in_group = heads - g < 8 ? heads - g : 8;
+                    GROUP(VALUES, in_group, scores + g * block_size, block_size, base + v_offset, token_stride, n,
+                          acc + g * v_dim, v_dim)
+                }
+            }
+            for (int64_t h = 0; h < heads; h++) {
+                const float inv = 1.0f / run_sum[h];
+                float *o = out + (b * num_heads + first + h) * v_dim;
+                const float *a = acc + h * v_dim;
+#pragma omp simd
+                for (int64_t d = 0; d < v_dim; d++) o[d] = a[d] * inv;
+            }
+        }
+        free(scores);
+        free(acc);
+        free(run_max);
+        free(run_sum);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Head dimensions must be multiples of this (8 floats with AVX2). */
+int dsserve_vector_width(void) { return VEC; }

@@ -1,0 +1,102 @@
+"""The CPU decode-attention kernel against its plain-torch twin (layers/attention.py's gather + SDPA path), on
+MHA, GQA and MLA layouts, ragged lengths, shuffled blocks and MindIE's block size; and the fallback."""
+
+import pytest
+import torch
+
+from dsserve.kernels import cpu as cpu_kernels
+from dsserve.layers import attention as A
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: the kernel cannot be built")
+
+
+def _meta(lens: list[int], block_size: int, num_blocks: int, seed: int) -> A.AttentionMetadata:
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = -(-max(lens) // block_size)
+    ids = torch.randperm(num_blocks, generator=g)[: len(lens) * max_blocks].view(len(lens), max_blocks)
+    key_pos = torch.arange(max_blocks * block_size)
+    lens_t = torch.tensor(lens)
+    mask = (key_pos.view(1, 1, 1, -1) < lens_t.view(-1, 1, 1, 1))
+    return A.AttentionMetadata(slot_mapping=None, query_index=None, query_valid=None, block_tables=ids,
+                               attn_mask=mask, is_decode=True, context_lens=lens_t)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 32), (8, 2, 64), (12, 2, 128), (7, 1, 16), (20, 2, 64)])
+@pytest.mark.parametrize("block_size", [16, 128, 5])
+@pytest.mark.parametrize("lens", [[1], [37, 1, 16, 100, 255], [300] * 3])
+def test_gqa_matches_torch(heads, kv_heads, head_dim, block_size, lens):
+    torch.manual_seed(0)
+    meta = _meta(lens, block_size, num_blocks=4 + len(lens) * -(-max(lens) // block_size), seed=1)
+    cache = torch.randn(meta.block_tables.max() + 3, block_size, 2, kv_heads, head_dim)
+    q = torch.randn(len(lens), heads, head_dim)
+    scale = head_dim**-0.5
+    got = cpu_kernels.paged_decode(q, cache, meta.block_tables, meta.context_lens, scale, num_kv_heads=kv_heads,
+                                   v_dim=head_dim, token_stride=2 * kv_heads * head_dim, head_stride=head_dim,
+                                   v_offset=kv_heads * head_dim)
+    context = meta.gather(cache)
+    keys, values = context[:, :, 0].transpose(1, 2), context[:, :, 1].transpose(1, 2)
+    want = meta.unpad(A._grouped_attention(meta.pad_queries(q), keys, values, meta, scale))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lens", [[1], [5, 200, 33], [64] * 9])
+@pytest.mark.parametrize("heads", [1, 8, 11, 16])
+def test_mla_latent_matches_torch(lens, heads):
+    torch.manual_seed(0)
+    latent, rope, block_size = 512, 64, 16
+    meta = _meta(lens, block_size, num_blocks=64, seed=2)
+    cache = torch.randn(64, block_size, latent + rope)
+    queries = torch.randn(len(lens), heads, latent + rope)
+    got = cpu_kernels.paged_decode(queries, cache, meta.block_tables, meta.context_lens, 0.07, num_kv_heads=1,
+                                   v_dim=latent, token_stride=latent + rope, head_stride=0, v_offset=0)
+    keys = meta.gather(cache).unsqueeze(1)
+    want = meta.unpad(A._grouped_attention(meta.pad_queries(queries), keys, keys[..., :latent], meta, 0.07))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_extreme_scores_stay_finite():
+    """A score far above the rest (a 'sink' token) and a long context: the online softmax rescales, no overflow."""
+    meta = _meta([1000, 3], 16, num_blocks=130, seed=3)
+    cache = torch.randn(130, 16, 2, 1, 32)
+    first = meta.block_tables[0, 40]  # a key in the middle of sequence 0 that every query loves
+    cache[first, 7, 0] = 40.0
+    q = torch.full((2, 2, 32), 1.0)
+    got = cpu_kernels.paged_decode(q, cache, meta.block_tables, meta.context_lens, 1.0, num_kv_heads=1, v_dim=32,
+                                   token_stride=64, head_stride=32, v_offset=32)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0, 0], cache[first, 7, 1, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_disabled_by_environment_takes_the_torch_path(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("DSSERVE_CPU_KERNELS", "0")
+    assert cpu_kernels.library() is None
+    assert "DSSERVE_CPU_KERNELS=0" in caplog.text
+    meta = _meta([20, 3], 16, num_blocks=8, seed=4)
+    assert not A._use_cpu_kernel(meta, torch.randn(2, 4, 8), torch.randn(8, 16, 2, 2, 8), 8, 8)
+
+
+def test_no_compiler_is_reported(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("DSSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    assert cpu_kernels.library() is None
+    assert "no C compiler" in caplog.text and not any(tmp_path.rglob("*.so"))
+
+
+def test_built_into_the_cache_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("DSSERVE_CACHE_DIR", str(tmp_path))
+    assert cpu_kernels.library() is not None
+    built = list((tmp_path / "kernels").glob("paged_attention-*.so"))
+    assert len(built) == 1 and not list((tmp_path / "kernels").glob("tmp*"))
+
+
+def test_head_size_off_the_vector_width_takes_the_torch_path():
+    width = cpu_kernels._state["width"]
+    if width == 1:
+        pytest.skip("the generic build takes any head size")
+    meta = _meta([20, 3], 16, num_blocks=8, seed=5)
+    assert A._use_cpu_kernel(meta, torch.randn(2, 4, 8 * width), torch.randn(8, 16, 2, 2, 8 * width), 8 * width,
+                             8 * width)
+    assert not A._use_cpu_kernel(meta, torch.randn(2, 4, 12), torch.randn(8, 16, 2, 2, 12), 12, 12)
