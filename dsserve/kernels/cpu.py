@@ -131,11 +131,11 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
     lens = context_lens.contiguous()
     if out is None:
         out = torch.empty(batch, num_heads, v_dim, dtype=torch.float32)
-    group = num_heads // num_kv_heads
-    # enough tasks for every thread when there are few sequences (batch 1 with one latent "head": split the heads)
+    # One task per sequence (its blocks read once, in order), or with few sequences its heads split so that every
+    # thread gets two tasks or more.
     threads = torch.get_num_threads()
-    chunks = min(group, max(1, -(-2 * threads // (batch * num_kv_heads))))
-    heads_per_task = -(-group // chunks)
+    chunks = min(num_heads, max(1, -(-2 * threads // batch)))
+    heads_per_task = -(-num_heads // chunks)
     status = lib.dsserve_paged_decode(
         q.data_ptr(), cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
         batch, num_heads, num_kv_heads, k_dim, v_dim, cache.shape[1], tables.stride(0), token_stride, head_stride,

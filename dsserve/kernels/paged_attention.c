@@ -14,8 +14,9 @@
  *   tables  (B, table_stride) int64 block ids; lens (B,) int64 context length of each sequence (>= 1)
  *   out     (B, H, Dv) contiguous
  *
- * Work is split into tasks of (sequence, KV head, chunk of heads_per_task query heads), spread over torch's
- * OpenMP threads (the process's one libgomp: the same pool as torch's own ops).
+ * Work is split into tasks of (sequence, range of heads_per_task query heads): with every head in one task a
+ * sequence's blocks are read once, whole and in order; few sequences split their heads so every thread has
+ * work. Tasks are spread over torch's OpenMP threads (the process's one libgomp: torch's own pool).
  */
 #include <math.h>
 #include <stdint.h>
@@ -58,7 +59,26 @@ static inline float hsum(__m256 v) {
 static inline __attribute__((always_inline)) void block_scores(
     const float *q, int64_t heads, int64_t k_dim, const float *keys, int64_t token_stride, int64_t n, float *s,
     int64_t s_stride, float scale) {
-    for (int64_t j = 0; j < n; j++) {
+    int64_t j = 0;
+    if (heads <= 4) /* two tokens at a time: each q chunk loaded once for both, twice the independent sums */
+        for (; j + 1 < n; j += 2) {
+            const float *k0 = keys + j * token_stride, *k1 = k0 + token_stride;
+            __m256 a0[4], a1[4];
+            for (int64_t h = 0; h < heads; h++) a0[h] = a1[h] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < k_dim; d += VEC) {
+                const __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+                for (int64_t h = 0; h < heads; h++) {
+                    const __m256 qh = _mm256_loadu_ps(q + h * k_dim + d);
+                    a0[h] = _mm256_fmadd_ps(qh, x0, a0[h]);
+                    a1[h] = _mm256_fmadd_ps(qh, x1, a1[h]);
+                }
+            }
+            for (int64_t h = 0; h < heads; h++) {
+                s[h * s_stride + j] = hsum(a0[h]) * scale;
+                s[h * s_stride + j + 1] = hsum(a1[h]) * scale;
+            }
+        }
+    for (; j < n; j++) {
         const float *k = keys + j * token_stride;
         __m256 acc[8];
         for (int64_t h = 0; h < heads; h++) acc[h] = _mm256_setzero_ps();
@@ -127,14 +147,22 @@ static inline void block_values(const float *p, int64_t p_stride, int64_t heads,
 #define VALUES(p, p_stride, values, token_stride, n, acc, v_dim, heads) \
     block_values(p, p_stride, heads, values, token_stride, n, acc, v_dim)
 
+/* The KV head of query head `head`, and how many heads from it on (at most `left`, at most 8) share it. */
+static inline int64_t group_of(int64_t head, int64_t group, int64_t left, int64_t *count) {
+    const int64_t kv_head = head / group, same = (kv_head + 1) * group - head;
+    *count = same < left ? same : left;
+    if (*count > 8) *count = 8;
+    return kv_head;
+}
+
 int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tables, const int64_t *lens, float *out,
                          int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t k_dim, int64_t v_dim,
                          int64_t block_size, int64_t table_stride, int64_t token_stride, int64_t head_stride,
                          int64_t k_offset, int64_t v_offset, int64_t heads_per_task, float scale) {
     if (k_dim % VEC || v_dim % VEC) return -2; /* the caller checks `vector_width()` first */
     const int64_t group = num_heads / num_kv_heads;
-    const int64_t chunks = (group + heads_per_task - 1) / heads_per_task;
-    const int64_t tasks = batch * num_kv_heads * chunks;
+    const int64_t chunks = (num_heads + heads_per_task - 1) / heads_per_task;
+    const int64_t tasks = batch * chunks;
     int failed = 0;
 #pragma omp parallel
     {
@@ -150,11 +178,9 @@ int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tabl
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
             if (failed) continue;
-            const int64_t b = task / (num_kv_heads * chunks);
-            const int64_t kv_head = task / chunks % num_kv_heads;
-            const int64_t first = kv_head * group + task % chunks * heads_per_task;
-            const int64_t heads = group - task % chunks * heads_per_task < heads_per_task
-                                      ? group - task % chunks * heads_per_task : heads_per_task;
+            const int64_t b = task / chunks;
+            const int64_t first = task % chunks * heads_per_task;
+            const int64_t heads = num_heads - first < heads_per_task ? num_heads - first : heads_per_task;
             const float *qb = q + (b * num_heads + first) * k_dim;
             const int64_t len = lens[b];
             memset(acc, 0, sizeof(float) * (size_t)(heads * v_dim));
@@ -164,16 +190,16 @@ int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tabl
             }
             for (int64_t start = 0; start < len; start += block_size) {
                 const int64_t n = len - start < block_size ? len - start : block_size;
-                const float *base = cache + tables[b * table_stride + start / block_size] * block_size * token_stride
-                                    + kv_head * head_stride;
-                for (int64_t g = 0; g < heads; g += 8) {
-                    const int64_t in_group = heads - g < 8 ? heads - g : 8;
+                const float *block = cache + tables[b * table_stride + start / block_size] * block_size * token_stride;
+                for (int64_t g = 0, in_group; g < heads; g += in_group) {
+                    const float *base = block + group_of(first + g, group, heads - g, &in_group) * head_stride;
                     GROUP(SCORES, in_group, qb + g * k_dim, k_dim, base + k_offset, token_stride, n,
                           scores + g * block_size, block_size, scale)
                 }
                 for (int64_t h = 0; h < heads; h++) {
                     float *s = scores + h * block_size;
                     float block_max = -INFINITY;
+#pragma omp simd reduction(max : block_max)
                     for (int64_t j = 0; j < n; j++) block_max = s[j] > block_max ? s[j] : block_max;
                     const float new_max = block_max > run_max[h] ? block_max : run_max[h];
                     if (new_max > run_max[h] && run_max[h] != -INFINITY) {
@@ -192,8 +218,8 @@ int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tabl
                     }
                     run_sum[h] += sum;
                 }
-                for (int64_t g = 0; g < heads; g += 8) {
-                    const int64_t in_group = heads - g < 8 ? heads - g : 8;
+                for (int64_t g = 0, in_group; g < heads; g += in_group) {
+                    const float *base = block + group_of(first + g, group, heads - g, &in_group) * head_stride;
                     GROUP(VALUES, in_group, scores + g * block_size, block_size, base + v_offset, token_stride, n,
                           acc + g * v_dim, v_dim)
                 }
