@@ -191,6 +191,13 @@ int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tabl
             for (int64_t start = 0; start < len; start += block_size) {
                 const int64_t n = len - start < block_size ? len - start : block_size;
                 const float *block = cache + tables[b * table_stride + start / block_size] * block_size * token_stride;
+                if (start + block_size < len) { /* the next block is elsewhere in memory: fetch it while this one computes */
+                    const int64_t next_n = len - start - block_size < block_size ? len - start - block_size : block_size;
+                    const char *next = (const char *)(cache + tables[b * table_stride + start / block_size + 1]
+                                                              * block_size * token_stride);
+                    const int64_t bytes = next_n * token_stride * (int64_t)sizeof(float);
+                    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(next + off, 0, 3);
+                }
                 for (int64_t g = 0, in_group; g < heads; g += in_group) {
                     const float *base = block + group_of(first + g, group, heads - g, &in_group) * head_stride;
                     GROUP(SCORES, in_group, qb + g * k_dim, k_dim, base + k_offset, token_stride, n,
