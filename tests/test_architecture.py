@@ -22,7 +22,8 @@ RANKS = {
 ANYWHERE = {"config", "errors", "assets", "profiling"}  # imported from any layer; they import nothing above themselves
 # Operator tools read configs and checkpoints, never the engine or the device.
 TOOLS = {"plan", "weights", "ranktable", "doctor"}
-TOOL_ALLOWED = {"config", "errors", "models.loader", "models.registry", "plan", "weights", "ranktable"}
+# kernels: a leaf module; the doctor asks it which CPU kernels this machine can run.
+TOOL_ALLOWED = {"config", "errors", "models.loader", "models.registry", "plan", "weights", "ranktable", "kernels"}
 
 
 def _layer(module: str) -> str:

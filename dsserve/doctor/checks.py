@@ -86,17 +86,22 @@ def _cpu_kernels() -> Line:
     """What the CPU path will use: the vector ISA torch picked and the packed-weight kernels available."""
     import torch
 
-    from dsserve.layers.linear import cpu_kernels_available
+    from dsserve.kernels import cpu as cpu_kernels
 
     isa = torch.backends.cpu.get_cpu_capability()
-    missing = {name: cpu_kernels_available(dtype)
+    missing = {name: cpu_kernels.packed_weights_unavailable(dtype)
                for name, dtype in (("float32 (oneDNN)", torch.float32), ("float16 (FBGEMM)", torch.float16))}
     have = [name for name, why in missing.items() if why is None]
-    if len(have) == len(missing):
-        return True, f"CPU kernels: {isa}; packed weights {', '.join(have)}"
+    lib = cpu_kernels.library()
+    attention = ("decode attention kernel built" if lib is not None
+                 else f"decode attention kernel unavailable ({cpu_kernels.why_unavailable()})")
+    if len(have) == len(missing) and lib is not None:
+        return True, f"CPU kernels: {isa}; packed weights {', '.join(have)}; {attention}"
     reasons = "; ".join(f"{name}: {why}" for name, why in missing.items() if why is not None)
-    return None, (f"CPU kernels: {isa}; packed weights {', '.join(have) or 'none'} ({reasons}): CPU decode is slower "
-                  "than with the official torch CPU wheel (pip install torch==2.13.0)")
+    fix = ("install a C compiler (apt install gcc) for the attention kernel" if lib is None
+           else "use the official torch CPU wheel (pip install torch==2.13.0)")
+    return None, (f"CPU kernels: {isa}; packed weights {', '.join(have) or 'none'}{f' ({reasons})' if reasons else ''}; "
+                  f"{attention}: CPU decode is slower than it could be; {fix}")
 
 
 def _model(model: str, options: dict[str, Any]) -> list[Line]:

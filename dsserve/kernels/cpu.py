@@ -1,5 +1,6 @@
-"""The CPU decode-attention kernel (paged_attention.c): built once per machine with the system C compiler,
-loaded with ctypes, and called on float32 CPU tensors.
+"""The CPU kernels: the decode-attention kernel (paged_attention.c), built once per machine with the system C
+compiler, loaded with ctypes and called on float32 CPU tensors; and which packed-weight GEMMs (oneDNN, FBGEMM)
+this torch build has. A leaf module (torch and the standard library only): the doctor asks it too.
 
 Why C: plain torch has no attention that reads a paged cache in place, and at decode sizes its SDPA over a
 gathered copy is bound by per-call overhead (docs/benchmarks.md). The kernel reads every key and value once,
@@ -109,6 +110,11 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]  # type: ignore[return-value]
 
 
+def why_unavailable() -> str | None:
+    """Why `library()` is None (after it was called), for the doctor and the logs."""
+    return _state.get("why")  # type: ignore[return-value]
+
+
 def usable(k_dim: int, v_dim: int) -> bool:
     """The kernel is built and handles these head sizes (multiples of its vector width: 8 floats with AVX2)."""
     return library() is not None and k_dim % _state["width"] == 0 and v_dim % _state["width"] == 0
@@ -146,3 +152,16 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
     if status != 0:
         raise MemoryError("the CPU attention kernel could not allocate its scratch buffers")
     return out
+
+
+def packed_weights_unavailable(weight_dtype: torch.dtype) -> str | None:
+    """None when this torch build has the kernel for `weight_dtype` packed linear weights (FBGEMM fp16, oneDNN
+    fp32; layers/linear.py packs them), else why not."""
+    if weight_dtype == torch.float16:
+        engines = torch.backends.quantized.supported_engines
+        if not ("fbgemm" in engines or "x86" in engines) or not hasattr(torch.ops.quantized, "linear_dynamic_fp16"):
+            return f"this torch build has no FBGEMM (quantized engines: {', '.join(engines)})"
+        return None
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return "this torch build has no oneDNN"
+    return None

@@ -156,7 +156,6 @@ def _mla_attention(q_nope, q_pe, latent, k_pe, w_kv_b, cache, meta, scale):
 
 def _mla_attend(q_nope, q_pe, num_latent, w_kv_b, cache, meta, scale):
     num_nope = q_nope.shape[-1]
-    context = meta.gather(cache)  # (B, L, C + R)
     w_uk, w_uv = w_kv_b[:, :num_nope], w_kv_b[:, num_nope:]  # (H, N, C), (H, V, C)
     if meta.is_decode and _use_cpu_kernel(meta, q_nope, cache, cache.shape[-1], num_latent):
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # (T, H, C)
@@ -165,6 +164,7 @@ def _mla_attend(q_nope, q_pe, num_latent, w_kv_b, cache, meta, scale):
                                               meta.context_lens, scale, num_kv_heads=1, v_dim=num_latent,
                                               token_stride=entry, head_stride=0, v_offset=0)
         return torch.einsum("thc,hvc->thv", out_latent, w_uv)
+    context = meta.gather(cache)  # (B, L, C + R)
     if meta.is_decode:
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # (T, H, C)
         queries = meta.pad_queries(torch.cat((q_latent, q_pe), dim=-1))  # (B, Q, H, C + R)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsserve.kernels import cpu as cpu_kernels
 from dsserve.layers.parallel import SINGLE, TensorParallel
 
 logger = logging.getLogger(__name__)
@@ -183,18 +184,6 @@ class PackedLinear:
         return self.data.nbytes if isinstance(self.data, torch.Tensor) else 0
 
 
-def cpu_kernels_available(weight_dtype: torch.dtype) -> str | None:
-    """None when this torch build can pack `weight_dtype` weights, else why not (for the log)."""
-    if weight_dtype == torch.float16:
-        engines = torch.backends.quantized.supported_engines
-        if not ("fbgemm" in engines or "x86" in engines) or not hasattr(torch.ops.quantized, "linear_dynamic_fp16"):
-            return f"this torch build has no FBGEMM (quantized engines: {', '.join(engines)})"
-        return None
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        return "this torch build has no oneDNN"
-    return None
-
-
 def prepack_for_cpu(model: nn.Module, weight_dtype: torch.dtype = torch.float32) -> int:
     """Give every float32 Linear, every routed expert and the LM head on CPU a packed weight (`PackedLinear`).
 
@@ -204,10 +193,10 @@ def prepack_for_cpu(model: nn.Module, weight_dtype: torch.dtype = torch.float32)
     on the same (fp16-rounded) weight before it is used; a kernel that disagrees or fails stops the packing
     and the remaining layers stay on F.linear (slower, correct). Returns the number of matrices packed.
     """
-    reason = cpu_kernels_available(weight_dtype)
+    reason = cpu_kernels.packed_weights_unavailable(weight_dtype)
     if reason is not None and weight_dtype == torch.float16:
         logger.warning("float16 weights unavailable (%s): packing float32 weights for oneDNN instead", reason)
-        weight_dtype, reason = torch.float32, cpu_kernels_available(torch.float32)
+        weight_dtype, reason = torch.float32, cpu_kernels.packed_weights_unavailable(torch.float32)
     if reason is not None:
         logger.warning("weight packing unavailable (%s): linear layers stay on F.linear (slower; correct)", reason)
         return 0

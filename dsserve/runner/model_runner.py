@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from dsserve.config import CacheConfig, EngineConfig, ParallelConfig
 from dsserve.errors import ConfigError, DistributedError, EngineDeadError
+from dsserve.kernels import cpu as cpu_attention
 from dsserve.layers.attention import Workspace
 from dsserve.layers.linear import prepack_for_cpu
 from dsserve.layers.parallel import SINGLE
@@ -82,6 +83,8 @@ class ModelRunner:
             weight_dtype = getattr(torch, config.weight_dtype)
             logger.info("packed %d weight matrices (%s) for the CPU kernels", prepack_for_cpu(self.model, weight_dtype),
                         config.weight_dtype)
+            if config.dtype == "float32" and cpu_attention.library() is not None:  # built now, not in the first step
+                logger.info("decode attention: the CPU kernel (dsserve/kernels/paged_attention.c)")
         logger.info("loaded %s (%s%s) in %.1fs", model_config.path, config.dtype,
                     f", rank {tp.rank} of {tp.size}" if self.group else "", time.perf_counter() - started)
         self.num_blocks = self._num_blocks(cache_config, config.scheduler.max_model_len, config.scheduler.max_num_seqs)

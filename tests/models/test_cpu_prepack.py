@@ -75,10 +75,10 @@ def test_weight_beyond_fp16_range_keeps_fp32(caplog):
 
 
 def test_no_fbgemm_falls_back_to_fp32_packing(model_dir, monkeypatch, caplog):
-    import dsserve.layers.linear as linear
+    import dsserve.kernels.cpu as cpu_kernels_module
 
-    real = linear.cpu_kernels_available
-    monkeypatch.setattr(linear, "cpu_kernels_available",
+    real = cpu_kernels_module.packed_weights_unavailable
+    monkeypatch.setattr(cpu_kernels_module, "packed_weights_unavailable",
                         lambda dtype: "no FBGEMM here" if dtype == torch.float16 else real(dtype))
     llm = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, weight_dtype="float16")
     packed = [m.packed for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
