@@ -159,7 +159,7 @@ int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tabl
                          int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t k_dim, int64_t v_dim,
                          int64_t block_size, int64_t table_stride, int64_t token_stride, int64_t head_stride,
                          int64_t k_offset, int64_t v_offset, int64_t heads_per_task, float scale) {
-    if (k_dim % VEC || v_dim % VEC) return -2; /* the caller checks `vector_width()` first */
+    if (k_dim % VEC || v_dim % VEC) return -2; /* kernels/cpu.py: usable() checks this first */
     const int64_t group = num_heads / num_kv_heads;
     const int64_t chunks = (num_heads + heads_per_task - 1) / heads_per_task;
     const int64_t tasks = batch * chunks;
@@ -177,7 +177,10 @@ int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tabl
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tasks; task++) {
-            if (failed) continue;
+            int stop;
+#pragma omp atomic read
+            stop = failed;
+            if (stop) continue; /* a thread could not allocate: the call fails, finish quickly */
             const int64_t b = task / chunks;
             const int64_t first = task % chunks * heads_per_task;
             const int64_t heads = num_heads - first < heads_per_task ? num_heads - first : heads_per_task;
