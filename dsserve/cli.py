@@ -24,6 +24,8 @@ app.add_typer(ranktable_app, name="ranktable")
 console = Console(stderr=True)
 
 MODEL_HELP = "checkpoint folder; default: the built-in demo model (a tiny R1-style reasoning model)"
+KV_CACHE_DTYPE_HELP = ("auto (the compute dtype) or, on CPU with float32 compute, float16: half the KV cache's memory "
+                       "and of the bytes decode attention reads (llama.cpp's default f16 cache)")
 WEIGHT_DTYPE_HELP = ("CPU, float32 compute: how linear weights are stored, auto|float32|float16 (float16 halves the "
                      "bytes each token reads; auto: float16 for a bf16/fp16 checkpoint, float32 for a float32 one)")
 DEMO_SERVED_NAME = "dsserve-demo-r1"
@@ -47,10 +49,12 @@ def _resolve_model(model: Optional[str]) -> str:
     return str(folder)
 
 
-def _engine_options(dtype: str, weight_dtype: str, block_size: int, max_model_len: Optional[int], max_num_seqs: int,
+def _engine_options(dtype: str, weight_dtype: str, kv_cache_dtype: str, block_size: int,
+                    max_model_len: Optional[int], max_num_seqs: int,
                     max_num_batched_tokens: Optional[int], kv_cache_memory: Optional[str],
                     enable_prefix_caching: bool, num_threads: Optional[int]) -> dict:
-    return dict(dtype=dtype, weight_dtype=weight_dtype, block_size=block_size, max_model_len=max_model_len,
+    return dict(dtype=dtype, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype, block_size=block_size,
+                max_model_len=max_model_len,
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
                 enable_prefix_caching=enable_prefix_caching, num_threads=num_threads)
@@ -69,6 +73,7 @@ def generate(
     n: int = typer.Option(1, help="samples of the prompt"),
     dtype: str = typer.Option("auto", help="auto|bfloat16|float16|float32"),
     weight_dtype: str = typer.Option("auto", help=WEIGHT_DTYPE_HELP),
+    kv_cache_dtype: str = typer.Option("auto", help=KV_CACHE_DTYPE_HELP),
     block_size: int = typer.Option(16),
     max_model_len: Optional[int] = typer.Option(None),
     max_num_seqs: int = typer.Option(256),
@@ -82,7 +87,8 @@ def generate(
     """Generate a completion for one prompt with the offline engine."""
     from dsserve import LLM, SamplingParams
 
-    llm = LLM(_resolve_model(model), **_engine_options(dtype, weight_dtype, block_size, max_model_len, max_num_seqs,
+    llm = LLM(_resolve_model(model), **_engine_options(dtype, weight_dtype, kv_cache_dtype, block_size,
+                                                     max_model_len, max_num_seqs,
                                                      max_num_batched_tokens, kv_cache_memory, enable_prefix_caching,
                                                      num_threads),
               tensor_parallel_size=tensor_parallel_size, enable_expert_parallel=enable_expert_parallel)
@@ -106,6 +112,7 @@ def serve(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with these options' names; flags override"),
     dtype: Optional[str] = typer.Option(None, help="auto|bfloat16|float16|float32"),
     weight_dtype: Optional[str] = typer.Option(None, help=WEIGHT_DTYPE_HELP),
+    kv_cache_dtype: Optional[str] = typer.Option(None, help=KV_CACHE_DTYPE_HELP),
     max_model_len: Optional[int] = typer.Option(None),
     max_num_seqs: Optional[int] = typer.Option(None),
     max_num_batched_tokens: Optional[int] = typer.Option(None),
@@ -143,7 +150,8 @@ def serve(
     from dsserve.server.launch import serve as run_server
 
     flags = {k: v for k, v in dict(
-        dtype=dtype, weight_dtype=weight_dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        dtype=dtype, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
         enable_prefix_caching=enable_prefix_caching, num_threads=num_threads, max_queued_requests=max_queued_requests,
         reasoning_parser=reasoning_parser, strict_reasoning_history=strict_reasoning_history,
@@ -208,12 +216,13 @@ def chat(
     run_chat(backend, show_reasoning=not hide_reasoning, max_tokens=max_tokens, temperature=temperature, system=system)
 
 
-def _bench_engine(model, dtype, weight_dtype, block_size, max_model_len, max_num_seqs, max_num_batched_tokens,
+def _bench_engine(model, dtype, weight_dtype, kv_cache_dtype, block_size, max_model_len, max_num_seqs,
+                  max_num_batched_tokens,
                   kv_cache_memory, enable_prefix_caching, num_threads):
     from dsserve.engine.engine import LLMEngine
 
     return LLMEngine.from_options(_resolve_model(model), **_engine_options(
-        dtype, weight_dtype, block_size, max_model_len, max_num_seqs, max_num_batched_tokens, kv_cache_memory,
+        dtype, weight_dtype, kv_cache_dtype, block_size, max_model_len, max_num_seqs, max_num_batched_tokens, kv_cache_memory,
         enable_prefix_caching, num_threads))
 
 
@@ -226,6 +235,7 @@ def bench_throughput(
     seed: int = typer.Option(0),
     dtype: str = typer.Option("auto"),
     weight_dtype: str = typer.Option("auto", help=WEIGHT_DTYPE_HELP),
+    kv_cache_dtype: str = typer.Option("auto", help=KV_CACHE_DTYPE_HELP),
     block_size: int = typer.Option(16),
     max_model_len: Optional[int] = typer.Option(None),
     max_num_seqs: int = typer.Option(256),
@@ -237,13 +247,14 @@ def bench_throughput(
     """Offline throughput: random prompts of exact length, exactly output_len tokens each; prints tokens/s."""
     from dsserve.bench.throughput import run_throughput
 
-    engine = _bench_engine(model, dtype, weight_dtype, block_size, max_model_len or input_len + output_len + 8,
+    engine = _bench_engine(model, dtype, weight_dtype, kv_cache_dtype, block_size,
+                           max_model_len or input_len + output_len + 8,
                            max_num_seqs, max_num_batched_tokens, kv_cache_memory, enable_prefix_caching, num_threads)
     r = run_throughput(engine, num_prompts, input_len, output_len, seed)
     print(f"Throughput: {r.requests_per_s:.2f} requests/s, {r.total_tokens_per_s:.1f} total tokens/s, "
           f"{r.output_tokens_per_s:.1f} output tokens/s ({r.num_prompts} prompts x {r.input_len} in / "
           f"{r.output_len} out in {r.elapsed_s:.2f} s; dtype {engine.config.dtype}, "
-          f"weights {engine.config.weight_dtype}, "
+          f"weights {engine.config.weight_dtype}, KV cache {engine.config.kv_cache_dtype}, "
           f"{engine.config.num_threads} threads)")
 
 
@@ -257,6 +268,7 @@ def bench_perf(
     plot: Optional[Path] = typer.Option(None, help="also plot throughput and per-token latency (needs matplotlib)"),
     dtype: str = typer.Option("auto"),
     weight_dtype: str = typer.Option("auto", help=WEIGHT_DTYPE_HELP),
+    kv_cache_dtype: str = typer.Option("auto", help=KV_CACHE_DTYPE_HELP),
     block_size: int = typer.Option(128, help="MindIE's cacheBlockSize default"),
     kv_cache_memory: Optional[str] = typer.Option(None),
     num_threads: Optional[int] = typer.Option(None),
@@ -273,7 +285,7 @@ def bench_perf(
     except (ValueError, TypeError):
         raise typer.BadParameter("--cases is [[in, out], ...] and --batch-sizes is comma-separated integers") from None
     longest = max(i + o for i, o in pairs)
-    engine = _bench_engine(model, dtype, weight_dtype, block_size, longest + 8, max(sizes),
+    engine = _bench_engine(model, dtype, weight_dtype, kv_cache_dtype, block_size, longest + 8, max(sizes),
                            max(max(sizes) * max(i for i, _ in pairs), 2048), kv_cache_memory, False, num_threads)
     name = Path(engine.model_config.path).name
     time_batch(engine, min(2, max(sizes)), 8, 4, seed + 1)  # warm-up
@@ -389,6 +401,7 @@ def bench_latency(
     output_len: int = typer.Option(128),
     dtype: str = typer.Option("auto"),
     weight_dtype: str = typer.Option("auto", help=WEIGHT_DTYPE_HELP),
+    kv_cache_dtype: str = typer.Option("auto", help=KV_CACHE_DTYPE_HELP),
     num_threads: Optional[int] = typer.Option(None),
     seed: int = typer.Option(0),
     profile: bool = typer.Option(False, "--profile", help="also print where a decode step's time goes"),
@@ -397,7 +410,7 @@ def bench_latency(
     from dsserve.bench.timing import time_batch
     from dsserve.profiling import profile_rows
 
-    engine = _bench_engine(model, dtype, weight_dtype, 16, input_len + output_len + 8, batch_size,
+    engine = _bench_engine(model, dtype, weight_dtype, kv_cache_dtype, 16, input_len + output_len + 8, batch_size,
                            max(batch_size * input_len, 2048), None, False, num_threads)
     time_batch(engine, min(2, batch_size), 8, 4, seed + 1)
     t = time_batch(engine, batch_size, input_len, output_len, seed, profile=profile)

@@ -15,6 +15,7 @@ from dsserve.errors import ConfigError
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
 DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
 WEIGHT_DTYPE_NAMES = ("auto", "float32", "float16")
+KV_CACHE_DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -347,6 +348,7 @@ class EngineConfig:
     scheduler: SchedulerConfig
     dtype: str  # resolved compute dtype: bfloat16 | float16 | float32
     weight_dtype: str  # how linear weights are stored: the compute dtype, or float16 on a float32 CPU
+    kv_cache_dtype: str  # how K/V (or MLA latents) are cached: the compute dtype, or float16 on a float32 CPU
     device: str  # "cpu" or "cuda"
     num_threads: int  # torch intra-op threads on CPU
     seed: int = 0  # default seed of unseeded sampling
@@ -358,7 +360,7 @@ class EngineConfig:
         """The resolved settings as JSON: how a node's first process hands them to the ranks it starts."""
         from dataclasses import asdict
 
-        d = {f: getattr(self, f) for f in ("dtype", "weight_dtype", "device", "num_threads", "seed", "tokenizer_path", "extra")}
+        d = {f: getattr(self, f) for f in ("dtype", "weight_dtype", "kv_cache_dtype", "device", "num_threads", "seed", "tokenizer_path", "extra")}
         d.update(model=self.model.path, cache=asdict(self.cache), scheduler=asdict(self.scheduler),
                  parallel=asdict(self.parallel))
         return json.dumps(d)
@@ -418,6 +420,22 @@ def resolve_weight_dtype(requested: str, checkpoint_dtype: str, device: str, dty
     return "float16" if checkpoint_dtype in sixteen_bit else "float32"
 
 
+def resolve_kv_cache_dtype(requested: str, device: str, dtype: str) -> str:
+    """How the KV cache is stored: `auto` is the compute dtype. A CPU computing in float32 may cache float16
+    (`--kv-cache-dtype float16`, as llama.cpp's default f16 cache): half the cache's memory and half the bytes
+    decode attention reads; the CPU kernel widens the values as it loads them."""
+    if requested not in KV_CACHE_DTYPE_NAMES:
+        raise ConfigError(f"--kv-cache-dtype {requested!r} is not one of {', '.join(KV_CACHE_DTYPE_NAMES)}")
+    if requested in ("auto", dtype):
+        return dtype
+    if device == "cpu" and dtype == "float32" and requested == "float16":
+        return requested
+    raise ConfigError(
+        f"--kv-cache-dtype {requested} with --dtype {dtype} on {device} is not supported: the cache is stored in the "
+        "compute dtype, or float16 on a CPU computing in float32; drop --kv-cache-dtype"
+    )
+
+
 def parse_memory(value: str | int | None) -> int | None:
     """'4GiB', '512MB', '1e9' or a plain byte count -> bytes."""
     if value is None or isinstance(value, int):
@@ -440,7 +458,7 @@ def parse_memory(value: str | int | None) -> int | None:
     return result
 
 
-ENGINE_KEYS = ("dtype", "weight_dtype", "device", "block_size", "kv_cache_memory", "kv_cache_fraction", "num_kv_blocks",
+ENGINE_KEYS = ("dtype", "weight_dtype", "kv_cache_dtype", "device", "block_size", "kv_cache_memory", "kv_cache_fraction", "num_kv_blocks",
                "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                "enable_chunked_prefill", "num_threads", "seed", "tokenizer", "tensor_parallel_size",
                "enable_expert_parallel", "master_port", "dist_backend", "connect_timeout", "step_timeout")

@@ -20,6 +20,7 @@ from dsserve.config import (
     parallel_from_env,
     parse_memory,
     resolve_dtype,
+    resolve_kv_cache_dtype,
     resolve_weight_dtype,
 )
 from dsserve.engine.detokenizer import IncrementalDetokenizer
@@ -282,6 +283,7 @@ def build_engine_config(
     *,
     dtype: str = "auto",
     weight_dtype: str = "auto",
+    kv_cache_dtype: str = "auto",
     device: str | None = None,
     block_size: int = 16,
     kv_cache_memory: str | int | None = None,
@@ -356,6 +358,7 @@ def build_engine_config(
         ),
         dtype=compute_dtype,
         weight_dtype=resolve_weight_dtype(weight_dtype, model_config.checkpoint_dtype, device, compute_dtype),
+        kv_cache_dtype=resolve_kv_cache_dtype(kv_cache_dtype, device, compute_dtype),
         device=device,
         num_threads=num_threads or max(1, default_num_threads() // len(parallel.node_ranks)),
         seed=seed,

@@ -47,9 +47,9 @@ def _isa_flags() -> list[str]:
         return []
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX512"):
-        return ["-mavx512f", "-mavx512vl", "-mavx2", "-mfma"]
+        return ["-mavx512f", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"]
     if capability == "AVX2":
-        return ["-mavx2", "-mfma"]
+        return ["-mavx2", "-mfma", "-mf16c"]
     return []
 
 
@@ -84,8 +84,9 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     fn = lib.dsserve_paged_decode
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12 + [ctypes.c_float]
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12 + [ctypes.c_float, ctypes.c_int]
     lib.dsserve_vector_width.restype = ctypes.c_int
+    lib.dsserve_half_supported.restype = ctypes.c_int
     return lib
 
 
@@ -106,7 +107,8 @@ def library() -> ctypes.CDLL | None:
             if lib is None:
                 logger.warning("CPU attention kernel unavailable (%s): decode attention takes the torch path "
                                "(slower; same results)", why)
-            _state.update(lib=lib, why=why, width=lib.dsserve_vector_width() if lib is not None else 0)
+            _state.update(lib=lib, why=why, width=lib.dsserve_vector_width() if lib is not None else 0,
+                          half=bool(lib.dsserve_half_supported()) if lib is not None else False)
     return _state["lib"]  # type: ignore[return-value]
 
 
@@ -115,9 +117,12 @@ def why_unavailable() -> str | None:
     return _state.get("why")  # type: ignore[return-value]
 
 
-def usable(k_dim: int, v_dim: int) -> bool:
-    """The kernel is built and handles these head sizes (multiples of its vector width: 8 floats with AVX2)."""
-    return library() is not None and k_dim % _state["width"] == 0 and v_dim % _state["width"] == 0
+def usable(k_dim: int, v_dim: int, cache_dtype: torch.dtype = torch.float32) -> bool:
+    """The kernel is built and handles these head sizes (multiples of its vector width: 8 floats with AVX2) and
+    this cache dtype (float32; float16 with the AVX2 + F16C build)."""
+    if library() is None or k_dim % _state["width"] or v_dim % _state["width"]:
+        return False
+    return cache_dtype == torch.float32 or (cache_dtype == torch.float16 and bool(_state["half"]))
 
 
 def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
@@ -125,7 +130,8 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for one query per sequence over its first context_lens[b] cached tokens.
 
-    q (B, H, Dk) float32; cache float32, contiguous, in the layout paged_attention.c describes; block_tables
+    q (B, H, Dk) float32; cache float32 or float16 (read as float32), contiguous, in the layout paged_attention.c
+    describes; block_tables
     (B, >= ceil(len / block_size)) and context_lens (B,) int64. Returns (B, H, v_dim)."""
     lib = library()
     assert lib is not None, "paged_decode needs the kernel library (check kernels.cpu.library() first)"
@@ -145,8 +151,10 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
     status = lib.dsserve_paged_decode(
         q.data_ptr(), cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
         batch, num_heads, num_kv_heads, k_dim, v_dim, cache.shape[1], tables.stride(0), token_stride, head_stride,
-        0, v_offset, heads_per_task, scale,
+        0, v_offset, heads_per_task, scale, int(cache.dtype == torch.float16),
     )
+    if status == -3:
+        raise ValueError("this build of the kernel reads no float16 cache (check usable() first)")
     if status == -2:
         raise ValueError(f"head sizes {k_dim}/{v_dim} are not multiples of the kernel's vector width (check usable())")
     if status != 0:

@@ -4,7 +4,8 @@
  * Built by dsserve/kernels/cpu.py with the system C compiler (-O3, -fopenmp, the vector ISA torch uses) and
  * called through ctypes; its plain-torch twin, layers/attention.py, is the fallback and the test oracle.
  *
- * Layouts (all float32, row-major, contiguous where stated):
+ * Layouts (float32 unless stated, row-major, contiguous where stated; the cache may be float16 with `half`, its
+ * values widened to float32 as they are loaded):
  *   q       (B, H, Dk) contiguous: H query heads; heads [g * G, (g + 1) * G) share KV head g (G = H / Hkv)
  *   cache   the token in slot s of block n, KV head g: key at cache + (n * block_size + s) * token_stride
  *           + g * head_stride + k_offset (Dk values), value at the same + v_offset - k_offset (Dv values).
@@ -56,17 +57,22 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(x);
 }
 
+/* Eight cache values from `p` (element `i` of a float32 or float16 cache) as floats; `half` is a constant. */
+#define CACHE8(p, i, half) \
+    ((half) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(p) + (i)))) \
+            : _mm256_loadu_ps((const float *)(p) + (i)))
+
 static inline __attribute__((always_inline)) void block_scores(
-    const float *q, int64_t heads, int64_t k_dim, const float *keys, int64_t token_stride, int64_t n, float *s,
-    int64_t s_stride, float scale) {
+    const float *q, int64_t heads, int64_t k_dim, const void *keys, int64_t token_stride, int64_t n, float *s,
+    int64_t s_stride, float scale, int half) {
     int64_t j = 0;
     if (heads <= 4) /* two tokens at a time: each q chunk loaded once for both, twice the independent sums */
         for (; j + 1 < n; j += 2) {
-            const float *k0 = keys + j * token_stride, *k1 = k0 + token_stride;
             __m256 a0[4], a1[4];
             for (int64_t h = 0; h < heads; h++) a0[h] = a1[h] = _mm256_setzero_ps();
             for (int64_t d = 0; d < k_dim; d += VEC) {
-                const __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+                const __m256 x0 = CACHE8(keys, j * token_stride + d, half);
+                const __m256 x1 = CACHE8(keys, (j + 1) * token_stride + d, half);
                 for (int64_t h = 0; h < heads; h++) {
                     const __m256 qh = _mm256_loadu_ps(q + h * k_dim + d);
                     a0[h] = _mm256_fmadd_ps(qh, x0, a0[h]);
@@ -79,11 +85,10 @@ static inline __attribute__((always_inline)) void block_scores(
             }
         }
     for (; j < n; j++) {
-        const float *k = keys + j * token_stride;
         __m256 acc[8];
         for (int64_t h = 0; h < heads; h++) acc[h] = _mm256_setzero_ps();
         for (int64_t d = 0; d < k_dim; d += VEC) {
-            const __m256 kv = _mm256_loadu_ps(k + d);
+            const __m256 kv = CACHE8(keys, j * token_stride + d, half);
             for (int64_t h = 0; h < heads; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * k_dim + d), kv, acc[h]);
         }
         for (int64_t h = 0; h < heads; h++) s[h * s_stride + j] = hsum(acc[h]) * scale;
@@ -91,38 +96,42 @@ static inline __attribute__((always_inline)) void block_scores(
 }
 
 static inline __attribute__((always_inline)) void block_values(
-    const float *p, int64_t p_stride, int64_t heads, const float *values, int64_t token_stride, int64_t n,
-    float *acc, int64_t v_dim) {
+    const float *p, int64_t p_stride, int64_t heads, const void *values, int64_t token_stride, int64_t n,
+    float *acc, int64_t v_dim, int half) {
     for (int64_t d = 0; d < v_dim; d += VEC) {
         __m256 o[8];
         for (int64_t h = 0; h < heads; h++) o[h] = _mm256_loadu_ps(acc + h * v_dim + d);
         for (int64_t j = 0; j < n; j++) {
-            const __m256 v = _mm256_loadu_ps(values + j * token_stride + d);
+            const __m256 v = CACHE8(values, j * token_stride + d, half);
             for (int64_t h = 0; h < heads; h++) o[h] = _mm256_fmadd_ps(_mm256_set1_ps(p[h * p_stride + j]), v, o[h]);
         }
         for (int64_t h = 0; h < heads; h++) _mm256_storeu_ps(acc + h * v_dim + d, o[h]);
     }
 }
+#define HALF_SUPPORTED 1
 #else
 #define VEC 1
+#define HALF_SUPPORTED 0 /* float16 caches need the AVX2 + F16C build; the caller checks `half_supported()` */
 
-static inline void block_scores(const float *q, int64_t heads, int64_t k_dim, const float *keys,
-                                int64_t token_stride, int64_t n, float *s, int64_t s_stride, float scale) {
+static inline void block_scores(const float *q, int64_t heads, int64_t k_dim, const void *keys,
+                                int64_t token_stride, int64_t n, float *s, int64_t s_stride, float scale, int half) {
+    (void)half;
     for (int64_t j = 0; j < n; j++)
         for (int64_t h = 0; h < heads; h++) {
             float sum = 0.0f;
-            const float *k = keys + j * token_stride, *qh = q + h * k_dim;
+            const float *k = (const float *)keys + j * token_stride, *qh = q + h * k_dim;
 #pragma omp simd reduction(+ : sum)
             for (int64_t d = 0; d < k_dim; d++) sum += qh[d] * k[d];
             s[h * s_stride + j] = sum * scale;
         }
 }
 
-static inline void block_values(const float *p, int64_t p_stride, int64_t heads, const float *values,
-                                int64_t token_stride, int64_t n, float *acc, int64_t v_dim) {
+static inline void block_values(const float *p, int64_t p_stride, int64_t heads, const void *values,
+                                int64_t token_stride, int64_t n, float *acc, int64_t v_dim, int half) {
+    (void)half;
     for (int64_t j = 0; j < n; j++)
         for (int64_t h = 0; h < heads; h++) {
-            const float w = p[h * p_stride + j], *v = values + j * token_stride;
+            const float w = p[h * p_stride + j], *v = (const float *)values + j * token_stride;
             float *a = acc + h * v_dim;
 #pragma omp simd
             for (int64_t d = 0; d < v_dim; d++) a[d] += w * v[d];
@@ -142,10 +151,10 @@ static inline void block_values(const float *p, int64_t p_stride, int64_t heads,
     case 7: fn(__VA_ARGS__, 7); break;                                                                                \
     default: fn(__VA_ARGS__, 8); break;                                                                               \
     }
-#define SCORES(q, k_dim, keys, token_stride, n, s, s_stride, scale, heads) \
-    block_scores(q, heads, k_dim, keys, token_stride, n, s, s_stride, scale)
-#define VALUES(p, p_stride, values, token_stride, n, acc, v_dim, heads) \
-    block_values(p, p_stride, heads, values, token_stride, n, acc, v_dim)
+#define SCORES(q, k_dim, keys, token_stride, n, s, s_stride, scale, half, heads) \
+    block_scores(q, heads, k_dim, keys, token_stride, n, s, s_stride, scale, half)
+#define VALUES(p, p_stride, values, token_stride, n, acc, v_dim, half, heads) \
+    block_values(p, p_stride, heads, values, token_stride, n, acc, v_dim, half)
 
 /* The KV head of query head `head`, and how many heads from it on (at most `left`, at most 8) share it. */
 static inline int64_t group_of(int64_t head, int64_t group, int64_t left, int64_t *count) {
@@ -155,11 +164,13 @@ static inline int64_t group_of(int64_t head, int64_t group, int64_t left, int64_
     return kv_head;
 }
 
-int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tables, const int64_t *lens, float *out,
+int dsserve_paged_decode(const float *q, const void *cache, const int64_t *tables, const int64_t *lens, float *out,
                          int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t k_dim, int64_t v_dim,
                          int64_t block_size, int64_t table_stride, int64_t token_stride, int64_t head_stride,
-                         int64_t k_offset, int64_t v_offset, int64_t heads_per_task, float scale) {
+                         int64_t k_offset, int64_t v_offset, int64_t heads_per_task, float scale, int half) {
     if (k_dim % VEC || v_dim % VEC) return -2; /* kernels/cpu.py: usable() checks this first */
+    if (half && !HALF_SUPPORTED) return -3;
+    const int64_t elem = half ? 2 : 4; /* bytes per cache value */
     const int64_t group = num_heads / num_kv_heads;
     const int64_t chunks = (num_heads + heads_per_task - 1) / heads_per_task;
     const int64_t tasks = batch * chunks;
@@ -193,18 +204,23 @@ int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tabl
             }
             for (int64_t start = 0; start < len; start += block_size) {
                 const int64_t n = len - start < block_size ? len - start : block_size;
-                const float *block = cache + tables[b * table_stride + start / block_size] * block_size * token_stride;
+                const char *block = (const char *)cache
+                                    + tables[b * table_stride + start / block_size] * block_size * token_stride * elem;
                 if (start + block_size < len) { /* the next block is elsewhere in memory: fetch it while this one computes */
                     const int64_t next_n = len - start - block_size < block_size ? len - start - block_size : block_size;
-                    const char *next = (const char *)(cache + tables[b * table_stride + start / block_size + 1]
-                                                              * block_size * token_stride);
-                    const int64_t bytes = next_n * token_stride * (int64_t)sizeof(float);
-                    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(next + off, 0, 3);
+                    const char *next = (const char *)cache
+                                       + tables[b * table_stride + start / block_size + 1] * block_size * token_stride * elem;
+                    for (int64_t off = 0; off < next_n * token_stride * elem; off += 64) __builtin_prefetch(next + off, 0, 3);
                 }
                 for (int64_t g = 0, in_group; g < heads; g += in_group) {
-                    const float *base = block + group_of(first + g, group, heads - g, &in_group) * head_stride;
-                    GROUP(SCORES, in_group, qb + g * k_dim, k_dim, base + k_offset, token_stride, n,
-                          scores + g * block_size, block_size, scale)
+                    const char *keys = block + (group_of(first + g, group, heads - g, &in_group) * head_stride + k_offset) * elem;
+                    if (half) {
+                        GROUP(SCORES, in_group, qb + g * k_dim, k_dim, keys, token_stride, n, scores + g * block_size,
+                              block_size, scale, 1)
+                    } else {
+                        GROUP(SCORES, in_group, qb + g * k_dim, k_dim, keys, token_stride, n, scores + g * block_size,
+                              block_size, scale, 0)
+                    }
                 }
                 for (int64_t h = 0; h < heads; h++) {
                     float *s = scores + h * block_size;
@@ -229,9 +245,14 @@ int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tabl
                     run_sum[h] += sum;
                 }
                 for (int64_t g = 0, in_group; g < heads; g += in_group) {
-                    const float *base = block + group_of(first + g, group, heads - g, &in_group) * head_stride;
-                    GROUP(VALUES, in_group, scores + g * block_size, block_size, base + v_offset, token_stride, n,
-                          acc + g * v_dim, v_dim)
+                    const char *values = block + (group_of(first + g, group, heads - g, &in_group) * head_stride + v_offset) * elem;
+                    if (half) {
+                        GROUP(VALUES, in_group, scores + g * block_size, block_size, values, token_stride, n,
+                              acc + g * v_dim, v_dim, 1)
+                    } else {
+                        GROUP(VALUES, in_group, scores + g * block_size, block_size, values, token_stride, n,
+                              acc + g * v_dim, v_dim, 0)
+                    }
                 }
             }
             for (int64_t h = 0; h < heads; h++) {
@@ -252,3 +273,6 @@ int dsserve_paged_decode(const float *q, const float *cache, const int64_t *tabl
 
 /* Head dimensions must be multiples of this (8 floats with AVX2). */
 int dsserve_vector_width(void) { return VEC; }
+
+/* Whether float16 caches are read (the AVX2 + F16C build). */
+int dsserve_half_supported(void) { return HALF_SUPPORTED; }

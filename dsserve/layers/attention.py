@@ -116,7 +116,7 @@ def _attend(q, cache, meta, scale):
                                         num_kv_heads=num_kv_heads, v_dim=head_dim,
                                         token_stride=2 * num_kv_heads * head_dim, head_stride=head_dim,
                                         v_offset=num_kv_heads * head_dim)
-    context = meta.gather(cache)  # (B, L, 2, Hkv, D)
+    context = meta.gather(cache).to(q.dtype)  # (B, L, 2, Hkv, D); a float16 cache widens to the compute dtype
     keys = context[:, :, 0].transpose(1, 2)  # (B, Hkv, L, D)
     values = context[:, :, 1].transpose(1, 2)
     return meta.unpad(_grouped_attention(meta.pad_queries(q), keys, values, meta, scale))
@@ -164,7 +164,7 @@ def _mla_attend(q_nope, q_pe, num_latent, w_kv_b, cache, meta, scale):
                                               meta.context_lens, scale, num_kv_heads=1, v_dim=num_latent,
                                               token_stride=entry, head_stride=0, v_offset=0)
         return torch.einsum("thc,hvc->thv", out_latent, w_uv)
-    context = meta.gather(cache)  # (B, L, C + R)
+    context = meta.gather(cache).to(q_nope.dtype)  # (B, L, C + R); a float16 cache widens to the compute dtype
     if meta.is_decode:
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # (T, H, C)
         queries = meta.pad_queries(torch.cat((q_latent, q_pe), dim=-1))  # (B, Q, H, C + R)
@@ -182,8 +182,7 @@ def _mla_attend(q_nope, q_pe, num_latent, w_kv_b, cache, meta, scale):
 def _use_cpu_kernel(meta: AttentionMetadata, q: torch.Tensor, cache: torch.Tensor, k_dim: int, v_dim: int) -> bool:
     """Decode rows on CPU in float32, with the compiled kernel available for these head sizes (kernels/cpu.py)."""
     return (meta.is_decode and meta.context_lens is not None and q.device.type == "cpu"
-            and q.dtype == torch.float32 and cache.dtype == torch.float32 and cache.is_contiguous()
-            and cpu_kernels.usable(k_dim, v_dim))
+            and q.dtype == torch.float32 and cache.is_contiguous() and cpu_kernels.usable(k_dim, v_dim, cache.dtype))
 
 
 def _grouped_attention(

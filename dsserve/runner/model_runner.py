@@ -49,6 +49,7 @@ class ModelRunner:
         self.parallel = config.parallel
         self.device = _device_of_rank(config.device, config.parallel)
         self.dtype = getattr(torch, config.dtype)
+        self.kv_dtype = getattr(torch, config.kv_cache_dtype)
         if self.device.type == "cpu" and config.num_threads:
             torch.set_num_threads(config.num_threads)
         elif self.device.type == "cuda":
@@ -91,7 +92,8 @@ class ModelRunner:
         if self.group:
             self.num_blocks = self.group.agree_min("num_blocks", self.num_blocks)
         shape = (self.num_blocks, self.block_size, *self.model.kv_cache_entry_shape)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(model_config.num_hidden_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+                          for _ in range(model_config.num_hidden_layers)]
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         # CPU: one reused buffer for the attention context gathered from the paged cache (device allocators cache)
@@ -105,7 +107,8 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
-        return self.block_size * math.prod(self.model.kv_cache_entry_shape) * self.config.num_hidden_layers * self.dtype.itemsize
+        entry = math.prod(self.model.kv_cache_entry_shape)
+        return self.block_size * entry * self.config.num_hidden_layers * self.kv_dtype.itemsize
 
     @torch.inference_mode()
     def execute(self, rows: list[SamplingRow], num_new_tokens: list[int], block_tables: list[list[int]],

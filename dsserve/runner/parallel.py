@@ -146,7 +146,8 @@ class Distributed:
         return {
             "rank": self.rank, "node": self.config.node_rank, "host": socket.gethostname(), "pid": os.getpid(),
             "model": e.model.path, "model_type": e.model.model_type, "config_hash": config_hash(e.model.path),
-            "dtype": e.dtype, "weight_dtype": e.weight_dtype, "world_size": self.world_size,
+            "dtype": e.dtype, "weight_dtype": e.weight_dtype, "kv_cache_dtype": e.kv_cache_dtype,
+            "world_size": self.world_size,
             "expert_parallel": self.config.enable_expert_parallel,
             "block_size": e.cache.block_size, "max_model_len": e.scheduler.max_model_len, "dsserve": __version__,
         }

@@ -100,3 +100,26 @@ def test_head_size_off_the_vector_width_takes_the_torch_path():
     assert A._use_cpu_kernel(meta, torch.randn(2, 4, 8 * width), torch.randn(8, 16, 2, 2, 8 * width), 8 * width,
                              8 * width)
     assert not A._use_cpu_kernel(meta, torch.randn(2, 4, 12), torch.randn(8, 16, 2, 2, 12), 12, 12)
+
+
+@pytest.mark.parametrize("lens", [[1], [37, 1, 16, 100, 255]])
+def test_float16_cache_matches_torch_on_the_widened_cache(lens):
+    if not cpu_kernels.usable(64, 64, torch.float16):
+        pytest.skip("this build reads no float16 cache (needs AVX2 + F16C)")
+    torch.manual_seed(0)
+    meta = _meta(lens, 16, num_blocks=4 + len(lens) * 16, seed=6)
+    cache = torch.randn(meta.block_tables.max() + 3, 16, 2, 2, 64).half()
+    q = torch.randn(len(lens), 8, 64)
+    got = cpu_kernels.paged_decode(q, cache, meta.block_tables, meta.context_lens, 0.125, num_kv_heads=2, v_dim=64,
+                                   token_stride=256, head_stride=64, v_offset=128)
+    context = meta.gather(cache).float()
+    keys, values = context[:, :, 0].transpose(1, 2), context[:, :, 1].transpose(1, 2)
+    want = meta.unpad(A._grouped_attention(meta.pad_queries(q), keys, values, meta, 0.125))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    latent = torch.randn(cache.shape[0], 16, 576).half()  # MLA's latent entry
+    queries = torch.randn(len(lens), 8, 576)
+    got = cpu_kernels.paged_decode(queries, latent, meta.block_tables, meta.context_lens, 0.07, num_kv_heads=1,
+                                   v_dim=512, token_stride=576, head_stride=0, v_offset=0)
+    keys = meta.gather(latent).float().unsqueeze(1)
+    want = meta.unpad(A._grouped_attention(meta.pad_queries(queries), keys, keys[..., :512], meta, 0.07))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -102,3 +102,30 @@ def test_weight_dtype_resolution():
         resolve_weight_dtype("float16", "bfloat16", "cuda", "bfloat16")
     with pytest.raises(ConfigError, match="is not one of auto, float32, float16"):
         resolve_weight_dtype("int8", "bfloat16", "cpu", "float32")
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_untied"])
+def test_float16_kv_cache_tracks_float32(model_dir, name):
+    """A float16 cache (kernel for decode, widened context for prefill): the same greedy tokens as float32 on these
+    models, logprobs within fp16 rounding; half the bytes per block."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    full = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256)
+    half = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, kv_cache_dtype="float16")
+    assert half.engine.runner.kv_caches[0].dtype == torch.float16
+    assert half.engine.runner.bytes_per_block * 2 == full.engine.runner.bytes_per_block
+    for a, b in zip(half.generate(PROMPTS, params), full.generate(PROMPTS, params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for (x, _), (y, _) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x == pytest.approx(y, abs=2e-3)
+
+
+def test_kv_cache_dtype_resolution():
+    from dsserve.config import resolve_kv_cache_dtype
+
+    assert resolve_kv_cache_dtype("auto", "cpu", "float32") == "float32"
+    assert resolve_kv_cache_dtype("float16", "cpu", "float32") == "float16"
+    assert resolve_kv_cache_dtype("auto", "cuda", "bfloat16") == "bfloat16"
+    with pytest.raises(ConfigError, match="is not supported"):
+        resolve_kv_cache_dtype("float16", "cuda", "bfloat16")
+    with pytest.raises(ConfigError, match="is not one of"):
+        resolve_kv_cache_dtype("fp8", "cpu", "float32")
