@@ -36,8 +36,9 @@ Builds random-weight checkpoints with transformers' save_pretrained (Qwen2-shape
 then times exactly `output_len` new tokens for every prompt (EOS ignored) through each engine.
 Reports output tokens/s (best and median of --repeats) and batch-1 time per output token.
 
-Engines `dsserve` (the checkpoint's float32 weights) and `dsserve-f16` (`weight_dtype="float16"`: weights stored
-in fp16, fp32 compute, the precision of llama.cpp's f16 GGUF); both in one run compare like with like.
+Engines `dsserve` (the checkpoint's float32 weights), `dsserve-f16` (`weight_dtype="float16"`: weights stored
+in fp16, fp32 compute, the precision of llama.cpp's f16 GGUF) and `dsserve-f16kv` (also `kv_cache_dtype=
+"float16"`, as llama.cpp's default f16 KV cache); in one run they compare like with like.
 """
 
 from __future__ import annotations
@@ -91,10 +92,12 @@ def prompts(num: int, length: int, vocab: int) -> list[list[int]]:
     return torch.randint(10, vocab, (num, length), generator=g).tolist()
 
 
-def run_dsserve(path: Path, batch: list[list[int]], output_len: int, weight_dtype: str = "auto") -> float:
+def run_dsserve(path: Path, batch: list[list[int]], output_len: int, weight_dtype: str = "auto",
+                kv_cache_dtype: str = "auto") -> float:
     from dsserve import LLM, SamplingParams
 
-    llm = LLM(path, max_model_len=len(batch[0]) + output_len + 16, weight_dtype=weight_dtype)
+    llm = LLM(path, max_model_len=len(batch[0]) + output_len + 16, weight_dtype=weight_dtype,
+              kv_cache_dtype=kv_cache_dtype)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in batch[:2]], SamplingParams(max_tokens=4, ignore_eos=True))
     started = time.perf_counter()
@@ -214,7 +217,13 @@ def run_dsserve_f16(path: Path, batch: list[list[int]], output_len: int) -> floa
     return run_dsserve(path, batch, output_len, weight_dtype="float16")
 
 
-ENGINES = {"dsserve": run_dsserve, "dsserve-f16": run_dsserve_f16, "transformers": run_transformers, "vllm": run_vllm, "llamacpp": run_llamacpp}
+def run_dsserve_f16_kv(path: Path, batch: list[list[int]], output_len: int) -> float:
+    """dsserve with float16 weights and a float16 KV cache: llama.cpp's f16 GGUF with its default f16 cache."""
+    return run_dsserve(path, batch, output_len, weight_dtype="float16", kv_cache_dtype="float16")
+
+
+ENGINES = {"dsserve": run_dsserve, "dsserve-f16": run_dsserve_f16, "dsserve-f16kv": run_dsserve_f16_kv,
+           "transformers": run_transformers, "vllm": run_vllm, "llamacpp": run_llamacpp}
 
 
 def main() -> None:
