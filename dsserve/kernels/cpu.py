@@ -1,10 +1,13 @@
-"""The CPU kernels: the decode-attention kernel (paged_attention.c), built once per machine with the system C
-compiler, loaded with ctypes and called on float32 CPU tensors; and which packed-weight GEMMs (oneDNN, FBGEMM)
-this torch build has. A leaf module (torch and the standard library only): the doctor asks it too.
+"""The CPU kernels: decode attention over the paged cache (paged_attention.c) and the float16-weight linear
+(linear_f16.c), built once per machine with the system C compiler into one library, loaded with ctypes and
+called on float32 CPU tensors; and which packed-weight GEMMs (oneDNN, FBGEMM) this torch build has. A leaf
+module (torch and the standard library only): the doctor asks it too.
 
 Why C: plain torch has no attention that reads a paged cache in place, and at decode sizes its SDPA over a
 gathered copy is bound by per-call overhead (docs/benchmarks.md). The kernel reads every key and value once,
-through the block table, with an online softmax, on torch's own OpenMP threads.
+through the block table, with an online softmax, on torch's own OpenMP threads. The float16 linear streams
+panel-packed half-precision weights through an AVX2 micro-kernel: 1.3-2x FBGEMM's fp16 GEMV at batch 1 and
+1.1-1.4x its GEMM at batch 64 on the same weights (benchmarks/cpu_linears.py).
 
 The library is compiled on first use into $DSSERVE_CACHE_DIR (default $XDG_CACHE_HOME/dsserve, else
 ~/.cache/dsserve)/kernels, named by a hash of the source, the flags and the compiler, written to a temporary
@@ -29,7 +32,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.c", "linear_f16.c")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": ctypes.CDLL | None once tried, "why": the reason when None
 
@@ -66,15 +69,15 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler (cc, gcc or clang; or set CC)")
     flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", *_isa_flags()]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *flags, *version]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), *flags, *version]).encode()).hexdigest()[:16]
     folder = cache_dir()
-    target = folder / f"paged_attention-{digest}.so"
+    target = folder / f"dsserve_cpu-{digest}.so"
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         try:
-            out = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+            out = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
             if out.returncode != 0:
                 raise RuntimeError(f"{Path(compiler).name} failed: {out.stderr.strip()[-800:]}")
             os.replace(tmp, target)
@@ -87,6 +90,10 @@ def _build() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12 + [ctypes.c_float, ctypes.c_int]
     lib.dsserve_vector_width.restype = ctypes.c_int
     lib.dsserve_half_supported.restype = ctypes.c_int
+    lib.dsserve_linear_f16.restype = lib.dsserve_pack_f16.restype = ctypes.c_int
+    lib.dsserve_linear_f16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.dsserve_pack_f16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.dsserve_linear_f16_supported.restype = ctypes.c_int
     return lib
 
 
@@ -105,10 +112,11 @@ def library() -> ctypes.CDLL | None:
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                     why = str(e)
             if lib is None:
-                logger.warning("CPU attention kernel unavailable (%s): decode attention takes the torch path "
-                               "(slower; same results)", why)
+                logger.warning("CPU kernels unavailable (%s): decode attention takes the torch path and float16 "
+                               "weights FBGEMM's GEMM (slower; same results)", why)
             _state.update(lib=lib, why=why, width=lib.dsserve_vector_width() if lib is not None else 0,
-                          half=bool(lib.dsserve_half_supported()) if lib is not None else False)
+                          half=bool(lib.dsserve_half_supported()) if lib is not None else False,
+                          linear_f16=bool(lib.dsserve_linear_f16_supported()) if lib is not None else False)
     return _state["lib"]  # type: ignore[return-value]
 
 
@@ -162,10 +170,49 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
     return out
 
 
+def linear_f16_usable() -> bool:
+    """The library is built with the float16-weight linear (x86 with AVX2, FMA and F16C)."""
+    return library() is not None and bool(_state["linear_f16"])
+
+
+PANEL = 16  # output rows per panel of the packed float16 layout (linear_f16.c)
+
+
+def pack_f16(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 (N, K) weight in linear_f16.c's packed float16 layout: (ceil(N / 16), K, 16) halves, rows past N
+    zero. Rounds to nearest even (the same values as weight.half())."""
+    lib = library()
+    assert lib is not None and _state["linear_f16"], "pack_f16 needs linear_f16_usable()"
+    weight = weight.detach().float().contiguous()
+    rows, cols = weight.shape
+    packed = torch.empty(-(-rows // PANEL), cols, PANEL, dtype=torch.float16)
+    lib.dsserve_pack_f16(weight.data_ptr(), rows, cols, packed.data_ptr())
+    return packed
+
+
+def linear_f16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) float32 @ W^T (+ bias) for a weight packed by `pack_f16`: (..., out_features) float32."""
+    lib = library()
+    assert lib is not None, "linear_f16 needs the kernel library (check linear_f16_usable() first)"
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])
+    if x.dtype != torch.float32:
+        raise TypeError(f"the float16 linear takes float32 activations, got {x.dtype}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if x.shape[0]:
+        lib.dsserve_linear_f16(x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
+                               x.shape[0], out_features, x.shape[1])
+    return out.view(*shape[:-1], out_features)
+
+
 def packed_weights_unavailable(weight_dtype: torch.dtype) -> str | None:
-    """None when this torch build has the kernel for `weight_dtype` packed linear weights (FBGEMM fp16, oneDNN
-    fp32; layers/linear.py packs them), else why not."""
+    """None when there is a kernel for `weight_dtype` packed linear weights (fp16: linear_f16.c, else this torch
+    build's FBGEMM; fp32: oneDNN. layers/linear.py packs them), else why not."""
     if weight_dtype == torch.float16:
+        if linear_f16_usable():
+            return None
         engines = torch.backends.quantized.supported_engines
         if not ("fbgemm" in engines or "x86" in engines) or not hasattr(torch.ops.quantized, "linear_dynamic_fp16"):
             return f"this torch build has no FBGEMM (quantized engines: {', '.join(engines)})"

@@ -156,26 +156,33 @@ _FP16_MAX = 65504.0
 
 
 class PackedLinear:
-    """One linear layer's weight (and bias) in a CPU kernel library's own layout: `packed(x)` = x W^T + b, float32.
+    """One linear layer's weight (and bias) in a CPU kernel's own layout: `packed(x)` = x W^T + b, float32.
 
     float32: oneDNN's reordered weight (`_linear_pointwise`), 1.3-2.3x faster than F.linear at decode sizes.
-    float16: FBGEMM's packed half-precision weight (`linear_dynamic_fp16`): the weight is stored in fp16 and
-    widened to fp32 inside the kernel, activations and accumulation stay fp32. Half the bytes per decode step:
-    on a 2-core AVX2 box a whole Qwen2-shaped model's linears take 6.3 ms at batch 1 vs 11.9 ms for oneDNN fp32,
-    and 45 vs 54 ms at batch 64 (docs/benchmarks.md).
+    float16: the weight stored in fp16, widened to fp32 inside the kernel; activations and accumulation stay fp32,
+    half the bytes per decode step. The kernel is dsserve's own (kernels/linear_f16.c: panel-packed, AVX2 + F16C;
+    a Qwen2-shaped model's linears and LM head 3.6 ms at batch 1 vs 5.0 for FBGEMM, 35 vs 44 ms at batch 64 on a
+    2-core EPYC), else FBGEMM's packed fp16 GEMM (`linear_dynamic_fp16`) where the library could not be built.
     """
 
-    __slots__ = ("weight_dtype", "data", "bias")
+    __slots__ = ("weight_dtype", "kind", "data", "bias", "out_features")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype):
-        self.weight_dtype, self.bias = weight_dtype, bias
-        if weight_dtype == torch.float16:
-            self.data = torch.ops.quantized.linear_prepack_fp16(weight.detach(), None if bias is None else bias.detach())
+        self.weight_dtype, self.out_features = weight_dtype, weight.shape[0]
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        if weight_dtype == torch.float16 and cpu_kernels.linear_f16_usable():
+            self.kind, self.data = "dsserve", cpu_kernels.pack_f16(weight)
+        elif weight_dtype == torch.float16:
+            self.kind = "fbgemm"
+            self.data = torch.ops.quantized.linear_prepack_fp16(weight.detach(), self.bias)
         else:
+            self.kind = "onednn"
             self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_dtype == torch.float16:
+        if self.kind == "dsserve":
+            return cpu_kernels.linear_f16(x, self.data, self.out_features, self.bias)
+        if self.kind == "fbgemm":
             return torch.ops.quantized.linear_dynamic_fp16(x, self.data)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.data, self.bias, "none", [], "")
 

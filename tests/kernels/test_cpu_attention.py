@@ -88,7 +88,7 @@ def test_built_into_the_cache_folder(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setenv("DSSERVE_CACHE_DIR", str(tmp_path))
     assert cpu_kernels.library() is not None
-    built = list((tmp_path / "kernels").glob("paged_attention-*.so"))
+    built = list((tmp_path / "kernels").glob("dsserve_cpu-*.so"))
     assert len(built) == 1 and not list((tmp_path / "kernels").glob("tmp*"))
 
 

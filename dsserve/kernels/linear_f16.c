@@ -1,0 +1,174 @@
+/* y = x W^T (+ b) on CPU with W stored in float16: float32 activations, accumulation and output; every weight is
+ * read once per call and widened with F16C as it is loaded. The kernel behind `--weight-dtype float16`.
+ *
+ * Built with paged_attention.c by dsserve/kernels/cpu.py; layers/linear.py (PackedLinear) packs the weights and
+ * calls it, and keeps FBGEMM's fp16 GEMM as the fallback where this build has no F16C/FMA.
+ *
+ * Packed layout: W (N, K) is cut into panels of NR = 16 output rows; panel p holds, for k = 0..K-1, the 16
+ * values W[p * 16 + j, k] (j = 0..15) side by side (rows past N are zero). A panel is one contiguous run of
+ * K * 16 halves, so the micro-kernel streams it in order and any K works (x is read one scalar at a time).
+ *
+ * Work: tiles of 6 rows of x by one panel keep a 6 x 16 block of y in 12 AVX registers; k is split into blocks of
+ * at most KC (the panel's block stays in L1 while every row of a chunk passes over it) and rows into chunks of MC
+ * (their block of x stays in L2); (row chunk, panel) tasks are spread over torch's OpenMP threads. With one row
+ * of x (batch-1 decode) each thread streams whole panels, the k loop unrolled by two into four accumulators to
+ * hide FMA latency: bound by reading the weights (21-25 GB/s on a 2-core EPYC, 1.3-2x FBGEMM's fp16 GEMV).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define NR 16
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define LINEAR_F16_SUPPORTED 1
+
+static inline __m256 load_half8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* Write one row of a tile's 16 columns (only `valid` of them: the last panel), added to what y holds when
+ * `accumulate` (the earlier k blocks), plus the bias if given. */
+static inline __attribute__((always_inline)) void store_row(float *y, __m256 lo, __m256 hi, int accumulate,
+                                                            const float *bias, int valid) {
+    if (valid == NR) {
+        if (accumulate) lo = _mm256_add_ps(lo, _mm256_loadu_ps(y)), hi = _mm256_add_ps(hi, _mm256_loadu_ps(y + 8));
+        if (bias) lo = _mm256_add_ps(lo, _mm256_loadu_ps(bias)), hi = _mm256_add_ps(hi, _mm256_loadu_ps(bias + 8));
+        _mm256_storeu_ps(y, lo);
+        _mm256_storeu_ps(y + 8, hi);
+        return;
+    }
+    float row[NR];
+    _mm256_storeu_ps(row, lo);
+    _mm256_storeu_ps(row + 8, hi);
+    for (int j = 0; j < valid; j++) y[j] = row[j] + (accumulate ? y[j] : 0.0f) + (bias ? bias[j] : 0.0f);
+}
+
+/* A `rows` x 16 tile of y (rows <= 6) over `depth` values of k; `accumulate` adds it to what y holds (the earlier
+ * k blocks), `bias` is given on the last. Always six rows of arithmetic in twelve named registers (arrays here get
+ * spilled to the stack by gcc); a short tile repeats its last row of x and stores only its own rows. */
+static void tile(int rows, const float *x, int64_t ldx, const uint16_t *panel, int depth, int accumulate,
+                 const float *bias, float *y, int64_t ldy, int valid) {
+    const float *x0 = x, *x1 = x + (rows > 1 ? 1 : 0) * ldx, *x2 = x + (rows > 2 ? 2 : rows - 1) * ldx,
+                *x3 = x + (rows > 3 ? 3 : rows - 1) * ldx, *x4 = x + (rows > 4 ? 4 : rows - 1) * ldx,
+                *x5 = x + (rows > 5 ? 5 : rows - 1) * ldx;
+    __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0, l3 = l0, h3 = l0, l4 = l0, h4 = l0,
+           l5 = l0, h5 = l0;
+    for (int k = 0; k < depth; k++) {
+        const __m256 b0 = load_half8(panel + (int64_t)k * NR), b1 = load_half8(panel + (int64_t)k * NR + 8);
+        __m256 a = _mm256_broadcast_ss(x0 + k);
+        l0 = _mm256_fmadd_ps(a, b0, l0), h0 = _mm256_fmadd_ps(a, b1, h0);
+        a = _mm256_broadcast_ss(x1 + k);
+        l1 = _mm256_fmadd_ps(a, b0, l1), h1 = _mm256_fmadd_ps(a, b1, h1);
+        a = _mm256_broadcast_ss(x2 + k);
+        l2 = _mm256_fmadd_ps(a, b0, l2), h2 = _mm256_fmadd_ps(a, b1, h2);
+        a = _mm256_broadcast_ss(x3 + k);
+        l3 = _mm256_fmadd_ps(a, b0, l3), h3 = _mm256_fmadd_ps(a, b1, h3);
+        a = _mm256_broadcast_ss(x4 + k);
+        l4 = _mm256_fmadd_ps(a, b0, l4), h4 = _mm256_fmadd_ps(a, b1, h4);
+        a = _mm256_broadcast_ss(x5 + k);
+        l5 = _mm256_fmadd_ps(a, b0, l5), h5 = _mm256_fmadd_ps(a, b1, h5);
+    }
+    store_row(y, l0, h0, accumulate, bias, valid);
+    if (rows > 1) store_row(y + ldy, l1, h1, accumulate, bias, valid);
+    if (rows > 2) store_row(y + 2 * ldy, l2, h2, accumulate, bias, valid);
+    if (rows > 3) store_row(y + 3 * ldy, l3, h3, accumulate, bias, valid);
+    if (rows > 4) store_row(y + 4 * ldy, l4, h4, accumulate, bias, valid);
+    if (rows > 5) store_row(y + 5 * ldy, l5, h5, accumulate, bias, valid);
+}
+
+static void one_row(const float *x, const uint16_t *panel, int64_t K, const float *bias, float *y, int valid) {
+    __m256 lo0 = _mm256_setzero_ps(), hi0 = lo0, lo1 = lo0, hi1 = lo0;
+    int64_t k = 0;
+    for (; k + 1 < K; k += 2) {
+        const __m256 a0 = _mm256_broadcast_ss(x + k), a1 = _mm256_broadcast_ss(x + k + 1);
+        const uint16_t *b = panel + k * NR;
+        lo0 = _mm256_fmadd_ps(a0, load_half8(b), lo0);
+        hi0 = _mm256_fmadd_ps(a0, load_half8(b + 8), hi0);
+        lo1 = _mm256_fmadd_ps(a1, load_half8(b + 16), lo1);
+        hi1 = _mm256_fmadd_ps(a1, load_half8(b + 24), hi1);
+    }
+    if (k < K) {
+        const __m256 a0 = _mm256_broadcast_ss(x + k);
+        lo0 = _mm256_fmadd_ps(a0, load_half8(panel + k * NR), lo0);
+        hi0 = _mm256_fmadd_ps(a0, load_half8(panel + k * NR + 8), hi0);
+    }
+    store_row(y, _mm256_add_ps(lo0, lo1), _mm256_add_ps(hi0, hi1), 0, bias, valid);
+}
+
+/* Blocking for more than one row of x: k in blocks of at most KC (a panel's block, 16 x KC halves, stays in L1),
+ * rows in chunks of MC (a chunk's x block, MC x KC floats, stays in L2). */
+#define KC 512
+#define MC 120
+
+/* x (M, K) float32 contiguous, packed as above, bias (N,) or NULL, y (M, N) float32 contiguous. */
+int dsserve_linear_f16(const float *x, const uint16_t *packed, const float *bias, float *y, int64_t M, int64_t N,
+                       int64_t K) {
+    const int64_t panels = (N + NR - 1) / NR;
+    if (M == 1) {  /* batch-1 decode: bound by reading the weights once */
+#pragma omp parallel for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            const int valid = N - p * NR < NR ? (int)(N - p * NR) : NR;
+            one_row(x, packed + p * K * NR, K, bias ? bias + p * NR : NULL, y + p * NR, valid);
+        }
+        return 0;
+    }
+    const int64_t k_blocks = (K + KC - 1) / KC, depth_max = (K + k_blocks - 1) / k_blocks;  /* even blocks */
+    const int64_t chunks = (M + MC - 1) / MC;
+#pragma omp parallel
+    for (int64_t kb = 0; kb < k_blocks; kb++) {
+        const int64_t k0 = kb * depth_max;
+        const int depth = (int)(K - k0 < depth_max ? K - k0 : depth_max);
+        const int last = kb == k_blocks - 1;
+        /* (row chunk, panel) tasks, row chunks outermost: a thread's run of tasks shares its x block */
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < chunks * panels; task++) {
+            const int64_t c = task / panels, p = task % panels;
+            const int valid = N - p * NR < NR ? (int)(N - p * NR) : NR;
+            const uint16_t *panel = packed + p * K * NR + k0 * NR;
+            const float *b = bias && last ? bias + p * NR : NULL;
+            const int64_t m_end = (c + 1) * MC < M ? (c + 1) * MC : M;
+            for (int64_t m = c * MC; m < m_end; m += 6) {
+                const int rows = m_end - m < 6 ? (int)(m_end - m) : 6;
+                tile(rows, x + m * K + k0, K, panel, depth, kb > 0, b, y + m * N + p * NR, N, valid);
+            }
+        }
+    }
+    return 0;
+}
+
+/* W (N, K) float32 row-major -> the packed float16 layout (round to nearest even; ceil(N / 16) * 16 * K halves). */
+int dsserve_pack_f16(const float *w, int64_t N, int64_t K, uint16_t *packed) {
+    const int64_t panels = (N + NR - 1) / NR;
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+        uint16_t *dst = packed + p * K * NR;
+        for (int64_t k = 0; k < K; k++) {
+            float column[NR];
+            for (int j = 0; j < NR; j++) {
+                const int64_t n = p * NR + j;
+                column[j] = n < N ? w[n * K + k] : 0.0f;
+            }
+            _mm_storeu_si128((__m128i *)(dst + k * NR), _mm256_cvtps_ph(_mm256_loadu_ps(column), _MM_FROUND_TO_NEAREST_INT));
+            _mm_storeu_si128((__m128i *)(dst + k * NR + 8),
+                             _mm256_cvtps_ph(_mm256_loadu_ps(column + 8), _MM_FROUND_TO_NEAREST_INT));
+        }
+    }
+    return 0;
+}
+
+#else
+#define LINEAR_F16_SUPPORTED 0
+
+int dsserve_linear_f16(const float *x, const uint16_t *packed, const float *bias, float *y, int64_t M, int64_t N,
+                       int64_t K) {
+    (void)x, (void)packed, (void)bias, (void)y, (void)M, (void)N, (void)K;
+    return -1;
+}
+
+int dsserve_pack_f16(const float *w, int64_t N, int64_t K, uint16_t *packed) {
+    (void)w, (void)N, (void)K, (void)packed;
+    return -1;
+}
+#endif
+
+/* Whether this build has the float16 linear (AVX2 + FMA + F16C); layers/linear.py uses FBGEMM otherwise. */
+int dsserve_linear_f16_supported(void) { return LINEAR_F16_SUPPORTED; }
