@@ -5,8 +5,9 @@ step reads them: from memory, not from cache).
     python benchmarks/cpu_linears.py --rows 1 4 16 64 --hidden 1536 --intermediate 8960 --layers 28 --vocab 151936
 
 For each batch size (rows, M): one pass over every layer's q/k/v, o, gate/up and down weights and the LM head
-through F.linear (MKL, fp32), oneDNN's packed fp32 weights and FBGEMM's packed fp16 weights (what
-`layers/linear.py: PackedLinear` calls); then DeepSeek-style routed experts, one matmul pair per expert.
+through F.linear (MKL, fp32), oneDNN's packed fp32 weights, FBGEMM's packed fp16 weights and dsserve's own
+fp16 kernel (kernels/linear_f16.c; what `layers/linear.py: PackedLinear` calls, FBGEMM where it cannot be built);
+then DeepSeek-style routed experts, one matmul pair per expert.
 Prints ms per pass, best of --repeats.
 """
 
@@ -17,6 +18,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from dsserve.kernels import cpu as cpu_kernels
 
 _HINT = 64  # as layers/linear.py packs oneDNN weights
 
@@ -36,11 +39,16 @@ def _kernels(weights: list[torch.Tensor]) -> dict[str, list]:
     plain = [lambda x, w=w: F.linear(x, w) for w in weights]
     onednn = [torch.ops.mkldnn._reorder_linear_weight(w, _HINT) for w in weights]
     fp16 = [torch.ops.quantized.linear_prepack_fp16(w, None) for w in weights]
+    own = {}
+    if cpu_kernels.linear_f16_usable():
+        own = {"dsserve fp16 kernel": [lambda x, p=cpu_kernels.pack_f16(w), n=w.shape[0]: cpu_kernels.linear_f16(x, p, n)
+                                       for w in weights]}
     return {
         "F.linear fp32": plain,
         "oneDNN fp32 packed": [lambda x, p=p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
                                for p in onednn],
         "FBGEMM fp16 packed": [lambda x, p=p: torch.ops.quantized.linear_dynamic_fp16(x, p) for p in fp16],
+        **own,
     }
 
 

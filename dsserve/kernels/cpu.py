@@ -1,5 +1,5 @@
-"""The CPU kernels: decode attention over the paged cache (paged_attention.c) and the float16-weight linear
-(linear_f16.c), built once per machine with the system C compiler into one library, loaded with ctypes and
+"""The CPU kernels: decode attention over the paged cache (paged_attention.c), the float16-weight linear
+(linear_f16.c) and a decoder layer's small ops (elementwise.c: RMSNorm, rotary, silu * up), built once per machine with the system C compiler into one library, loaded with ctypes and
 called on float32 CPU tensors; and which packed-weight GEMMs (oneDNN, FBGEMM) this torch build has. A leaf
 module (torch and the standard library only): the doctor asks it too.
 
@@ -32,7 +32,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.c", "linear_f16.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.c", "linear_f16.c", "elementwise.c")]
+HEADERS = [Path(__file__).with_name("vec_math.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": ctypes.CDLL | None once tried, "why": the reason when None
 
@@ -69,7 +70,7 @@ def _build() -> ctypes.CDLL:
         raise RuntimeError("no C compiler (cc, gcc or clang; or set CC)")
     flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", *_isa_flags()]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    digest = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES), *flags, *version]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES + HEADERS), *flags, *version]).encode()).hexdigest()[:16]
     folder = cache_dir()
     target = folder / f"dsserve_cpu-{digest}.so"
     if not target.exists():
@@ -94,6 +95,10 @@ def _build() -> ctypes.CDLL:
     lib.dsserve_linear_f16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.dsserve_pack_f16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.dsserve_linear_f16_supported.restype = ctypes.c_int
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.dsserve_rms_norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float]
+    lib.dsserve_rotary.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_bool]
+    lib.dsserve_silu_mul.argtypes = [ptr, ptr, i64, i64]
     return lib
 
 
@@ -192,19 +197,61 @@ def pack_f16(weight: torch.Tensor) -> torch.Tensor:
 
 def linear_f16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) float32 @ W^T (+ bias) for a weight packed by `pack_f16`: (..., out_features) float32."""
-    lib = library()
-    assert lib is not None, "linear_f16 needs the kernel library (check linear_f16_usable() first)"
-    shape = x.shape
-    x = x.reshape(-1, shape[-1])
+    if x.dim() != 2:
+        return linear_f16(x.reshape(-1, x.shape[-1]), packed, out_features, bias).view(*x.shape[:-1], out_features)
     if x.dtype != torch.float32:
         raise TypeError(f"the float16 linear takes float32 activations, got {x.dtype}")
     if not x.is_contiguous():
         x = x.contiguous()
-    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    if x.shape[0]:
-        lib.dsserve_linear_f16(x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-                               x.shape[0], out_features, x.shape[1])
-    return out.view(*shape[:-1], out_features)
+    rows = x.shape[0]
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    if rows:
+        _state["lib"].dsserve_linear_f16(x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                         out.data_ptr(), rows, out_features, x.shape[1])
+    return out
+
+
+# ---- a decoder layer's small ops (elementwise.c); callers check `fused_ops_usable` and fall back to torch ----
+
+def fused_ops_usable(x: torch.Tensor) -> bool:
+    """x is a float32 CPU tensor and the library is built: RMSNorm, rotary and silu * up may take the C kernels."""
+    return x.dtype == torch.float32 and x.is_cpu and (_state["lib"] if "lib" in _state else library()) is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., D) float32 -> x / sqrt(mean(x^2) + eps) * weight (contiguous), weight (D,) contiguous float32.
+
+    Called once or twice per layer per step: kept to a few microseconds of Python (no views when x is 2-D)."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        return rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps).view(x.shape)
+    out = torch.empty(x.shape[0], x.shape[1], dtype=torch.float32)
+    _state["lib"].dsserve_rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), x.shape[0],
+                                   x.shape[1], eps)
+    return out
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x (T, H, D) float32 (the last dimension contiguous) rotated by the cos/sin (P, D/2) contiguous rows of
+    `positions` (T,) int64: a new contiguous (T, H, D) tensor (layers/rotary.py describes the two layouts)."""
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    if positions.dtype != torch.int64 or not positions.is_contiguous():
+        positions = positions.long().contiguous()
+    tokens, heads, dim = x.shape
+    out = torch.empty(tokens, heads, dim, dtype=torch.float32)
+    _state["lib"].dsserve_rotary(x.data_ptr(), x.stride(0), x.stride(1), out.data_ptr(), tokens, heads, dim,
+                                 positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), interleaved)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up (N, 2 I) float32 -> silu(gate) * up (N, I)."""
+    if not gate_up.is_contiguous():
+        gate_up = gate_up.contiguous()
+    rows, inner = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, inner, dtype=torch.float32)
+    _state["lib"].dsserve_silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inner)
+    return out
 
 
 def packed_weights_unavailable(weight_dtype: torch.dtype) -> str | None:

@@ -24,24 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* exp(x) for x <= 0 (a score minus its running maximum): Cephes' expf polynomial after reducing by ln 2,
- * written so the compiler vectorizes the loops that call it; relative error ~1e-7, x < -87 clamps there. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = rintf(x * 1.44269504088896341f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
+#include "vec_math.h"
 
 /* The two inner products of a block, for a group of at most 8 query heads: scores s[h][j] = q_h . k_j * scale
  * and accumulators acc[h] += sum_j p[h][j] v_j. The AVX2 versions keep one register per head (the key or value

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsserve.config import ModelConfig
-from dsserve.layers.linear import MLP, bind, empty_param
+from dsserve.layers.linear import MLP, bind, empty_param, silu_and_mul
 from dsserve.layers.parallel import SINGLE, TensorParallel
 
 
@@ -102,11 +102,10 @@ class Experts(nn.Module):
             end = start + count
             if self.packed is not None:
                 w13, w2 = self.packed[expert]
-                gate, up = w13(sorted_x[start:end]).split(self.intermediate_size, dim=-1)
-                sorted_out[start:end] = w2(F.silu(gate) * up)
+                sorted_out[start:end] = w2(silu_and_mul(w13(sorted_x[start:end])))
             else:
-                gate, up = F.linear(sorted_x[start:end], self.w13[expert]).split(self.intermediate_size, dim=-1)
-                sorted_out[start:end] = F.linear(F.silu(gate) * up, self.w2[expert])
+                hidden = silu_and_mul(F.linear(sorted_x[start:end], self.w13[expert]))
+                sorted_out[start:end] = F.linear(hidden, self.w2[expert])
             start = end
         sorted_out *= weights.flatten()[order].unsqueeze(1).to(sorted_out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, sorted_out)

@@ -1,4 +1,4 @@
-"""RMSNorm, computed in float32 as transformers does."""
+"""RMSNorm, computed in float32 as transformers does (one C call on CPU: kernels/elementwise.c)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsserve.kernels import cpu as cpu_kernels
 from dsserve.layers.linear import bind, empty_param
 
 
@@ -16,6 +17,8 @@ class RMSNorm(nn.Module):
         self.weight = bind(empty_param(size, dtype=dtype), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernels.fused_ops_usable(x):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:  # one fused call, the same products in the same order
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()

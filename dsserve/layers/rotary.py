@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dsserve.config import RopeConfig
+from dsserve.kernels import cpu as cpu_kernels
 
 
 class RotaryEmbedding(nn.Module):
@@ -27,6 +28,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each x is (T, heads, dim); the output keeps DeepSeek's pairs as [evens | odds] (as transformers does)."""
+        if self.cos.dtype == torch.float32 and cpu_kernels.fused_ops_usable(xs[0]):  # one C call per x, no tables
+            return tuple(cpu_kernels.rotary(x, positions, self.cos, self.sin, self.interleaved) for x in xs)
         cos, sin, cos_full, sin_signed = self._step_tables(positions)
         out = []
         for x in xs:

@@ -1,0 +1,83 @@
+/* The small per-token ops of a decoder layer on CPU, float32, one call each instead of torch's chain of five to
+ * eight elementwise kernels (at decode sizes each torch op costs ~5-20 us of dispatch, more than its arithmetic):
+ * RMSNorm, rotary embedding (half-split or DeepSeek's interleaved pairs) and SwiGLU's silu(gate) * up.
+ *
+ * Built with the other kernels by dsserve/kernels/cpu.py; the torch expressions they replace (layers/norm.py,
+ * layers/rotary.py, layers/linear.py: MLP) are the fallback and the test oracle. Plain loops the compiler
+ * vectorizes; rows are spread over torch's OpenMP threads once a call has enough of them to pay for the fork.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "vec_math.h"
+
+#define PARALLEL_MIN 32768 /* elements below which one thread does the whole call */
+
+/* out[r] = x[r] * (1 / sqrt(mean(x[r]^2) + eps)) * w, as transformers' float32 RMSNorm. x rows `ldx` apart (last
+ * dimension contiguous), out (rows, dim) contiguous. */
+int dsserve_rms_norm(const float *x, int64_t ldx, const float *w, float *out, int64_t rows, int64_t dim, float eps) {
+#pragma omp parallel for schedule(static) if (rows * dim >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * ldx;
+        float *o = out + r * dim;
+        float partial[16] = {0};  /* sixteen independent sums: vectorized without reassociating one sum */
+        int64_t j = 0;
+        for (; j + 16 <= dim; j += 16)
+            for (int i = 0; i < 16; i++) partial[i] += xr[j + i] * xr[j + i];
+        float sum = 0.0f;
+        for (; j < dim; j++) sum += xr[j] * xr[j];
+        for (int i = 0; i < 16; i++) sum += partial[i];
+        const float scale = 1.0f / sqrtf(sum / (float)dim + eps);
+        for (j = 0; j < dim; j++) o[j] = xr[j] * scale * w[j];
+    }
+    return 0;
+}
+
+/* Rotary embedding of x (tokens, heads, dim): token t at rows `token_stride` apart, heads `head_stride` apart,
+ * the last dimension contiguous; out (tokens, heads, dim) contiguous. cos/sin (positions, dim / 2) contiguous,
+ * positions (tokens,). Half-split (NeoX): x = [x1 | x2] -> [x1 c - x2 s | x2 c + x1 s]. Interleaved pairs
+ * (x[2i], x[2i+1]) -> [evens | odds] = [x[2i] c - x[2i+1] s | x[2i+1] c + x[2i] s], the order transformers'
+ * DeepSeek code leaves them in. */
+int dsserve_rotary(const float *x, int64_t token_stride, int64_t head_stride, float *out, int64_t tokens,
+                   int64_t heads, int64_t dim, const int64_t *positions, const float *cos_table,
+                   const float *sin_table, _Bool interleaved) {
+    const int64_t half = dim / 2;
+#pragma omp parallel for schedule(static) if (tokens * heads * dim >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos_table + positions[t] * half, *s = sin_table + positions[t] * half;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *xh = x + t * token_stride + h * head_stride;
+            float *o = out + (t * heads + h) * dim;
+            if (interleaved) {
+                for (int64_t i = 0; i < half; i++) {
+                    const float even = xh[2 * i], odd = xh[2 * i + 1];
+                    o[i] = even * c[i] - odd * s[i];
+                    o[half + i] = odd * c[i] + even * s[i];
+                }
+            } else {
+                for (int64_t i = 0; i < half; i++) {
+                    const float x1 = xh[i], x2 = xh[half + i];
+                    o[i] = x1 * c[i] - x2 * s[i];
+                    o[half + i] = x2 * c[i] + x1 * s[i];
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* out (rows, inner) = silu(gu[:, :inner]) * gu[:, inner:], gu (rows, 2 * inner) contiguous; silu(g) = g / (1 + e^-g)
+ * with e^-|g| (never overflows): g >= 0 -> g / (1 + e), g < 0 -> g e / (1 + e). */
+int dsserve_silu_mul(const float *gu, float *out, int64_t rows, int64_t inner) {
+#pragma omp parallel for schedule(static) if (rows * inner >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gu + r * 2 * inner, *u = g + inner;
+        float *o = out + r * inner;
+        for (int64_t j = 0; j < inner; j++) {
+            const float e = exp_nonpositive(-fabsf(g[j]));
+            const float sig = (g[j] >= 0.0f ? 1.0f : e) / (1.0f + e);
+            o[j] = g[j] * sig * u[j];
+        }
+    }
+    return 0;
+}
