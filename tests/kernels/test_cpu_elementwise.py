@@ -1,0 +1,73 @@
+"""RMSNorm, rotary and silu * up as C calls (kernels/elementwise.c) against the torch expressions they replace,
+on strided inputs, both rotary layouts, sizes off the vector width, batches large enough to go parallel."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsserve.config import RopeConfig
+from dsserve.kernels import cpu as cpu_kernels
+from dsserve.layers.linear import silu_and_mul
+from dsserve.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: the kernels cannot be built")
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 512), (3, 37), (200, 512), (5, 7168)])
+def test_rms_norm_matches_torch(rows, dim):
+    torch.manual_seed(dim)
+    wide = torch.randn(rows, dim + 9) * 3
+    x = wide[:, 4 : 4 + dim]  # rows strided, as a slice of a wider buffer
+    weight = torch.randn(dim)
+    got = cpu_kernels.rms_norm(x, weight, 1e-6)
+    torch.testing.assert_close(got, F.rms_norm(x, (dim,), weight, 1e-6), rtol=2e-6, atol=2e-6)
+    batched = torch.randn(2, 3, dim)
+    torch.testing.assert_close(cpu_kernels.rms_norm(batched, weight, 1e-5), F.rms_norm(batched, (dim,), weight, 1e-5),
+                               rtol=2e-6, atol=2e-6)
+
+
+def _torch_rotary(rotary: RotaryEmbedding, positions, *xs):
+    cos, sin, cos_full, sin_signed = rotary._step_tables(positions)
+    out = []
+    for x in xs:
+        if rotary.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            out.append(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+            out.append(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
+    return out
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_rotary_matches_torch(interleaved, tokens):
+    torch.manual_seed(tokens)
+    rope = RopeConfig(rope_type="yarn", theta=10000.0, factor=40.0, original_max_position_embeddings=4096,
+                      beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0) if interleaved else RopeConfig(theta=1e6, rope_type="default")
+    rotary = RotaryEmbedding(64, rope, 4096, interleaved=interleaved, dtype=torch.float32)
+    positions = torch.randint(0, 4096, (tokens,))
+    qkv = torch.randn(tokens, 12 * 64)
+    qk = qkv[:, : 10 * 64].view(tokens, 10, 64)  # rows strided (the v columns follow)
+    k_pe = torch.randn(tokens, 64).unsqueeze(1)  # one head, as DeepSeek's shared k_pe
+    got = rotary(positions, qk, k_pe)
+    assert all(g.is_contiguous() for g in got)
+    for g, expected in zip(got, _torch_rotary(rotary, positions, qk, k_pe)):
+        torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,inner", [(1, 1408), (7, 13), (64, 1408)])
+def test_silu_mul_matches_torch(rows, inner):
+    torch.manual_seed(inner)
+    gate_up = torch.randn(rows, 2 * inner) * 4
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e-8])  # e^-|g| underflow, exact zero
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(silu_and_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
+
+
+def test_other_dtypes_take_the_torch_path():
+    assert not cpu_kernels.fused_ops_usable(torch.randn(2, 4, dtype=torch.bfloat16))
+    gate_up = torch.randn(3, 8, dtype=torch.bfloat16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(silu_and_mul(gate_up), F.silu(gate) * up)
