@@ -1,6 +1,7 @@
 /* The small per-token ops of a decoder layer on CPU, float32, one call each instead of torch's chain of five to
  * eight elementwise kernels (at decode sizes each torch op costs ~5-20 us of dispatch, more than its arithmetic):
- * RMSNorm, rotary embedding (half-split or DeepSeek's interleaved pairs) and SwiGLU's silu(gate) * up.
+ * RMSNorm, rotary embedding (half-split or DeepSeek's interleaved pairs), SwiGLU's silu(gate) * up, and the
+ * store of a step's new K/V (or latents) into the paged cache.
  *
  * Built with the other kernels by dsserve/kernels/cpu.py; the torch expressions they replace (layers/norm.py,
  * layers/rotary.py, layers/linear.py: MLP) are the fallback and the test oracle. Plain loops the compiler
@@ -8,6 +9,10 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "vec_math.h"
 
@@ -77,6 +82,37 @@ int dsserve_silu_mul(const float *gu, float *out, int64_t rows, int64_t inner) {
             const float e = exp_nonpositive(-fabsf(g[j]));
             const float sig = (g[j] >= 0.0f ? 1.0f : e) / (1.0f + e);
             o[j] = g[j] * sig * u[j];
+        }
+    }
+    return 0;
+}
+
+/* Store this step's new cache entries: token t's entry, at slot slots[t] of a cache of `entry`-value entries, is
+ * a[t] (na values, rows `lda` apart) followed by b[t] (nb values, rows `ldb` apart), each row contiguous: K then V
+ * (GQA, entry (2, Hkv, D)) or the latent then the rope key (MLA). A float16 cache (`half`) gets them rounded to
+ * nearest even, as torch's .to(float16); that needs the F16C build (returns -1 without it). */
+int dsserve_cache_write(void *cache, int64_t entry, int half, const int64_t *slots, int64_t tokens, const float *a,
+                        int64_t lda, int64_t na, const float *b, int64_t ldb, int64_t nb) {
+#if !(defined(__F16C__) && defined(__AVX__))
+    if (half) return -1;
+#endif
+#pragma omp parallel for schedule(static) if (tokens * (na + nb) >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *src[2] = {a + t * lda, b + t * ldb};
+        const int64_t len[2] = {na, nb}, offset[2] = {0, na};
+        for (int part = 0; part < 2; part++) {
+            if (!half) {
+                memcpy((float *)cache + slots[t] * entry + offset[part], src[part], len[part] * sizeof(float));
+                continue;
+            }
+#if defined(__F16C__) && defined(__AVX__)
+            uint16_t *dst = (uint16_t *)cache + slots[t] * entry + offset[part];
+            int64_t j = 0;
+            for (; j + 8 <= len[part]; j += 8)
+                _mm_storeu_si128((__m128i *)(dst + j),
+                                 _mm256_cvtps_ph(_mm256_loadu_ps(src[part] + j), _MM_FROUND_TO_NEAREST_INT));
+            for (; j < len[part]; j++) dst[j] = _cvtss_sh(src[part][j], _MM_FROUND_TO_NEAREST_INT);
+#endif
         }
     }
     return 0;

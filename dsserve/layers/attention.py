@@ -60,6 +60,13 @@ class AttentionMetadata:
         """Store this step's (T, ...) entries at their slots of cache (num_blocks, block_size, ...)."""
         cache.view(-1, *cache.shape[2:]).index_copy_(0, self.slot_mapping, values.to(cache.dtype))
 
+    def write_pair(self, cache: torch.Tensor, first: torch.Tensor, second: torch.Tensor, stack: bool) -> None:
+        """`write` of each token's entry made of `first` then `second` (K then V: `stack`; the latent then the rope
+        key: concatenated): one C call on CPU (kernels/elementwise.c), no stacked copy; torch otherwise."""
+        if first.is_cpu and cpu_kernels.cache_write(cache, self.slot_mapping, first, second):
+            return
+        self.write(cache, torch.stack((first, second), dim=1) if stack else torch.cat((first, second), dim=-1))
+
     def gather(self, cache: torch.Tensor) -> torch.Tensor:
         """Every sequence's context: (B, L, ...) with L = max_blocks * block_size. Whole blocks are copied with
         index_select (memcpy-sized pieces; about twice as fast on CPU as advanced indexing), into the step's
@@ -100,7 +107,7 @@ def paged_attention(
 
 
 def _paged_attention(q, k, v, cache, meta, scale):
-    meta.write(cache, torch.stack((k, v), dim=1))
+    meta.write_pair(cache, k, v, stack=True)
     if meta.parts is not None:
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
         for part, token_index in meta.parts:
@@ -144,7 +151,7 @@ def mla_attention(
 
 
 def _mla_attention(q_nope, q_pe, latent, k_pe, w_kv_b, cache, meta, scale):
-    meta.write(cache, torch.cat((latent, k_pe), dim=-1))
+    meta.write_pair(cache, latent, k_pe, stack=False)
     if meta.parts is not None:
         out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], w_kv_b.shape[1] - q_nope.shape[-1])
         for part, token_index in meta.parts:
