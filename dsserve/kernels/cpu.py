@@ -158,10 +158,10 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
     lens = context_lens.contiguous()
     if out is None:
         out = torch.empty(batch, num_heads, v_dim, dtype=torch.float32)
-    # One task per sequence (its blocks read once, in order), or with few sequences its heads split so that every
-    # thread gets two tasks or more.
+    # One task per sequence (its blocks read once, in order), or with fewer sequences than threads its heads split
+    # so that every thread has one (batch 1, 8/2 heads: 0.035-0.045 ms vs 0.047-0.063 with two tasks per thread).
     threads = torch.get_num_threads()
-    chunks = min(num_heads, max(1, -(-2 * threads // batch)))
+    chunks = min(num_heads, max(1, -(-threads // batch)))
     heads_per_task = -(-num_heads // chunks)
     status = lib.dsserve_paged_decode(
         q.data_ptr(), cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
