@@ -89,16 +89,17 @@ def _cpu_kernels() -> Line:
     from dsserve.kernels import cpu as cpu_kernels
 
     isa = torch.backends.cpu.get_cpu_capability()
-    missing = {name: cpu_kernels.packed_weights_unavailable(dtype)
-               for name, dtype in (("float32 (oneDNN)", torch.float32), ("float16 (FBGEMM)", torch.float16))}
-    have = [name for name, why in missing.items() if why is None]
     lib = cpu_kernels.library()
-    attention = ("decode attention kernel built" if lib is not None
-                 else f"decode attention kernel unavailable ({cpu_kernels.why_unavailable()})")
+    fp16 = "float16 (dsserve kernel)" if cpu_kernels.linear_f16_usable() else "float16 (FBGEMM)"
+    missing = {name: cpu_kernels.packed_weights_unavailable(dtype)
+               for name, dtype in (("float32 (oneDNN)", torch.float32), (fp16, torch.float16))}
+    have = [name for name, why in missing.items() if why is None]
+    attention = ("decode attention, fp16 linear and small-op kernels built" if lib is not None
+                 else f"CPU kernels (decode attention, fp16 linear, small ops) unavailable ({cpu_kernels.why_unavailable()})")
     if len(have) == len(missing) and lib is not None:
         return True, f"CPU kernels: {isa}; packed weights {', '.join(have)}; {attention}"
     reasons = "; ".join(f"{name}: {why}" for name, why in missing.items() if why is not None)
-    fix = ("install a C compiler (apt install gcc) for the attention kernel" if lib is None
+    fix = ("install a C compiler (apt install gcc) for dsserve's CPU kernels" if lib is None
            else "use the official torch CPU wheel (pip install torch==2.13.0)")
     return None, (f"CPU kernels: {isa}; packed weights {', '.join(have) or 'none'}{f' ({reasons})' if reasons else ''}; "
                   f"{attention}: CPU decode is slower than it could be; {fix}")
