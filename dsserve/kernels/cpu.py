@@ -101,6 +101,8 @@ def _build() -> ctypes.CDLL:
     lib.dsserve_silu_mul.argtypes = [ptr, ptr, i64, i64]
     lib.dsserve_cache_write.argtypes = [ptr, i64, ctypes.c_int, ptr, i64, ptr, i64, i64, ptr, i64, i64]
     lib.dsserve_cache_write.restype = ctypes.c_int
+    lib.dsserve_moe_f16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
+    lib.dsserve_moe_f16.restype = ctypes.c_int
     return lib
 
 
@@ -210,6 +212,33 @@ def linear_f16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: t
     if rows:
         _state["lib"].dsserve_linear_f16(x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
                                          out.data_ptr(), rows, out_features, x.shape[1])
+    return out
+
+
+class ExpertTable:
+    """Every local expert's packed float16 (w13, w2) as two C arrays of pointers, for `moe_f16`. Holds the
+    tensors so the pointers stay valid."""
+
+    def __init__(self, w13: list[torch.Tensor], w2: list[torch.Tensor], intermediate: int, hidden: int):
+        self.tensors = (w13, w2)
+        self.w13 = (ctypes.c_void_p * len(w13))(*(t.data_ptr() for t in w13))
+        self.w2 = (ctypes.c_void_p * len(w2))(*(t.data_ptr() for t in w2))
+        self.num, self.intermediate, self.hidden = len(w13), intermediate, hidden
+
+
+def moe_f16(x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor, table: ExpertTable) -> torch.Tensor:
+    """sum over slots s of weights[t, s] * expert local_ids[t, s](x[t]) (SwiGLU), (T, D) float32; ids outside
+    [0, table.num) contribute nothing. For a few tokens: every weight is read once per (token, slot)."""
+    x = x if x.is_contiguous() else x.contiguous()
+    weights = weights.float().contiguous()
+    local_ids = local_ids.long().contiguous()
+    tokens, top_k = local_ids.shape
+    pairs = tokens * top_k
+    out = torch.empty(tokens, table.hidden, dtype=torch.float32)
+    scratch = torch.empty(pairs * (3 * table.intermediate + table.hidden), dtype=torch.float32)
+    _state["lib"].dsserve_moe_f16(x.data_ptr(), tokens, table.hidden, local_ids.data_ptr(), weights.data_ptr(),
+                                  top_k, table.w13, table.w2, table.num, table.intermediate, out.data_ptr(),
+                                  scratch.data_ptr())
     return out
 
 

@@ -227,6 +227,10 @@ def prepack_for_cpu(model: nn.Module, weight_dtype: torch.dtype = torch.float32)
             elif isinstance(module, Experts) and _is_cpu_fp32(module.w13):
                 module.packed = [(_pack_checked(module.w13[e], None, weight_dtype),
                                   _pack_checked(module.w2[e], None, weight_dtype)) for e in range(module.num_local)]
+                if all(w13.kind == w2.kind == "dsserve" for w13, w2 in module.packed):
+                    module.table = cpu_kernels.ExpertTable([w13.data for w13, _ in module.packed],
+                                                           [w2.data for _, w2 in module.packed],
+                                                           module.intermediate_size, module.w2.shape[1])
                 module.w13 = module.w2 = None
                 count += 2 * module.num_local
         head = getattr(model, "lm_head", None)

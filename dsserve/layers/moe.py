@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsserve.config import ModelConfig
+from dsserve.kernels import cpu as cpu_kernels
 from dsserve.layers.linear import MLP, bind, empty_param, silu_and_mul
 from dsserve.layers.parallel import SINGLE, TensorParallel
 
@@ -80,11 +81,15 @@ class Experts(nn.Module):
             bind(self.w2, f"{prefix}.{j}.down_proj.weight", (local,), (slice(None), cols) if sliced else ())
 
     packed: list | None = None  # CPU: (w13, w2) per local expert as `PackedLinear`s (see `prepack_for_cpu`)
+    table: "cpu_kernels.ExpertTable | None" = None  # the same, when all are dsserve fp16 kernels (few-token path)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x (T, D), weights/ids (T, k) -> (T, D), the sum over this rank's experts. Tokens are sorted by expert;
         one matmul pair per active expert."""
         num_tokens, top_k = ids.shape
+        if self.table is not None and num_tokens * top_k <= self.num_local and x.dtype == torch.float32:
+            # Few tokens (decode at small batch): one C call over the (token, slot) pairs, no sort, no per-expert ops
+            return cpu_kernels.moe_f16(x, weights, ids - self.first_expert, self.table)
         local_ids = ids.flatten() - self.first_expert  # (T*k,)
         mine = (local_ids >= 0) & (local_ids < self.num_local)
         local_ids = torch.where(mine, local_ids, self.num_local)  # other ranks' experts sort last, never computed

@@ -61,3 +61,26 @@ def test_packed_linear_uses_the_kernel_and_fbgemm_without_it(monkeypatch):
             fallback = PackedLinear(weight, bias, torch.float16)
             assert fallback.kind == "fbgemm"
             torch.testing.assert_close(fallback(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens,top_k", [(1, 4), (3, 2), (2, 8)])
+def test_moe_matches_per_expert_torch(tokens, top_k):
+    torch.manual_seed(tokens * 10 + top_k)
+    num, hidden, inter = 16, 40, 24  # sizes off the 16-row panels
+    w13 = [torch.randn(2 * inter, hidden) * 0.1 for _ in range(num)]
+    w2 = [torch.randn(hidden, inter) * 0.1 for _ in range(num)]
+    table = cpu_kernels.ExpertTable([cpu_kernels.pack_f16(w) for w in w13], [cpu_kernels.pack_f16(w) for w in w2],
+                                    inter, hidden)
+    x = torch.randn(tokens, hidden)
+    ids = torch.stack([torch.randperm(num)[:top_k] for _ in range(tokens)])
+    ids[0, 0] = -3  # another rank's expert (expert parallel): contributes nothing
+    ids[-1, -1] = num + 5
+    weights = torch.rand(tokens, top_k)
+    expected = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t in range(tokens):
+        for s in range(top_k):
+            e = int(ids[t, s])
+            if 0 <= e < num:
+                gate, up = (x[t].double() @ w13[e].half().double().T).chunk(2)
+                expected[t] += weights[t, s] * ((F.silu(gate) * up) @ w2[e].half().double().T)
+    torch.testing.assert_close(cpu_kernels.moe_f16(x, weights, ids, table), expected.float(), rtol=1e-5, atol=1e-5)

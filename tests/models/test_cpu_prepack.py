@@ -43,7 +43,12 @@ def _fp16_representable_copy(src, dst):
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_untied"])
-def test_fp16_weights_equal_plain_on_fp16_exact_weights(model_dir, tmp_path, name):
+def test_fp16_weights_equal_plain_on_fp16_exact_weights(model_dir, tmp_path, monkeypatch, name):
+    from dsserve.kernels import cpu as cpu_kernels
+
+    few_token_calls = []
+    real_moe = cpu_kernels.moe_f16
+    monkeypatch.setattr(cpu_kernels, "moe_f16", lambda *a: few_token_calls.append(1) or real_moe(*a))
     path = _fp16_representable_copy(model_dir(name), tmp_path / name)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
     half = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
@@ -56,12 +61,16 @@ def test_fp16_weights_equal_plain_on_fp16_exact_weights(model_dir, tmp_path, nam
     if name == "deepseek_v3":  # routed experts: one packed pair per expert, the stacked weights dropped
         experts = [m for m in model.modules() if isinstance(m, Experts)]
         assert experts and all(e.packed is not None and e.w13 is None and e.w2 is None for e in experts)
-    else:  # an untied LM head's plain weight is dropped; the embedding keeps its own
+        assert all(e.table is not None for e in experts) == cpu_kernels.linear_f16_usable()  # an untied LM head's plain weight is dropped; the embedding keeps its own
         assert model.lm_head.weight is None and model.embed_tokens.weight is not None
-    for a, b in zip(half.generate(PROMPTS, params), plain.generate(PROMPTS, params)):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for (x, _), (y, _) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            assert x == pytest.approx(y, abs=1e-4)
+    batches = [PROMPTS, PROMPTS[:1]]  # one sequence: its decode steps take the few-token experts kernel
+    for prompts in batches:
+        for a, b in zip(half.generate(prompts, params), plain.generate(prompts, params)):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for (x, _), (y, _) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert x == pytest.approx(y, abs=1e-4)
+    if name == "deepseek_v3":
+        assert bool(few_token_calls) == cpu_kernels.linear_f16_usable()
 
 
 def test_weight_beyond_fp16_range_keeps_fp32(caplog):
