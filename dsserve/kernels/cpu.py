@@ -103,6 +103,9 @@ def _build() -> ctypes.CDLL:
     lib.dsserve_cache_write.restype = ctypes.c_int
     lib.dsserve_moe_f16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
     lib.dsserve_moe_f16.restype = ctypes.c_int
+    lib.dsserve_router_noaux.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float,
+                                         ptr, ptr]
+    lib.dsserve_router_noaux.restype = ctypes.c_int
     return lib
 
 
@@ -311,6 +314,21 @@ def _rows_dense(x: torch.Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def router_noaux(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int,
+                 top_k: int, normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """DeepSeek-V3's sigmoid / noaux_tc routing of x (T, D) float32 (elementwise.c describes it): weights (T, k)
+    float32 and expert ids (T, k) int64, or None where the kernel does not take this shape (torch then)."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    tokens = x.shape[0]
+    weights = torch.empty(tokens, top_k, dtype=torch.float32)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64)
+    status = _state["lib"].dsserve_router_noaux(x.data_ptr(), tokens, x.shape[1], weight.data_ptr(), weight.shape[0],
+                                                bias.data_ptr(), n_group, topk_group, top_k, int(normalize), scale,
+                                                weights.data_ptr(), ids.data_ptr())
+    return (weights, ids) if status == 0 else None
 
 
 def packed_weights_unavailable(weight_dtype: torch.dtype) -> str | None:

@@ -117,3 +117,65 @@ int dsserve_cache_write(void *cache, int64_t entry, int half, const int64_t *slo
     }
     return 0;
 }
+
+/* DeepSeek-V3's router (topk_method "noaux_tc", sigmoid scores) for T tokens: scores = sigmoid(W x), choice =
+ * scores + bias; a group's score is the sum of its two best choices; the topk_group best groups are kept; the
+ * k best choices among their experts are picked (ties: the lower index, at both stages); their weights are the
+ * unbiased scores, divided by their sum when `normalize`, times `scale`. W (E, D), x (T, D) contiguous float32;
+ * out_weights (T, k) float32, out_ids (T, k) int64. E <= 1024 and E / n_group >= 2. Returns -2 beyond that. */
+int dsserve_router_noaux(const float *x, int64_t T, int64_t D, const float *W, int64_t E, const float *bias,
+                         int64_t n_group, int64_t topk_group, int64_t k, int normalize, float scale,
+                         float *out_weights, int64_t *out_ids) {
+    if (E > 1024 || n_group <= 0 || E % n_group || E / n_group < 2 || k > E || topk_group > n_group) return -2;
+    const int64_t per_group = E / n_group;
+#pragma omp parallel for schedule(static) if (T * E * D >= 4 * PARALLEL_MIN)
+    for (int64_t t = 0; t < T; t++) {
+        float scores[1024], choice[1024], group_score[1024];
+        unsigned char kept[1024];
+        const float *xt = x + t * D;
+        for (int64_t e = 0; e < E; e++) {
+            const float *w = W + e * D;
+            float partial[16] = {0};
+            int64_t j = 0;
+            for (; j + 16 <= D; j += 16)
+                for (int i = 0; i < 16; i++) partial[i] += w[j + i] * xt[j + i];
+            float logit = 0.0f;
+            for (; j < D; j++) logit += w[j] * xt[j];
+            for (int i = 0; i < 16; i++) logit += partial[i];
+            scores[e] = 1.0f / (1.0f + expf(-logit));
+            choice[e] = scores[e] + bias[e];
+        }
+        for (int64_t g = 0; g < n_group; g++) {  /* sum of the group's two best choices */
+            float first = -INFINITY, second = -INFINITY;
+            for (int64_t e = g * per_group; e < (g + 1) * per_group; e++) {
+                if (choice[e] > first) second = first, first = choice[e];
+                else if (choice[e] > second) second = choice[e];
+            }
+            group_score[g] = first + second;
+            kept[g] = 0;
+        }
+        for (int64_t pick = 0; pick < topk_group; pick++) {
+            int64_t best = -1;
+            for (int64_t g = 0; g < n_group; g++)
+                if (!kept[g] && (best < 0 || group_score[g] > group_score[best])) best = g;
+            kept[best] = 1;
+        }
+        float total = 0.0f;
+        for (int64_t pick = 0; pick < k; pick++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (kept[e / per_group] && (best < 0 || choice[e] > choice[best])) best = e;
+            if (best < 0) best = 0; /* fewer kept experts than k: cannot happen with valid configs */
+            out_ids[t * k + pick] = best;
+            out_weights[t * k + pick] = scores[best];
+            total += scores[best];
+            choice[best] = -INFINITY;
+        }
+        for (int64_t pick = 0; pick < k; pick++) {
+            float w = out_weights[t * k + pick];
+            if (normalize) w = w / (total + 1e-20f);
+            out_weights[t * k + pick] = w * scale;
+        }
+    }
+    return 0;
+}

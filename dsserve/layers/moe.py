@@ -27,6 +27,13 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, D) -> weights (T, k) float32, expert ids (T, k)."""
         c = self.config
+        if c.topk_method == "noaux_tc" and c.scoring_func == "sigmoid" and cpu_kernels.fused_ops_usable(x):
+            # V3 / R1 on CPU: the whole routing in one C call (~15 torch ops otherwise)
+            routed = cpu_kernels.router_noaux(x, self.weight, self.e_score_correction_bias, c.n_group, c.topk_group,
+                                              c.num_experts_per_tok, c.norm_topk_prob and c.num_experts_per_tok > 1,
+                                              c.routed_scaling_factor)
+            if routed is not None:
+                return routed
         logits = F.linear(x.float(), self.weight)  # (T, E)
         scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         num_tokens, num_experts = scores.shape

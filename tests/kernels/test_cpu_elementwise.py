@@ -71,3 +71,29 @@ def test_other_dtypes_take_the_torch_path():
     gate_up = torch.randn(3, 8, dtype=torch.bfloat16)
     gate, up = gate_up.chunk(2, dim=-1)
     assert torch.equal(silu_and_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("tokens,experts,groups,topk_group,top_k", [(1, 16, 4, 2, 4), (7, 64, 8, 4, 8), (300, 16, 1, 1, 2)])
+def test_noaux_router_matches_torch(tokens, experts, groups, topk_group, top_k):
+    from types import SimpleNamespace
+
+    from dsserve.layers.moe import Router
+
+    torch.manual_seed(tokens + experts)
+    config = SimpleNamespace(n_routed_experts=experts, hidden_size=48, topk_method="noaux_tc", scoring_func="sigmoid",
+                             n_group=groups, topk_group=topk_group, num_experts_per_tok=top_k, norm_topk_prob=True,
+                             routed_scaling_factor=2.5)
+    router = Router(config, "gate")
+    router.weight.data.normal_(0, 0.3)
+    router.e_score_correction_bias.data.normal_(0, 0.1)
+    x = torch.randn(tokens, 48)
+    weights, ids = router(x)  # the C kernel
+    cpu_kernels_state = cpu_kernels._state.copy()
+    try:
+        cpu_kernels._state["lib"] = None  # the torch path
+        ref_weights, ref_ids = router(x)
+    finally:
+        cpu_kernels._state.update(cpu_kernels_state)
+    order, ref_order = ids.argsort(dim=-1), ref_ids.argsort(dim=-1)
+    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
+    torch.testing.assert_close(weights.gather(1, order), ref_weights.gather(1, ref_order), rtol=1e-5, atol=1e-6)
