@@ -103,6 +103,8 @@ def _build() -> ctypes.CDLL:
     lib.dsserve_cache_write.restype = ctypes.c_int
     lib.dsserve_moe_f16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
     lib.dsserve_moe_f16.restype = ctypes.c_int
+    lib.dsserve_heads_f16.argtypes = [ptr, ptr, i64, ptr, i64, i64, i64, i64]
+    lib.dsserve_heads_f16.restype = ctypes.c_int
     lib.dsserve_router_noaux.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float,
                                          ptr, ptr]
     lib.dsserve_router_noaux.restype = ctypes.c_int
@@ -215,6 +217,26 @@ def linear_f16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: t
     if rows:
         _state["lib"].dsserve_linear_f16(x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
                                          out.data_ptr(), rows, out_features, x.shape[1])
+    return out
+
+
+def pack_heads_f16(weights: torch.Tensor) -> torch.Tensor:
+    """(H, N, K) float32, one (N, K) weight per head, N a multiple of 16 -> (H, N / 16, K, 16) float16 for
+    `heads_f16`."""
+    if weights.shape[1] % PANEL:
+        raise ValueError(f"per-head weights need a multiple of {PANEL} output rows, got {weights.shape[1]}")
+    return torch.stack([pack_f16(w) for w in weights])
+
+
+def heads_f16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x (T, H, K) float32 -> (T, H, N): y[t, h] = x[t, h] W_h^T for the per-head weights `pack_heads_f16` packed."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    tokens, heads, k = x.shape
+    n = packed.shape[1] * PANEL  # exact: pack_heads_f16 takes whole panels only
+    out = torch.empty(tokens, heads, n, dtype=torch.float32)
+    _state["lib"].dsserve_heads_f16(x.data_ptr(), packed.data_ptr(), packed[0].numel(), out.data_ptr(), tokens, heads,
+                                    n, k)
     return out
 
 

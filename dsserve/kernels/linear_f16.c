@@ -138,6 +138,26 @@ int dsserve_linear_f16(const float *x, const uint16_t *packed, const float *bias
     return 0;
 }
 
+/* One linear per head: y[t, h] = x[t, h] W_h^T, W_h (N, K) in float16, packed as above and stacked head after
+ * head (head_stride halves apart); x (T, H, K) and y (T, H, N) contiguous float32. MLA's absorbed decode: the
+ * queries into latent space (W_h = W_UK[h]^T) and the attention output back out of it (W_h = W_UV[h]), which
+ * einsum over float32 weights does at a tenth of the memory bandwidth at batch 1. Tasks: (head, panel, block
+ * of six tokens). */
+int dsserve_heads_f16(const float *x, const uint16_t *packed, int64_t head_stride, float *y, int64_t T, int64_t H,
+                      int64_t N, int64_t K) {
+    const int64_t panels = (N + NR - 1) / NR, blocks = (T + 5) / 6;
+#pragma omp parallel for schedule(static)
+    for (int64_t task = 0; task < H * panels * blocks; task++) {
+        const int64_t h = task / (panels * blocks), p = task / blocks % panels, m = task % blocks * 6;
+        const uint16_t *panel = packed + h * head_stride + p * K * NR;
+        const int valid = N - p * NR < NR ? (int)(N - p * NR) : NR;
+        const int rows = T - m < 6 ? (int)(T - m) : 6;
+        if (rows == 1) one_row(x + (m * H + h) * K, panel, K, NULL, y + (m * H + h) * N + p * NR, valid);
+        else tile(rows, x + (m * H + h) * K, H * K, panel, (int)K, 0, NULL, y + (m * H + h) * N + p * NR, H * N, valid);
+    }
+    return 0;
+}
+
 /* Routed experts for a few tokens (decode at small batch), float16 weights packed as above: out[t] =
  * sum_s weights[t, s] * W2[e] (silu(G[e] x[t]) * (U[e] x[t])), e = ids[t, s], over the T * k (token, slot)
  * pairs whose expert is in [0, num_experts) (other ranks' experts are skipped). w13[e] packs [G; U] (2I, D),
@@ -212,6 +232,12 @@ int dsserve_pack_f16(const float *w, int64_t N, int64_t K, uint16_t *packed) {
 
 #else
 #define LINEAR_F16_SUPPORTED 0
+
+int dsserve_heads_f16(const float *x, const uint16_t *packed, int64_t head_stride, float *y, int64_t T, int64_t H,
+                      int64_t N, int64_t K) {
+    (void)x, (void)packed, (void)head_stride, (void)y, (void)T, (void)H, (void)N, (void)K;
+    return -1;
+}
 
 int dsserve_moe_f16(const float *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t k,
                     const uint16_t *const *w13, const uint16_t *const *w2, int64_t num_experts, int64_t I,

@@ -138,33 +138,41 @@ def mla_attention(
     cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    absorbed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """MLA over a cache of normalized latents + rope keys.
 
     q_nope (T, H, N), q_pe (T, H, R), latent (T, C) normalized, k_pe (T, R) rotated,
     w_kv_b (H, N + V, C) the kv_b_proj weight, cache (num_blocks, block_size, C + R). Returns (T, H, V).
     Decode uses the absorbed form (queries projected into latent space: attention is MQA over C + R dims);
-    steps with prefill tokens expand the context latents into per-head keys and values.
+    steps with prefill tokens expand the context latents into per-head keys and values. `absorbed`: W_UK^T and
+    W_UV packed per head for kernels.cpu.heads_f16 (CPU, float16 weights), used by the decode kernel path.
     """
     with PROFILER.section("attention"):
-        return _mla_attention(q_nope, q_pe, latent, k_pe, w_kv_b, cache, meta, scale)
+        return _mla_attention(q_nope, q_pe, latent, k_pe, w_kv_b, cache, meta, scale, absorbed)
 
 
-def _mla_attention(q_nope, q_pe, latent, k_pe, w_kv_b, cache, meta, scale):
+def _mla_attention(q_nope, q_pe, latent, k_pe, w_kv_b, cache, meta, scale, absorbed=None):
     meta.write_pair(cache, latent, k_pe, stack=False)
     if meta.parts is not None:
         out = q_nope.new_empty(q_nope.shape[0], q_nope.shape[1], w_kv_b.shape[1] - q_nope.shape[-1])
         for part, token_index in meta.parts:
             q_n, q_p = q_nope.index_select(0, token_index), q_pe.index_select(0, token_index)
-            out.index_copy_(0, token_index, _mla_attend(q_n, q_p, latent.shape[-1], w_kv_b, cache, part, scale))
+            out.index_copy_(0, token_index, _mla_attend(q_n, q_p, latent.shape[-1], w_kv_b, cache, part, scale, absorbed))
         return out
-    return _mla_attend(q_nope, q_pe, latent.shape[-1], w_kv_b, cache, meta, scale)
+    return _mla_attend(q_nope, q_pe, latent.shape[-1], w_kv_b, cache, meta, scale, absorbed)
 
 
-def _mla_attend(q_nope, q_pe, num_latent, w_kv_b, cache, meta, scale):
+def _mla_attend(q_nope, q_pe, num_latent, w_kv_b, cache, meta, scale, absorbed=None):
     num_nope = q_nope.shape[-1]
     w_uk, w_uv = w_kv_b[:, :num_nope], w_kv_b[:, num_nope:]  # (H, N, C), (H, V, C)
     if meta.is_decode and _use_cpu_kernel(meta, q_nope, cache, cache.shape[-1], num_latent):
+        if absorbed is not None:  # fp16 weights: both absorbed projections as per-head fp16 GEMVs
+            q_latent = cpu_kernels.heads_f16(q_nope, absorbed[0])
+            out_latent = cpu_kernels.paged_decode(torch.cat((q_latent, q_pe), dim=-1), cache, meta.block_tables,
+                                                  meta.context_lens, scale, num_kv_heads=1, v_dim=num_latent,
+                                                  token_stride=cache.shape[-1], head_stride=0, v_offset=0)
+            return cpu_kernels.heads_f16(out_latent, absorbed[1])
         q_latent = torch.einsum("thn,hnc->thc", q_nope, w_uk)  # (T, H, C)
         entry = cache.shape[-1]  # C + R: the whole entry is the key, its first C values the value
         out_latent = cpu_kernels.paged_decode(torch.cat((q_latent, q_pe), dim=-1), cache, meta.block_tables,

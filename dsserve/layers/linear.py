@@ -233,6 +233,8 @@ def prepack_for_cpu(model: nn.Module, weight_dtype: torch.dtype = torch.float32)
                                                            module.intermediate_size, module.w2.shape[1])
                 module.w13 = module.w2 = None
                 count += 2 * module.num_local
+            elif hasattr(module, "pack_for_cpu"):  # a module with its own packed forms (MLA's absorbed projections)
+                count += module.pack_for_cpu(weight_dtype)
         head = getattr(model, "lm_head", None)
         if isinstance(head, VocabParallel) and _is_cpu_fp32(head.weight):
             head.packed = _pack_checked(head.weight, None, weight_dtype)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dsserve.config import ModelConfig
+from dsserve.kernels import cpu as cpu_kernels
 from dsserve.layers.attention import AttentionMetadata, mla_attention
 from dsserve.layers.linear import MLP, Linear
 from dsserve.layers.moe import DeepseekMoE
@@ -66,8 +67,27 @@ class MultiHeadLatentAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)  # (T, C)
         q_pe, k_pe = self.rotary(positions, q_pe, k_pe.unsqueeze(1))  # k_pe: one head shared by all heads
         w_kv_b = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        out = mla_attention(q_nope, q_pe, latent, k_pe.squeeze(1), w_kv_b, cache, meta, self.scale)  # (T, H, V)
+        out = mla_attention(q_nope, q_pe, latent, k_pe.squeeze(1), w_kv_b, cache, meta, self.scale,
+                            absorbed=self.absorbed)  # (T, H, V)
         return self.o_proj(out.reshape(num_tokens, -1))
+
+    absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU fp16: W_UK^T and W_UV per head, packed
+
+    def pack_for_cpu(self, weight_dtype: torch.dtype) -> int:
+        """With float16 weights on CPU (layers/linear.py: prepack_for_cpu calls this), also keep kv_b_proj's two
+        halves packed per head for the absorbed decode (the plain weight stays: prefill expands the latents with
+        it). Returns the number of matrices packed."""
+        if weight_dtype != torch.float16 or not cpu_kernels.linear_f16_usable() or self.kv_lora_rank % cpu_kernels.PANEL:
+            return 0
+        w = self.kv_b_proj.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or w.abs().amax().item() > 65504.0:
+            return 0
+        w = w.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        if self.v_dim % cpu_kernels.PANEL:
+            return 0
+        self.absorbed = (cpu_kernels.pack_heads_f16(w[:, : self.nope_dim].transpose(1, 2)),
+                         cpu_kernels.pack_heads_f16(w[:, self.nope_dim :]))
+        return 2 * self.num_heads
 
 
 class DeepseekForCausalLM(CausalLM):

@@ -84,3 +84,20 @@ def test_moe_matches_per_expert_torch(tokens, top_k):
                 gate, up = (x[t].double() @ w13[e].half().double().T).chunk(2)
                 expected[t] += weights[t, s] * ((F.silu(gate) * up) @ w2[e].half().double().T)
     torch.testing.assert_close(cpu_kernels.moe_f16(x, weights, ids, table), expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_per_head_linears_match_einsum(tokens):
+    torch.manual_seed(tokens)
+    heads, nope, latent, v = 4, 24, 64, 32
+    w_kv_b = torch.randn(heads, nope + v, latent) * 0.1
+    w_uk, w_uv = w_kv_b[:, :nope], w_kv_b[:, nope:]
+    q_nope, out_latent = torch.randn(tokens, heads, nope), torch.randn(tokens, heads, latent)
+    uk = cpu_kernels.pack_heads_f16(w_uk.transpose(1, 2))
+    uv = cpu_kernels.pack_heads_f16(w_uv)
+    torch.testing.assert_close(cpu_kernels.heads_f16(q_nope, uk),
+                               torch.einsum("thn,hnc->thc", q_nope, w_uk.half().float()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu_kernels.heads_f16(out_latent, uv),
+                               torch.einsum("thc,hvc->thv", out_latent, w_uv.half().float()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_kernels.pack_heads_f16(torch.randn(2, 24, 8))

@@ -61,7 +61,8 @@ def test_fp16_weights_equal_plain_on_fp16_exact_weights(model_dir, tmp_path, mon
     if name == "deepseek_v3":  # routed experts: one packed pair per expert, the stacked weights dropped
         experts = [m for m in model.modules() if isinstance(m, Experts)]
         assert experts and all(e.packed is not None and e.w13 is None and e.w2 is None for e in experts)
-        assert all(e.table is not None for e in experts) == cpu_kernels.linear_f16_usable()  # an untied LM head's plain weight is dropped; the embedding keeps its own
+        assert all(e.table is not None for e in experts) == cpu_kernels.linear_f16_usable()
+        assert all(layer.self_attn.absorbed is not None for layer in model.layers) == cpu_kernels.linear_f16_usable()  # an untied LM head's plain weight is dropped; the embedding keeps its own
         assert model.lm_head.weight is None and model.embed_tokens.weight is not None
     batches = [PROMPTS, PROMPTS[:1]]  # one sequence: its decode steps take the few-token experts kernel
     for prompts in batches:
