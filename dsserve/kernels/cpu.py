@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -99,7 +100,7 @@ def _build() -> ctypes.CDLL:
     lib.dsserve_rms_norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float]
     lib.dsserve_rotary.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_bool]
     lib.dsserve_silu_mul.argtypes = [ptr, ptr, i64, i64]
-    lib.dsserve_cache_write.argtypes = [ptr, i64, ctypes.c_int, ptr, i64, ptr, i64, i64, ptr, i64, i64]
+    lib.dsserve_cache_write.argtypes = [ptr, i64, ctypes.c_bool, ptr, i64, ptr, i64, i64, ptr, i64, i64]
     lib.dsserve_cache_write.restype = ctypes.c_int
     lib.dsserve_moe_f16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
     lib.dsserve_moe_f16.restype = ctypes.c_int
@@ -313,17 +314,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def cache_write(cache: torch.Tensor, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Store entry t = [a[t] | b[t]] at slot slots[t] of `cache` (num_blocks, block_size, *entry) float32 or float16,
     contiguous; a (T, ...) and b (T, ...) float32 with each token's values contiguous, slots (T,) int64. False
-    (nothing written) where the kernel cannot: the caller writes with torch."""
+    (nothing written) where the kernel cannot: the caller writes with torch. Once per layer per step: kept lean."""
     lib = _state["lib"] if "lib" in _state else library()
-    if lib is None or a.dtype != torch.float32 or b.dtype != torch.float32 or slots.dtype != torch.int64:
+    if (lib is None or a.dtype != torch.float32 or b.dtype != torch.float32 or slots.dtype != torch.int64
+            or cache.dtype not in (torch.float32, torch.float16)):
         return False
-    na, nb = a[0].numel() if a.shape[0] else 0, b[0].numel() if b.shape[0] else 0
-    if not (_rows_dense(a) and _rows_dense(b) and slots.is_contiguous() and cache.is_contiguous()):
+    na, nb, entry = math.prod(a.shape[1:]), math.prod(b.shape[1:]), math.prod(cache.shape[2:])
+    if na + nb != entry or not (_rows_dense(a) and _rows_dense(b) and slots.is_contiguous() and cache.is_contiguous()):
         return False
-    entry = cache[0, 0].numel()
-    if na + nb != entry or cache.dtype not in (torch.float32, torch.float16):
-        return False
-    status = lib.dsserve_cache_write(cache.data_ptr(), entry, int(cache.dtype == torch.float16), slots.data_ptr(),
+    status = lib.dsserve_cache_write(cache.data_ptr(), entry, cache.dtype == torch.float16, slots.data_ptr(),
                                      a.shape[0], a.data_ptr(), a.stride(0), na, b.data_ptr(), b.stride(0), nb)
     return status == 0
 

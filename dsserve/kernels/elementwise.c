@@ -91,7 +91,7 @@ int dsserve_silu_mul(const float *gu, float *out, int64_t rows, int64_t inner) {
  * a[t] (na values, rows `lda` apart) followed by b[t] (nb values, rows `ldb` apart), each row contiguous: K then V
  * (GQA, entry (2, Hkv, D)) or the latent then the rope key (MLA). A float16 cache (`half`) gets them rounded to
  * nearest even, as torch's .to(float16); that needs the F16C build (returns -1 without it). */
-int dsserve_cache_write(void *cache, int64_t entry, int half, const int64_t *slots, int64_t tokens, const float *a,
+int dsserve_cache_write(void *cache, int64_t entry, _Bool half, const int64_t *slots, int64_t tokens, const float *a,
                         int64_t lda, int64_t na, const float *b, int64_t ldb, int64_t nb) {
 #if !(defined(__F16C__) && defined(__AVX__))
     if (half) return -1;

@@ -97,3 +97,27 @@ def test_noaux_router_matches_torch(tokens, experts, groups, topk_group, top_k):
     order, ref_order = ids.argsort(dim=-1), ref_ids.argsort(dim=-1)
     assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
     torch.testing.assert_close(weights.gather(1, order), ref_weights.gather(1, ref_order), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cache_write_matches_index_copy(dtype):
+    from dsserve.layers.attention import AttentionMetadata
+
+    torch.manual_seed(0)
+    qkv = torch.randn(5, 3 * 2 * 8)  # k and v: strided views of a wider buffer, as in a layer
+    k, v = qkv[:, 16:32].view(5, 2, 8), qkv[:, 32:].view(5, 2, 8)
+    slots = torch.tensor([17, 3, 40, 0, 22])
+    meta = AttentionMetadata(slot_mapping=slots, query_index=None, query_valid=None, block_tables=None,
+                             attn_mask=None, is_decode=True)
+    got, expected = torch.zeros(6, 8, 2, 2, 8, dtype=dtype), torch.zeros(6, 8, 2, 2, 8, dtype=dtype)
+    if dtype == torch.float16 and not cpu_kernels._state.get("half"):
+        pytest.skip("this build writes no float16 cache")
+    assert cpu_kernels.cache_write(got, slots, k, v)
+    meta.write(expected, torch.stack((k, v), dim=1))
+    assert torch.equal(got, expected)
+    latent, k_pe = torch.randn(5, 32), torch.randn(5, 1, 8)[:, 0]  # MLA: the latent then the rope key
+    got, expected = torch.zeros(6, 8, 40, dtype=dtype), torch.zeros(6, 8, 40, dtype=dtype)
+    meta.write_pair(got, latent, k_pe, stack=False)
+    meta.write(expected, torch.cat((latent, k_pe), dim=-1))
+    assert torch.equal(got, expected)
+    assert not cpu_kernels.cache_write(got, slots, latent.double(), k_pe)  # not float32: the caller uses torch
