@@ -1,7 +1,7 @@
 /* The small per-token ops of a decoder layer on CPU, float32, one call each instead of torch's chain of five to
  * eight elementwise kernels (at decode sizes each torch op costs ~5-20 us of dispatch, more than its arithmetic):
- * RMSNorm, rotary embedding (half-split or DeepSeek's interleaved pairs), SwiGLU's silu(gate) * up, and the
- * store of a step's new K/V (or latents) into the paged cache.
+ * RMSNorm, rotary embedding (half-split or DeepSeek's interleaved pairs), SwiGLU's silu(gate) * up, the
+ * store of a step's new K/V (or latents) into the paged cache, and DeepSeek-V3's expert router.
  *
  * Built with the other kernels by dsserve/kernels/cpu.py; the torch expressions they replace (layers/norm.py,
  * layers/rotary.py, layers/linear.py: MLP) are the fallback and the test oracle. Plain loops the compiler

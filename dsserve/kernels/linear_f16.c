@@ -13,6 +13,9 @@
  * (their block of x stays in L2); (row chunk, panel) tasks are spread over torch's OpenMP threads. With one row
  * of x (batch-1 decode) each thread streams whole panels, the k loop unrolled by two into four accumulators to
  * hide FMA latency: bound by reading the weights (21-25 GB/s on a 2-core EPYC, 1.3-2x FBGEMM's fp16 GEMV).
+ *
+ * Also here, on the same panels: one linear per attention head (MLA's absorbed projections) and the routed
+ * experts of a few tokens in one call (DeepSeekMoE at small decode batches).
  */
 #include <math.h>
 #include <stdint.h>
