@@ -79,9 +79,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         try:
-            out = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True)
-            if out.returncode != 0:
-                raise RuntimeError(f"{Path(compiler).name} failed: {out.stderr.strip()[-800:]}")
+            _compile_and_link(compiler, flags, tmp)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -110,6 +108,25 @@ def _build() -> ctypes.CDLL:
                                          ptr, ptr]
     lib.dsserve_router_noaux.restype = ctypes.c_int
     return lib
+
+
+def _compile_and_link(compiler: str, flags: list[str], output: str) -> None:
+    """Each source to an object at once (one compiler process per file: the build takes the slowest file's
+    time, ~2 s with gcc -O3, not the sum), then one shared library."""
+    compile_flags = [f for f in flags if f != "-shared"]
+    with tempfile.TemporaryDirectory() as work:
+        jobs = [(src, Path(work) / f"{src.stem}.o") for src in SOURCES]
+        running = [(src, subprocess.Popen([compiler, *compile_flags, "-c", str(src), "-o", str(obj)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                   for src, obj in jobs]
+        for src, proc in running:
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"{Path(compiler).name} failed on {src.name}: {err.strip()[-800:]}")
+        out = subprocess.run([compiler, *flags, *(str(obj) for _, obj in jobs), "-o", output],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{Path(compiler).name} failed linking: {out.stderr.strip()[-800:]}")
 
 
 def library() -> ctypes.CDLL | None:

@@ -158,6 +158,7 @@ int dsserve_router_noaux(const float *x, int64_t T, int64_t D, const float *W, i
             int64_t best = -1;
             for (int64_t g = 0; g < n_group; g++)
                 if (!kept[g] && (best < 0 || group_score[g] > group_score[best])) best = g;
+            if (best < 0) break;
             kept[best] = 1;
         }
         float total = 0.0f;

@@ -123,3 +123,14 @@ def test_float16_cache_matches_torch_on_the_widened_cache(lens):
     keys = meta.gather(latent).float().unsqueeze(1)
     want = meta.unpad(A._grouped_attention(meta.pad_queries(queries), keys, keys[..., :512], meta, 0.07))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_failed_build_is_reported_and_leaves_nothing(monkeypatch, tmp_path, caplog):
+    import shutil
+
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("DSSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: shutil.which("false"))
+    assert cpu_kernels.library() is None
+    assert "false failed on paged_attention.c" in caplog.text
+    assert not any(tmp_path.rglob("*.so"))
