@@ -79,9 +79,8 @@ int dsserve_silu_mul(const float *gu, float *out, int64_t rows, int64_t inner) {
         const float *g = gu + r * 2 * inner, *u = g + inner;
         float *o = out + r * inner;
         for (int64_t j = 0; j < inner; j++) {
-            const float e = exp_nonpositive(-fabsf(g[j]));
-            const float sig = (g[j] >= 0.0f ? 1.0f : e) / (1.0f + e);
-            o[j] = g[j] * sig * u[j];
+            const float e = exp_nonpositive(-fabsf(g[j])), r = 1.0f / (1.0f + e);
+            o[j] = g[j] * (g[j] >= 0.0f ? r : e * r) * u[j];
         }
     }
     return 0;

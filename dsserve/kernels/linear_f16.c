@@ -187,8 +187,8 @@ int dsserve_moe_f16(const float *x, int64_t T, int64_t D, const int64_t *ids, co
             const float *g = gate_up + pair * 2 * I, *u = g + I;
             float *h = hidden + pair * I;
             for (int64_t j = 0; j < I; j++) {
-                const float e = exp_nonpositive(-fabsf(g[j]));
-                h[j] = g[j] * ((g[j] >= 0.0f ? 1.0f : e) / (1.0f + e)) * u[j];
+                const float e = exp_nonpositive(-fabsf(g[j])), r = 1.0f / (1.0f + e);
+                h[j] = g[j] * (g[j] >= 0.0f ? r : e * r) * u[j];
             }
         }
 #pragma omp for schedule(static)
