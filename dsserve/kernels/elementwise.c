@@ -71,17 +71,13 @@ int dsserve_rotary(const float *x, int64_t token_stride, int64_t head_stride, fl
     return 0;
 }
 
-/* out (rows, inner) = silu(gu[:, :inner]) * gu[:, inner:], gu (rows, 2 * inner) contiguous; silu(g) = g / (1 + e^-g)
- * with e^-|g| (never overflows): g >= 0 -> g / (1 + e), g < 0 -> g e / (1 + e). */
+/* out (rows, inner) = silu(gu[:, :inner]) * gu[:, inner:], gu (rows, 2 * inner) contiguous (vec_math.h: silu_times). */
 int dsserve_silu_mul(const float *gu, float *out, int64_t rows, int64_t inner) {
 #pragma omp parallel for schedule(static) if (rows * inner >= PARALLEL_MIN)
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gu + r * 2 * inner, *u = g + inner;
         float *o = out + r * inner;
-        for (int64_t j = 0; j < inner; j++) {
-            const float e = exp_nonpositive(-fabsf(g[j])), r = 1.0f / (1.0f + e);
-            o[j] = g[j] * (g[j] >= 0.0f ? r : e * r) * u[j];
-        }
+        for (int64_t j = 0; j < inner; j++) o[j] = silu_times(g[j], u[j]);
     }
     return 0;
 }

@@ -186,10 +186,7 @@ int dsserve_moe_f16(const float *x, int64_t T, int64_t D, const int64_t *ids, co
         for (int64_t pair = 0; pair < pairs; pair++) {
             const float *g = gate_up + pair * 2 * I, *u = g + I;
             float *h = hidden + pair * I;
-            for (int64_t j = 0; j < I; j++) {
-                const float e = exp_nonpositive(-fabsf(g[j])), r = 1.0f / (1.0f + e);
-                h[j] = g[j] * (g[j] >= 0.0f ? r : e * r) * u[j];
-            }
+            for (int64_t j = 0; j < I; j++) h[j] = silu_times(g[j], u[j]);
         }
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < pairs * down_panels; task++) {

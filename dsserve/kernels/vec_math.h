@@ -23,4 +23,10 @@ static inline float exp_nonpositive(float x) {
     return p * scale.value;  /* gcc vectorizes it, not a memcpy */
 }
 
+/* silu(g) * u = g / (1 + e^-g) * u, through e^-|g| (never overflows): g >= 0 -> g / (1 + e), g < 0 -> g e / (1 + e). */
+static inline float silu_times(float g, float u) {
+    const float e = exp_nonpositive(-fabsf(g)), r = 1.0f / (1.0f + e);
+    return g * (g >= 0.0f ? r : e * r) * u;
+}
+
 #endif
