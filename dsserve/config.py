@@ -14,7 +14,7 @@ from dsserve.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "qwen2", "llama")
 DTYPE_NAMES = ("auto", "bfloat16", "float16", "float32")
-WEIGHT_DTYPE_NAMES = ("auto", "float32", "float16")
+WEIGHT_DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 KV_CACHE_DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 
 

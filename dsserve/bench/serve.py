@@ -10,14 +10,13 @@ them (dsserve, vLLM, SGLang). Arrivals are Poisson at `request_rate` (or all at 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import ssl
 import statistics
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,41 +71,82 @@ def sharegpt_workload(path: str | Path, num_prompts: int, output_len: int | None
     return out
 
 
-class _Connection:
-    """One HTTP/1.1 connection: asyncio streams move the bytes, h11 frames the messages."""
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 keep-alive connection. h11 frames the bytes inside `data_received`, and every piece of a
+    response body goes straight to the request's handler there: a streamed token costs a callback, not a wake-up
+    of the waiting task (on a machine the client shares with the server it measures, that is CPU taken from the
+    server: docs/benchmarks.md)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
+    def __init__(self) -> None:
         self.h11 = h11.Connection(h11.CLIENT)
+        self.transport: asyncio.Transport | None = None
+        self.on_body: Callable[[int, bytes, float], bool] | None = None  # returns True to stop reading
+        self.status = 0
+        self.done: asyncio.Future | None = None  # the current response: None (read to its end) or an exception
 
-    async def send(self, *events) -> None:
-        for event in events:
-            self.writer.write(self.h11.send(event))
-        await self.writer.drain()
+    def connection_made(self, transport) -> None:
+        self.transport = transport
 
-    async def next_event(self):
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            self.h11.receive_data(await self.reader.read(65536))  # b"" at EOF: h11 then reports the closed peer
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        if self.done is None or self.done.done():
+            return
+        try:
+            self.h11.receive_data(data)
+            while True:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA:
+                    return
+                if isinstance(event, h11.Response):
+                    self.status = event.status_code
+                elif isinstance(event, h11.Data):
+                    if self.on_body(self.status, bytes(event.data), now):
+                        self._finish(_Stopped())
+                        return
+                elif isinstance(event, h11.EndOfMessage):
+                    self._finish(None)
+                    return
+                elif not isinstance(event, h11.InformationalResponse):
+                    raise ConnectionError(f"the response ended early ({type(event).__name__})")
+        except (h11.ProtocolError, ConnectionError, ValueError) as e:  # ValueError: a malformed JSON event
+            self._finish(e)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc or ConnectionError("the server closed the connection before the response ended"))
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(error)
+
+    def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
+                on_body: Callable[[int, bytes, float], bool]) -> asyncio.Future:
+        self.on_body, self.status = on_body, 0
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport.write(self.h11.send(h11.Request(method=method, target=target, headers=headers))
+                             + self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage()))
+        return self.done
 
     def reusable(self) -> bool:
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE and not self.transport.is_closing():
             self.h11.start_next_cycle()
             return True
         return False
 
     def close(self) -> None:
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _Stopped(Exception):
+    """The body handler asked to stop reading (an error event arrived): the connection is not reused."""
 
 
 class Client:
     """Streaming POSTs to one server over keep-alive connections.
 
     The benchmark client shares the machine with the server it measures when both run on one box, and every
-    streamed token costs it a read and a parse: this path (asyncio streams + h11) spends about a fifth of the
-    CPU time per token that httpx's async stack does (docs/benchmarks.md), so it perturbs the server less.
+    streamed token costs it a read and a parse: h11 framing in a protocol callback spends a fraction of the CPU
+    time per token that httpx's async stack does (docs/benchmarks.md), so it perturbs the server less.
     """
 
     def __init__(self, base_url: str, api_key: str | None = None, connect_timeout_s: float = 30.0):
@@ -125,44 +165,34 @@ class Client:
         self.connections_opened = 0
 
     async def _connect(self) -> _Connection:
-        if self._idle:
-            return self._idle.pop()
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port, ssl=self.ssl), self.connect_timeout_s)
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.transport.is_closing():
+                return conn
+        _, conn = await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(_Connection, self.host, self.port, ssl=self.ssl),
+            self.connect_timeout_s)
         self.connections_opened += 1
-        return _Connection(reader, writer)
+        return conn
 
-    async def post_stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[tuple[int, bytes]]:
-        """Yield (status, body bytes as they arrive) for a POST of `payload` as JSON; the connection goes back
+    async def post(self, path: str, payload: dict[str, Any], on_body: Callable[[int, bytes, float], bool]) -> int:
+        """POST `payload` as JSON and hand each piece of the response body to `on_body(status, data, arrival
+        time)` as it arrives; `on_body` returns True to stop reading. Returns the status. The connection goes back
         to the pool when the response was read to its end."""
-        body = json.dumps(payload).encode()
         conn = await self._connect()
-        done = False
+        body = json.dumps(payload).encode()
+        headers = [*self.headers, ("Content-Length", str(len(body)))]
+        error: BaseException | None = ConnectionError("the request was cancelled")
         try:
-            await conn.send(h11.Request(method="POST", target=self.prefix + path,
-                                        headers=[*self.headers, ("Content-Length", str(len(body)))]),
-                            h11.Data(data=body), h11.EndOfMessage())
-            event = await conn.next_event()
-            while isinstance(event, h11.InformationalResponse):
-                event = await conn.next_event()
-            if not isinstance(event, h11.Response):
-                raise ConnectionError(f"no HTTP response (got {type(event).__name__})")
-            status = event.status_code
-            yield status, b""
-            while True:
-                event = await conn.next_event()
-                if isinstance(event, h11.Data):
-                    yield status, bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    done = True
-                    return
-                else:
-                    raise ConnectionError(f"the response ended early ({type(event).__name__})")
+            error = await conn.request("POST", self.prefix + path, headers, body, on_body)
         finally:
-            if done and conn.reusable():
+            if error is None and conn.reusable():
                 self._idle.append(conn)
             else:
                 conn.close()
+        if error is not None and not isinstance(error, _Stopped):
+            raise error
+        return conn.status
 
     async def close(self) -> None:
         while self._idle:
@@ -180,36 +210,39 @@ async def _one(client: Client, model: str, work: Workload) -> RequestResult:
     last = started
     chunks = 0
     pending = b""
-    status = None
+
+    def on_body(status: int, data: bytes, now: float) -> bool:
+        nonlocal last, chunks, pending
+        if status != 200:
+            pending += data
+            return False
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:  # Server-sent events: "data: {json}" lines, blank lines between events
+            line = line.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if "error" in chunk:
+                result.error = (chunk["error"] or {}).get("message", "error")
+                return True
+            if chunk.get("usage"):
+                result.output_len = chunk["usage"].get("completion_tokens", chunks)
+            # A token event: a completions chunk (one per token, its text may be empty) or a chat delta with text.
+            if any(c.get("text") is not None or bool((c.get("delta") or {}).get("content")
+                                                     or (c.get("delta") or {}).get("reasoning_content"))
+                   for c in chunk.get("choices", [])):
+                if chunks == 0:
+                    result.ttft_s = now - started
+                else:
+                    result.itl_s.append(now - last)
+                last = now
+                chunks += 1
+        return False
+
     try:
-        async with contextlib.aclosing(client.post_stream(path, body)) as stream:
-            async for status, data in stream:
-                if status != 200:
-                    pending += data
-                    continue
-                now = time.perf_counter()
-                *lines, pending = (pending + data).split(b"\n")
-                for line in lines:  # Server-sent events: "data: {json}" lines, blank lines between events
-                    line = line.strip()
-                    if not line.startswith(b"data:") or line == b"data: [DONE]":
-                        continue
-                    chunk = json.loads(line[5:])
-                    if "error" in chunk:
-                        result.error = (chunk["error"] or {}).get("message", "error")
-                        return result
-                    if chunk.get("usage"):
-                        result.output_len = chunk["usage"].get("completion_tokens", chunks)
-                    # A token event: a completions chunk (one per token, its text may be empty) or a chat delta
-                    # with text.
-                    if any(c.get("text") is not None or bool((c.get("delta") or {}).get("content")
-                                                             or (c.get("delta") or {}).get("reasoning_content"))
-                           for c in chunk.get("choices", [])):
-                        if chunks == 0:
-                            result.ttft_s = now - started
-                        else:
-                            result.itl_s.append(now - last)
-                        last = now
-                        chunks += 1
+        status = await client.post(path, body, on_body)
+        if result.error:
+            return result
         if status != 200:
             result.error = f"HTTP {status}: {pending.decode(errors='replace')[:200]}"
             return result

@@ -33,7 +33,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("paged_attention.c", "linear_f16.c", "elementwise.c")]
+SOURCES = [Path(__file__).with_name(name)
+           for name in ("paged_attention.c", "linear_f16.c", "linear_bf16.c", "elementwise.c", "decode_layers.c")]
 HEADERS = [Path(__file__).with_name("vec_math.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": ctypes.CDLL | None once tried, "why": the reason when None
@@ -58,6 +59,18 @@ def _isa_flags() -> list[str]:
     return []
 
 
+def _amx_flags() -> list[str]:
+    """linear_bf16.c's extra flags where this CPU has AMX tiles and AVX512-BF16 (elsewhere it builds as a stub and
+    bf16 weights go to oneDNN)."""
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    if platform.machine().lower() not in ("x86_64", "amd64") or not all(f is not None and f() for f in probes):
+        return []
+    return ["-mamx-tile", "-mamx-bf16", "-mavx512bf16", "-mavx512f", "-mavx512bw", "-mavx512vl"]
+
+
+_FILE_FLAGS = {"linear_bf16.c": _amx_flags}
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if name and shutil.which(name):
@@ -73,7 +86,9 @@ def _build() -> ctypes.CDLL:
     # select (silu, the softmax exp's clamp): those ran scalar, 4-8x slower
     flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *_isa_flags()]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    digest = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES + HEADERS), *flags, *version]).encode()).hexdigest()[:16]
+    file_flags = {name: probe() for name, probe in _FILE_FLAGS.items()}
+    digest = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES + HEADERS), *flags, *version,
+                                       repr(sorted(file_flags.items()))]).encode()).hexdigest()[:16]
     folder = cache_dir()
     target = folder / f"dsserve_cpu-{digest}.so"
     if not target.exists():
@@ -81,7 +96,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         try:
-            _compile_and_link(compiler, flags, tmp)
+            _compile_and_link(compiler, flags, tmp, file_flags)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -109,16 +124,23 @@ def _build() -> ctypes.CDLL:
     lib.dsserve_router_noaux.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float,
                                          ptr, ptr]
     lib.dsserve_router_noaux.restype = ctypes.c_int
+    lib.dsserve_linear_bf16.restype = lib.dsserve_linear_bf16_supported.restype = ctypes.c_int
+    lib.dsserve_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.dsserve_dense_decode.argtypes = [ptr, i64, ptr]
+    lib.dsserve_dense_decode.restype = ctypes.c_int
+    lib.dsserve_dense_workspace.argtypes = [i64] * 6
+    lib.dsserve_dense_workspace.restype = i64
     return lib
 
 
-def _compile_and_link(compiler: str, flags: list[str], output: str) -> None:
+def _compile_and_link(compiler: str, flags: list[str], output: str, file_flags: dict[str, list[str]]) -> None:
     """Each source to an object at once (one compiler process per file: the build takes the slowest file's
     time, ~2 s with gcc -O3, not the sum), then one shared library."""
     compile_flags = [f for f in flags if f != "-shared"]
     with tempfile.TemporaryDirectory() as work:
         jobs = [(src, Path(work) / f"{src.stem}.o") for src in SOURCES]
-        running = [(src, subprocess.Popen([compiler, *compile_flags, "-c", str(src), "-o", str(obj)],
+        running = [(src, subprocess.Popen([compiler, *compile_flags, *file_flags.get(src.name, []), "-c", str(src),
+                                           "-o", str(obj)],
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
                    for src, obj in jobs]
         for src, proc in running:
@@ -150,7 +172,8 @@ def library() -> ctypes.CDLL | None:
                                "weights FBGEMM's GEMM (slower; same results)", why)
             _state.update(lib=lib, why=why, width=lib.dsserve_vector_width() if lib is not None else 0,
                           half=bool(lib.dsserve_half_supported()) if lib is not None else False,
-                          linear_f16=bool(lib.dsserve_linear_f16_supported()) if lib is not None else False)
+                          linear_f16=bool(lib.dsserve_linear_f16_supported()) if lib is not None else False,
+                          linear_bf16=bool(lib.dsserve_linear_bf16_supported()) if lib is not None else False)
     return _state["lib"]  # type: ignore[return-value]
 
 
@@ -210,6 +233,42 @@ def linear_f16_usable() -> bool:
 
 
 PANEL = 16  # output rows per panel of the packed float16 layout (linear_f16.c)
+
+
+def linear_bf16_usable() -> bool:
+    """The library is built with the bfloat16-weight linear (AMX tiles + AVX512-BF16) and Linux lets this process
+    use the tile unit."""
+    return library() is not None and bool(_state["linear_bf16"])
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 (N, K) weight in linear_bf16.c's layout: an even number of 16-row panels, K (padded to 32) in
+    pairs, packed[p, k // 2, n, k % 2] = W[16 p + n, k] in bfloat16 (rounded to nearest even); zero padding."""
+    rows, cols = weight.shape
+    panels = -(-rows // PANEL)
+    panels += panels % 2
+    depth = -(-cols // 32) * 32
+    padded = torch.zeros(panels * PANEL, depth, dtype=torch.bfloat16)
+    padded[:rows, :cols] = weight.detach()
+    return padded.view(panels, PANEL, depth // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def linear_bf16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) float32 @ W^T (+ bias) for a weight packed by `pack_bf16`: (..., out_features) float32."""
+    if x.dim() != 2:
+        return linear_bf16(x.reshape(-1, x.shape[-1]), packed, out_features, bias).view(*x.shape[:-1], out_features)
+    if x.dtype != torch.float32:
+        raise TypeError(f"the bfloat16 linear takes float32 activations, got {x.dtype}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    rows = x.shape[0]
+    out = torch.empty(rows, out_features, dtype=torch.float32)
+    if rows:
+        status = _state["lib"].dsserve_linear_bf16(x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                                   out.data_ptr(), rows, out_features, x.shape[1])
+        if status != 0:
+            raise MemoryError(f"the bfloat16 linear failed (status {status})")
+    return out
 
 
 def pack_f16(weight: torch.Tensor) -> torch.Tensor:
@@ -383,4 +442,82 @@ def packed_weights_unavailable(weight_dtype: torch.dtype) -> str | None:
         return None
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return "this torch build has no oneDNN"
+    if weight_dtype == torch.bfloat16 and not native_bf16():
+        return "this CPU has no native bf16 matmul (AMX or AVX512-BF16)"
     return None
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16), so oneDNN's bf16 GEMM beats fp32."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return any(f is not None and f() for f in probe) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+# ---- a dense decode step's layers in one call (decode_layers.c) ---------------------------------------------------
+
+class _DenseLayer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("input_norm", "post_norm", "qkv", "o", "gate_up", "down", "qkv_bias", "o_bias", "cache")]
+
+
+class _DenseStep(ctypes.Structure):
+    _fields_ = [*((name, ctypes.c_int64) for name in ("tokens", "hidden", "heads", "kv_heads", "head_dim", "intermediate",
+                                                       "block_size", "table_stride", "heads_per_task")),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                *((name, ctypes.c_int32) for name in ("cache_half", "interleaved", "weights_bf16", "reserved")),
+                *((name, ctypes.c_void_p) for name in ("positions", "slots", "tables", "lens", "cos_table", "sin_table",
+                                                       "x", "work"))]
+
+
+class DenseDecoder:
+    """Every dense (Llama / Qwen2) decoder layer of a decode step in one C call: RMSNorm, the q/k/v linear, rotary,
+    the cache store, attention over the paged cache, o, the residual adds, RMSNorm and the SwiGLU MLP, layer after
+    layer, on preallocated scratch (decode_layers.c). The same kernels the module path calls, in the same order:
+    the same bits, without ~10 Python-side calls per layer.
+
+    `layers` holds, per layer, the tensors the C struct points at (kept alive here): input_norm, post_norm (D,)
+    float32; qkv, o, gate_up, down packed by `pack_f16`; qkv_bias, o_bias (or None); cache (blocks, block_size, 2,
+    kv_heads, head_dim) float32 or float16, contiguous."""
+
+    def __init__(self, layers: list[dict], *, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
+                 eps: float, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+                 weights_bf16: bool = False):
+        self._keep = (layers, cos, sin)
+        self.layers = (_DenseLayer * len(layers))(*(
+            _DenseLayer(*(0 if layer[name] is None else layer[name].data_ptr() for name, _ in _DenseLayer._fields_))
+            for layer in layers))
+        self.num_layers = len(layers)
+        cache = layers[0]["cache"]
+        self.step = _DenseStep(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate,
+                               block_size=cache.shape[1], eps=eps, scale=scale,
+                               cache_half=int(cache.dtype == torch.float16), interleaved=int(interleaved),
+                               weights_bf16=int(weights_bf16),
+                               cos_table=cos.data_ptr(), sin_table=sin.data_ptr())
+        self.dims = (hidden, heads, kv_heads, head_dim, intermediate)
+        self.work = torch.empty(0, dtype=torch.float32)
+        self.threads = torch.get_num_threads()
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor) -> torch.Tensor:
+        """x (B, hidden) float32 contiguous, one new token per sequence, updated in place through every layer;
+        positions, slots, context_lens (B,) and block_tables (B, max_blocks) int64 (rows may be strided)."""
+        lib, step = _state["lib"], self.step
+        batch = x.shape[0]
+        need = lib.dsserve_dense_workspace(batch, *self.dims)
+        if self.work.numel() < need:
+            self.work = torch.empty(need, dtype=torch.float32)
+        if block_tables.stride(1) != 1:
+            block_tables = block_tables.contiguous()
+        positions, slots, context_lens = positions.contiguous(), slots.contiguous(), context_lens.contiguous()
+        heads = self.dims[1]
+        chunks = min(heads, max(1, -(-self.threads // batch)))  # as paged_decode: every thread gets a task
+        step.tokens, step.heads_per_task, step.table_stride = batch, -(-heads // chunks), block_tables.stride(0)
+        step.positions, step.slots = positions.data_ptr(), slots.data_ptr()
+        step.tables, step.lens = block_tables.data_ptr(), context_lens.data_ptr()
+        step.x, step.work = x.data_ptr(), self.work.data_ptr()
+        status = lib.dsserve_dense_decode(self.layers, self.num_layers, ctypes.byref(step))
+        if status != 0:
+            raise RuntimeError(f"the fused decode step failed in a kernel (status {status})")
+        return x

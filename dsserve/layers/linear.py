@@ -182,6 +182,11 @@ class PackedLinear:
         elif weight_dtype == torch.float16:
             self.kind = "fbgemm"
             self.data = torch.ops.quantized.linear_prepack_fp16(weight.detach(), self.bias)
+        elif weight_dtype == torch.bfloat16 and cpu_kernels.linear_bf16_usable():
+            self.kind, self.data = "dsserve-bf16", cpu_kernels.pack_bf16(weight)
+        elif weight_dtype == torch.bfloat16:
+            self.kind = "onednn-bf16"
+            self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), _PACK_BATCH_HINT)
         else:
             self.kind = "onednn"
             self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
@@ -189,8 +194,13 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "dsserve":
             return cpu_kernels.linear_f16(x, self.data, self.out_features, self.bias)
+        if self.kind == "dsserve-bf16":
+            return cpu_kernels.linear_bf16(x, self.data, self.out_features, self.bias)
         if self.kind == "fbgemm":
             return torch.ops.quantized.linear_dynamic_fp16(x, self.data)
+        if self.kind == "onednn-bf16":
+            y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.data, None, "none", [], "").float()
+            return y if self.bias is None else y.add_(self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.data, self.bias, "none", [], "")
 
     @property
@@ -208,6 +218,9 @@ def prepack_for_cpu(model: nn.Module, weight_dtype: torch.dtype = torch.float32)
     and the remaining layers stay on F.linear (slower, correct). Returns the number of matrices packed.
     """
     reason = cpu_kernels.packed_weights_unavailable(weight_dtype)
+    if reason is not None and weight_dtype == torch.bfloat16:
+        logger.warning("bfloat16 weights unavailable (%s): packing float16 weights instead", reason)
+        weight_dtype, reason = torch.float16, cpu_kernels.packed_weights_unavailable(torch.float16)
     if reason is not None and weight_dtype == torch.float16:
         logger.warning("float16 weights unavailable (%s): packing float32 weights for oneDNN instead", reason)
         weight_dtype, reason = torch.float32, cpu_kernels.packed_weights_unavailable(torch.float32)
@@ -262,8 +275,15 @@ def _pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype:
         packed = PackedLinear(weight, bias, weight_dtype)
         rows = slice(None, None, max(1, weight.shape[0] // 64))  # a sample of the outputs: no copy of a big weight
         probe = torch.randn(3, weight.shape[1])
-        expected = F.linear(probe, weight[rows].to(weight_dtype).float(), None if bias is None else bias[rows])
-        agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4, atol=1e-4)
+        rounded = weight[rows].to(weight_dtype).float()
+        if weight_dtype == torch.bfloat16:  # the activations are rounded to bf16 too, and so is each output
+            expected = F.linear(probe.bfloat16().float(), rounded)
+            tolerance = 2**-7 * (expected.abs() + 1e-3 * expected.abs().amax())
+            agrees = bool(((packed(probe)[:, rows] - (expected if bias is None else expected + bias[rows])).abs()
+                           <= tolerance).all())
+        else:
+            expected = F.linear(probe, rounded, None if bias is None else bias[rows])
+            agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4, atol=1e-4)
     except (RuntimeError, NotImplementedError) as e:  # this torch build cannot pack it
         raise _PackingFailed(f"packing a {tuple(weight.shape)} weight as {weight_dtype} failed ({e})") from e
     if not agrees:  # never trust a kernel that disagrees

@@ -41,6 +41,7 @@ class CausalLM(nn.Module):
     `kv_cache_entry_shape` (one token's cache entry on this rank)."""
 
     kv_cache_entry_shape: tuple[int, ...]
+    fused_decode = None  # CPU: a callable running every layer of a decode step at once (see fuse_decode_for_cpu)
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
@@ -59,6 +60,9 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions (T,) -> final hidden states (T, D)."""
         hidden = self.embed_tokens.embed(input_ids)
+        if self.fused_decode is not None and meta.is_decode and meta.parts is None and meta.context_lens is not None:
+            self.fused_decode(hidden, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
+            return self.norm(hidden)
         for layer, cache in zip(self.layers, kv_caches):
             hidden = layer(positions, hidden, meta, cache)
         return self.norm(hidden)

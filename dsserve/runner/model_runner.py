@@ -94,6 +94,9 @@ class ModelRunner:
         shape = (self.num_blocks, self.block_size, *self.model.kv_cache_entry_shape)
         self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(model_config.num_hidden_layers)]
+        fuse = getattr(self.model, "fuse_decode_for_cpu", None)
+        if self.device.type == "cpu" and fuse is not None and fuse(self.kv_caches):
+            logger.info("decode steps: every decoder layer in one C call (dsserve/kernels/decode_layers.c)")
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         # CPU: one reused buffer for the attention context gathered from the paged cache (device allocators cache)

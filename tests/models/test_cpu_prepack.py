@@ -139,3 +139,58 @@ def test_kv_cache_dtype_resolution():
         resolve_kv_cache_dtype("float16", "cuda", "bfloat16")
     with pytest.raises(ConfigError, match="is not one of"):
         resolve_kv_cache_dtype("fp8", "cpu", "float32")
+
+
+def _bf16_exact_copy(src, dst):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for shard in dst.glob("*.safetensors"):
+        save_file({k: v.bfloat16().float() if v.is_floating_point() else v for k, v in load_file(shard).items()}, shard,
+                  metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.skipif(not __import__("dsserve.kernels.cpu", fromlist=["x"]).native_bf16(),
+                    reason="needs a CPU with native bf16 (AMX or AVX512-BF16)")
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_untied"])
+@pytest.mark.parametrize("kernel", ["dsserve-bf16", "onednn-bf16"])
+def test_bf16_weights_track_float32(model_dir, tmp_path, monkeypatch, name, kernel):
+    """bfloat16 weights through dsserve's AMX kernel or oneDNN's bf16 GEMM (activations rounded to bf16 for the
+    matmul, fp32 elsewhere): the prompt's log-probabilities within bf16 rounding of the float32 model's on the
+    same bf16 weights."""
+    from dsserve.kernels import cpu as cpu_kernels
+
+    if kernel == "dsserve-bf16" and not cpu_kernels.linear_bf16_usable():
+        pytest.skip("needs the bf16 linear kernel (AMX + AVX512-BF16)")
+    if kernel == "onednn-bf16":
+        monkeypatch.setattr(cpu_kernels, "linear_bf16_usable", lambda: False)
+    path = _bf16_exact_copy(model_dir(name), tmp_path / name)
+    bf16 = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="bfloat16")
+    full = LLM(path, num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
+    packed = [m.packed for m in bf16.engine.runner.model.modules() if isinstance(m, Linear) and m.packed is not None]
+    assert packed and all(p.kind == kernel for p in packed)
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    prompt = PROMPTS[2] + PROMPTS[0] + PROMPTS[2]
+    a, b = bf16.generate([prompt], params)[0], full.generate([prompt], params)[0]
+    got = [entry[0] for entry in a.prompt_logprobs[1:]]
+    want = [entry[0] for entry in b.prompt_logprobs[1:]]
+    # bf16 activations may flip a near-tie (an expert choice on these random weights): most positions agree closely,
+    # none is far off (a wrong kernel is off everywhere)
+    errors = sorted(abs(x - y) for x, y in zip(got, want))
+    assert errors[int(0.9 * len(errors))] < 0.05 and errors[-1] < 0.5, errors
+    # and decode (the packed layers at one row per sequence) runs
+    out = bf16.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 8 for o in out)
+
+
+def test_bf16_weights_without_native_bf16_fall_back_to_fp16(model_dir, monkeypatch, caplog):
+    import dsserve.kernels.cpu as cpu_kernels_module
+
+    monkeypatch.setattr(cpu_kernels_module, "native_bf16", lambda: False)
+    llm = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, weight_dtype="bfloat16")
+    packed = [m.packed for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
+    assert packed and all(p is not None and p.weight_dtype == torch.float16 for p in packed)
+    assert "bfloat16 weights unavailable (this CPU has no native bf16 matmul" in caplog.text

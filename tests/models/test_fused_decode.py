@@ -1,0 +1,62 @@
+"""Decode steps through every dense layer in one C call (kernels/decode_layers.c): the same kernels as the module
+path in the same order, so the same bits; prefill and mixed steps keep the module path."""
+
+import pytest
+import torch
+
+from dsserve import LLM, SamplingParams
+from dsserve.kernels import cpu as cpu_kernels
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.linear_f16_usable(), reason="needs the fp16 linear kernel (AVX2 + F16C)")
+
+# Ragged prompts; 40 new tokens cross block boundaries (block size 16) at different steps for each sequence.
+PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26]]
+
+
+@pytest.mark.parametrize("name, weight_dtype, kv_cache_dtype", [
+    ("qwen2_untied", "float16", "auto"), ("llama_bias", "float16", "auto"), ("qwen2_tied", "float16", "float16"),
+    pytest.param("qwen2_untied", "bfloat16", "auto", marks=pytest.mark.skipif(
+        not cpu_kernels.linear_bf16_usable(), reason="needs the bf16 linear kernel (AMX + AVX512-BF16)")),
+])
+def test_fused_decode_gives_the_module_paths_bits(model_dir, monkeypatch, name, weight_dtype, kv_cache_dtype):
+    # no prefix caching: the second run's prompts must be computed as the first's were
+    llm = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, weight_dtype=weight_dtype,
+              kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)
+    model = llm.engine.runner.model
+    fused = model.fused_decode
+    assert fused is not None
+    calls = []
+    monkeypatch.setattr(model, "fused_decode", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=3)
+    for prompts in (PROMPTS, PROMPTS[:1]):  # a batch, and one sequence (attention split over heads)
+        calls.clear()
+        with_fused = llm.generate(prompts, params)
+        assert calls and max(calls) == len(prompts)  # decode steps took it (prefill steps do not)
+        monkeypatch.setattr(model, "fused_decode", None)
+        plain = llm.generate(prompts, params)
+        monkeypatch.setattr(model, "fused_decode", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+        for a, b in zip(with_fused, plain):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            assert a.outputs[0].logprobs == b.outputs[0].logprobs  # bit for bit
+
+
+def test_not_fused_where_a_layer_is_not_in_the_fp16_kernel(model_dir):
+    """float32 weights (oneDNN-packed) or no packing at all: decode keeps the module path."""
+    assert LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64).engine.runner.model.fused_decode is None
+    plain = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, weight_dtype="float16",
+                cpu_prepack=False)
+    assert plain.engine.runner.model.fused_decode is None
+
+
+def test_fused_decode_tracks_transformers(model_dir, tmp_path):
+    """On fp16-exact weights the fused path is the float32 model: transformers' greedy tokens."""
+    from tiny_models import hf_greedy
+    from test_cpu_prepack import _fp16_representable_copy
+
+    path = _fp16_representable_copy(model_dir("llama3"), tmp_path / "llama3")
+    llm = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
+    assert llm.engine.runner.model.fused_decode is not None
+    prompt = [7, 8, 9, 10, 11, 200, 3]
+    expected, _ = hf_greedy(path, prompt, 24)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == expected
