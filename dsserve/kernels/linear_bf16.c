@@ -92,6 +92,58 @@ static void gemv(const float *x, const uint16_t *packed, const float *bias, floa
     }
 }
 
+/* Rows [32 b, 32 b + 32) of y, outputs of panels p0 and p0 + 1: four C tiles over the whole depth. Whole tiles
+ * (inside M x N) go straight to y; edges through a buffer. */
+static inline void block_times_pair(const uint16_t *xb, const uint16_t *packed, const float *bias, float *y,
+                                    int64_t M, int64_t N, int64_t Kp, int64_t b, int64_t p0) {
+    const uint16_t *a = xb + b * 32 * Kp;
+    const uint16_t *w0 = packed + p0 * Kp * 16, *w1 = w0 + Kp * 16;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t k0 = 0; k0 < Kp; k0 += 32) {
+        _tile_loadd(4, a + k0, Kp * 2);
+        _tile_loadd(5, a + 16 * Kp + k0, Kp * 2);
+        _tile_loadd(6, w0 + k0 * 16, 64);
+        _tile_loadd(7, w1 + k0 * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    const int64_t m0 = b * 32, n0 = p0 * 16;
+    if (m0 + 32 <= M && n0 + 32 <= N) {
+        _tile_stored(0, y + m0 * N + n0, N * 4);
+        _tile_stored(1, y + m0 * N + n0 + 16, N * 4);
+        _tile_stored(2, y + (m0 + 16) * N + n0, N * 4);
+        _tile_stored(3, y + (m0 + 16) * N + n0 + 16, N * 4);
+        if (bias)
+            for (int64_t r = m0; r < m0 + 32; r++) {
+                float *out = y + r * N + n0;
+                _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out), _mm512_loadu_ps(bias + n0)));
+                _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_loadu_ps(out + 16), _mm512_loadu_ps(bias + n0 + 16)));
+            }
+        return;
+    }
+    float c[4][16 * 16];
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
+    for (int t = 0; t < 4; t++) {
+        const int64_t mt = m0 + (t >> 1) * 16, nt = n0 + (t & 1) * 16;
+        if (nt >= N) continue;
+        const int valid = N - nt < 16 ? (int)(N - nt) : 16;
+        for (int r = 0; r < 16 && mt + r < M; r++) {
+            float *out = y + (mt + r) * N + nt;
+            for (int n = 0; n < valid; n++) out[n] = c[t][r * 16 + n] + (bias ? bias[nt + n] : 0.0f);
+        }
+    }
+}
+
+#define CHUNK 8
+
 /* x (M, K) float32 contiguous, packed as above (Kp = K rounded up to 32), bias (N,) or NULL, y (M, N) float32. */
 int dsserve_linear_bf16(const float *x, const uint16_t *packed, const float *bias, float *y, int64_t M, int64_t N,
                         int64_t K) {
@@ -118,42 +170,14 @@ int dsserve_linear_bf16(const float *x, const uint16_t *packed, const float *bia
             for (; k < Kp; k++) row[k] = 0;
         }
         configure_tiles();
-        float c[4][16 * 16];
-        /* tasks: pairs of panels, each over every block of 32 rows: a pair's weights come from memory once, for
-         * the first block (each thread streams its share of the weights; x, Mp x Kp halves, stays in L2) */
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < blocks * pairs; task++) {
-            const int64_t b = task % blocks, p0 = 2 * (task / blocks);
-            const uint16_t *a = xb + b * 32 * Kp;
-            const uint16_t *w0 = packed + p0 * Kp * 16, *w1 = w0 + Kp * 16;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t k0 = 0; k0 < Kp; k0 += 32) {
-                _tile_loadd(4, a + k0, Kp * 2);
-                _tile_loadd(5, a + 16 * Kp + k0, Kp * 2);
-                _tile_loadd(6, w0 + k0 * 16, 64);
-                _tile_loadd(7, w1 + k0 * 16, 64);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
-            }
-            _tile_stored(0, c[0], 64);
-            _tile_stored(1, c[1], 64);
-            _tile_stored(2, c[2], 64);
-            _tile_stored(3, c[3], 64);
-            for (int t = 0; t < 4; t++) {
-                const int64_t m0 = b * 32 + (t >> 1) * 16, n0 = (p0 + (t & 1)) * 16;
-                if (n0 >= N) continue;
-                const int valid = N - n0 < 16 ? (int)(N - n0) : 16;
-                for (int r = 0; r < 16 && m0 + r < M; r++) {
-                    float *out = y + (m0 + r) * N + n0;
-                    const float *src = c[t] + r * 16;
-                    for (int n = 0; n < valid; n++) out[n] = src[n] + (bias ? bias[n0 + n] : 0.0f);
-                }
-            }
+        /* Rows in chunks of CHUNK blocks of 32 (a chunk of x, at most 256 x Kp halves, stays in L2); within a chunk,
+         * tasks are pairs of panels, each over the chunk's blocks: a pair's weights come from memory once per
+         * chunk, for its first block, and each thread streams its share of them. */
+        for (int64_t c0 = 0; c0 < blocks; c0 += CHUNK) {
+            const int64_t chunk = blocks - c0 < CHUNK ? blocks - c0 : CHUNK;
+#pragma omp for schedule(static) nowait
+            for (int64_t task = 0; task < chunk * pairs; task++)
+                block_times_pair(xb, packed, bias, y, M, N, Kp, c0 + task % chunk, 2 * (task / chunk));
         }
         _tile_release();
     }

@@ -29,7 +29,98 @@
 /* The two inner products of a block, for a group of at most 8 query heads: scores s[h][j] = q_h . k_j * scale
  * and accumulators acc[h] += sum_j p[h][j] v_j. The AVX2 versions keep one register per head (the key or value
  * chunk is loaded once for all heads); `heads` is a compile-time constant in each instance (see GROUP). */
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__F16C__)
+/* The same loops over 512-bit registers (16 floats): half the instructions per head dimension; head sizes must be
+ * multiples of 16 (the caller checks vector_width()). */
+#include <immintrin.h>
+#define VEC 16
+
+#define CACHE16(p, i, half) \
+    ((half) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(p) + (i)))) \
+            : _mm512_loadu_ps((const float *)(p) + (i)))
+
+/* Lane i of the result = the sum of the 16 lanes of a[i]: the sixteen horizontal sums in 15 adds and 30 shuffles
+ * (a transpose-and-add tree) instead of 16 separate reductions. */
+static inline __attribute__((always_inline)) __m512 sum16(const __m512 *a) {
+    __m512 s1[8], s2[4];
+    for (int k = 0; k < 8; k++) /* per 128-bit lane: [a even, b even, a odd, b odd] partial sums */
+        s1[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+    for (int k = 0; k < 4; k++) { /* per 128-bit lane: the partial sums of a[4k .. 4k + 3] */
+        const __m512d c = _mm512_castps_pd(s1[2 * k]), d = _mm512_castps_pd(s1[2 * k + 1]);
+        s2[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+    }
+    const __m512 u0 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[0], s2[1], 0x44), _mm512_shuffle_f32x4(s2[0], s2[1], 0xEE));
+    const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2], s2[3], 0x44), _mm512_shuffle_f32x4(s2[2], s2[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
+}
+
+static inline __attribute__((always_inline)) void block_scores(
+    const float *q, int64_t heads, int64_t k_dim, const void *keys, int64_t token_stride, int64_t n, float *s,
+    int64_t s_stride, float scale, int half) {
+    int64_t j = 0;
+    if (16 % heads == 0) { /* 16 / heads tokens at a time: 16 dot products, reduced together by sum16 */
+        const int64_t group = 16 / heads;
+        for (; j + group <= n; j += group) {
+            __m512 acc[16];
+            for (int v = 0; v < 16; v++) acc[v] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < k_dim; d += VEC) {
+                __m512 qh[8];
+                for (int64_t h = 0; h < heads; h++) qh[h] = _mm512_loadu_ps(q + h * k_dim + d);
+                for (int64_t t = 0; t < group; t++) {
+                    const __m512 x = CACHE16(keys, (j + t) * token_stride + d, half);
+                    for (int64_t h = 0; h < heads; h++) acc[h * group + t] = _mm512_fmadd_ps(qh[h], x, acc[h * group + t]);
+                }
+            }
+            float out[16];
+            _mm512_storeu_ps(out, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+            for (int64_t h = 0; h < heads; h++)
+                for (int64_t t = 0; t < group; t++) s[h * s_stride + j + t] = out[h * group + t];
+        }
+    }
+    if (heads <= 4) /* two tokens at a time: each q chunk loaded once for both, twice the independent sums */
+        for (; j + 1 < n; j += 2) {
+            __m512 a0[4], a1[4];
+            for (int64_t h = 0; h < heads; h++) a0[h] = a1[h] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < k_dim; d += VEC) {
+                const __m512 x0 = CACHE16(keys, j * token_stride + d, half);
+                const __m512 x1 = CACHE16(keys, (j + 1) * token_stride + d, half);
+                for (int64_t h = 0; h < heads; h++) {
+                    const __m512 qh = _mm512_loadu_ps(q + h * k_dim + d);
+                    a0[h] = _mm512_fmadd_ps(qh, x0, a0[h]);
+                    a1[h] = _mm512_fmadd_ps(qh, x1, a1[h]);
+                }
+            }
+            for (int64_t h = 0; h < heads; h++) {
+                s[h * s_stride + j] = _mm512_reduce_add_ps(a0[h]) * scale;
+                s[h * s_stride + j + 1] = _mm512_reduce_add_ps(a1[h]) * scale;
+            }
+        }
+    for (; j < n; j++) {
+        __m512 acc[8];
+        for (int64_t h = 0; h < heads; h++) acc[h] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < k_dim; d += VEC) {
+            const __m512 kv = CACHE16(keys, j * token_stride + d, half);
+            for (int64_t h = 0; h < heads; h++) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * k_dim + d), kv, acc[h]);
+        }
+        for (int64_t h = 0; h < heads; h++) s[h * s_stride + j] = _mm512_reduce_add_ps(acc[h]) * scale;
+    }
+}
+
+static inline __attribute__((always_inline)) void block_values(
+    const float *p, int64_t p_stride, int64_t heads, const void *values, int64_t token_stride, int64_t n,
+    float *acc, int64_t v_dim, int half) {
+    for (int64_t d = 0; d < v_dim; d += VEC) {
+        __m512 o[8];
+        for (int64_t h = 0; h < heads; h++) o[h] = _mm512_loadu_ps(acc + h * v_dim + d);
+        for (int64_t j = 0; j < n; j++) {
+            const __m512 v = CACHE16(values, j * token_stride + d, half);
+            for (int64_t h = 0; h < heads; h++) o[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * p_stride + j]), v, o[h]);
+        }
+        for (int64_t h = 0; h < heads; h++) _mm512_storeu_ps(acc + h * v_dim + d, o[h]);
+    }
+}
+#define HALF_SUPPORTED 1
+#elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define VEC 8
 
