@@ -26,8 +26,10 @@ console = Console(stderr=True)
 MODEL_HELP = "checkpoint folder; default: the built-in demo model (a tiny R1-style reasoning model)"
 KV_CACHE_DTYPE_HELP = ("auto (the compute dtype) or, on CPU with float32 compute, float16: half the KV cache's memory "
                        "and of the bytes decode attention reads (llama.cpp's default f16 cache)")
-WEIGHT_DTYPE_HELP = ("CPU, float32 compute: how linear weights are stored, auto|float32|float16 (float16 halves the "
-                     "bytes each token reads; auto: float16 for a bf16/fp16 checkpoint, float32 for a float32 one)")
+WEIGHT_DTYPE_HELP = ("CPU, float32 compute: how linear weights are stored, auto|float32|float16|bfloat16 (16-bit "
+                     "halves the bytes each token reads; bfloat16 runs batched matmuls on AMX tiles where the CPU "
+                     "has them; auto: bfloat16 for a bf16 checkpoint on such a CPU, else float16 for a 16-bit "
+                     "checkpoint, float32 for a float32 one)")
 DEMO_SERVED_NAME = "dsserve-demo-r1"
 
 

@@ -48,11 +48,12 @@ def test_cpu_kernels_line_names_what_is_missing(monkeypatch):
     assert "float32 (oneDNN)" in text
     if attention_kernel.linear_f16_usable():  # a machine with a C compiler and AVX2, as CI
         assert ok is True and "float16 (dsserve kernel)" in text and "small-op kernels built" in text
+    assert ("bfloat16 (dsserve AMX kernel)" in text) == attention_kernel.linear_bf16_usable()
     monkeypatch.setattr(cpu_kernels_module, "packed_weights_unavailable",
                         lambda dtype: "no fp16 kernel in this build" if dtype == torch.float16 else None)
     ok, text = _cpu_kernels()
     assert ok is None
-    assert "packed weights float32 (oneDNN) (float16 (" in text and "no fp16 kernel in this build" in text
+    assert "packed weights float32 (oneDNN)" in text and "(float16 (" in text and "no fp16 kernel in this build" in text
     monkeypatch.setattr(attention_kernel, "_state", {})
     monkeypatch.setattr(attention_kernel, "_compiler", lambda: None)
     monkeypatch.setattr(cpu_kernels_module, "packed_weights_unavailable", lambda dtype: None)

@@ -94,9 +94,11 @@ def _cpu_kernels() -> Line:
     missing = {name: cpu_kernels.packed_weights_unavailable(dtype)
                for name, dtype in (("float32 (oneDNN)", torch.float32), (fp16, torch.float16))}
     have = [name for name, why in missing.items() if why is None]
+    if cpu_kernels.packed_weights_unavailable(torch.bfloat16) is None:  # a CPU with AMX or AVX512-BF16: optional
+        have.append("bfloat16 (dsserve AMX kernel)" if cpu_kernels.linear_bf16_usable() else "bfloat16 (oneDNN)")
     attention = ("decode attention, fp16 linear and small-op kernels built" if lib is not None
                  else f"CPU kernels (decode attention, fp16 linear, small ops) unavailable ({cpu_kernels.why_unavailable()})")
-    if len(have) == len(missing) and lib is not None:
+    if all(why is None for why in missing.values()) and lib is not None:
         return True, f"CPU kernels: {isa}; packed weights {', '.join(have)}; {attention}"
     reasons = "; ".join(f"{name}: {why}" for name, why in missing.items() if why is not None)
     fix = ("install a C compiler (apt install gcc) for dsserve's CPU kernels" if lib is None

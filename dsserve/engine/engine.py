@@ -357,7 +357,8 @@ def build_engine_config(
             enable_chunked_prefill=enable_chunked_prefill,
         ),
         dtype=compute_dtype,
-        weight_dtype=resolve_weight_dtype(weight_dtype, model_config.checkpoint_dtype, device, compute_dtype),
+        weight_dtype=resolve_weight_dtype(weight_dtype, model_config.checkpoint_dtype, device, compute_dtype,
+                                          native_bf16=device == "cpu" and _native_bf16()),
         kv_cache_dtype=resolve_kv_cache_dtype(kv_cache_dtype, device, compute_dtype),
         device=device,
         num_threads=num_threads or max(1, default_num_threads() // len(parallel.node_ranks)),
@@ -409,6 +410,12 @@ def _fit_max_model_len(config: EngineConfig, num_blocks: int) -> EngineConfig:
     logger.warning("max_model_len lowered from %d (the model's context) to %d, what the KV cache holds; raise "
                    "--kv-cache-memory for longer requests", max_len, capacity)
     return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, max_model_len=capacity))
+
+
+def _native_bf16() -> bool:
+    from dsserve.kernels import cpu as cpu_kernels
+
+    return cpu_kernels.native_bf16()
 
 
 def _load_tokenizer(config: EngineConfig) -> Tokenizer | None:

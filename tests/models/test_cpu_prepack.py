@@ -107,6 +107,11 @@ def test_weight_dtype_resolution():
     assert resolve_weight_dtype("float16", "float32", "cpu", "float32") == "float16"
     assert resolve_weight_dtype("float32", "bfloat16", "cpu", "float32") == "float32"
     assert resolve_weight_dtype("auto", "bfloat16", "cpu", "bfloat16") == "bfloat16"
+    # a CPU with native bf16: a bf16 checkpoint keeps its own values; fp16 and fp32 checkpoints as before
+    assert resolve_weight_dtype("auto", "bfloat16", "cpu", "float32", native_bf16=True) == "bfloat16"
+    assert resolve_weight_dtype("auto", "float16", "cpu", "float32", native_bf16=True) == "float16"
+    assert resolve_weight_dtype("auto", "float32", "cpu", "float32", native_bf16=True) == "float32"
+    assert resolve_weight_dtype("bfloat16", "float32", "cpu", "float32") == "bfloat16"
     assert resolve_weight_dtype("auto", "bfloat16", "cuda", "bfloat16") == "bfloat16"
     with pytest.raises(ConfigError, match="applies only on CPU with --dtype float32"):
         resolve_weight_dtype("float16", "bfloat16", "cuda", "bfloat16")
