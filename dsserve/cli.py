@@ -379,8 +379,8 @@ def bench_serve(
         raise typer.BadParameter("--dataset is random or sharegpt")
     with Progress(console=console) as bar:
         task = bar.add_task("requests", total=len(workload))
-        results, duration = asyncio.run(online.run(base_url, model, workload, request_rate, max_concurrency, api_key,
-                                                   seed, progress=lambda: bar.advance(task)))
+        results, duration = online.run_async(online.run(base_url, model, workload, request_rate, max_concurrency,
+                                                        api_key, seed, progress=lambda: bar.advance(task)))
     summary = online.summarize(results, duration, slos or None)
     print(online.report(summary))
     if save_result:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h11
+import httptools
 
 
 @dataclass
@@ -72,44 +72,48 @@ def sharegpt_workload(path: str | Path, num_prompts: int, output_len: int | None
 
 
 class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 keep-alive connection. h11 frames the bytes inside `data_received`, and every piece of a
-    response body goes straight to the request's handler there: a streamed token costs a callback, not a wake-up
-    of the waiting task (on a machine the client shares with the server it measures, that is CPU taken from the
-    server: docs/benchmarks.md)."""
+    """One HTTP/1.1 keep-alive connection. httptools (llhttp, in C) parses the bytes inside `data_received`, and
+    every piece of a response body goes straight to the request's handler there: a streamed token costs a
+    callback, not a wake-up of the waiting task. On a machine the client shares with the server it measures, the
+    client's CPU time is taken from the server (docs/benchmarks.md)."""
 
     def __init__(self) -> None:
-        self.h11 = h11.Connection(h11.CLIENT)
         self.transport: asyncio.Transport | None = None
-        self.on_body: Callable[[int, bytes, float], bool] | None = None  # returns True to stop reading
+        self.parser: httptools.HttpResponseParser | None = None
+        self.on_body_handler: Callable[[int, bytes, float], bool] | None = None  # True: stop reading
         self.status = 0
+        self.keep_alive = False
+        self.now = 0.0
         self.done: asyncio.Future | None = None  # the current response: None (read to its end) or an exception
 
     def connection_made(self, transport) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        now = time.perf_counter()
         if self.done is None or self.done.done():
             return
+        self.now = time.perf_counter()
         try:
-            self.h11.receive_data(data)
-            while True:
-                event = self.h11.next_event()
-                if event is h11.NEED_DATA:
-                    return
-                if isinstance(event, h11.Response):
-                    self.status = event.status_code
-                elif isinstance(event, h11.Data):
-                    if self.on_body(self.status, bytes(event.data), now):
-                        self._finish(_Stopped())
-                        return
-                elif isinstance(event, h11.EndOfMessage):
-                    self._finish(None)
-                    return
-                elif not isinstance(event, h11.InformationalResponse):
-                    raise ConnectionError(f"the response ended early ({type(event).__name__})")
-        except (h11.ProtocolError, ConnectionError, ValueError) as e:  # ValueError: a malformed JSON event
+            self.parser.feed_data(data)
+        except _Stopped as e:  # raised by on_body through the parser
             self._finish(e)
+        except (httptools.HttpParserError, ValueError) as e:  # ValueError: a malformed JSON event
+            self._finish(ConnectionError(f"bad HTTP response: {e}") if isinstance(e, httptools.HttpParserError) else e)
+
+    # httptools callbacks
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        if self.on_body_handler(self.status, body, self.now):
+            raise _Stopped()
+
+    def on_message_complete(self) -> None:
+        if 100 <= self.status < 200:  # an interim response: the real one follows
+            self.parser = httptools.HttpResponseParser(self)
+            return
+        self._finish(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._finish(exc or ConnectionError("the server closed the connection before the response ended"))
@@ -118,19 +122,15 @@ class _Connection(asyncio.Protocol):
         if self.done is not None and not self.done.done():
             self.done.set_result(error)
 
-    def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
-                on_body: Callable[[int, bytes, float], bool]) -> asyncio.Future:
-        self.on_body, self.status = on_body, 0
+    def request(self, request: bytes, on_body: Callable[[int, bytes, float], bool]) -> asyncio.Future:
+        self.on_body_handler, self.status, self.keep_alive = on_body, 0, False
+        self.parser = httptools.HttpResponseParser(self)
         self.done = asyncio.get_running_loop().create_future()
-        self.transport.write(self.h11.send(h11.Request(method=method, target=target, headers=headers))
-                             + self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage()))
+        self.transport.write(request)
         return self.done
 
     def reusable(self) -> bool:
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE and not self.transport.is_closing():
-            self.h11.start_next_cycle()
-            return True
-        return False
+        return self.keep_alive and not self.transport.is_closing()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -141,12 +141,26 @@ class _Stopped(Exception):
     """The body handler asked to stop reading (an error event arrived): the connection is not reused."""
 
 
+def run_async(coro):
+    """Run `coro` on uvloop's event loop where it is installed (Linux, macOS: its I/O callbacks run in C, a
+    fraction of the client's CPU time per streamed token), else on asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    if not hasattr(asyncio, "Runner"):  # Python 3.10
+        return asyncio.run(coro) if uvloop.install() is None else None
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 class Client:
     """Streaming POSTs to one server over keep-alive connections.
 
     The benchmark client shares the machine with the server it measures when both run on one box, and every
-    streamed token costs it a read and a parse: h11 framing in a protocol callback spends a fraction of the CPU
-    time per token that httpx's async stack does (docs/benchmarks.md), so it perturbs the server less.
+    streamed token costs it a read and a parse: httptools parsing in a protocol callback, on uvloop, spends a
+    fraction of the CPU time per token that httpx's async stack does (docs/benchmarks.md), so it perturbs the
+    server less.
     """
 
     def __init__(self, base_url: str, api_key: str | None = None, connect_timeout_s: float = 30.0):
@@ -160,6 +174,9 @@ class Client:
         self.headers = [("Host", url.netloc), ("Content-Type", "application/json"), ("Accept", "text/event-stream")]
         if api_key:
             self.headers.append(("Authorization", f"Bearer {api_key}"))
+        for name, value in self.headers:
+            if any(c in name + value for c in "\r\n"):
+                raise ValueError(f"header {name!r} may not contain a line break")
         self.connect_timeout_s = connect_timeout_s
         self._idle: list[_Connection] = []
         self.connections_opened = 0
@@ -181,10 +198,11 @@ class Client:
         to the pool when the response was read to its end."""
         conn = await self._connect()
         body = json.dumps(payload).encode()
-        headers = [*self.headers, ("Content-Length", str(len(body)))]
+        head = "".join(f"{name}: {value}\r\n" for name, value in (*self.headers, ("Content-Length", str(len(body)))))
+        request = f"POST {self.prefix + path} HTTP/1.1\r\n{head}\r\n".encode("latin-1") + body
         error: BaseException | None = ConnectionError("the request was cancelled")
         try:
-            error = await conn.request("POST", self.prefix + path, headers, body, on_body)
+            error = await conn.request(request, on_body)
         finally:
             if error is None and conn.reusable():
                 self._idle.append(conn)
@@ -249,7 +267,7 @@ async def _one(client: Client, model: str, work: Workload) -> RequestResult:
         result.e2e_s = time.perf_counter() - started
         result.output_len = result.output_len or chunks
         result.ok = True
-    except (OSError, asyncio.TimeoutError, h11.ProtocolError, ValueError) as e:
+    except (OSError, asyncio.TimeoutError, ValueError) as e:
         result.error = f"{type(e).__name__}: {e}"
     return result
 
