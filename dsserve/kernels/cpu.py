@@ -255,20 +255,7 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
 
 def linear_bf16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) float32 @ W^T (+ bias) for a weight packed by `pack_bf16`: (..., out_features) float32."""
-    if x.dim() != 2:
-        return linear_bf16(x.reshape(-1, x.shape[-1]), packed, out_features, bias).view(*x.shape[:-1], out_features)
-    if x.dtype != torch.float32:
-        raise TypeError(f"the bfloat16 linear takes float32 activations, got {x.dtype}")
-    if not x.is_contiguous():
-        x = x.contiguous()
-    rows = x.shape[0]
-    out = torch.empty(rows, out_features, dtype=torch.float32)
-    if rows:
-        status = _state["lib"].dsserve_linear_bf16(x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                                   out.data_ptr(), rows, out_features, x.shape[1])
-        if status != 0:
-            raise MemoryError(f"the bfloat16 linear failed (status {status})")
-    return out
+    return _linear("dsserve_linear_bf16", "bfloat16", x, packed, out_features, bias)
 
 
 def pack_f16(weight: torch.Tensor) -> torch.Tensor:
@@ -285,17 +272,25 @@ def pack_f16(weight: torch.Tensor) -> torch.Tensor:
 
 def linear_f16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) float32 @ W^T (+ bias) for a weight packed by `pack_f16`: (..., out_features) float32."""
+    return _linear("dsserve_linear_f16", "float16", x, packed, out_features, bias)
+
+
+def _linear(kernel: str, weights: str, x: torch.Tensor, packed: torch.Tensor, out_features: int,
+            bias: torch.Tensor | None) -> torch.Tensor:
     if x.dim() != 2:
-        return linear_f16(x.reshape(-1, x.shape[-1]), packed, out_features, bias).view(*x.shape[:-1], out_features)
+        return _linear(kernel, weights, x.reshape(-1, x.shape[-1]), packed, out_features, bias).view(
+            *x.shape[:-1], out_features)
     if x.dtype != torch.float32:
-        raise TypeError(f"the float16 linear takes float32 activations, got {x.dtype}")
+        raise TypeError(f"the {weights} linear takes float32 activations, got {x.dtype}")
     if not x.is_contiguous():
         x = x.contiguous()
     rows = x.shape[0]
     out = torch.empty(rows, out_features, dtype=torch.float32)
     if rows:
-        _state["lib"].dsserve_linear_f16(x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                         out.data_ptr(), rows, out_features, x.shape[1])
+        status = getattr(_state["lib"], kernel)(x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                                out.data_ptr(), rows, out_features, x.shape[1])
+        if status != 0:
+            raise MemoryError(f"the {weights} linear failed (status {status})")
     return out
 
 

@@ -27,17 +27,24 @@
 #include "vec_math.h"
 
 /* The two inner products of a block, for a group of at most 8 query heads: scores s[h][j] = q_h . k_j * scale
- * and accumulators acc[h] += sum_j p[h][j] v_j. The AVX2 versions keep one register per head (the key or value
- * chunk is loaded once for all heads); `heads` is a compile-time constant in each instance (see GROUP). */
+ * and accumulators acc[h] += sum_j p[h][j] v_j. The vector versions keep one register per head (the key or value
+ * chunk is loaded once for all heads); `heads` is a compile-time constant in each instance (see GROUP). One body
+ * serves AVX-512 (16 floats a register) and AVX2 (8), through the macros below. */
 #if defined(__AVX512F__) && defined(__F16C__)
-/* The same loops over 512-bit registers (16 floats): half the instructions per head dimension; head sizes must be
- * multiples of 16 (the caller checks vector_width()). */
 #include <immintrin.h>
 #define VEC 16
-
-#define CACHE16(p, i, half) \
+typedef __m512 vfloat;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
+#define VSET1(x) _mm512_set1_ps(x)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define HSUM(v) _mm512_reduce_add_ps(v)
+/* VEC cache values from `p` (element `i` of a float32 or float16 cache) as floats; `half` is a constant. */
+#define CACHEV(p, i, half) \
     ((half) ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)(p) + (i)))) \
             : _mm512_loadu_ps((const float *)(p) + (i)))
+#define SUM16 1
 
 /* Lane i of the result = the sum of the 16 lanes of a[i]: the sixteen horizontal sums in 15 adds and 30 shuffles
  * (a transpose-and-add tree) instead of 16 separate reductions. */
@@ -53,76 +60,20 @@ static inline __attribute__((always_inline)) __m512 sum16(const __m512 *a) {
     const __m512 u1 = _mm512_add_ps(_mm512_shuffle_f32x4(s2[2], s2[3], 0x44), _mm512_shuffle_f32x4(s2[2], s2[3], 0xEE));
     return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
 }
-
-static inline __attribute__((always_inline)) void block_scores(
-    const float *q, int64_t heads, int64_t k_dim, const void *keys, int64_t token_stride, int64_t n, float *s,
-    int64_t s_stride, float scale, int half) {
-    int64_t j = 0;
-    if (16 % heads == 0) { /* 16 / heads tokens at a time: 16 dot products, reduced together by sum16 */
-        const int64_t group = 16 / heads;
-        for (; j + group <= n; j += group) {
-            __m512 acc[16];
-            for (int v = 0; v < 16; v++) acc[v] = _mm512_setzero_ps();
-            for (int64_t d = 0; d < k_dim; d += VEC) {
-                __m512 qh[8];
-                for (int64_t h = 0; h < heads; h++) qh[h] = _mm512_loadu_ps(q + h * k_dim + d);
-                for (int64_t t = 0; t < group; t++) {
-                    const __m512 x = CACHE16(keys, (j + t) * token_stride + d, half);
-                    for (int64_t h = 0; h < heads; h++) acc[h * group + t] = _mm512_fmadd_ps(qh[h], x, acc[h * group + t]);
-                }
-            }
-            float out[16];
-            _mm512_storeu_ps(out, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
-            for (int64_t h = 0; h < heads; h++)
-                for (int64_t t = 0; t < group; t++) s[h * s_stride + j + t] = out[h * group + t];
-        }
-    }
-    if (heads <= 4) /* two tokens at a time: each q chunk loaded once for both, twice the independent sums */
-        for (; j + 1 < n; j += 2) {
-            __m512 a0[4], a1[4];
-            for (int64_t h = 0; h < heads; h++) a0[h] = a1[h] = _mm512_setzero_ps();
-            for (int64_t d = 0; d < k_dim; d += VEC) {
-                const __m512 x0 = CACHE16(keys, j * token_stride + d, half);
-                const __m512 x1 = CACHE16(keys, (j + 1) * token_stride + d, half);
-                for (int64_t h = 0; h < heads; h++) {
-                    const __m512 qh = _mm512_loadu_ps(q + h * k_dim + d);
-                    a0[h] = _mm512_fmadd_ps(qh, x0, a0[h]);
-                    a1[h] = _mm512_fmadd_ps(qh, x1, a1[h]);
-                }
-            }
-            for (int64_t h = 0; h < heads; h++) {
-                s[h * s_stride + j] = _mm512_reduce_add_ps(a0[h]) * scale;
-                s[h * s_stride + j + 1] = _mm512_reduce_add_ps(a1[h]) * scale;
-            }
-        }
-    for (; j < n; j++) {
-        __m512 acc[8];
-        for (int64_t h = 0; h < heads; h++) acc[h] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < k_dim; d += VEC) {
-            const __m512 kv = CACHE16(keys, j * token_stride + d, half);
-            for (int64_t h = 0; h < heads; h++) acc[h] = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * k_dim + d), kv, acc[h]);
-        }
-        for (int64_t h = 0; h < heads; h++) s[h * s_stride + j] = _mm512_reduce_add_ps(acc[h]) * scale;
-    }
-}
-
-static inline __attribute__((always_inline)) void block_values(
-    const float *p, int64_t p_stride, int64_t heads, const void *values, int64_t token_stride, int64_t n,
-    float *acc, int64_t v_dim, int half) {
-    for (int64_t d = 0; d < v_dim; d += VEC) {
-        __m512 o[8];
-        for (int64_t h = 0; h < heads; h++) o[h] = _mm512_loadu_ps(acc + h * v_dim + d);
-        for (int64_t j = 0; j < n; j++) {
-            const __m512 v = CACHE16(values, j * token_stride + d, half);
-            for (int64_t h = 0; h < heads; h++) o[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * p_stride + j]), v, o[h]);
-        }
-        for (int64_t h = 0; h < heads; h++) _mm512_storeu_ps(acc + h * v_dim + d, o[h]);
-    }
-}
-#define HALF_SUPPORTED 1
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define VEC 8
+typedef __m256 vfloat;
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps(p, v)
+#define VSET1(x) _mm256_set1_ps(x)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define HSUM(v) hsum(v)
+#define CACHEV(p, i, half) \
+    ((half) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(p) + (i)))) \
+            : _mm256_loadu_ps((const float *)(p) + (i)))
+#define SUM16 0
 
 static inline float hsum(__m256 v) {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -130,42 +81,60 @@ static inline float hsum(__m256 v) {
     x = _mm_add_ss(x, _mm_movehdup_ps(x));
     return _mm_cvtss_f32(x);
 }
+#endif
 
-/* Eight cache values from `p` (element `i` of a float32 or float16 cache) as floats; `half` is a constant. */
-#define CACHE8(p, i, half) \
-    ((half) ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)(p) + (i)))) \
-            : _mm256_loadu_ps((const float *)(p) + (i)))
-
+#ifdef VEC
 static inline __attribute__((always_inline)) void block_scores(
     const float *q, int64_t heads, int64_t k_dim, const void *keys, int64_t token_stride, int64_t n, float *s,
     int64_t s_stride, float scale, int half) {
     int64_t j = 0;
+#if SUM16
+    if (16 % heads == 0) { /* 16 / heads tokens at a time: 16 dot products, reduced together by sum16 */
+        const int64_t group = 16 / heads;
+        for (; j + group <= n; j += group) {
+            vfloat acc[16];
+            for (int v = 0; v < 16; v++) acc[v] = VZERO();
+            for (int64_t d = 0; d < k_dim; d += VEC) {
+                vfloat qh[8];
+                for (int64_t h = 0; h < heads; h++) qh[h] = VLOAD(q + h * k_dim + d);
+                for (int64_t t = 0; t < group; t++) {
+                    const vfloat x = CACHEV(keys, (j + t) * token_stride + d, half);
+                    for (int64_t h = 0; h < heads; h++) acc[h * group + t] = VFMA(qh[h], x, acc[h * group + t]);
+                }
+            }
+            float out[16];
+            VSTORE(out, _mm512_mul_ps(sum16(acc), VSET1(scale)));
+            for (int64_t h = 0; h < heads; h++)
+                for (int64_t t = 0; t < group; t++) s[h * s_stride + j + t] = out[h * group + t];
+        }
+    }
+#endif
     if (heads <= 4) /* two tokens at a time: each q chunk loaded once for both, twice the independent sums */
         for (; j + 1 < n; j += 2) {
-            __m256 a0[4], a1[4];
-            for (int64_t h = 0; h < heads; h++) a0[h] = a1[h] = _mm256_setzero_ps();
+            vfloat a0[4], a1[4];
+            for (int64_t h = 0; h < heads; h++) a0[h] = a1[h] = VZERO();
             for (int64_t d = 0; d < k_dim; d += VEC) {
-                const __m256 x0 = CACHE8(keys, j * token_stride + d, half);
-                const __m256 x1 = CACHE8(keys, (j + 1) * token_stride + d, half);
+                const vfloat x0 = CACHEV(keys, j * token_stride + d, half);
+                const vfloat x1 = CACHEV(keys, (j + 1) * token_stride + d, half);
                 for (int64_t h = 0; h < heads; h++) {
-                    const __m256 qh = _mm256_loadu_ps(q + h * k_dim + d);
-                    a0[h] = _mm256_fmadd_ps(qh, x0, a0[h]);
-                    a1[h] = _mm256_fmadd_ps(qh, x1, a1[h]);
+                    const vfloat qh = VLOAD(q + h * k_dim + d);
+                    a0[h] = VFMA(qh, x0, a0[h]);
+                    a1[h] = VFMA(qh, x1, a1[h]);
                 }
             }
             for (int64_t h = 0; h < heads; h++) {
-                s[h * s_stride + j] = hsum(a0[h]) * scale;
-                s[h * s_stride + j + 1] = hsum(a1[h]) * scale;
+                s[h * s_stride + j] = HSUM(a0[h]) * scale;
+                s[h * s_stride + j + 1] = HSUM(a1[h]) * scale;
             }
         }
     for (; j < n; j++) {
-        __m256 acc[8];
-        for (int64_t h = 0; h < heads; h++) acc[h] = _mm256_setzero_ps();
+        vfloat acc[8];
+        for (int64_t h = 0; h < heads; h++) acc[h] = VZERO();
         for (int64_t d = 0; d < k_dim; d += VEC) {
-            const __m256 kv = CACHE8(keys, j * token_stride + d, half);
-            for (int64_t h = 0; h < heads; h++) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * k_dim + d), kv, acc[h]);
+            const vfloat kv = CACHEV(keys, j * token_stride + d, half);
+            for (int64_t h = 0; h < heads; h++) acc[h] = VFMA(VLOAD(q + h * k_dim + d), kv, acc[h]);
         }
-        for (int64_t h = 0; h < heads; h++) s[h * s_stride + j] = hsum(acc[h]) * scale;
+        for (int64_t h = 0; h < heads; h++) s[h * s_stride + j] = HSUM(acc[h]) * scale;
     }
 }
 
@@ -173,13 +142,13 @@ static inline __attribute__((always_inline)) void block_values(
     const float *p, int64_t p_stride, int64_t heads, const void *values, int64_t token_stride, int64_t n,
     float *acc, int64_t v_dim, int half) {
     for (int64_t d = 0; d < v_dim; d += VEC) {
-        __m256 o[8];
-        for (int64_t h = 0; h < heads; h++) o[h] = _mm256_loadu_ps(acc + h * v_dim + d);
+        vfloat o[8];
+        for (int64_t h = 0; h < heads; h++) o[h] = VLOAD(acc + h * v_dim + d);
         for (int64_t j = 0; j < n; j++) {
-            const __m256 v = CACHE8(values, j * token_stride + d, half);
-            for (int64_t h = 0; h < heads; h++) o[h] = _mm256_fmadd_ps(_mm256_set1_ps(p[h * p_stride + j]), v, o[h]);
+            const vfloat v = CACHEV(values, j * token_stride + d, half);
+            for (int64_t h = 0; h < heads; h++) o[h] = VFMA(VSET1(p[h * p_stride + j]), v, o[h]);
         }
-        for (int64_t h = 0; h < heads; h++) _mm256_storeu_ps(acc + h * v_dim + d, o[h]);
+        for (int64_t h = 0; h < heads; h++) VSTORE(acc + h * v_dim + d, o[h]);
     }
 }
 #define HALF_SUPPORTED 1

@@ -29,15 +29,15 @@ def test_packed_equals_plain(model_dir, name):
             assert x == pytest.approx(y, abs=1e-4)
 
 
-def _fp16_representable_copy(src, dst):
-    """The checkpoint with every tensor rounded to float16 (still stored as float32): packing it as fp16 is exact."""
+def _representable_copy(src, dst, dtype=torch.float16):
+    """The checkpoint with every tensor rounded to `dtype` (still stored as float32): packing it as that is exact."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(src, dst)
     for shard in dst.glob("*.safetensors"):
-        save_file({k: v.half().float() if v.is_floating_point() else v for k, v in load_file(shard).items()}, shard,
+        save_file({k: v.to(dtype).float() if v.is_floating_point() else v for k, v in load_file(shard).items()}, shard,
                   metadata={"format": "pt"})
     return dst
 
@@ -49,7 +49,7 @@ def test_fp16_weights_equal_plain_on_fp16_exact_weights(model_dir, tmp_path, mon
     few_token_calls = []
     real_moe = cpu_kernels.moe_f16
     monkeypatch.setattr(cpu_kernels, "moe_f16", lambda *a: few_token_calls.append(1) or real_moe(*a))
-    path = _fp16_representable_copy(model_dir(name), tmp_path / name)
+    path = _representable_copy(model_dir(name), tmp_path / name)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
     half = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
     plain = LLM(path, num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
@@ -146,18 +146,6 @@ def test_kv_cache_dtype_resolution():
         resolve_kv_cache_dtype("fp8", "cpu", "float32")
 
 
-def _bf16_exact_copy(src, dst):
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    for shard in dst.glob("*.safetensors"):
-        save_file({k: v.bfloat16().float() if v.is_floating_point() else v for k, v in load_file(shard).items()}, shard,
-                  metadata={"format": "pt"})
-    return dst
-
-
 @pytest.mark.skipif(not __import__("dsserve.kernels.cpu", fromlist=["x"]).native_bf16(),
                     reason="needs a CPU with native bf16 (AMX or AVX512-BF16)")
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_untied"])
@@ -172,7 +160,7 @@ def test_bf16_weights_track_float32(model_dir, tmp_path, monkeypatch, name, kern
         pytest.skip("needs the bf16 linear kernel (AMX + AVX512-BF16)")
     if kernel == "onednn-bf16":
         monkeypatch.setattr(cpu_kernels, "linear_bf16_usable", lambda: False)
-    path = _bf16_exact_copy(model_dir(name), tmp_path / name)
+    path = _representable_copy(model_dir(name), tmp_path / name, torch.bfloat16)
     bf16 = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="bfloat16")
     full = LLM(path, num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
     packed = [m.packed for m in bf16.engine.runner.model.modules() if isinstance(m, Linear) and m.packed is not None]

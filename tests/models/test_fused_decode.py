@@ -51,9 +51,9 @@ def test_not_fused_where_a_layer_is_not_in_the_fp16_kernel(model_dir):
 def test_fused_decode_tracks_transformers(model_dir, tmp_path):
     """On fp16-exact weights the fused path is the float32 model: transformers' greedy tokens."""
     from tiny_models import hf_greedy
-    from test_cpu_prepack import _fp16_representable_copy
+    from test_cpu_prepack import _representable_copy
 
-    path = _fp16_representable_copy(model_dir("llama3"), tmp_path / "llama3")
+    path = _representable_copy(model_dir("llama3"), tmp_path / "llama3")
     llm = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
     assert llm.engine.runner.model.fused_decode is not None
     prompt = [7, 8, 9, 10, 11, 200, 3]
