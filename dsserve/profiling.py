@@ -69,6 +69,7 @@ PROFILE_SECTIONS = [
     ("prepare", "step inputs (ids, positions, slots, masks)"),
     ("model", "model forward"),
     ("attention", "  of which attention"),
+    ("fused_layers", "  of which all layers in one C call"),
     ("logits", "LM head (logits)"),
     ("sample", "sampling"),
     ("update", "output bookkeeping"),

@@ -14,6 +14,7 @@ from dsserve.layers.attention import AttentionMetadata
 from dsserve.layers.linear import VocabParallel
 from dsserve.layers.norm import RMSNorm
 from dsserve.layers.parallel import SINGLE, TensorParallel
+from dsserve.profiling import PROFILER
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ class CausalLM(nn.Module):
         """input_ids, positions (T,) -> final hidden states (T, D)."""
         hidden = self.embed_tokens.embed(input_ids)
         if self.fused_decode is not None and meta.is_decode and meta.parts is None and meta.context_lens is not None:
-            self.fused_decode(hidden, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
+            with PROFILER.section("fused_layers"):  # attention included: it has no section of its own here
+                self.fused_decode(hidden, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
             return self.norm(hidden)
         for layer, cache in zip(self.layers, kv_caches):
             hidden = layer(positions, hidden, meta, cache)

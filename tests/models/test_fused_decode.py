@@ -60,3 +60,16 @@ def test_fused_decode_tracks_transformers(model_dir, tmp_path):
     expected, _ = hf_greedy(path, prompt, 24)
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     assert out[0].outputs[0].token_ids == expected
+
+
+def test_profile_shows_the_fused_call(model_dir):
+    from dsserve.profiling import PROFILER, profile_rows
+
+    llm = LLM(model_dir("qwen2_untied"), num_kv_blocks=32, max_model_len=128, weight_dtype="float16")
+    PROFILER.start()
+    try:
+        llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    finally:
+        PROFILER.stop()
+    rows = {label.strip(): ms for label, ms, _ in profile_rows()}
+    assert 0 < rows["of which all layers in one C call"] < rows["model forward"]
