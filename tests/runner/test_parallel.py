@@ -229,3 +229,25 @@ def test_fp16_weights_under_tp_and_engines_one_after_another(model_dir):
         finally:
             llm.engine.shutdown()
         assert children[0].poll() == 0
+
+
+@pytest.mark.skipif(not __import__("dsserve.kernels.cpu", fromlist=["x"]).native_bf16(),
+                    reason="needs a CPU with native bf16 (AMX or AVX512-BF16)")
+def test_bf16_weights_under_tp_match_one_rank(model_dir):
+    """bfloat16 weights split over two ranks: the row-parallel partial sums add up to one rank's log-probabilities
+    (within the summation order's rounding)."""
+    from dsserve import SamplingParams
+
+    path = model_dir("qwen2_untied")
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+    prompt = [5, 17, 33, 9, 100, 7, 3, 4, 250, 11, 12]
+
+    def logprobs(llm):
+        return [entry[0] for entry in llm.generate([prompt], params)[0].prompt_logprobs[1:]]
+
+    expected = logprobs(LLM(path, weight_dtype="bfloat16", **OPTIONS))
+    llm = LLM(path, weight_dtype="bfloat16", tensor_parallel_size=2, **OPTIONS)
+    try:
+        assert logprobs(llm) == pytest.approx(expected, abs=2e-3)
+    finally:
+        llm.engine.shutdown()
