@@ -480,6 +480,7 @@ class DenseDecoder:
                  eps: float, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
                  weights_bf16: bool = False):
         self._keep = (layers, cos, sin)
+        self.caches = [layer["cache"] for layer in layers]  # the structs point into these very tensors
         self.layers = (_DenseLayer * len(layers))(*(
             _DenseLayer(*(0 if layer[name] is None else layer[name].data_ptr() for name, _ in _DenseLayer._fields_))
             for layer in layers))
@@ -495,17 +496,20 @@ class DenseDecoder:
         self.threads = torch.get_num_threads()
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor) -> torch.Tensor:
+                 context_lens: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
         """x (B, hidden) float32 contiguous, one new token per sequence, updated in place through every layer;
-        positions, slots, context_lens (B,) and block_tables (B, max_blocks) int64 (rows may be strided)."""
+        positions, slots, context_lens (B,) and block_tables (B, max_blocks) int64 (rows may be strided);
+        `caches` must be the caches this decoder was built over."""
+        if len(caches) != len(self.caches) or any(a is not b for a, b in zip(caches, self.caches)):
+            raise RuntimeError("the fused decoder was built over other KV caches; rebuild it (fuse_decode_for_cpu)")
         lib, step = _state["lib"], self.step
         batch = x.shape[0]
         need = lib.dsserve_dense_workspace(batch, *self.dims)
         if self.work.numel() < need:
             self.work = torch.empty(need, dtype=torch.float32)
-        if block_tables.stride(1) != 1:
-            block_tables = block_tables.contiguous()
-        positions, slots, context_lens = positions.contiguous(), slots.contiguous(), context_lens.contiguous()
+        if block_tables.dtype != torch.int64 or block_tables.stride(1) != 1:
+            block_tables = block_tables.long().contiguous()
+        positions, slots, context_lens = (t.long().contiguous() for t in (positions, slots, context_lens))
         heads = self.dims[1]
         chunks = min(heads, max(1, -(-self.threads // batch)))  # as paged_decode: every thread gets a task
         step.tokens, step.heads_per_task, step.table_stride = batch, -(-heads // chunks), block_tables.stride(0)

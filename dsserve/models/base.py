@@ -63,7 +63,7 @@ class CausalLM(nn.Module):
         hidden = self.embed_tokens.embed(input_ids)
         if self.fused_decode is not None and meta.is_decode and meta.parts is None and meta.context_lens is not None:
             with PROFILER.section("fused_layers"):  # attention included: it has no section of its own here
-                self.fused_decode(hidden, positions, meta.slot_mapping, meta.block_tables, meta.context_lens)
+                self.fused_decode(hidden, positions, meta.slot_mapping, meta.block_tables, meta.context_lens, kv_caches)
             return self.norm(hidden)
         for layer, cache in zip(self.layers, kv_caches):
             hidden = layer(positions, hidden, meta, cache)

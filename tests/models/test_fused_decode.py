@@ -73,3 +73,13 @@ def test_profile_shows_the_fused_call(model_dir):
         PROFILER.stop()
     rows = {label.strip(): ms for label, ms, _ in profile_rows()}
     assert 0 < rows["of which all layers in one C call"] < rows["model forward"]
+
+
+def test_fused_decoder_refuses_caches_it_was_not_built_over(model_dir):
+    llm = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, weight_dtype="float16")
+    fused = llm.engine.runner.model.fused_decode
+    other = [cache.clone() for cache in llm.engine.runner.kv_caches]
+    x = torch.zeros(1, llm.engine.runner.model.config.hidden_size)
+    one = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="built over other KV caches"):
+        fused(x, one, one, one.view(1, 1), one + 1, other)
