@@ -67,3 +67,13 @@ def test_packed_linear_takes_the_kernel_there_is(monkeypatch, kernel):
     assert packed.kind == kernel
     x = torch.randn(5, 64)
     torch.testing.assert_close(packed(x), _reference(x, weight, bias, 5), rtol=1e-2, atol=1e-2)
+
+
+def test_a_file_whose_extra_flags_fail_builds_as_its_stub(monkeypatch, tmp_path, caplog):
+    """A compiler that rejects linear_bf16.c's AMX flags (older gcc) costs the bf16 kernel, not the library."""
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("DSSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(cpu_kernels._FILE_FLAGS, "linear_bf16.c", lambda: ["-mno-such-flag-in-any-compiler"])
+    assert cpu_kernels.library() is not None
+    assert not cpu_kernels.linear_bf16_usable()
+    assert "linear_bf16.c did not build with -mno-such-flag-in-any-compiler" in caplog.text
