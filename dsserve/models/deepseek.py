@@ -74,10 +74,13 @@ class MultiHeadLatentAttention(nn.Module):
     absorbed: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU fp16: W_UK^T and W_UV per head, packed
 
     def pack_for_cpu(self, weight_dtype: torch.dtype) -> int:
-        """With float16 weights on CPU (layers/linear.py: prepack_for_cpu calls this), also keep kv_b_proj's two
-        halves packed per head for the absorbed decode (the plain weight stays: prefill expands the latents with
-        it). Returns the number of matrices packed."""
-        if weight_dtype != torch.float16 or not cpu_kernels.linear_f16_usable() or self.kv_lora_rank % cpu_kernels.PANEL:
+        """With 16-bit weights on CPU (layers/linear.py: prepack_for_cpu calls this), also keep kv_b_proj's two
+        halves packed per head, in float16, for the absorbed decode (the plain weight stays: prefill expands the
+        latents with it). With bfloat16 weights too: a bf16 checkpoint's values are exact in fp16's normal range, and
+        the per-head fp16 GEMVs replace two float32 einsums over the whole weight at every decode step. Returns the
+        number of matrices packed."""
+        if (weight_dtype not in (torch.float16, torch.bfloat16) or not cpu_kernels.linear_f16_usable()
+                or self.kv_lora_rank % cpu_kernels.PANEL):
             return 0
         w = self.kv_b_proj.weight
         if w.device.type != "cpu" or w.dtype != torch.float32 or w.abs().amax().item() > 65504.0:

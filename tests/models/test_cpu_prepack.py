@@ -165,6 +165,9 @@ def test_bf16_weights_track_float32(model_dir, tmp_path, monkeypatch, name, kern
     full = LLM(path, num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
     packed = [m.packed for m in bf16.engine.runner.model.modules() if isinstance(m, Linear) and m.packed is not None]
     assert packed and all(p.kind == kernel for p in packed)
+    if name == "deepseek_v3":  # MLA's absorbed projections: per-head fp16 GEMVs with bf16 weights too
+        layers = bf16.engine.runner.model.layers
+        assert all(layer.self_attn.absorbed is not None for layer in layers) == cpu_kernels.linear_f16_usable()
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     prompt = PROMPTS[2] + PROMPTS[0] + PROMPTS[2]
     a, b = bf16.generate([prompt], params)[0], full.generate([prompt], params)[0]
