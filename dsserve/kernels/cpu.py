@@ -298,8 +298,14 @@ def _linear(kernel: str, weights: str, x: torch.Tensor, packed: torch.Tensor, ou
     if rows:
         status = getattr(_state["lib"], kernel)(x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
                                                 out.data_ptr(), rows, out_features, x.shape[1])
+        if status == -3:
+            raise MemoryError(f"the {weights} linear could not allocate its scratch buffer ({rows} x {x.shape[1]})")
+        if status == -4:
+            raise RuntimeError("Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM); "
+                               "run with --weight-dtype float16")
         if status != 0:
-            raise MemoryError(f"the {weights} linear failed (status {status})")
+            raise RuntimeError(f"the {weights} linear kernel is not in this build (status {status}); "
+                               "run with --weight-dtype float16 or float32")
     return out
 
 
@@ -482,7 +488,8 @@ class DenseDecoder:
     the same bits, without ~10 Python-side calls per layer.
 
     `layers` holds, per layer, the tensors the C struct points at (kept alive here): input_norm, post_norm (D,)
-    float32; qkv, o, gate_up, down packed by `pack_f16`; qkv_bias, o_bias (or None); cache (blocks, block_size, 2,
+    float32; qkv, o, gate_up, down packed by `pack_f16` (or all by `pack_bf16`: `weights_bf16`); qkv_bias, o_bias
+    (or None); cache (blocks, block_size, 2,
     kv_heads, head_dim) float32 or float16, contiguous."""
 
     def __init__(self, layers: list[dict], *, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
@@ -527,5 +534,6 @@ class DenseDecoder:
         step.x, step.work = x.data_ptr(), self.work.data_ptr()
         status = lib.dsserve_dense_decode(self.layers, self.num_layers, ctypes.byref(step))
         if status != 0:
-            raise RuntimeError(f"the fused decode step failed in a kernel (status {status})")
+            raise RuntimeError(f"the fused decode step failed in a kernel (status {status}); DSSERVE_CPU_KERNELS=0 "
+                               "runs the torch path instead")
         return x

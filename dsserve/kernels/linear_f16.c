@@ -84,10 +84,8 @@ static void tile(int rows, const float *x, int64_t ldx, const uint16_t *panel, i
 }
 
 #if defined(__AVX512F__)
-/* With AVX-512 a panel row (16 halves) widens to one 512-bit register, so a tile of 12 rows x 16 keeps y in 12
- * named registers and does 12 FMAs per weight load (the AVX2 tile: 12 per two loads). Same contract as `tile`,
- * rows <= 12. */
-#define TILE_ROWS 12
+/* With AVX-512 a panel row (16 halves) widens to one 512-bit register: tiles take two panels at a time (below);
+ * an odd last panel takes the AVX2 `tile`. */
 static inline __attribute__((always_inline)) void store_row16(float *y, __m512 v, int accumulate, const float *bias,
                                                               int valid) {
     if (valid == NR) {
@@ -99,33 +97,6 @@ static inline __attribute__((always_inline)) void store_row16(float *y, __m512 v
     float row[NR];
     _mm512_storeu_ps(row, v);
     for (int j = 0; j < valid; j++) y[j] = row[j] + (accumulate ? y[j] : 0.0f) + (bias ? bias[j] : 0.0f);
-}
-
-static void tile_rows(int rows, const float *x, int64_t ldx, const uint16_t *panel, int depth, int accumulate,
-                      const float *bias, float *y, int64_t ldy, int valid) {
-#define ROW(i) (x + (rows > (i) ? (i) : rows - 1) * ldx)
-    const float *x0 = ROW(0), *x1 = ROW(1), *x2 = ROW(2), *x3 = ROW(3), *x4 = ROW(4), *x5 = ROW(5), *x6 = ROW(6),
-                *x7 = ROW(7), *x8 = ROW(8), *x9 = ROW(9), *x10 = ROW(10), *x11 = ROW(11);
-#undef ROW
-    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0, c9 = c0,
-           c10 = c0, c11 = c0;
-    for (int k = 0; k < depth; k++) {
-        const __m512 b = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(panel + (int64_t)k * NR)));
-        c0 = _mm512_fmadd_ps(_mm512_set1_ps(x0[k]), b, c0);
-        c1 = _mm512_fmadd_ps(_mm512_set1_ps(x1[k]), b, c1);
-        c2 = _mm512_fmadd_ps(_mm512_set1_ps(x2[k]), b, c2);
-        c3 = _mm512_fmadd_ps(_mm512_set1_ps(x3[k]), b, c3);
-        c4 = _mm512_fmadd_ps(_mm512_set1_ps(x4[k]), b, c4);
-        c5 = _mm512_fmadd_ps(_mm512_set1_ps(x5[k]), b, c5);
-        c6 = _mm512_fmadd_ps(_mm512_set1_ps(x6[k]), b, c6);
-        c7 = _mm512_fmadd_ps(_mm512_set1_ps(x7[k]), b, c7);
-        c8 = _mm512_fmadd_ps(_mm512_set1_ps(x8[k]), b, c8);
-        c9 = _mm512_fmadd_ps(_mm512_set1_ps(x9[k]), b, c9);
-        c10 = _mm512_fmadd_ps(_mm512_set1_ps(x10[k]), b, c10);
-        c11 = _mm512_fmadd_ps(_mm512_set1_ps(x11[k]), b, c11);
-    }
-    const __m512 c[12] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};
-    for (int r = 0; r < rows; r++) store_row16(y + r * ldy, c[r], accumulate, bias, valid);
 }
 
 /* 6 rows x two panels (32 columns) in 12 registers: two weight loads and six broadcasts per 12 FMAs. */
@@ -160,8 +131,6 @@ static void tile_pair(int rows, const float *x, int64_t ldx, const uint16_t *pan
 }
 #define PAIRS 1
 #else
-#define TILE_ROWS 6
-#define tile_rows tile
 #define PAIRS 0
 #endif
 
@@ -235,9 +204,9 @@ int dsserve_linear_f16(const float *x, const uint16_t *packed, const float *bias
             const uint16_t *panel = packed + p * K * NR + k0 * NR;
             const float *b = bias && last ? bias + p * NR : NULL;
             const int64_t m_end = (c + 1) * MC < M ? (c + 1) * MC : M;
-            for (int64_t m = c * MC; m < m_end; m += TILE_ROWS) {
-                const int rows = m_end - m < TILE_ROWS ? (int)(m_end - m) : TILE_ROWS;
-                tile_rows(rows, x + m * K + k0, K, panel, depth, kb > 0, b, y + m * N + p * NR, N, valid);
+            for (int64_t m = c * MC; m < m_end; m += 6) {
+                const int rows = m_end - m < 6 ? (int)(m_end - m) : 6;
+                tile(rows, x + m * K + k0, K, panel, depth, kb > 0, b, y + m * N + p * NR, N, valid);
             }
         }
     }
