@@ -32,16 +32,16 @@ def _finish(model, path: Path, seed: int) -> Path:
     return path
 
 
-def deepseek_v3(path: Path, seed: int = 0) -> Path:
+def deepseek_v3(path: Path, seed: int = 0, **overrides) -> Path:
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    cfg = DeepseekV3Config(
+    cfg = DeepseekV3Config(**{**dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=3,
         n_group=4, topk_group=2, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=16, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
         rope_scaling=YARN_V3, max_position_embeddings=2560, bos_token_id=0, eos_token_id=1,
-    )
+    ), **overrides})
     torch.manual_seed(seed)
     return _finish(DeepseekV3ForCausalLM(cfg), path, seed)
 
@@ -91,6 +91,9 @@ def llama(path: Path, seed: int = 0, attention_bias: bool = False) -> Path:
 BUILDERS = {
     "deepseek_v3": deepseek_v3,
     "deepseek_v2": deepseek_v2,
+    # a latent + rope entry of 48 values: a multiple of the attention kernel's vector width with AVX-512 too (16)
+    "deepseek_v3_rope16": lambda p: deepseek_v3(p, qk_rope_head_dim=16),
+    "deepseek_v3_rope16_no_q_lora": lambda p: deepseek_v3(p, qk_rope_head_dim=16, q_lora_rank=None),
     "qwen2_tied": lambda p: qwen2(p, tied=True),
     "qwen2_untied": lambda p: qwen2(p, tied=False),
     "llama3": llama,

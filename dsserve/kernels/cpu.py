@@ -130,6 +130,10 @@ def _build() -> ctypes.CDLL:
     lib.dsserve_dense_decode.restype = ctypes.c_int
     lib.dsserve_dense_workspace.argtypes = [i64] * 6
     lib.dsserve_dense_workspace.restype = i64
+    lib.dsserve_mla_decode.argtypes = [ptr, i64, ptr]
+    lib.dsserve_mla_decode.restype = ctypes.c_int
+    lib.dsserve_mla_workspace.argtypes = [ptr]
+    lib.dsserve_mla_workspace.restype = i64
     return lib
 
 
@@ -481,35 +485,24 @@ class _DenseStep(ctypes.Structure):
                                                        "x", "work"))]
 
 
-class DenseDecoder:
-    """Every dense (Llama / Qwen2) decoder layer of a decode step in one C call: RMSNorm, the q/k/v linear, rotary,
-    the cache store, attention over the paged cache, o, the residual adds, RMSNorm and the SwiGLU MLP, layer after
-    layer, on preallocated scratch (decode_layers.c). The same kernels the module path calls, in the same order:
-    the same bits, without ~10 Python-side calls per layer.
+class _FusedDecoder:
+    """What both fused decoders share: the C structs kept alive with the tensors they point into, the step's
+    integer inputs coerced once, the scratch grown on demand, and the check that the caches are the ones the
+    structs point at."""
 
-    `layers` holds, per layer, the tensors the C struct points at (kept alive here): input_norm, post_norm (D,)
-    float32; qkv, o, gate_up, down packed by `pack_f16` (or all by `pack_bf16`: `weights_bf16`); qkv_bias, o_bias
-    (or None); cache (blocks, block_size, 2,
-    kv_heads, head_dim) float32 or float16, contiguous."""
+    _entry: str  # the library function: (layers, num_layers, step*) -> status
 
-    def __init__(self, layers: list[dict], *, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
-                 eps: float, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-                 weights_bf16: bool = False):
-        self._keep = (layers, cos, sin)
+    def __init__(self, layer_struct, layers: list[dict], step: ctypes.Structure, heads: int, keep: tuple):
+        self._keep = (layers, *keep)
         self.caches = [layer["cache"] for layer in layers]  # the structs point into these very tensors
-        self.layers = (_DenseLayer * len(layers))(*(
-            _DenseLayer(*(0 if layer[name] is None else layer[name].data_ptr() for name, _ in _DenseLayer._fields_))
-            for layer in layers))
-        self.num_layers = len(layers)
-        cache = layers[0]["cache"]
-        self.step = _DenseStep(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate,
-                               block_size=cache.shape[1], eps=eps, scale=scale,
-                               cache_half=int(cache.dtype == torch.float16), interleaved=int(interleaved),
-                               weights_bf16=int(weights_bf16),
-                               cos_table=cos.data_ptr(), sin_table=sin.data_ptr())
-        self.dims = (hidden, heads, kv_heads, head_dim, intermediate)
+        self.layers = (layer_struct * len(layers))(*(
+            layer_struct(*(_field(layer.get(name)) for name, _ in layer_struct._fields_)) for layer in layers))
+        self.num_layers, self.step, self.heads = len(layers), step, heads
         self.work = torch.empty(0, dtype=torch.float32)
         self.threads = torch.get_num_threads()
+
+    def _workspace(self, lib, batch: int) -> int:
+        raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
@@ -520,20 +513,98 @@ class DenseDecoder:
             raise RuntimeError("the fused decoder was built over other KV caches; rebuild it (fuse_decode_for_cpu)")
         lib, step = _state["lib"], self.step
         batch = x.shape[0]
-        need = lib.dsserve_dense_workspace(batch, *self.dims)
-        if self.work.numel() < need:
-            self.work = torch.empty(need, dtype=torch.float32)
         if block_tables.dtype != torch.int64 or block_tables.stride(1) != 1:
             block_tables = block_tables.long().contiguous()
         positions, slots, context_lens = (t.long().contiguous() for t in (positions, slots, context_lens))
-        heads = self.dims[1]
-        chunks = min(heads, max(1, -(-self.threads // batch)))  # as paged_decode: every thread gets a task
-        step.tokens, step.heads_per_task, step.table_stride = batch, -(-heads // chunks), block_tables.stride(0)
+        chunks = min(self.heads, max(1, -(-self.threads // batch)))  # as paged_decode: every thread gets a task
+        step.tokens, step.heads_per_task, step.table_stride = batch, -(-self.heads // chunks), block_tables.stride(0)
+        need = self._workspace(lib, batch)
+        if self.work.numel() < need:
+            self.work = torch.empty(need, dtype=torch.float32)
         step.positions, step.slots = positions.data_ptr(), slots.data_ptr()
         step.tables, step.lens = block_tables.data_ptr(), context_lens.data_ptr()
         step.x, step.work = x.data_ptr(), self.work.data_ptr()
-        status = lib.dsserve_dense_decode(self.layers, self.num_layers, ctypes.byref(step))
+        status = getattr(lib, self._entry)(self.layers, self.num_layers, ctypes.byref(step))
         if status != 0:
             raise RuntimeError(f"the fused decode step failed in a kernel (status {status}); DSSERVE_CPU_KERNELS=0 "
                                "runs the torch path instead")
         return x
+
+
+def _field(value) -> int | None:
+    """A struct field's value: a tensor's address, a C array (of pointers) as such, a number, or NULL for None."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr()
+    if isinstance(value, ctypes.Array):
+        return ctypes.cast(value, ctypes.c_void_p).value
+    return value
+
+
+class DenseDecoder(_FusedDecoder):
+    """Every dense (Llama / Qwen2) decoder layer of a decode step in one C call: RMSNorm, the q/k/v linear, rotary,
+    the cache store, attention over the paged cache, o, the residual adds, RMSNorm and the SwiGLU MLP, layer after
+    layer, on preallocated scratch (decode_layers.c). The same kernels the module path calls, in the same order:
+    the same bits, without ~10 Python-side calls per layer.
+
+    `layers` holds, per layer, the tensors the C struct points at (kept alive here): input_norm, post_norm (D,)
+    float32; qkv, o, gate_up, down packed by `pack_f16` (or all by `pack_bf16`: `weights_bf16`); qkv_bias, o_bias
+    (or None); cache (blocks, block_size, 2, kv_heads, head_dim) float32 or float16, contiguous."""
+
+    _entry = "dsserve_dense_decode"
+
+    def __init__(self, layers: list[dict], *, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
+                 eps: float, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+                 weights_bf16: bool = False):
+        cache = layers[0]["cache"]
+        step = _DenseStep(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate,
+                          block_size=cache.shape[1], eps=eps, scale=scale, cache_half=int(cache.dtype == torch.float16),
+                          interleaved=int(interleaved), weights_bf16=int(weights_bf16),
+                          cos_table=cos.data_ptr(), sin_table=sin.data_ptr())
+        super().__init__(_DenseLayer, layers, step, heads, (cos, sin))
+        self.dims = (hidden, heads, kv_heads, head_dim, intermediate)
+
+    def _workspace(self, lib, batch: int) -> int:
+        return lib.dsserve_dense_workspace(batch, *self.dims)
+
+
+class _MLALayer(ctypes.Structure):
+    _fields_ = [*((name, ctypes.c_void_p) for name in (
+        "input_norm", "post_norm", "q_a_norm", "kv_a_norm", "q_a", "q_b", "kv_a", "o", "q_a_bias", "kv_a_bias",
+        "o_bias", "absorb_k", "absorb_v", "gate_up", "down", "router", "router_bias", "w13", "w2", "cache")),
+                ("ffn_intermediate", ctypes.c_int64)]
+
+
+class _MLAStep(ctypes.Structure):
+    _fields_ = [*((name, ctypes.c_int64) for name in (
+        "tokens", "hidden", "heads", "nope", "rope", "v_dim", "q_rank", "kv_rank", "experts", "top_k", "n_group",
+        "topk_group", "moe_intermediate", "max_intermediate", "block_size", "table_stride", "heads_per_task",
+        "absorb_k_stride", "absorb_v_stride")),
+                *((name, ctypes.c_float) for name in ("eps", "lora_eps", "scale", "routed_scale")),
+                *((name, ctypes.c_int32) for name in ("cache_half", "interleaved", "weights_bf16", "normalize",
+                                                       "experts_f16_table", "reserved")),
+                *((name, ctypes.c_void_p) for name in ("positions", "slots", "tables", "lens", "cos_table", "sin_table",
+                                                       "x", "work"))]
+
+
+class MLADecoder(_FusedDecoder):
+    """Every DeepSeek (V3 / R1 routing, MLA attention) decoder layer of a decode step in one C call
+    (decode_layers.c: dsserve_mla_decode): RMSNorm, q (with or without the LoRA pair) and kv_a, their norms, rotary,
+    the latent-cache store, the absorbed per-head projections around attention over the latent cache, o, then a
+    dense MLP or the router, the routed experts and the shared experts. The module path's kernels in its order:
+    the same bits.
+
+    `layers`: per layer a dict of the `_MLALayer` fields (tensors, C pointer arrays for w13 / w2, None for NULL,
+    the int ffn_intermediate); `dims`: the `_MLAStep` integer and float fields that do not change per step."""
+
+    _entry = "dsserve_mla_decode"
+
+    def __init__(self, layers: list[dict], *, cos: torch.Tensor, sin: torch.Tensor, **dims):
+        cache = layers[0]["cache"]
+        step = _MLAStep(block_size=cache.shape[1], cache_half=int(cache.dtype == torch.float16),
+                        cos_table=cos.data_ptr(), sin_table=sin.data_ptr(), **dims)
+        super().__init__(_MLALayer, layers, step, dims["heads"], (cos, sin))
+
+    def _workspace(self, lib, batch: int) -> int:
+        return lib.dsserve_mla_workspace(ctypes.byref(self.step))

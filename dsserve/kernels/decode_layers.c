@@ -1,4 +1,5 @@
-/* A whole decode step through the dense (Llama / Qwen2) decoder layers in one call.
+/* A whole decode step through every decoder layer in one call: the dense (Llama / Qwen2) layers, and DeepSeek's
+ * (MLA's absorbed decode, then a dense MLP or DeepSeekMoE).
  *
  * At batch 1 a layer's arithmetic is a few hundred microseconds of weight reads, and the Python between the
  * kernels (module calls, views, ctypes argument conversion, allocations) cost as much again: ten C calls per
@@ -11,6 +12,7 @@
 
 #include <stdint.h>
 #include <stddef.h>
+#include <string.h>
 
 int dsserve_rms_norm(const float *x, int64_t ldx, const float *w, float *out, int64_t rows, int64_t dim, float eps);
 int dsserve_rotary(const float *x, int64_t token_stride, int64_t head_stride, float *out, int64_t tokens,
@@ -23,6 +25,14 @@ int dsserve_linear_f16(const float *x, const uint16_t *packed, const float *bias
                        int64_t K);
 int dsserve_linear_bf16(const float *x, const uint16_t *packed, const float *bias, float *y, int64_t M, int64_t N,
                         int64_t K);
+int dsserve_heads_f16(const float *x, const uint16_t *packed, int64_t head_stride, float *y, int64_t T, int64_t H,
+                      int64_t N, int64_t K);
+int dsserve_moe_f16(const float *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t k,
+                    const uint16_t *const *w13, const uint16_t *const *w2, int64_t num_experts, int64_t I,
+                    float *out, float *scratch);
+int dsserve_router_noaux(const float *x, int64_t T, int64_t D, const float *W, int64_t E, const float *bias,
+                         int64_t n_group, int64_t topk_group, int64_t k, int normalize, float scale,
+                         float *out_weights, int64_t *out_ids);
 int dsserve_paged_decode(const float *q, const void *cache, const int64_t *tables, const int64_t *lens, float *out,
                          int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t k_dim, int64_t v_dim,
                          int64_t block_size, int64_t table_stride, int64_t token_stride, int64_t head_stride,
@@ -58,9 +68,14 @@ int64_t dsserve_dense_workspace(int64_t tokens, int64_t hidden, int64_t heads, i
     return tokens * (hidden + (q + 2 * kv) + q + kv + q + hidden + 2 * intermediate + intermediate);
 }
 
+static int linear_any(int bf16, const float *x, const uint16_t *packed, const float *bias, float *y, int64_t M,
+                      int64_t N, int64_t K) {
+    return bf16 ? dsserve_linear_bf16(x, packed, bias, y, M, N, K) : dsserve_linear_f16(x, packed, bias, y, M, N, K);
+}
+
 static int linear(const dsserve_dense_step *s, const float *x, const uint16_t *packed, const float *bias, float *y,
                   int64_t M, int64_t N, int64_t K) {
-    return s->weights_bf16 ? dsserve_linear_bf16(x, packed, bias, y, M, N, K) : dsserve_linear_f16(x, packed, bias, y, M, N, K);
+    return linear_any(s->weights_bf16, x, packed, bias, y, M, N, K);
 }
 
 static void add_into(float *restrict x, const float *restrict y, int64_t n) {
@@ -94,6 +109,161 @@ int dsserve_dense_decode(const dsserve_dense_layer *layers, int64_t num_layers, 
         if ((status = linear(s, h, L->gate_up, NULL, gate_up, T, 2 * I, D))) return status;
         dsserve_silu_mul(gate_up, act, T, I);
         if ((status = linear(s, act, L->down, NULL, branch, T, D, I))) return status;
+        add_into(s->x, branch, T * D);
+    }
+    return 0;
+}
+
+/* ---- DeepSeek: MLA + DeepSeekMoE --------------------------------------------------------------------------------
+ *
+ * One layer of DeepSeek V3 / R1 (or V2-Lite-shaped attention: no q LoRA) at decode, as layers/attention.py's
+ * absorbed path and layers/moe.py compute it: the queries are projected into latent space per head (fp16 W_UK^T),
+ * attend over the cache's normalized latents + rope keys as one shared KV head, and come back out per head (fp16
+ * W_UV) before o_proj. The MLP half is a dense SwiGLU MLP (the first_k_dense_replace layers) or the MoE: the
+ * sigmoid noaux_tc router, the routed experts (a few tokens: every (token, slot) pair in one call of moe_f16 over
+ * fp16 weights; more: tokens sorted by expert, one GEMM pair per active expert, summed per token in sorted order,
+ * as the module path's index_add_), plus the shared experts. */
+
+typedef struct {
+    const float *input_norm, *post_norm, *q_a_norm, *kv_a_norm;
+    const uint16_t *q_a, *q_b, *kv_a, *o;  /* q_a NULL: no q LoRA, q_b is q_proj (hidden -> heads x (nope + rope)) */
+    const float *q_a_bias, *kv_a_bias, *o_bias;
+    const uint16_t *absorb_k, *absorb_v;   /* per head, fp16 (linear_f16.c: heads_f16): W_UK^T (C x nope), W_UV (v x C) */
+    const uint16_t *gate_up, *down;        /* the dense MLP, or the shared experts (NULL: none) */
+    const float *router, *router_bias;     /* (experts, hidden) float32 and (experts,): NULL in a dense layer */
+    const uint16_t *const *w13, *const *w2; /* each routed expert's [gate; up] (2 I, hidden) and down (hidden, I) */
+    void *cache;                           /* (blocks, block_size, C + rope) float32 or float16, contiguous */
+    int64_t ffn_intermediate;              /* of gate_up / down */
+} dsserve_mla_layer;
+
+typedef struct {
+    int64_t tokens, hidden, heads, nope, rope, v_dim, q_rank, kv_rank;
+    int64_t experts, top_k, n_group, topk_group, moe_intermediate, max_intermediate;
+    int64_t block_size, table_stride, heads_per_task, absorb_k_stride, absorb_v_stride;
+    float eps, lora_eps, scale, routed_scale;
+    int32_t cache_half, interleaved, weights_bf16, normalize, experts_f16_table, reserved;
+    const int64_t *positions, *slots, *tables, *lens;
+    const float *cos_table, *sin_table;
+    float *x, *work;
+} dsserve_mla_step;
+
+/* Floats of scratch a step of s->tokens tokens needs (int64 arrays first: the buffer is 8-byte aligned). */
+int64_t dsserve_mla_workspace(const dsserve_mla_step *s) {
+    const int64_t T = s->tokens, D = s->hidden, H = s->heads, C = s->kv_rank, R = s->rope;
+    const int64_t pairs = T * s->top_k, Im = s->moe_intermediate;
+    return 4 * pairs + pairs                                            /* ids, order (int64); weights */
+           + T * (D + 2 * s->q_rank + H * (s->nope + R) + (C + R) + C + R) /* h, q_a, its norm, q, kv_a, latent, k_pe */
+           + T * H * (R + s->nope + C + (C + R) + C + s->v_dim)          /* q_pe, q_nope, q_latent, q, out_latent, out */
+           + 2 * T * D + 3 * T * s->max_intermediate                      /* branch, routed; gate/up and silu * up */
+           + pairs * (3 * Im + 2 * D);                                    /* the routed experts' rows */
+}
+
+static void mla_attention(const dsserve_mla_layer *L, const dsserve_mla_step *s, float *h, float *q_a, float *q_a_n,
+                          float *q, float *kv, float *latent, float *k_pe, float *q_pe, float *q_nope, float *q_lat,
+                          float *q_cat, float *o_lat, float *o_v, float *branch, int *status) {
+    const int64_t T = s->tokens, D = s->hidden, H = s->heads, N = s->nope, R = s->rope, C = s->kv_rank;
+    const int64_t V = s->v_dim, QR = s->q_rank, NR = N + R, CR = C + R;
+    const int bf16 = s->weights_bf16;
+#define TRY(call) do { if ((*status = (call))) return; } while (0)
+    dsserve_rms_norm(s->x, D, L->input_norm, h, T, D, s->eps);
+    if (L->q_a) {
+        TRY(linear_any(bf16, h, L->q_a, L->q_a_bias, q_a, T, QR, D));
+        dsserve_rms_norm(q_a, QR, L->q_a_norm, q_a_n, T, QR, s->lora_eps);
+        TRY(linear_any(bf16, q_a_n, L->q_b, NULL, q, T, H * NR, QR));
+    } else {
+        TRY(linear_any(bf16, h, L->q_b, NULL, q, T, H * NR, D));
+    }
+    TRY(linear_any(bf16, h, L->kv_a, L->kv_a_bias, kv, T, CR, D));
+    dsserve_rms_norm(kv, CR, L->kv_a_norm, latent, T, C, s->lora_eps);
+    dsserve_rotary(q + N, H * NR, NR, q_pe, T, H, R, s->positions, s->cos_table, s->sin_table, s->interleaved);
+    dsserve_rotary(kv + C, CR, R, k_pe, T, 1, R, s->positions, s->cos_table, s->sin_table, s->interleaved);
+    TRY(dsserve_cache_write(L->cache, CR, s->cache_half, s->slots, T, latent, C, C, k_pe, R, R));
+    for (int64_t th = 0; th < T * H; th++) memcpy(q_nope + th * N, q + th * NR, N * sizeof(float));
+    TRY(dsserve_heads_f16(q_nope, L->absorb_k, s->absorb_k_stride, q_lat, T, H, C, N));
+    for (int64_t th = 0; th < T * H; th++) {  /* the query over an entry: [q W_UK^T | rotated q_pe] */
+        memcpy(q_cat + th * CR, q_lat + th * C, C * sizeof(float));
+        memcpy(q_cat + th * CR + C, q_pe + th * R, R * sizeof(float));
+    }
+    TRY(dsserve_paged_decode(q_cat, L->cache, s->tables, s->lens, o_lat, T, H, 1, CR, C, s->block_size,
+                             s->table_stride, CR, 0, 0, 0, s->heads_per_task, s->scale, s->cache_half));
+    TRY(dsserve_heads_f16(o_lat, L->absorb_v, s->absorb_v_stride, o_v, T, H, V, C));
+    TRY(linear_any(bf16, o_v, L->o, L->o_bias, branch, T, D, H * V));
+    add_into(s->x, branch, T * D);
+#undef TRY
+}
+
+/* The routed experts for more (token, slot) pairs than moe_f16 takes: pairs sorted by expert (stable), each
+ * active expert's rows through w13, silu * up and w2, scaled by their weights, then added into out (zeroed) in
+ * sorted order: the module path's argsort, per-expert GEMMs, `*=` and index_add_, value for value. */
+static int routed_grouped(const dsserve_mla_layer *L, const dsserve_mla_step *s, const float *h, const int64_t *ids,
+                          const float *weights, int64_t *order, float *rows, float *out) {
+    const int64_t T = s->tokens, D = s->hidden, k = s->top_k, E = s->experts, Im = s->moe_intermediate;
+    const int64_t pairs = T * k;
+    float *gate_up = rows + pairs * D, *act = gate_up + pairs * 2 * Im, *down = act + pairs * Im;
+    int64_t start[1025] = {0};  /* E <= 1024: the router's limit */
+    for (int64_t p = 0; p < pairs; p++) start[ids[p] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    int64_t fill[1024];
+    memcpy(fill, start, E * sizeof(int64_t));
+    for (int64_t p = 0; p < pairs; p++) order[fill[ids[p]]++] = p;
+    for (int64_t i = 0; i < pairs; i++) memcpy(rows + i * D, h + order[i] / k * D, D * sizeof(float));
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t first = start[e], count = start[e + 1] - first;
+        if (!count) continue;
+        int status;
+        if ((status = linear_any(s->weights_bf16, rows + first * D, L->w13[e], NULL, gate_up + first * 2 * Im, count,
+                                 2 * Im, D))) return status;
+        dsserve_silu_mul(gate_up + first * 2 * Im, act + first * Im, count, Im);
+        if ((status = linear_any(s->weights_bf16, act + first * Im, L->w2[e], NULL, down + first * D, count, D, Im)))
+            return status;
+    }
+    for (int64_t i = 0; i < pairs; i++) {  /* scale, then add: two roundings, as torch's `*=` then index_add_ */
+        const float w = weights[order[i]];
+        float *y = down + i * D;
+        for (int64_t j = 0; j < D; j++) y[j] *= w;
+    }
+    memset(out, 0, T * D * sizeof(float));
+    for (int64_t i = 0; i < pairs; i++) add_into(out + order[i] / k * D, down + i * D, D);
+    return 0;
+}
+
+/* 0, or the first failing kernel's status (as dsserve_dense_decode). */
+int dsserve_mla_decode(const dsserve_mla_layer *layers, int64_t num_layers, const dsserve_mla_step *s) {
+    const int64_t T = s->tokens, D = s->hidden, H = s->heads, N = s->nope, R = s->rope, C = s->kv_rank;
+    const int64_t pairs = T * s->top_k, Imax = s->max_intermediate;
+    int64_t *ids = (int64_t *)s->work, *order = ids + pairs;
+    float *weights = s->work + 4 * pairs, *h = weights + pairs;
+    float *q_a = h + T * D, *q_a_n = q_a + T * s->q_rank, *q = q_a_n + T * s->q_rank, *kv = q + T * H * (N + R);
+    float *latent = kv + T * (C + R), *k_pe = latent + T * C, *q_pe = k_pe + T * R, *q_nope = q_pe + T * H * R;
+    float *q_lat = q_nope + T * H * N, *q_cat = q_lat + T * H * C, *o_lat = q_cat + T * H * (C + R);
+    float *o_v = o_lat + T * H * C, *branch = o_v + T * H * s->v_dim, *routed = branch + T * D;
+    float *gate_up = routed + T * D, *act = gate_up + T * 2 * Imax, *rows = act + T * Imax;
+    int status = 0;
+    for (int64_t l = 0; l < num_layers; l++) {
+        const dsserve_mla_layer *L = layers + l;
+        mla_attention(L, s, h, q_a, q_a_n, q, kv, latent, k_pe, q_pe, q_nope, q_lat, q_cat, o_lat, o_v, branch,
+                      &status);
+        if (status) return status;
+        dsserve_rms_norm(s->x, D, L->post_norm, h, T, D, s->eps);
+        const int64_t I = L->ffn_intermediate;
+        float *shared = L->router ? routed : branch;  /* dense: the MLP's output is the branch itself */
+        if (L->router) {
+            if ((status = dsserve_router_noaux(h, T, D, L->router, s->experts, L->router_bias, s->n_group,
+                                               s->topk_group, s->top_k, s->normalize, s->routed_scale, weights, ids)))
+                return status;
+            if (s->experts_f16_table && pairs <= s->experts)
+                status = dsserve_moe_f16(h, T, D, ids, weights, s->top_k, L->w13, L->w2, s->experts,
+                                         s->moe_intermediate, branch, rows);
+            else
+                status = routed_grouped(L, s, h, ids, weights, order, rows, branch);
+            if (status) return status;
+        }
+        if (L->gate_up) {
+            if ((status = linear_any(s->weights_bf16, h, L->gate_up, NULL, gate_up, T, 2 * I, D))) return status;
+            dsserve_silu_mul(gate_up, act, T, I);
+            if ((status = linear_any(s->weights_bf16, act, L->down, NULL, shared, T, D, I))) return status;
+            if (L->router) add_into(branch, shared, T * D);  /* routed + shared */
+        }
         add_into(s->x, branch, T * D);
     }
     return 0;

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import nn
 
@@ -106,3 +108,95 @@ class DeepseekForCausalLM(CausalLM):
             else:
                 mlp = MLP(config.hidden_size, config.intermediate_size, f"{prefix}.mlp", dtype, tp)
             self.layers.append(DecoderLayer(config, i, attn, mlp, dtype))
+
+    def fuse_decode_for_cpu(self, kv_caches: list[torch.Tensor]) -> bool:
+        """Where every layer can run in dsserve's C kernels (one device, float32 activations, every linear and
+        routed expert float16 or bfloat16 in dsserve's own packing, MLA's absorbed per-head packs, V3 / R1's
+        sigmoid noaux_tc router, a latent cache the attention kernel reads), decode steps run all layers in one
+        call (kernels/decode_layers.c: dsserve_mla_decode). Returns whether they do; the module path stays for
+        prefill, V2's softmax routers and the rest."""
+        c = self.config
+        attn0 = self.layers[0].self_attn
+        rotary, entry = attn0.rotary, c.kv_lora_rank + c.qk_rope_head_dim
+        if (self.tp.size != 1 or rotary.cos.dtype != torch.float32 or rotary.cos.shape[1] * 2 != c.qk_rope_head_dim
+                or not cpu_kernels.usable(entry, c.kv_lora_rank, kv_caches[0].dtype)):
+            return False
+        kinds: set = set()
+        layers = []
+        for layer, cache in zip(self.layers, kv_caches):
+            fields = _mla_fields(layer.self_attn, kinds)
+            ffn = _ffn_fields(layer.mlp, c, kinds) if fields is not None else None
+            norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            if (ffn is None or not cache.is_contiguous() or len(kinds) != 1
+                    or not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms)):
+                return False
+            layers.append(dict(fields, **ffn, input_norm=norms[0], post_norm=norms[1], cache=cache))
+        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, DeepseekMoE)]
+        intermediates = [f["ffn_intermediate"] for f in layers]
+        absorb_k, absorb_v = attn0.absorbed
+        self.fused_decode = cpu_kernels.MLADecoder(
+            layers, cos=rotary.cos, sin=rotary.sin, hidden=c.hidden_size, heads=attn0.num_heads,
+            nope=attn0.nope_dim, rope=attn0.rope_dim, v_dim=attn0.v_dim, q_rank=c.q_lora_rank or 0,
+            kv_rank=c.kv_lora_rank, experts=c.n_routed_experts if moe else 0,
+            top_k=c.num_experts_per_tok if moe else 0, n_group=c.n_group or 1, topk_group=c.topk_group or 1,
+            moe_intermediate=c.moe_intermediate_size if moe else 0, max_intermediate=max(intermediates),
+            absorb_k_stride=absorb_k[0].numel(), absorb_v_stride=absorb_v[0].numel(),
+            eps=self.layers[0].input_layernorm.eps, lora_eps=attn0.kv_a_layernorm.eps, scale=attn0.scale,
+            routed_scale=c.routed_scaling_factor, interleaved=int(rotary.interleaved), weights_bf16=int(kinds == {"dsserve-bf16"}),
+            normalize=int(bool(c.norm_topk_prob) and c.num_experts_per_tok > 1),
+            experts_f16_table=int(bool(moe) and all(m.experts.table is not None for m in moe)))
+        return True
+
+
+_DSSERVE_KINDS = ("dsserve", "dsserve-bf16")
+
+
+def _packed(linear: Linear, kinds: set) -> torch.Tensor | None:
+    """A linear's dsserve-packed weight (its kind noted), or None where it is not in dsserve's own packing."""
+    if linear.packed is None or linear.packed.kind not in _DSSERVE_KINDS:
+        return None
+    kinds.add(linear.packed.kind)
+    return linear.packed.data
+
+
+def _mla_fields(attn: MultiHeadLatentAttention, kinds: set) -> dict | None:
+    lora = hasattr(attn, "q_a_proj")
+    q_b = attn.q_b_proj if lora else attn.q_proj
+    linears = {"q_a": attn.q_a_proj if lora else None, "q_b": q_b, "kv_a": attn.kv_a_proj_with_mqa, "o": attn.o_proj}
+    fields = {name: None if lin is None else _packed(lin, kinds) for name, lin in linears.items()}
+    norms = [attn.kv_a_layernorm.weight] + ([attn.q_a_layernorm.weight] if lora else [])
+    if (attn.absorbed is None or any(fields[name] is None for name in linears if linears[name] is not None)
+            or q_b.packed.bias is not None
+            or not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms)):
+        return None
+    return dict(fields, q_a_norm=attn.q_a_layernorm.weight if lora else None, kv_a_norm=attn.kv_a_layernorm.weight,
+                q_a_bias=attn.q_a_proj.packed.bias if lora else None, kv_a_bias=attn.kv_a_proj_with_mqa.packed.bias,
+                o_bias=attn.o_proj.packed.bias, absorb_k=attn.absorbed[0], absorb_v=attn.absorbed[1])
+
+
+def _ffn_fields(mlp: nn.Module, c: ModelConfig, kinds: set) -> dict | None:
+    """A dense MLP's packed pair, or the MoE's router, routed experts (C arrays of pointers) and shared experts."""
+    shared = mlp.shared_experts if isinstance(mlp, DeepseekMoE) else mlp
+    fields = dict(gate_up=None, down=None, ffn_intermediate=0, router=None, router_bias=None, w13=None, w2=None)
+    if shared is not None:
+        gate_up, down = _packed(shared.gate_up_proj, kinds), _packed(shared.down_proj, kinds)
+        if gate_up is None or down is None or shared.gate_up_proj.packed.bias is not None or shared.down_proj.packed.bias is not None:
+            return None
+        fields.update(gate_up=gate_up, down=down, ffn_intermediate=shared.intermediate_size)
+    if not isinstance(mlp, DeepseekMoE):
+        return fields
+    experts, gate = mlp.experts, mlp.gate
+    E = c.n_routed_experts
+    if (c.topk_method != "noaux_tc" or c.scoring_func != "sigmoid" or E > 1024 or not c.n_group or E % c.n_group
+            or E // c.n_group < 2 or c.topk_group > c.n_group or c.num_experts_per_tok > E
+            or experts.packed is None or experts.first_expert != 0 or experts.num_local != E
+            or gate.weight.dtype != torch.float32 or not gate.weight.is_contiguous()):
+        return None
+    if not all(w13.kind in _DSSERVE_KINDS and w2.kind in _DSSERVE_KINDS for w13, w2 in experts.packed):
+        return None
+    kinds.update(p.kind for pair in experts.packed for p in pair)
+    pointers = ctypes.c_void_p * E
+    fields.update(router=gate.weight, router_bias=gate.e_score_correction_bias,
+                  w13=pointers(*(w13.data.data_ptr() for w13, _ in experts.packed)),
+                  w2=pointers(*(w2.data.data_ptr() for _, w2 in experts.packed)))
+    return fields

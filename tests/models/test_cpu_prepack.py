@@ -55,6 +55,7 @@ def test_fp16_weights_equal_plain_on_fp16_exact_weights(model_dir, tmp_path, mon
     plain = LLM(path, num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
     assert half.engine.config.weight_dtype == "float16"
     model = half.engine.runner.model
+    model.fused_decode = None  # the module path's kernels here (test_fused_decode.py: the one-call decode)
     packed = [m.packed for m in model.modules() if isinstance(m, Linear) and m.packed is not None]
     assert packed and all(p.weight_dtype == torch.float16 for p in packed)
     assert model.lm_head.packed.weight_dtype == torch.float16

@@ -1,5 +1,6 @@
-"""Decode steps through every dense layer in one C call (kernels/decode_layers.c): the same kernels as the module
-path in the same order, so the same bits; prefill and mixed steps keep the module path."""
+"""Decode steps through every layer in one C call (kernels/decode_layers.c: dense Llama / Qwen2 layers, DeepSeek's
+MLA + MoE layers): the same kernels as the module path in the same order, so the same bits; prefill and mixed steps
+keep the module path."""
 
 import pytest
 import torch
@@ -13,10 +14,16 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.linear_f16_usable(), reason="nee
 PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26]]
 
 
+NEEDS_BF16 = pytest.mark.skipif(not cpu_kernels.linear_bf16_usable(), reason="needs the bf16 linear kernel (AMX + AVX512-BF16)")
+
+
+# DeepSeek: batch 3 x top-3 of 8 experts takes the sorted per-expert path, batch 1 the few-token experts kernel
 @pytest.mark.parametrize("name, weight_dtype, kv_cache_dtype", [
     ("qwen2_untied", "float16", "auto"), ("llama_bias", "float16", "auto"), ("qwen2_tied", "float16", "float16"),
-    pytest.param("qwen2_untied", "bfloat16", "auto", marks=pytest.mark.skipif(
-        not cpu_kernels.linear_bf16_usable(), reason="needs the bf16 linear kernel (AMX + AVX512-BF16)")),
+    pytest.param("qwen2_untied", "bfloat16", "auto", marks=NEEDS_BF16),
+    ("deepseek_v3_rope16", "float16", "auto"), ("deepseek_v3_rope16", "float16", "float16"),
+    ("deepseek_v3_rope16_no_q_lora", "float16", "auto"),
+    pytest.param("deepseek_v3_rope16", "bfloat16", "auto", marks=NEEDS_BF16),
 ])
 def test_fused_decode_gives_the_module_paths_bits(model_dir, monkeypatch, name, weight_dtype, kv_cache_dtype):
     # no prefix caching: the second run's prompts must be computed as the first's were
@@ -40,12 +47,32 @@ def test_fused_decode_gives_the_module_paths_bits(model_dir, monkeypatch, name, 
             assert a.outputs[0].logprobs == b.outputs[0].logprobs  # bit for bit
 
 
-def test_not_fused_where_a_layer_is_not_in_the_fp16_kernel(model_dir):
+@pytest.mark.parametrize("name", ["qwen2_untied", "deepseek_v3_rope16"])
+def test_not_fused_where_a_layer_is_not_in_the_fp16_kernel(model_dir, name):
     """float32 weights (oneDNN-packed) or no packing at all: decode keeps the module path."""
-    assert LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64).engine.runner.model.fused_decode is None
-    plain = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, weight_dtype="float16",
-                cpu_prepack=False)
+    assert LLM(model_dir(name), num_kv_blocks=16, max_model_len=64).engine.runner.model.fused_decode is None
+    plain = LLM(model_dir(name), num_kv_blocks=16, max_model_len=64, weight_dtype="float16", cpu_prepack=False)
     assert plain.engine.runner.model.fused_decode is None
+
+
+def test_not_fused_with_v2_softmax_routing(model_dir):
+    """V2's softmax group_limited_greedy router has no C kernel: its decode keeps the module path."""
+    llm = LLM(model_dir("deepseek_v2"), num_kv_blocks=16, max_model_len=64, weight_dtype="float16")
+    assert llm.engine.runner.model.fused_decode is None
+
+
+def test_fused_mla_decode_tracks_transformers(model_dir, tmp_path):
+    """DeepSeek-V3 on fp16-exact weights through the one-call decode: transformers' greedy tokens."""
+    from tiny_models import hf_greedy
+    from test_cpu_prepack import _representable_copy
+
+    path = _representable_copy(model_dir("deepseek_v3_rope16"), tmp_path / "v3")
+    llm = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
+    assert isinstance(llm.engine.runner.model.fused_decode, cpu_kernels.MLADecoder)
+    prompt = [7, 8, 9, 10, 11, 200, 3]
+    expected, _ = hf_greedy(path, prompt, 24)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == expected
 
 
 def test_fused_decode_tracks_transformers(model_dir, tmp_path):
