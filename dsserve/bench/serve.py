@@ -33,6 +33,9 @@ class RequestResult:
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    # the streamed body as it arrived, (arrival time, bytes), until `read_stream` turns it into the fields above
+    stream: list[tuple[float, bytes]] = field(default_factory=list, repr=False)
+    started: float = 0.0
 
     @property
     def tpot_s(self) -> float:
@@ -97,7 +100,7 @@ class _Connection(asyncio.Protocol):
             self.parser.feed_data(data)
         except _Stopped as e:  # raised by on_body through the parser
             self._finish(e)
-        except (httptools.HttpParserError, ValueError) as e:  # ValueError: a malformed JSON event
+        except (httptools.HttpParserError, ValueError) as e:  # ValueError: raised by an on_body handler
             self._finish(ConnectionError(f"bad HTTP response: {e}") if isinstance(e, httptools.HttpParserError) else e)
 
     # httptools callbacks
@@ -224,51 +227,62 @@ async def _one(client: Client, model: str, work: Workload) -> RequestResult:
     body["messages" if chat else "prompt"] = work.prompt
     path = "/v1/chat/completions" if chat else "/v1/completions"
     result = RequestResult(ok=False, input_len=work.input_len)
-    started = time.perf_counter()
-    last = started
-    chunks = 0
-    pending = b""
 
     def on_body(status: int, data: bytes, now: float) -> bool:
-        nonlocal last, chunks, pending
-        if status != 200:
-            pending += data
-            return False
-        *lines, pending = (pending + data).split(b"\n")
-        for line in lines:  # Server-sent events: "data: {json}" lines, blank lines between events
-            line = line.strip()
-            if not line.startswith(b"data:") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
-            if "error" in chunk:
-                result.error = (chunk["error"] or {}).get("message", "error")
-                return True
-            if chunk.get("usage"):
-                result.output_len = chunk["usage"].get("completion_tokens", chunks)
-            # A token event: a completions chunk (one per token, its text may be empty) or a chat delta with text.
-            if any(c.get("text") is not None or bool((c.get("delta") or {}).get("content")
-                                                     or (c.get("delta") or {}).get("reasoning_content"))
-                   for c in chunk.get("choices", [])):
-                if chunks == 0:
-                    result.ttft_s = now - started
-                else:
-                    result.itl_s.append(now - last)
-                last = now
-                chunks += 1
+        result.stream.append((now, data))
         return False
 
+    result.started = time.perf_counter()
     try:
         status = await client.post(path, body, on_body)
-        if result.error:
-            return result
+        finished = time.perf_counter()
         if status != 200:
-            result.error = f"HTTP {status}: {pending.decode(errors='replace')[:200]}"
+            result.error = f"HTTP {status}: {b''.join(d for _, d in result.stream).decode(errors='replace')[:200]}"
+            result.stream.clear()
             return result
-        result.e2e_s = time.perf_counter() - started
-        result.output_len = result.output_len or chunks
+        result.e2e_s = finished - result.started
         result.ok = True
-    except (OSError, asyncio.TimeoutError, ValueError) as e:
+    except (OSError, asyncio.TimeoutError) as e:
         result.error = f"{type(e).__name__}: {e}"
+        result.stream.clear()
+    return result
+
+
+def read_stream(result: RequestResult) -> RequestResult:
+    """Turn a finished request's stored event stream into its token timings: TTFT, the inter-token latencies (each
+    event timed by the arrival of the piece that completed it) and the output length (the usage chunk's, else the
+    count of token events); an error event fails the request. `run` calls it once every request is done: while
+    requests run, the client (which on a small machine shares the CPU with the server it measures) only stores
+    bytes and arrival times."""
+    last, chunks, pending = result.started, 0, b""
+    stream, result.stream = result.stream, []
+    try:
+        for now, data in stream:
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:  # Server-sent events: "data: {json}" lines, blank lines between events
+                line = line.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    result.ok, result.error = False, (chunk["error"] or {}).get("message", "error")
+                    return result
+                if chunk.get("usage"):
+                    result.output_len = chunk["usage"].get("completion_tokens", chunks)
+                # A token event: a completions chunk (one per token, its text may be empty) or a chat delta with text.
+                if any(c.get("text") is not None or bool((c.get("delta") or {}).get("content")
+                                                         or (c.get("delta") or {}).get("reasoning_content"))
+                       for c in chunk.get("choices", [])):
+                    if chunks == 0:
+                        result.ttft_s = now - result.started
+                    else:
+                        result.itl_s.append(now - last)
+                    last = now
+                    chunks += 1
+    except ValueError as e:  # a malformed JSON event
+        result.ok, result.error = False, f"ValueError: {e}"
+        return result
+    result.output_len = result.output_len or chunks
     return result
 
 
@@ -293,7 +307,8 @@ async def run(base_url: str, model: str, workload: list[Workload], request_rate:
             if request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(request_rate))
         results = await asyncio.gather(*tasks)
-        return list(results), time.perf_counter() - started
+        duration = time.perf_counter() - started
+        return [read_stream(r) if r.ok else r for r in results], duration
     finally:
         await client.close()
 

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_online_run_against_dsserve(server, tmp_path):
     result_file, csv_file = tmp_path / "result.json", tmp_path / "mindie.csv"
@@ -43,8 +45,8 @@ def test_online_run_against_the_demo_model(demo_server, tmp_path):
 
 
 def test_client_streams_over_kept_alive_connections(server):
-    """The benchmark's own HTTP/1.1 client: token events are counted from the SSE stream and a connection is
-    reused for the next request once a response was read to its end."""
+    """The benchmark's own HTTP/1.1 client: token events are counted from the SSE stream (stored while requests
+    run, read after) and a connection is reused for the next request once a response was read to its end."""
     import asyncio
 
     from dsserve.bench import serve as online
@@ -52,7 +54,7 @@ def test_client_streams_over_kept_alive_connections(server):
     async def go():
         client = online.Client(server.url)
         try:
-            results = [await online._one(client, "DeepSeek-R1", work)
+            results = [online.read_stream(await online._one(client, "DeepSeek-R1", work))
                        for work in online.random_workload(3, 8, 5, 256, seed=1)]
         finally:
             await client.close()
@@ -80,3 +82,21 @@ def test_unreachable_server_and_bad_url_are_reported():
     out = subprocess.run(base + ["--base-url", "127.0.0.1:8000"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "COLUMNS": "300"})  # one line per message in rich's error box
     assert out.returncode == 2 and "expected http://HOST[:PORT]" in out.stdout + out.stderr
+
+
+def test_stored_stream_is_read_into_timings_and_errors():
+    """Events split across pieces are timed by the piece that completes them; an error event or a malformed one
+    fails the request."""
+    from dsserve.bench.serve import RequestResult, read_stream
+
+    token = b'data: {"choices": [{"index": 0, "text": "a", "finish_reason": null}], "usage": null}\n\n'
+    usage = b'data: {"choices": [], "usage": {"completion_tokens": 3}}\n\ndata: [DONE]\n\n'
+    r = RequestResult(ok=True, input_len=4, started=10.0, e2e_s=1.0,
+                      stream=[(10.5, token), (10.7, token[:20]), (10.8, token[20:] + token), (10.9, usage)])
+    read_stream(r)
+    assert (r.ok, r.output_len, r.ttft_s) == (True, 3, 0.5)
+    assert r.itl_s == pytest.approx([0.3, 0.0]) and r.stream == []
+    bad = RequestResult(ok=True, input_len=4, stream=[(1.0, token), (1.1, b'data: {"error": {"message": "boom"}}\n\n')])
+    assert (read_stream(bad).ok, bad.error) == (False, "boom")
+    broken = RequestResult(ok=True, input_len=4, stream=[(1.0, b"data: {not json\n\n")])
+    assert not read_stream(broken).ok and broken.error.startswith("ValueError")
