@@ -235,14 +235,15 @@ async def _one(client: Client, model: str, work: Workload) -> RequestResult:
     result.started = time.perf_counter()
     try:
         status = await client.post(path, body, on_body)
-        finished = time.perf_counter()
+        # the end: the last piece's arrival (this task may resume later, behind other streams' callbacks)
+        finished = result.stream[-1][0] if result.stream else time.perf_counter()
         if status != 200:
             result.error = f"HTTP {status}: {b''.join(d for _, d in result.stream).decode(errors='replace')[:200]}"
             result.stream.clear()
             return result
         result.e2e_s = finished - result.started
         result.ok = True
-    except (OSError, asyncio.TimeoutError) as e:
+    except (OSError, asyncio.TimeoutError, ValueError) as e:
         result.error = f"{type(e).__name__}: {e}"
         result.stream.clear()
     return result

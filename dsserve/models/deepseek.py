@@ -144,6 +144,7 @@ class DeepseekForCausalLM(CausalLM):
             eps=self.layers[0].input_layernorm.eps, lora_eps=attn0.kv_a_layernorm.eps, scale=attn0.scale,
             routed_scale=c.routed_scaling_factor, interleaved=int(rotary.interleaved), weights_bf16=int(kinds == {"dsserve-bf16"}),
             normalize=int(bool(c.norm_topk_prob) and c.num_experts_per_tok > 1),
+            # one flag for every layer, as the module path decides per layer: one packing kind for all (checked above)
             experts_f16_table=int(bool(moe) and all(m.experts.table is not None for m in moe)))
         return True
 
@@ -165,7 +166,7 @@ def _mla_fields(attn: MultiHeadLatentAttention, kinds: set) -> dict | None:
     linears = {"q_a": attn.q_a_proj if lora else None, "q_b": q_b, "kv_a": attn.kv_a_proj_with_mqa, "o": attn.o_proj}
     fields = {name: None if lin is None else _packed(lin, kinds) for name, lin in linears.items()}
     norms = [attn.kv_a_layernorm.weight] + ([attn.q_a_layernorm.weight] if lora else [])
-    if (attn.absorbed is None or any(fields[name] is None for name in linears if linears[name] is not None)
+    if (attn.absorbed is None or (lora and attn.q_a_layernorm.eps != attn.kv_a_layernorm.eps)  # one lora_eps in C or any(fields[name] is None for name in linears if linears[name] is not None)
             or q_b.packed.bias is not None
             or not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms)):
         return None
@@ -197,6 +198,7 @@ def _ffn_fields(mlp: nn.Module, c: ModelConfig, kinds: set) -> dict | None:
     kinds.update(p.kind for pair in experts.packed for p in pair)
     pointers = ctypes.c_void_p * E
     fields.update(router=gate.weight, router_bias=gate.e_score_correction_bias,
+                  experts=experts.packed,  # not a struct field: keeps the tensors the pointer arrays point into alive
                   w13=pointers(*(w13.data.data_ptr() for w13, _ in experts.packed)),
                   w2=pointers(*(w2.data.data_ptr() for _, w2 in experts.packed)))
     return fields
