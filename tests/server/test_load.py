@@ -93,3 +93,35 @@ def test_engine_death_mid_stream_sends_error_then_done(tiny_r1):
         assert s.proc.wait(20) != 0
     finally:
         s.stop()
+
+
+def test_a_vanished_stream_is_aborted_not_run_to_its_end(server):
+    """Both endpoints: a client that closes a stream after a few tokens gets its request aborted and its blocks
+    freed, not generated to max_tokens (4 x 480 tokens if it were)."""
+    requests = [("/v1/chat/completions", {"messages": [{"role": "user", "content": "long"}]}),
+                ("/v1/completions", {"prompt": "long"})]
+
+    async def leave_early(path: str, body: dict):
+        body = {"model": MODEL, "max_tokens": 480, "ignore_eos": True, "stream": True, **body}
+        async with httpx.AsyncClient(timeout=60) as client:
+            async with client.stream("POST", server.url + path, json=body) as r:
+                seen = 0
+                async for line in r.aiter_lines():
+                    seen += line.startswith("data: ")
+                    if seen >= 3:
+                        return
+
+    before = server.metrics()["vllm:generation_tokens_total"]
+
+    async def run():
+        await asyncio.gather(*(leave_early(path, body) for path, body in requests for _ in range(2)))
+
+    asyncio.run(run())
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        m = server.metrics()
+        if m["vllm:num_requests_running"] == 0 and m["dsserve:kv_cache_free_blocks"] == m["dsserve:kv_cache_total_blocks"]:
+            break
+        time.sleep(0.1)
+    assert m["vllm:num_requests_running"] == 0 and m["dsserve:kv_cache_free_blocks"] == m["dsserve:kv_cache_total_blocks"]
+    assert m["vllm:generation_tokens_total"] - before < 4 * 480 / 2
