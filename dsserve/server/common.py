@@ -72,14 +72,17 @@ async def results(state, http: Request, rid: str, prompt: Any, params: SamplingP
     state.in_flight += 1
     state.metrics.arrived(rid, time.perf_counter())
     stream = state.engine.generate(rid, prompt, params)
+    finished = rejected = False
     try:
         async for output in stream:
+            finished = output.finished
             yield output
     except InvalidRequestError as e:
+        rejected = True
         raise APIError(400, str(e), param=getattr(e, "param", None), code="invalid_value") from None
     finally:
         state.in_flight -= 1
-        state.metrics.forget(rid)
+        state.metrics.forget(rid, aborted=not (finished or rejected))
         await stream.aclose()
 
 

@@ -40,9 +40,13 @@ class Metrics:
     def arrived(self, request_id: str, now: float) -> None:
         self._arrivals[request_id] = now
 
-    def forget(self, request_id: str) -> None:
-        self._arrivals.pop(request_id, None)
-        self._last.pop(request_id, None)
+    def forget(self, request_id: str, aborted: bool = False) -> None:
+        """Drop a request's timing state; `aborted`: it ended unfinished (its client left, or the engine failed), so
+        it counts as finished_reason "abort", as vLLM counts it (a rejected request never started: not counted)."""
+        with self._lock:
+            if self._arrivals.pop(request_id, None) is not None and aborted:
+                self.finished["abort"] = self.finished.get("abort", 0) + 1
+            self._last.pop(request_id, None)
 
     def observe(self, output: RequestOutput, now: float) -> None:
         num_tokens = sum(len(c.token_ids) for c in output.outputs)
@@ -65,7 +69,8 @@ class Metrics:
                     self.e2e.observe(now - arrival)
                 for c in output.outputs:
                     self.finished[c.finish_reason or "abort"] = self.finished.get(c.finish_reason or "abort", 0) + 1
-                self.forget(output.request_id)
+                self._arrivals.pop(output.request_id, None)
+                self._last.pop(output.request_id, None)
 
     def collect(self):
         name = [self.model_name]

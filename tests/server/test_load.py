@@ -97,7 +97,7 @@ def test_engine_death_mid_stream_sends_error_then_done(tiny_r1):
 
 def test_a_vanished_stream_is_aborted_not_run_to_its_end(server):
     """Both endpoints: a client that closes a stream after a few tokens gets its request aborted and its blocks
-    freed, not generated to max_tokens (4 x 480 tokens if it were)."""
+    freed, not generated to max_tokens (4 x 480 tokens if it were), and counted as finished_reason "abort"."""
     requests = [("/v1/chat/completions", {"messages": [{"role": "user", "content": "long"}]}),
                 ("/v1/completions", {"prompt": "long"})]
 
@@ -111,7 +111,13 @@ def test_a_vanished_stream_is_aborted_not_run_to_its_end(server):
                     if seen >= 3:
                         return
 
-    before = server.metrics()["vllm:generation_tokens_total"]
+    def aborted() -> float:  # server.metrics() keeps one label set per name: read this one's line
+        for line in httpx.get(server.url + "/metrics").text.splitlines():
+            if line.startswith("vllm:request_success_total{") and 'finished_reason="abort"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before, aborted_before = server.metrics()["vllm:generation_tokens_total"], aborted()
 
     async def run():
         await asyncio.gather(*(leave_early(path, body) for path, body in requests for _ in range(2)))
@@ -125,3 +131,4 @@ def test_a_vanished_stream_is_aborted_not_run_to_its_end(server):
         time.sleep(0.1)
     assert m["vllm:num_requests_running"] == 0 and m["dsserve:kv_cache_free_blocks"] == m["dsserve:kv_cache_total_blocks"]
     assert m["vllm:generation_tokens_total"] - before < 4 * 480 / 2
+    assert aborted() == aborted_before + 4  # counted as vLLM counts them
