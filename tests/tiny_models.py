@@ -46,17 +46,17 @@ def deepseek_v3(path: Path, seed: int = 0, **overrides) -> Path:
     return _finish(DeepseekV3ForCausalLM(cfg), path, seed)
 
 
-def deepseek_v2(path: Path, seed: int = 0) -> Path:
+def deepseek_v2(path: Path, seed: int = 0, **overrides) -> Path:
     """V2 with softmax group_limited_greedy routing and q_lora_rank null (as V2-Lite)."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
-    cfg = DeepseekV2Config(
+    cfg = DeepseekV2Config(**{**dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=2,
         n_group=4, topk_group=2, topk_method="group_limited_greedy", q_lora_rank=None, kv_lora_rank=32,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1, routed_scaling_factor=16.0,
         norm_topk_prob=False, rope_scaling=YARN_V2, max_position_embeddings=2560, bos_token_id=0, eos_token_id=1,
-    )
+    ), **overrides})
     torch.manual_seed(seed)
     return _finish(DeepseekV2ForCausalLM(cfg), path, seed)
 
@@ -94,6 +94,10 @@ BUILDERS = {
     # a latent + rope entry of 48 values: a multiple of the attention kernel's vector width with AVX-512 too (16)
     "deepseek_v3_rope16": lambda p: deepseek_v3(p, qk_rope_head_dim=16),
     "deepseek_v3_rope16_no_q_lora": lambda p: deepseek_v3(p, qk_rope_head_dim=16, q_lora_rank=None),
+    "deepseek_v2_rope16": lambda p: deepseek_v2(p, qk_rope_head_dim=16),
+    # V2-Lite's routing: softmax, plain greedy top-k over all experts, weights renormalized
+    "deepseek_v2_lite_rope16": lambda p: deepseek_v2(p, qk_rope_head_dim=16, topk_method="greedy", n_group=1,
+                                                     topk_group=1, norm_topk_prob=True, num_experts_per_tok=3),
     "qwen2_tied": lambda p: qwen2(p, tied=True),
     "qwen2_untied": lambda p: qwen2(p, tied=False),
     "llama3": llama,

@@ -124,6 +124,9 @@ def _build() -> ctypes.CDLL:
     lib.dsserve_router_noaux.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float,
                                          ptr, ptr]
     lib.dsserve_router_noaux.restype = ctypes.c_int
+    lib.dsserve_router_softmax.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int,
+                                           ctypes.c_float, ptr, ptr]
+    lib.dsserve_router_softmax.restype = ctypes.c_int
     lib.dsserve_linear_bf16.restype = lib.dsserve_linear_bf16_supported.restype = ctypes.c_int
     lib.dsserve_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.dsserve_dense_decode.argtypes = [ptr, i64, ptr]
@@ -444,6 +447,21 @@ def router_noaux(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_gr
     return (weights, ids) if status == 0 else None
 
 
+def router_softmax(x: torch.Tensor, weight: torch.Tensor, n_group: int, topk_group: int, top_k: int,
+                   group_limited: bool, normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """DeepSeek-V2's softmax routing of x (T, D) float32, greedy or group-limited (elementwise.c describes it):
+    weights (T, k) float32 and expert ids (T, k) int64, or None where the kernel does not take this shape."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    tokens = x.shape[0]
+    weights = torch.empty(tokens, top_k, dtype=torch.float32)
+    ids = torch.empty(tokens, top_k, dtype=torch.int64)
+    status = _state["lib"].dsserve_router_softmax(x.data_ptr(), tokens, x.shape[1], weight.data_ptr(), weight.shape[0],
+                                                  n_group, topk_group, top_k, int(group_limited), int(normalize), scale,
+                                                  weights.data_ptr(), ids.data_ptr())
+    return (weights, ids) if status == 0 else None
+
+
 def packed_weights_unavailable(weight_dtype: torch.dtype) -> str | None:
     """None when there is a kernel for `weight_dtype` packed linear weights (fp16: linear_f16.c, else this torch
     build's FBGEMM; fp32: oneDNN. layers/linear.py packs them), else why not."""
@@ -583,7 +601,7 @@ class _MLAStep(ctypes.Structure):
         "absorb_k_stride", "absorb_v_stride")),
                 *((name, ctypes.c_float) for name in ("eps", "lora_eps", "scale", "routed_scale")),
                 *((name, ctypes.c_int32) for name in ("cache_half", "interleaved", "weights_bf16", "normalize",
-                                                       "experts_f16_table", "reserved")),
+                                                       "experts_f16_table", "router_kind")),
                 *((name, ctypes.c_void_p) for name in ("positions", "slots", "tables", "lens", "cos_table", "sin_table",
                                                        "x", "work"))]
 

@@ -33,6 +33,9 @@ int dsserve_moe_f16(const float *x, int64_t T, int64_t D, const int64_t *ids, co
 int dsserve_router_noaux(const float *x, int64_t T, int64_t D, const float *W, int64_t E, const float *bias,
                          int64_t n_group, int64_t topk_group, int64_t k, int normalize, float scale,
                          float *out_weights, int64_t *out_ids);
+int dsserve_router_softmax(const float *x, int64_t T, int64_t D, const float *W, int64_t E, int64_t n_group,
+                           int64_t topk_group, int64_t k, int group_limited, int normalize, float scale,
+                           float *out_weights, int64_t *out_ids);
 int dsserve_paged_decode(const float *q, const void *cache, const int64_t *tables, const int64_t *lens, float *out,
                          int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t k_dim, int64_t v_dim,
                          int64_t block_size, int64_t table_stride, int64_t token_stride, int64_t head_stride,
@@ -116,12 +119,12 @@ int dsserve_dense_decode(const dsserve_dense_layer *layers, int64_t num_layers, 
 
 /* ---- DeepSeek: MLA + DeepSeekMoE --------------------------------------------------------------------------------
  *
- * One layer of DeepSeek V3 / R1 (or V2-Lite-shaped attention: no q LoRA) at decode, as layers/attention.py's
+ * One layer of DeepSeek V3 / R1 / V2 / V2-Lite (with or without q LoRA) at decode, as layers/attention.py's
  * absorbed path and layers/moe.py compute it: the queries are projected into latent space per head (fp16 W_UK^T),
  * attend over the cache's normalized latents + rope keys as one shared KV head, and come back out per head (fp16
  * W_UV) before o_proj. The MLP half is a dense SwiGLU MLP (the first_k_dense_replace layers) or the MoE: the
- * sigmoid noaux_tc router, the routed experts (a few tokens: every (token, slot) pair in one call of moe_f16 over
- * fp16 weights; more: tokens sorted by expert, one GEMM pair per active expert, summed per token in sorted order,
+ * router (V3's sigmoid noaux_tc, or V2's softmax greedy / group-limited), the routed experts (a few tokens:
+ * every (token, slot) pair in one call of moe_f16 over fp16 weights; more: tokens sorted by expert, one GEMM pair per active expert, summed per token in sorted order,
  * as the module path's index_add_), plus the shared experts. */
 
 typedef struct {
@@ -130,7 +133,7 @@ typedef struct {
     const float *q_a_bias, *kv_a_bias, *o_bias;
     const uint16_t *absorb_k, *absorb_v;   /* per head, fp16 (linear_f16.c: heads_f16): W_UK^T (C x nope), W_UV (v x C) */
     const uint16_t *gate_up, *down;        /* the dense MLP, or the shared experts (NULL: none) */
-    const float *router, *router_bias;     /* (experts, hidden) float32 and (experts,): NULL in a dense layer */
+    const float *router, *router_bias;     /* (experts, hidden) float32 and V3's (experts,): NULL in a dense layer */
     const uint16_t *const *w13, *const *w2; /* each routed expert's [gate; up] (2 I, hidden) and down (hidden, I) */
     void *cache;                           /* (blocks, block_size, C + rope) float32 or float16, contiguous */
     int64_t ffn_intermediate;              /* of gate_up / down */
@@ -141,7 +144,8 @@ typedef struct {
     int64_t experts, top_k, n_group, topk_group, moe_intermediate, max_intermediate;
     int64_t block_size, table_stride, heads_per_task, absorb_k_stride, absorb_v_stride;
     float eps, lora_eps, scale, routed_scale;
-    int32_t cache_half, interleaved, weights_bf16, normalize, experts_f16_table, reserved;
+    int32_t cache_half, interleaved, weights_bf16, normalize, experts_f16_table;
+    int32_t router_kind;  /* 0: V3's sigmoid noaux_tc; V2's softmax: 1 greedy, 2 group-limited greedy */
     const int64_t *positions, *slots, *tables, *lens;
     const float *cos_table, *sin_table;
     float *x, *work;
@@ -248,9 +252,12 @@ int dsserve_mla_decode(const dsserve_mla_layer *layers, int64_t num_layers, cons
         const int64_t I = L->ffn_intermediate;
         float *shared = L->router ? routed : branch;  /* dense: the MLP's output is the branch itself */
         if (L->router) {
-            if ((status = dsserve_router_noaux(h, T, D, L->router, s->experts, L->router_bias, s->n_group,
-                                               s->topk_group, s->top_k, s->normalize, s->routed_scale, weights, ids)))
-                return status;
+            status = s->router_kind
+                ? dsserve_router_softmax(h, T, D, L->router, s->experts, s->n_group, s->topk_group, s->top_k,
+                                         s->router_kind == 2, s->normalize, s->routed_scale, weights, ids)
+                : dsserve_router_noaux(h, T, D, L->router, s->experts, L->router_bias, s->n_group, s->topk_group,
+                                       s->top_k, s->normalize, s->routed_scale, weights, ids);
+            if (status) return status;
             if (s->experts_f16_table && pairs <= s->experts)
                 status = dsserve_moe_f16(h, T, D, ids, weights, s->top_k, L->w13, L->w2, s->experts,
                                          s->moe_intermediate, branch, rows);

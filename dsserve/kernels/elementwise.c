@@ -175,3 +175,71 @@ int dsserve_router_noaux(const float *x, int64_t T, int64_t D, const float *W, i
     }
     return 0;
 }
+
+/* DeepSeek-V2's router (softmax scores; topk_method "greedy", or "group_limited_greedy": a group's score is its
+ * best expert's, the topk_group best groups are kept) for T tokens: the k best scores (ties: the lower index, at
+ * both stages) and their ids; weights divided by their sum when `normalize`, times `scale`. W (E, D), x (T, D)
+ * contiguous float32; out_weights (T, k) float32, out_ids (T, k) int64. E <= 1024 and, group-limited,
+ * E % n_group == 0; returns -2 beyond that. */
+int dsserve_router_softmax(const float *x, int64_t T, int64_t D, const float *W, int64_t E, int64_t n_group,
+                           int64_t topk_group, int64_t k, int group_limited, int normalize, float scale,
+                           float *out_weights, int64_t *out_ids) {
+    if (E > 1024 || k > E || (group_limited && (n_group <= 0 || E % n_group || topk_group > n_group))) return -2;
+    const int64_t per_group = group_limited ? E / n_group : E;
+#pragma omp parallel for schedule(static) if (T * E * D >= 4 * PARALLEL_MIN)
+    for (int64_t t = 0; t < T; t++) {
+        float scores[1024];
+        unsigned char kept[1024];
+        const float *xt = x + t * D;
+        float top = -INFINITY;
+        for (int64_t e = 0; e < E; e++) {
+            const float *w = W + e * D;
+            float partial[16] = {0};
+            int64_t j = 0;
+            for (; j + 16 <= D; j += 16)
+                for (int i = 0; i < 16; i++) partial[i] += w[j + i] * xt[j + i];
+            float logit = 0.0f;
+            for (; j < D; j++) logit += w[j] * xt[j];
+            for (int i = 0; i < 16; i++) logit += partial[i];
+            scores[e] = logit;
+            top = logit > top ? logit : top;
+        }
+        float sum = 0.0f;
+        for (int64_t e = 0; e < E; e++) sum += (scores[e] = expf(scores[e] - top));
+        for (int64_t e = 0; e < E; e++) scores[e] /= sum;
+        const int64_t groups = group_limited ? n_group : 1, keep = group_limited ? topk_group : 1;
+        float group_score[1024];
+        for (int64_t g = 0; g < groups; g++) {  /* a group's best score */
+            float best = -INFINITY;
+            for (int64_t e = g * per_group; e < (g + 1) * per_group; e++) best = scores[e] > best ? scores[e] : best;
+            group_score[g] = best;
+            kept[g] = 0;
+        }
+        for (int64_t pick = 0; pick < keep; pick++) {
+            int64_t best = -1;
+            for (int64_t g = 0; g < groups; g++)
+                if (!kept[g] && (best < 0 || group_score[g] > group_score[best])) best = g;
+            kept[best] = 1;
+        }
+        unsigned char taken[1024] = {0};
+        float total = 0.0f;
+        for (int64_t pick = 0; pick < k; pick++) {
+            int64_t best = -1;
+            float best_score = 0.0f;
+            for (int64_t e = 0; e < E; e++) {  /* experts of dropped groups score 0, as the torch router masks them */
+                const float s = kept[e / per_group] ? scores[e] : 0.0f;
+                if (!taken[e] && (best < 0 || s > best_score)) best = e, best_score = s;
+            }
+            taken[best] = 1;
+            out_ids[t * k + pick] = best;
+            out_weights[t * k + pick] = best_score;
+            total += best_score;
+        }
+        for (int64_t pick = 0; pick < k; pick++) {
+            float w = out_weights[t * k + pick];
+            if (normalize) w = w / (total + 1e-20f);
+            out_weights[t * k + pick] = w * scale;
+        }
+    }
+    return 0;
+}

@@ -34,6 +34,13 @@ class Router(nn.Module):
                                               c.routed_scaling_factor)
             if routed is not None:
                 return routed
+        if (c.scoring_func == "softmax" and c.topk_method in ("greedy", "group_limited_greedy")
+                and cpu_kernels.fused_ops_usable(x)):  # V2 on CPU: one C call too
+            routed = cpu_kernels.router_softmax(x, self.weight, c.n_group, c.topk_group, c.num_experts_per_tok,
+                                                c.topk_method == "group_limited_greedy",
+                                                c.norm_topk_prob and c.num_experts_per_tok > 1, c.routed_scaling_factor)
+            if routed is not None:
+                return routed
         logits = F.linear(x.float(), self.weight)  # (T, E)
         scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         num_tokens, num_experts = scores.shape

@@ -111,10 +111,10 @@ class DeepseekForCausalLM(CausalLM):
 
     def fuse_decode_for_cpu(self, kv_caches: list[torch.Tensor]) -> bool:
         """Where every layer can run in dsserve's C kernels (one device, float32 activations, every linear and
-        routed expert float16 or bfloat16 in dsserve's own packing, MLA's absorbed per-head packs, V3 / R1's
-        sigmoid noaux_tc router, a latent cache the attention kernel reads), decode steps run all layers in one
-        call (kernels/decode_layers.c: dsserve_mla_decode). Returns whether they do; the module path stays for
-        prefill, V2's softmax routers and the rest."""
+        routed expert float16 or bfloat16 in dsserve's own packing, MLA's absorbed per-head packs, a router with a
+        C kernel (V3 / R1's sigmoid noaux_tc, V2's softmax greedy or group-limited), a latent cache the attention
+        kernel reads), decode steps run all layers in one call (kernels/decode_layers.c: dsserve_mla_decode). Returns whether they do; the module path stays for
+        prefill and the rest."""
         c = self.config
         attn0 = self.layers[0].self_attn
         rotary, entry = attn0.rotary, c.kv_lora_rank + c.qk_rope_head_dim
@@ -143,7 +143,7 @@ class DeepseekForCausalLM(CausalLM):
             absorb_k_stride=absorb_k[0].numel(), absorb_v_stride=absorb_v[0].numel(),
             eps=self.layers[0].input_layernorm.eps, lora_eps=attn0.kv_a_layernorm.eps, scale=attn0.scale,
             routed_scale=c.routed_scaling_factor, interleaved=int(rotary.interleaved), weights_bf16=int(kinds == {"dsserve-bf16"}),
-            normalize=int(bool(c.norm_topk_prob) and c.num_experts_per_tok > 1),
+            normalize=int(bool(c.norm_topk_prob) and c.num_experts_per_tok > 1), router_kind=_router_kind(c) if moe else 0,
             # one flag for every layer, as the module path decides per layer: one packing kind for all (checked above)
             experts_f16_table=int(bool(moe) and all(m.experts.table is not None for m in moe)))
         return True
@@ -188,8 +188,7 @@ def _ffn_fields(mlp: nn.Module, c: ModelConfig, kinds: set) -> dict | None:
         return fields
     experts, gate = mlp.experts, mlp.gate
     E = c.n_routed_experts
-    if (c.topk_method != "noaux_tc" or c.scoring_func != "sigmoid" or E > 1024 or not c.n_group or E % c.n_group
-            or E // c.n_group < 2 or c.topk_group > c.n_group or c.num_experts_per_tok > E
+    if (_router_kind(c) is None or c.num_experts_per_tok > E
             or experts.packed is None or experts.first_expert != 0 or experts.num_local != E
             or gate.weight.dtype != torch.float32 or not gate.weight.is_contiguous()):
         return None
@@ -197,8 +196,21 @@ def _ffn_fields(mlp: nn.Module, c: ModelConfig, kinds: set) -> dict | None:
         return None
     kinds.update(p.kind for pair in experts.packed for p in pair)
     pointers = ctypes.c_void_p * E
-    fields.update(router=gate.weight, router_bias=gate.e_score_correction_bias,
+    fields.update(router=gate.weight, router_bias=getattr(gate, "e_score_correction_bias", None),
                   experts=experts.packed,  # not a struct field: keeps the tensors the pointer arrays point into alive
                   w13=pointers(*(w13.data.data_ptr() for w13, _ in experts.packed)),
                   w2=pointers(*(w2.data.data_ptr() for _, w2 in experts.packed)))
     return fields
+
+
+def _router_kind(c: ModelConfig) -> int | None:
+    """dsserve_mla_decode's router_kind for this config (elementwise.c's two router kernels), None if neither fits."""
+    E, groups = c.n_routed_experts, c.n_group
+    grouped = bool(groups) and E % groups == 0 and c.topk_group <= groups
+    if c.topk_method == "noaux_tc" and c.scoring_func == "sigmoid":
+        return 0 if E <= 1024 and grouped and E // groups >= 2 else None
+    if c.scoring_func == "softmax" and c.topk_method == "greedy":
+        return 1 if E <= 1024 else None
+    if c.scoring_func == "softmax" and c.topk_method == "group_limited_greedy":
+        return 2 if E <= 1024 and grouped else None
+    return None

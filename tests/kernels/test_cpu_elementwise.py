@@ -99,6 +99,41 @@ def test_noaux_router_matches_torch(tokens, experts, groups, topk_group, top_k):
     torch.testing.assert_close(weights.gather(1, order), ref_weights.gather(1, ref_order), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("tokens,experts,method,groups,topk_group,top_k,normalize", [
+    (1, 8, "group_limited_greedy", 4, 2, 2, False), (7, 64, "group_limited_greedy", 8, 3, 6, True),
+    (300, 64, "greedy", 1, 1, 6, False), (5, 16, "greedy", 1, 1, 3, True)])
+def test_softmax_router_matches_torch(tokens, experts, method, groups, topk_group, top_k, normalize):
+    """V2's routers (V2: group-limited; V2-Lite: greedy) in C against the torch expressions."""
+    from types import SimpleNamespace
+
+    from dsserve.layers.moe import Router
+
+    torch.manual_seed(tokens + experts)
+    config = SimpleNamespace(n_routed_experts=experts, hidden_size=40, topk_method=method, scoring_func="softmax",
+                             n_group=groups, topk_group=topk_group, num_experts_per_tok=top_k, norm_topk_prob=normalize,
+                             routed_scaling_factor=16.0)
+    router = Router(config, "gate")
+    router.weight.data.normal_(0, 0.3)
+    x = torch.randn(tokens, 40)
+    calls = []
+    real = cpu_kernels.router_softmax
+    try:
+        cpu_kernels.router_softmax = lambda *a: calls.append(1) or real(*a)
+        weights, ids = router(x)  # the C kernel
+    finally:
+        cpu_kernels.router_softmax = real
+    assert calls
+    cpu_kernels_state = cpu_kernels._state.copy()
+    try:
+        cpu_kernels._state["lib"] = None  # the torch path
+        ref_weights, ref_ids = router(x)
+    finally:
+        cpu_kernels._state.update(cpu_kernels_state)
+    order, ref_order = ids.argsort(dim=-1), ref_ids.argsort(dim=-1)
+    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
+    torch.testing.assert_close(weights.gather(1, order), ref_weights.gather(1, ref_order), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cache_write_matches_index_copy(dtype):
     from dsserve.layers.attention import AttentionMetadata

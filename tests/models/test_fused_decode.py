@@ -24,6 +24,7 @@ NEEDS_BF16 = pytest.mark.skipif(not cpu_kernels.linear_bf16_usable(), reason="ne
     ("deepseek_v3_rope16", "float16", "auto"), ("deepseek_v3_rope16", "float16", "float16"),
     ("deepseek_v3_rope16_no_q_lora", "float16", "auto"),
     pytest.param("deepseek_v3_rope16", "bfloat16", "auto", marks=NEEDS_BF16),
+    ("deepseek_v2_rope16", "float16", "auto"), ("deepseek_v2_lite_rope16", "float16", "float16"),
 ])
 def test_fused_decode_gives_the_module_paths_bits(model_dir, monkeypatch, name, weight_dtype, kv_cache_dtype):
     # no prefix caching: the second run's prompts must be computed as the first's were
@@ -55,18 +56,26 @@ def test_not_fused_where_a_layer_is_not_in_the_fp16_kernel(model_dir, name):
     assert plain.engine.runner.model.fused_decode is None
 
 
-def test_not_fused_with_v2_softmax_routing(model_dir):
-    """V2's softmax group_limited_greedy router has no C kernel: its decode keeps the module path."""
-    llm = LLM(model_dir("deepseek_v2"), num_kv_blocks=16, max_model_len=64, weight_dtype="float16")
+def test_not_fused_with_a_router_without_a_c_kernel(model_dir, tmp_path):
+    """A sigmoid router without noaux_tc (no C kernel for it): decode keeps the module path."""
+    import json
+    import shutil
+
+    path = tmp_path / "sigmoid_greedy"
+    shutil.copytree(model_dir("deepseek_v3_rope16"), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "topk_method": "greedy"}))
+    llm = LLM(path, num_kv_blocks=16, max_model_len=64, weight_dtype="float16")
     assert llm.engine.runner.model.fused_decode is None
 
 
-def test_fused_mla_decode_tracks_transformers(model_dir, tmp_path):
-    """DeepSeek-V3 on fp16-exact weights through the one-call decode: transformers' greedy tokens."""
+@pytest.mark.parametrize("name", ["deepseek_v3_rope16", "deepseek_v2_rope16"])
+def test_fused_mla_decode_tracks_transformers(model_dir, tmp_path, name):
+    """DeepSeek V3 and V2 on fp16-exact weights through the one-call decode: transformers' greedy tokens."""
     from tiny_models import hf_greedy
     from test_cpu_prepack import _representable_copy
 
-    path = _representable_copy(model_dir("deepseek_v3_rope16"), tmp_path / "v3")
+    path = _representable_copy(model_dir(name), tmp_path / name)
     llm = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
     assert isinstance(llm.engine.runner.model.fused_decode, cpu_kernels.MLADecoder)
     prompt = [7, 8, 9, 10, 11, 200, 3]
