@@ -436,29 +436,27 @@ def router_noaux(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, n_gr
                  top_k: int, normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """DeepSeek-V3's sigmoid / noaux_tc routing of x (T, D) float32 (elementwise.c describes it): weights (T, k)
     float32 and expert ids (T, k) int64, or None where the kernel does not take this shape (torch then)."""
-    if not x.is_contiguous():
-        x = x.contiguous()
-    tokens = x.shape[0]
-    weights = torch.empty(tokens, top_k, dtype=torch.float32)
-    ids = torch.empty(tokens, top_k, dtype=torch.int64)
-    status = _state["lib"].dsserve_router_noaux(x.data_ptr(), tokens, x.shape[1], weight.data_ptr(), weight.shape[0],
-                                                bias.data_ptr(), n_group, topk_group, top_k, int(normalize), scale,
-                                                weights.data_ptr(), ids.data_ptr())
-    return (weights, ids) if status == 0 else None
+    return _route("dsserve_router_noaux", x, weight, top_k, bias.data_ptr(), n_group, topk_group, top_k,
+                  int(normalize), scale)
 
 
 def router_softmax(x: torch.Tensor, weight: torch.Tensor, n_group: int, topk_group: int, top_k: int,
                    group_limited: bool, normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """DeepSeek-V2's softmax routing of x (T, D) float32, greedy or group-limited (elementwise.c describes it):
     weights (T, k) float32 and expert ids (T, k) int64, or None where the kernel does not take this shape."""
+    return _route("dsserve_router_softmax", x, weight, top_k, n_group, topk_group, top_k, int(group_limited),
+                  int(normalize), scale)
+
+
+def _route(kernel: str, x: torch.Tensor, weight: torch.Tensor, top_k: int, *args) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Call a router kernel (x, T, D, W, E, *args, out_weights, out_ids): its (weights, ids), or None on status -2."""
     if not x.is_contiguous():
         x = x.contiguous()
     tokens = x.shape[0]
     weights = torch.empty(tokens, top_k, dtype=torch.float32)
     ids = torch.empty(tokens, top_k, dtype=torch.int64)
-    status = _state["lib"].dsserve_router_softmax(x.data_ptr(), tokens, x.shape[1], weight.data_ptr(), weight.shape[0],
-                                                  n_group, topk_group, top_k, int(group_limited), int(normalize), scale,
-                                                  weights.data_ptr(), ids.data_ptr())
+    status = getattr(_state["lib"], kernel)(x.data_ptr(), tokens, x.shape[1], weight.data_ptr(), weight.shape[0], *args,
+                                            weights.data_ptr(), ids.data_ptr())
     return (weights, ids) if status == 0 else None
 
 
@@ -508,9 +506,11 @@ class _FusedDecoder:
     integer inputs coerced once, the scratch grown on demand, and the check that the caches are the ones the
     structs point at."""
 
-    _entry: str  # the library function: (layers, num_layers, step*) -> status
-
-    def __init__(self, layer_struct, layers: list[dict], step: ctypes.Structure, heads: int, keep: tuple):
+    def __init__(self, entry: str, workspace, layer_struct, layers: list[dict], step: ctypes.Structure, heads: int,
+                 keep: tuple):
+        """entry: the library function, (layers, num_layers, step*) -> status; workspace(lib, batch): the floats of
+        scratch a step of `batch` tokens needs (step.tokens already set)."""
+        self._entry, self._workspace = entry, workspace
         self._keep = (layers, *keep)
         self.caches = [layer["cache"] for layer in layers]  # the structs point into these very tensors
         self.layers = (layer_struct * len(layers))(*(
@@ -518,9 +518,6 @@ class _FusedDecoder:
         self.num_layers, self.step, self.heads = len(layers), step, heads
         self.work = torch.empty(0, dtype=torch.float32)
         self.threads = torch.get_num_threads()
-
-    def _workspace(self, lib, batch: int) -> int:
-        raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
@@ -570,8 +567,6 @@ class DenseDecoder(_FusedDecoder):
     float32; qkv, o, gate_up, down packed by `pack_f16` (or all by `pack_bf16`: `weights_bf16`); qkv_bias, o_bias
     (or None); cache (blocks, block_size, 2, kv_heads, head_dim) float32 or float16, contiguous."""
 
-    _entry = "dsserve_dense_decode"
-
     def __init__(self, layers: list[dict], *, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
                  eps: float, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
                  weights_bf16: bool = False):
@@ -580,11 +575,9 @@ class DenseDecoder(_FusedDecoder):
                           block_size=cache.shape[1], eps=eps, scale=scale, cache_half=int(cache.dtype == torch.float16),
                           interleaved=int(interleaved), weights_bf16=int(weights_bf16),
                           cos_table=cos.data_ptr(), sin_table=sin.data_ptr())
-        super().__init__(_DenseLayer, layers, step, heads, (cos, sin))
-        self.dims = (hidden, heads, kv_heads, head_dim, intermediate)
-
-    def _workspace(self, lib, batch: int) -> int:
-        return lib.dsserve_dense_workspace(batch, *self.dims)
+        dims = (hidden, heads, kv_heads, head_dim, intermediate)
+        super().__init__("dsserve_dense_decode", lambda lib, batch: lib.dsserve_dense_workspace(batch, *dims),
+                         _DenseLayer, layers, step, heads, (cos, sin))
 
 
 class _MLALayer(ctypes.Structure):
@@ -616,13 +609,9 @@ class MLADecoder(_FusedDecoder):
     `layers`: per layer a dict of the `_MLALayer` fields (tensors, C pointer arrays for w13 / w2, None for NULL,
     the int ffn_intermediate); `dims`: the `_MLAStep` integer and float fields that do not change per step."""
 
-    _entry = "dsserve_mla_decode"
-
     def __init__(self, layers: list[dict], *, cos: torch.Tensor, sin: torch.Tensor, **dims):
         cache = layers[0]["cache"]
         step = _MLAStep(block_size=cache.shape[1], cache_half=int(cache.dtype == torch.float16),
                         cos_table=cos.data_ptr(), sin_table=sin.data_ptr(), **dims)
-        super().__init__(_MLALayer, layers, step, dims["heads"], (cos, sin))
-
-    def _workspace(self, lib, batch: int) -> int:
-        return lib.dsserve_mla_workspace(ctypes.byref(self.step))
+        super().__init__("dsserve_mla_decode", lambda lib, batch: lib.dsserve_mla_workspace(ctypes.byref(step)),
+                         _MLALayer, layers, step, dims["heads"], (cos, sin))

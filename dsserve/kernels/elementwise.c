@@ -113,6 +113,19 @@ int dsserve_cache_write(void *cache, int64_t entry, _Bool half, const int64_t *s
     return 0;
 }
 
+/* One expert's router logit w . x over D values: sixteen independent partial sums (vectorized without
+ * reassociating one sum), then the tail, then the partials in order. */
+static inline float router_logit(const float *w, const float *x, int64_t D) {
+    float partial[16] = {0};
+    int64_t j = 0;
+    for (; j + 16 <= D; j += 16)
+        for (int i = 0; i < 16; i++) partial[i] += w[j + i] * x[j + i];
+    float logit = 0.0f;
+    for (; j < D; j++) logit += w[j] * x[j];
+    for (int i = 0; i < 16; i++) logit += partial[i];
+    return logit;
+}
+
 /* DeepSeek-V3's router (topk_method "noaux_tc", sigmoid scores) for T tokens: scores = sigmoid(W x), choice =
  * scores + bias; a group's score is the sum of its two best choices; the topk_group best groups are kept; the
  * k best choices among their experts are picked (ties: the lower index, at both stages); their weights are the
@@ -129,14 +142,7 @@ int dsserve_router_noaux(const float *x, int64_t T, int64_t D, const float *W, i
         unsigned char kept[1024];
         const float *xt = x + t * D;
         for (int64_t e = 0; e < E; e++) {
-            const float *w = W + e * D;
-            float partial[16] = {0};
-            int64_t j = 0;
-            for (; j + 16 <= D; j += 16)
-                for (int i = 0; i < 16; i++) partial[i] += w[j + i] * xt[j + i];
-            float logit = 0.0f;
-            for (; j < D; j++) logit += w[j] * xt[j];
-            for (int i = 0; i < 16; i++) logit += partial[i];
+            const float logit = router_logit(W + e * D, xt, D);
             scores[e] = 1.0f / (1.0f + expf(-logit));
             choice[e] = scores[e] + bias[e];
         }
@@ -193,14 +199,7 @@ int dsserve_router_softmax(const float *x, int64_t T, int64_t D, const float *W,
         const float *xt = x + t * D;
         float top = -INFINITY;
         for (int64_t e = 0; e < E; e++) {
-            const float *w = W + e * D;
-            float partial[16] = {0};
-            int64_t j = 0;
-            for (; j + 16 <= D; j += 16)
-                for (int i = 0; i < 16; i++) partial[i] += w[j + i] * xt[j + i];
-            float logit = 0.0f;
-            for (; j < D; j++) logit += w[j] * xt[j];
-            for (int i = 0; i < 16; i++) logit += partial[i];
+            const float logit = router_logit(W + e * D, xt, D);
             scores[e] = logit;
             top = logit > top ? logit : top;
         }

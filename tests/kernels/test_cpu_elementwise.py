@@ -73,6 +73,19 @@ def test_other_dtypes_take_the_torch_path():
     assert torch.equal(silu_and_mul(gate_up), F.silu(gate) * up)
 
 
+def _same_routing(router, x, weights, ids):
+    """The C kernel's (weights, ids) for x are the torch path's, up to the order of the k picks."""
+    cpu_kernels_state = cpu_kernels._state.copy()
+    try:
+        cpu_kernels._state["lib"] = None  # the torch path
+        ref_weights, ref_ids = router(x)
+    finally:
+        cpu_kernels._state.update(cpu_kernels_state)
+    order, ref_order = ids.argsort(dim=-1), ref_ids.argsort(dim=-1)
+    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
+    torch.testing.assert_close(weights.gather(1, order), ref_weights.gather(1, ref_order), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("tokens,experts,groups,topk_group,top_k", [(1, 16, 4, 2, 4), (7, 64, 8, 4, 8), (300, 16, 1, 1, 2)])
 def test_noaux_router_matches_torch(tokens, experts, groups, topk_group, top_k):
     from types import SimpleNamespace
@@ -88,15 +101,7 @@ def test_noaux_router_matches_torch(tokens, experts, groups, topk_group, top_k):
     router.e_score_correction_bias.data.normal_(0, 0.1)
     x = torch.randn(tokens, 48)
     weights, ids = router(x)  # the C kernel
-    cpu_kernels_state = cpu_kernels._state.copy()
-    try:
-        cpu_kernels._state["lib"] = None  # the torch path
-        ref_weights, ref_ids = router(x)
-    finally:
-        cpu_kernels._state.update(cpu_kernels_state)
-    order, ref_order = ids.argsort(dim=-1), ref_ids.argsort(dim=-1)
-    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
-    torch.testing.assert_close(weights.gather(1, order), ref_weights.gather(1, ref_order), rtol=1e-5, atol=1e-6)
+    _same_routing(router, x, weights, ids)
 
 
 @pytest.mark.parametrize("tokens,experts,method,groups,topk_group,top_k,normalize", [
@@ -123,15 +128,7 @@ def test_softmax_router_matches_torch(tokens, experts, method, groups, topk_grou
     finally:
         cpu_kernels.router_softmax = real
     assert calls
-    cpu_kernels_state = cpu_kernels._state.copy()
-    try:
-        cpu_kernels._state["lib"] = None  # the torch path
-        ref_weights, ref_ids = router(x)
-    finally:
-        cpu_kernels._state.update(cpu_kernels_state)
-    order, ref_order = ids.argsort(dim=-1), ref_ids.argsort(dim=-1)
-    assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
-    torch.testing.assert_close(weights.gather(1, order), ref_weights.gather(1, ref_order), rtol=1e-5, atol=1e-6)
+    _same_routing(router, x, weights, ids)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
