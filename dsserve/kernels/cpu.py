@@ -448,7 +448,8 @@ def router_softmax(x: torch.Tensor, weight: torch.Tensor, n_group: int, topk_gro
                   int(normalize), scale)
 
 
-def _route(kernel: str, x: torch.Tensor, weight: torch.Tensor, top_k: int, *args) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _route(kernel: str, x: torch.Tensor, weight: torch.Tensor, top_k: int,
+           *args) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Call a router kernel (x, T, D, W, E, *args, out_weights, out_ids): its (weights, ids), or None on status -2."""
     if not x.is_contiguous():
         x = x.contiguous()

@@ -113,8 +113,8 @@ class DeepseekForCausalLM(CausalLM):
         """Where every layer can run in dsserve's C kernels (one device, float32 activations, every linear and
         routed expert float16 or bfloat16 in dsserve's own packing, MLA's absorbed per-head packs, a router with a
         C kernel (V3 / R1's sigmoid noaux_tc, V2's softmax greedy or group-limited), a latent cache the attention
-        kernel reads), decode steps run all layers in one call (kernels/decode_layers.c: dsserve_mla_decode). Returns whether they do; the module path stays for
-        prefill and the rest."""
+        kernel reads), decode steps run all layers in one call (kernels/decode_layers.c: dsserve_mla_decode).
+        Returns whether they do; the module path stays for prefill and the rest."""
         c = self.config
         attn0 = self.layers[0].self_attn
         rotary, entry = attn0.rotary, c.kv_lora_rank + c.qk_rope_head_dim
@@ -142,8 +142,9 @@ class DeepseekForCausalLM(CausalLM):
             moe_intermediate=c.moe_intermediate_size if moe else 0, max_intermediate=max(intermediates),
             absorb_k_stride=absorb_k[0].numel(), absorb_v_stride=absorb_v[0].numel(),
             eps=self.layers[0].input_layernorm.eps, lora_eps=attn0.kv_a_layernorm.eps, scale=attn0.scale,
-            routed_scale=c.routed_scaling_factor, interleaved=int(rotary.interleaved), weights_bf16=int(kinds == {"dsserve-bf16"}),
-            normalize=int(bool(c.norm_topk_prob) and c.num_experts_per_tok > 1), router_kind=_router_kind(c) if moe else 0,
+            routed_scale=c.routed_scaling_factor, interleaved=int(rotary.interleaved),
+            weights_bf16=int(kinds == {"dsserve-bf16"}), router_kind=_router_kind(c) if moe else 0,
+            normalize=int(bool(c.norm_topk_prob) and c.num_experts_per_tok > 1),
             # one flag for every layer, as the module path decides per layer: one packing kind for all (checked above)
             experts_f16_table=int(bool(moe) and all(m.experts.table is not None for m in moe)))
         return True
