@@ -123,6 +123,9 @@ def serve(
     enable_prefix_caching: Optional[bool] = typer.Option(None, "--enable-prefix-caching/--no-enable-prefix-caching"),
     num_threads: Optional[int] = typer.Option(None),
     max_queued_requests: Optional[int] = typer.Option(None, help="beyond max_num_seqs + this, requests get 503"),
+    stream_interval: Optional[int] = typer.Option(
+        None, min=1, help="engine steps between a stream's chunks (1: every token; the first token and the end are "
+        "always sent at once); larger sends fewer, bigger chunks, for less HTTP work per token"),
     reasoning_parser: Optional[str] = typer.Option(None, help="auto|deepseek_r1|none"),
     strict_reasoning_history: Optional[bool] = typer.Option(
         None, "--strict-reasoning-history/--no-strict-reasoning-history",
@@ -156,6 +159,7 @@ def serve(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, block_size=block_size, kv_cache_memory=kv_cache_memory,
         enable_prefix_caching=enable_prefix_caching, num_threads=num_threads, max_queued_requests=max_queued_requests,
+        stream_interval=stream_interval,
         reasoning_parser=reasoning_parser, strict_reasoning_history=strict_reasoning_history,
         chat_template=str(chat_template) if chat_template else None, max_input_len=max_input_len,
         truncate_input=truncate_input, served_model_name=served_model_name, api_key=api_key, model=model,
@@ -179,12 +183,15 @@ def serve(
         served_model_name=options.pop("served_model_name", None) or _default_name(model_path),
         api_key=options.pop("api_key", None),
         max_queued_requests=options.pop("max_queued_requests", 1024),
+        stream_interval=int(options.pop("stream_interval", 1)),
         reasoning_parser=options.pop("reasoning_parser", "auto"),
         strict_reasoning_history=options.pop("strict_reasoning_history", False),
         chat_template=Path(template_file).read_text() if template_file else None,
         max_input_len=options.pop("max_input_len", None),
         truncate_input=options.pop("truncate_input", False),
     )
+    if server_config.stream_interval < 1:
+        raise typer.BadParameter(f"--stream-interval must be at least 1, got {server_config.stream_interval}")
     if server_config.reasoning_parser not in ("auto", "deepseek_r1", "none"):
         raise typer.BadParameter("--reasoning-parser must be auto, deepseek_r1 or none")
     bind_host, bind_port = options.pop("host", "127.0.0.1"), int(options.pop("port", 8000))

@@ -468,9 +468,9 @@ ENGINE_KEYS = ("dtype", "weight_dtype", "kv_cache_dtype", "device", "block_size"
                "enable_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
                "enable_chunked_prefill", "num_threads", "seed", "tokenizer", "tensor_parallel_size",
                "enable_expert_parallel", "master_port", "dist_backend", "connect_timeout", "step_timeout")
-SERVER_KEYS = ("model", "host", "port", "served_model_name", "api_key", "max_queued_requests", "reasoning_parser",
-               "strict_reasoning_history", "chat_template", "max_input_len", "truncate_input", "log_level",
-               "rank_table", "node_rank")
+SERVER_KEYS = ("model", "host", "port", "served_model_name", "api_key", "max_queued_requests", "stream_interval",
+               "reasoning_parser", "strict_reasoning_history", "chat_template", "max_input_len", "truncate_input",
+               "log_level", "rank_table", "node_rank")
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:

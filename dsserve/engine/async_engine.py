@@ -4,6 +4,12 @@ HTTP handling, tokenisation and JSON happen on the event loop; `step()` runs on 
 neither stalls the other. Requests and aborts cross to the engine thread through a queue; outputs come
 back with `loop.call_soon_threadsafe`, one call per step. If a step raises, every open stream receives the error, the
 engine is marked dead and `on_death` is called (the server then exits non-zero rather than hang).
+
+Outputs are cumulative, so a stream holds only the newest one: when a handler has not taken the last output yet, the
+next replaces it (vLLM's RequestOutputCollector merges the same way) and a handler that falls behind sends fewer,
+larger chunks instead of working through a backlog. `stream_interval` (vLLM's `--stream-interval`) delivers a
+request's output every that many steps, plus its first token and its end: fewer, larger chunks by choice, each one
+costing the HTTP thread and the client the same however many tokens it carries.
 """
 
 from __future__ import annotations
@@ -34,17 +40,43 @@ class RequestStats:
 
 
 class _Stream:
+    """One request's way from the engine thread to its handler: the newest output (or the error that ended it)."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.item: RequestOutput | BaseException | None = None
+        self.ready = asyncio.Event()
+        self.held = 0  # engine thread: steps whose output this stream has not been sent (stream_interval)
+        self.started = False  # engine thread: the first output has been sent
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        """From any thread."""
+        self.loop.call_soon_threadsafe(self.set, item)
+
+    def set(self, item: RequestOutput | BaseException) -> None:
+        """On the event loop. An error stays: nothing after it may hide it."""
+        if not isinstance(self.item, BaseException):
+            self.item = item
+        self.ready.set()
+
+    async def get(self) -> RequestOutput:
+        while self.item is None:
+            await self.ready.wait()
+        item, self.item = self.item, None
+        self.ready.clear()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None):
+    def __init__(self, engine: LLMEngine, on_death: Callable[[BaseException], None] | None = None,
+                 stream_interval: int = 1):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1 (engine steps between a stream's chunks), "
+                             f"got {stream_interval}")
         self.engine = engine
+        self.stream_interval = stream_interval
         self.on_death = on_death
         self.dead: BaseException | None = None
         self._inbox: queue.Queue = queue.Queue()
@@ -96,9 +128,7 @@ class AsyncEngine:
         try:
             await done  # raises the validation error, if any
             while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+                item = await stream.get()
                 finished = item.finished
                 yield item
                 if finished:
@@ -124,12 +154,17 @@ class AsyncEngine:
                 outputs = self.engine.step()
                 now = time.perf_counter()
                 deliveries: dict[asyncio.AbstractEventLoop, list] = {}
+                interval = self.stream_interval
                 for output in outputs:
                     for observer in self.observers:
                         observer(output, now)
                     stream = self._streams.get(output.request_id)
-                    if stream is not None:
-                        deliveries.setdefault(stream.loop, []).append((stream.queue, output))
+                    if stream is None:
+                        continue
+                    stream.held += 1
+                    if stream.held >= interval or not stream.started or output.finished:
+                        stream.held, stream.started = 0, True
+                        deliveries.setdefault(stream.loop, []).append((stream, output))
                 for loop, items in deliveries.items():  # one wake-up of the event loop per step, not per stream
                     loop.call_soon_threadsafe(_deliver, items)
                 self._update_gauges()
@@ -177,9 +212,9 @@ class AsyncEngine:
         self.kv_cache_usage = self.engine.kv_cache.usage
 
 
-def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for queue_, output in items:
-        queue_.put_nowait(output)
+def _deliver(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, output in items:
+        stream.set(output)
 
 
 def _set_result(future: asyncio.Future) -> None:

@@ -29,6 +29,7 @@ class ServerConfig:
     api_key: str | None = None  # required on every route but /health when set
     max_body_bytes: int = 40 * 2**20  # MindIE's maxRequestLength
     max_queued_requests: int = 1024  # beyond running + queued, new requests get 503
+    stream_interval: int = 1  # engine steps between a stream's chunks (vLLM's --stream-interval)
     reasoning_parser: str = "none"  # "deepseek_r1" or "none" (resolved from "auto" before freezing)
     strict_reasoning_history: bool = False  # True: reasoning_content in input messages is a 400 (DeepSeek's API)
     max_input_len: int | None = None  # with truncate_input, prompts are cut to this many tokens (MindIE truncation)

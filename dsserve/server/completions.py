@@ -123,8 +123,9 @@ async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
                 sent[c.index] = len(c.text)
                 new_tokens = len(c.token_ids) > sent_tokens[c.index]
                 sent_tokens[c.index] = len(c.token_ids)
-                # One chunk per generated token, even when its text is held back (an unfinished UTF-8 character,
-                # a possible stop string): serving benchmarks time tokens by chunks.
+                # One chunk per output with new tokens (one token per step; several with --stream-interval or
+                # when this handler lagged), even when its text is held back (an unfinished UTF-8 character, a
+                # possible stop string): serving benchmarks time tokens by chunks.
                 if delta or new_tokens or c.finish_reason:
                     yield chunk([{"index": c.index, "text": delta, "logprobs": None, "finish_reason": c.finish_reason}])
         if include_usage and last is not None:

@@ -72,7 +72,7 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
         from dsserve.profiling import PROFILER
 
         PROFILER.start()
-    async_engine = AsyncEngine(engine, on_death=on_death)
+    async_engine = AsyncEngine(engine, on_death=on_death, stream_interval=server_config.stream_interval)
     app = create_app(async_engine, server_config)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=5))
@@ -143,7 +143,7 @@ def _print_config(config, server_config: ServerConfig, host: str, port: int, log
         f"block_size: {c.block_size}, prefix caching: {c.enable_prefix_caching}, "
         f"kv_cache_memory: {c.kv_cache_memory or f'{c.kv_cache_fraction:.0%} of free memory'}",
         f"api key: {'set' if server_config.api_key else 'none'}, "
-        f"max queued requests: {server_config.max_queued_requests}",
+        f"max queued requests: {server_config.max_queued_requests}, stream interval: {server_config.stream_interval}",
         f"listen: http://{host}:{port}",
         f"log file: {log_path}",
     ]

@@ -36,3 +36,22 @@ def test_serve_config_file_and_flag_override(tiny_r1, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen["options"] == {"max_model_len": 512, "block_size": 128, "from_env": True}
     assert seen["port"] == 9000 and seen["server"].api_key == "k" and seen["server"].served_model_name == "tiny-r1"
+
+
+def test_stream_interval_from_flag_or_file_and_refused_below_one(tiny_r1, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import dsserve.server.launch as launch
+    from dsserve.cli import app
+
+    seen = {}
+    monkeypatch.setattr(launch, "serve", lambda model, host, port, server, options, level: seen.update(server=server))
+    f = tmp_path / "serve.toml"
+    f.write_text(f'model = "{tiny_r1}"\nstream-interval = 3\n')
+    assert CliRunner().invoke(app, ["serve", "--config", str(f)]).exit_code == 0
+    assert seen["server"].stream_interval == 3
+    assert CliRunner().invoke(app, ["serve", "--config", str(f), "--stream-interval", "5"]).exit_code == 0
+    assert seen["server"].stream_interval == 5
+    f.write_text(f'model = "{tiny_r1}"\nstream_interval = 0\n')
+    result = CliRunner().invoke(app, ["serve", "--config", str(f)])
+    assert result.exit_code != 0 and "--stream-interval must be at least 1" in result.output
