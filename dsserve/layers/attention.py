@@ -4,7 +4,9 @@ The batch is flat: T new tokens of B sequences, laid out sequence after sequence
 builds one `AttentionMetadata` (shared by every layer); each layer writes its new K/V (or latent) into
 the cache (num_blocks, block_size, ...) at `slot_mapping`, gathers every sequence's blocks into a padded
 (B, L = max_blocks * block_size) view (whole blocks: few large copies), and runs one masked attention
-call for the batch. No Python loop over sequences.
+call for the batch. No Python loop over sequences. On CPU, with the compiled kernel (kernels/paged_attention.c), MHA /
+GQA steps skip the gather instead: every token, decode row or prompt token, is a query over its own prefix of its
+sequence's cache, read in place (causal by length; no padding, no mask).
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ class AttentionMetadata:
     parts: tuple | None = None
     workspace: "Workspace | None" = None  # CPU: where `gather` copies the context (reused by every layer)
     context_lens: torch.Tensor | None = None  # (B,) tokens each sequence attends to, this step's included
+    # Steps with prompt tokens, on CPU: every token as a query of its own, causal by its length: its sequence's
+    # block table (T, max_blocks) and the keys it sees (T,) = its position + 1. The decode kernel then serves the
+    # whole step (no split, no padding, no mask, no gathered context): kernels/paged_attention.c.
+    token_tables: torch.Tensor | None = None
+    token_lens: torch.Tensor | None = None
     _biases: dict = field(default_factory=dict, repr=False)
 
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor:
@@ -108,6 +115,12 @@ def paged_attention(
 
 def _paged_attention(q, k, v, cache, meta, scale):
     meta.write_pair(cache, k, v, stack=True)
+    num_kv_heads, head_dim = cache.shape[3], cache.shape[4]
+    if meta.token_lens is not None and _kernel_reads(q, cache, head_dim, head_dim):
+        # Each token over its own prefix of its sequence's cache, read in place: causal by length.
+        return cpu_kernels.paged_decode(q, cache, meta.token_tables, meta.token_lens, scale, num_kv_heads=num_kv_heads,
+                                        v_dim=head_dim, token_stride=2 * num_kv_heads * head_dim,
+                                        head_stride=head_dim, v_offset=num_kv_heads * head_dim)
     if meta.parts is not None:
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
         for part, token_index in meta.parts:
@@ -196,8 +209,13 @@ def _mla_attend(q_nope, q_pe, num_latent, w_kv_b, cache, meta, scale, absorbed=N
 
 def _use_cpu_kernel(meta: AttentionMetadata, q: torch.Tensor, cache: torch.Tensor, k_dim: int, v_dim: int) -> bool:
     """Decode rows on CPU in float32, with the compiled kernel available for these head sizes (kernels/cpu.py)."""
-    return (meta.is_decode and meta.context_lens is not None and q.device.type == "cpu"
-            and q.dtype == torch.float32 and cache.is_contiguous() and cpu_kernels.usable(k_dim, v_dim, cache.dtype))
+    return meta.is_decode and meta.context_lens is not None and _kernel_reads(q, cache, k_dim, v_dim)
+
+
+def _kernel_reads(q: torch.Tensor, cache: torch.Tensor, k_dim: int, v_dim: int) -> bool:
+    """The compiled attention kernel serves float32 queries on CPU over this cache and these head sizes."""
+    return (q.device.type == "cpu" and q.dtype == torch.float32 and cache.is_contiguous()
+            and cpu_kernels.usable(k_dim, v_dim, cache.dtype))
 
 
 def _grouped_attention(

@@ -93,6 +93,9 @@ def build_forward_batch(inputs: StepInputs, block_size: int, device: torch.devic
         attn = _attention_metadata(query_lens, starts, tables, block_size, device)
         attn.slot_mapping = slot_mapping.to(device)
         attn.workspace = workspace
+    if device.type == "cpu":  # the attention kernel's view of the step: each token a query of its own
+        attn.token_tables = tables[seq_of_token]  # (T, max_blocks)
+        attn.token_lens = positions + 1
     return ForwardBatch(
         input_ids=inputs.input_ids.to(device),
         positions=positions.to(device),

@@ -134,3 +134,38 @@ def test_failed_build_is_reported_and_leaves_nothing(monkeypatch, tmp_path, capl
     assert cpu_kernels.library() is None
     assert "false failed on paged_attention.c" in caplog.text
     assert not any(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
+def test_prompt_step_through_the_kernel_matches_the_masked_torch_path(cache_dtype, heads, kv_heads):
+    """A step with prompt tokens: fresh prompts, a chunk continuing an earlier one, a decode row, shuffled blocks.
+    Each token through the kernel over its own prefix (token_tables / token_lens) equals the padded, masked SDPA
+    over the gathered context, and every token's K/V lands in the cache the same way."""
+    from dsserve.runner.batch import StepInputs, build_forward_batch
+
+    torch.manual_seed(0)
+    block_size, head_dim, num_blocks = 16, 64, 40
+    starts, query_lens = [0, 20, 37, 0], [9, 30, 1, 50]
+    order = torch.randperm(num_blocks).tolist()
+    tables, used = [], 0
+    for start, n in zip(starts, query_lens):
+        need = -(-(start + n) // block_size)
+        tables.append(order[used : used + need])
+        used += need
+    chunks = [list(range(n)) for n in query_lens]
+    inputs = StepInputs.build(chunks, starts, tables)
+    batch = build_forward_batch(inputs, block_size, torch.device("cpu"))
+    meta = batch.attn
+    assert meta.token_lens is not None and meta.token_lens.tolist() == (batch.positions + 1).tolist()
+    total = sum(query_lens)
+    q = torch.randn(total, heads, head_dim)
+    k, v = torch.randn(total, kv_heads, head_dim), torch.randn(total, kv_heads, head_dim)
+    base = torch.randn(num_blocks, block_size, 2, kv_heads, head_dim).to(cache_dtype)  # earlier chunks' K/V
+    scale = head_dim**-0.5
+    cache_kernel, cache_torch = base.clone(), base.clone()
+    got = A.paged_attention(q, k, v, cache_kernel, meta, scale)
+    meta.token_tables = meta.token_lens = None
+    want = A.paged_attention(q, k, v, cache_torch, meta, scale)
+    torch.testing.assert_close(cache_kernel, cache_torch, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
