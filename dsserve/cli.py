@@ -183,15 +183,16 @@ def serve(
         served_model_name=options.pop("served_model_name", None) or _default_name(model_path),
         api_key=options.pop("api_key", None),
         max_queued_requests=options.pop("max_queued_requests", 1024),
-        stream_interval=int(options.pop("stream_interval", 1)),
+        stream_interval=options.pop("stream_interval", 1),
         reasoning_parser=options.pop("reasoning_parser", "auto"),
         strict_reasoning_history=options.pop("strict_reasoning_history", False),
         chat_template=Path(template_file).read_text() if template_file else None,
         max_input_len=options.pop("max_input_len", None),
         truncate_input=options.pop("truncate_input", False),
     )
-    if server_config.stream_interval < 1:
-        raise typer.BadParameter(f"--stream-interval must be at least 1, got {server_config.stream_interval}")
+    interval = server_config.stream_interval
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        raise typer.BadParameter(f"--stream-interval must be a whole number of at least 1, got {interval!r}")
     if server_config.reasoning_parser not in ("auto", "deepseek_r1", "none"):
         raise typer.BadParameter("--reasoning-parser must be auto, deepseek_r1 or none")
     bind_host, bind_port = options.pop("host", "127.0.0.1"), int(options.pop("port", 8000))

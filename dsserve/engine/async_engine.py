@@ -8,8 +8,8 @@ engine is marked dead and `on_death` is called (the server then exits non-zero r
 Outputs are cumulative, so a stream holds only the newest one: when a handler has not taken the last output yet, the
 next replaces it (vLLM's RequestOutputCollector merges the same way) and a handler that falls behind sends fewer,
 larger chunks instead of working through a backlog. `stream_interval` (vLLM's `--stream-interval`) delivers a
-request's output every that many steps, plus its first token and its end: fewer, larger chunks by choice, each one
-costing the HTTP thread and the client the same however many tokens it carries.
+request's output every that many of the steps that gave it tokens, plus its first output and its end: fewer, larger
+chunks by choice, each one costing the HTTP thread and the client the same however many tokens it carries.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class _Stream:
         self.loop = loop
         self.item: RequestOutput | BaseException | None = None
         self.ready = asyncio.Event()
-        self.held = 0  # engine thread: steps whose output this stream has not been sent (stream_interval)
+        self.held = 0  # engine thread: outputs (steps that gave this request tokens) not sent yet (stream_interval)
         self.started = False  # engine thread: the first output has been sent
 
     def put(self, item) -> None:
@@ -54,9 +54,13 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.set, item)
 
     def set(self, item: RequestOutput | BaseException) -> None:
-        """On the event loop. An error stays: nothing after it may hide it."""
-        if not isinstance(self.item, BaseException):
-            self.item = item
+        """On the event loop. An error stays: nothing after it may hide it. A finished output stays too: an engine
+        failure after the request completed does not turn its answer into an error."""
+        if isinstance(self.item, BaseException):
+            return
+        if isinstance(item, BaseException) and self.item is not None and self.item.finished:
+            return
+        self.item = item
         self.ready.set()
 
     async def get(self) -> RequestOutput:

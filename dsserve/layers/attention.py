@@ -36,12 +36,21 @@ class AttentionMetadata:
     parts: tuple | None = None
     workspace: "Workspace | None" = None  # CPU: where `gather` copies the context (reused by every layer)
     context_lens: torch.Tensor | None = None  # (B,) tokens each sequence attends to, this step's included
-    # Steps with prompt tokens, on CPU: every token as a query of its own, causal by its length: its sequence's
-    # block table (T, max_blocks) and the keys it sees (T,) = its position + 1. The decode kernel then serves the
-    # whole step (no split, no padding, no mask, no gathered context): kernels/paged_attention.c.
-    token_tables: torch.Tensor | None = None
+    # Steps with prompt tokens, on CPU: every token as a query of its own, causal by its length: the keys it sees
+    # (T,) = its position + 1, and its sequence (T,) in the step's block tables (B, max_blocks). The decode kernel
+    # then serves the whole step (no split, no padding, no mask, no gathered context): kernels/paged_attention.c.
     token_lens: torch.Tensor | None = None
+    token_seq: torch.Tensor | None = None
+    step_tables: torch.Tensor | None = None
     _biases: dict = field(default_factory=dict, repr=False)
+    _token_tables: torch.Tensor | None = field(default=None, repr=False)
+
+    def token_tables(self) -> torch.Tensor:
+        """Each token's block table (T, max_blocks), made on first use in a step (MLA and the torch path never
+        need it)."""
+        if self._token_tables is None:
+            self._token_tables = self.step_tables[self.token_seq]
+        return self._token_tables
 
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """`attn_mask` as an additive mask (0 / -inf) of `dtype`, made once per step rather than in every layer."""
@@ -118,7 +127,7 @@ def _paged_attention(q, k, v, cache, meta, scale):
     num_kv_heads, head_dim = cache.shape[3], cache.shape[4]
     if meta.token_lens is not None and _kernel_reads(q, cache, head_dim, head_dim):
         # Each token over its own prefix of its sequence's cache, read in place: causal by length.
-        return cpu_kernels.paged_decode(q, cache, meta.token_tables, meta.token_lens, scale, num_kv_heads=num_kv_heads,
+        return cpu_kernels.paged_decode(q, cache, meta.token_tables(), meta.token_lens, scale, num_kv_heads=num_kv_heads,
                                         v_dim=head_dim, token_stride=2 * num_kv_heads * head_dim,
                                         head_stride=head_dim, v_offset=num_kv_heads * head_dim)
     if meta.parts is not None:

@@ -93,9 +93,14 @@ def build_forward_batch(inputs: StepInputs, block_size: int, device: torch.devic
         attn = _attention_metadata(query_lens, starts, tables, block_size, device)
         attn.slot_mapping = slot_mapping.to(device)
         attn.workspace = workspace
-    if device.type == "cpu":  # the attention kernel's view of the step: each token a query of its own
-        attn.token_tables = tables[seq_of_token]  # (T, max_blocks)
-        attn.token_lens = positions + 1
+    # The attention kernel's view of the step, each token a query of its own over its prefix of the cache. It reads
+    # only the keys a token may see, but each token reads them alone; the masked SDPA reuses each key across a
+    # block of queries but pays for the gather, the padding and the masked part of the rectangle. Per token the
+    # kernel wins while a chunk's earlier context is at most its own length (fresh prompts, a long prompt's first
+    # chunk: a 2000-token prompt's prefill 522 -> 360 ms); a chunk continuing a long context is faster on the SDPA
+    # path (a 4000-token prompt in 512-token chunks: 1001 ms, against 1251 per token). docs/benchmarks.md.
+    if device.type == "cpu" and bool((starts <= query_lens).logical_or(query_lens == 1).all()):
+        attn.token_lens, attn.token_seq, attn.step_tables = positions + 1, seq_of_token, tables
     return ForwardBatch(
         input_ids=inputs.input_ids.to(device),
         positions=positions.to(device),

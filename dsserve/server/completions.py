@@ -107,6 +107,7 @@ async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
     created = int(time.time())
     sent = [0] * params.n
     sent_tokens = [0] * params.n
+    finished = [False] * params.n
     last = None
 
     def chunk(choices, usage_body=None):
@@ -119,6 +120,9 @@ async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
         async for output in results(state, http, rid, {"prompt_token_ids": ids}, params):
             last = output
             for c in output.outputs:
+                if finished[c.index]:  # its last chunk, with finish_reason, has been sent
+                    continue
+                finished[c.index] = c.finish_reason is not None
                 delta = c.text[sent[c.index]:]
                 sent[c.index] = len(c.text)
                 new_tokens = len(c.token_ids) > sent_tokens[c.index]

@@ -139,9 +139,10 @@ def test_failed_build_is_reported_and_leaves_nothing(monkeypatch, tmp_path, capl
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4), (12, 1), (6, 2)])
 @pytest.mark.parametrize("block_size", [16, 5])
-def test_prompt_step_through_the_kernel_matches_the_masked_torch_path(cache_dtype, heads, kv_heads, block_size):
+def test_prompt_step_through_the_kernel_matches_the_masked_torch_path(cache_dtype, heads, kv_heads, block_size,
+                                                                       monkeypatch):
     """A step with prompt tokens: fresh prompts, a chunk continuing an earlier one, a decode row, shuffled blocks.
-    Each token through the kernel over its own prefix (token_tables / token_lens) equals the padded, masked SDPA
+    Each token through the kernel over its own prefix (token_lens, token_tables()) equals the padded, masked SDPA
     over the gathered context, and every token's K/V lands in the cache the same way."""
     from dsserve.runner.batch import StepInputs, build_forward_batch
 
@@ -161,6 +162,9 @@ def test_prompt_step_through_the_kernel_matches_the_masked_torch_path(cache_dtyp
     batch = build_forward_batch(inputs, block_size, torch.device("cpu"))
     meta = batch.attn
     assert meta.token_lens is not None and meta.token_lens.tolist() == (batch.positions + 1).tolist()
+    calls = []
+    real = cpu_kernels.paged_decode
+    monkeypatch.setattr(cpu_kernels, "paged_decode", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     total = sum(query_lens)
     q = torch.randn(total, heads, head_dim)
     k, v = torch.randn(total, kv_heads, head_dim), torch.randn(total, kv_heads, head_dim)
@@ -168,7 +172,23 @@ def test_prompt_step_through_the_kernel_matches_the_masked_torch_path(cache_dtyp
     scale = head_dim**-0.5
     cache_kernel, cache_torch = base.clone(), base.clone()
     got = A.paged_attention(q, k, v, cache_kernel, meta, scale)
-    meta.token_tables = meta.token_lens = None  # the gather + masked SDPA path
+    assert calls == [(total, heads, head_dim)]  # the whole step in one kernel call
+    meta.token_lens = None  # the gather + masked SDPA path (its decode row takes the kernel as a decode part)
     want = A.paged_attention(q, k, v, cache_torch, meta, scale)
     torch.testing.assert_close(cache_kernel, cache_torch, rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_chunks_continuing_a_longer_context_keep_the_sdpa_path():
+    """The per-token kernel path is taken while every prompt chunk's earlier context is at most its own length
+    (decode rows are fine either way); a chunk continuing a longer context goes to the gather + SDPA path."""
+    from dsserve.runner.batch import StepInputs, build_forward_batch
+
+    def meta(starts, query_lens):
+        tables = [list(range(i * 20, i * 20 + -(-(s + n) // 16))) for i, (s, n) in enumerate(zip(starts, query_lens))]
+        chunks = [list(range(n)) for n in query_lens]
+        return build_forward_batch(StepInputs.build(chunks, starts, tables), 16, torch.device("cpu")).attn
+
+    assert meta([0, 30, 200], [40, 30, 1]).token_lens is not None
+    assert meta([0, 31], [40, 30]).token_lens is None
+    assert meta([100], [10]).token_lens is None

@@ -59,7 +59,7 @@ def _collect(async_engine: AsyncEngine, requests: dict[str, list[int]], max_toke
         async def one(rid: str, prompt: list[int]) -> None:
             collected[rid] = []
             async for o in async_engine.generate(rid, {"prompt_token_ids": prompt},
-                                                 SamplingParams(max_tokens=max_tokens, ignore_eos=True)):
+                                                 SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)):
                 collected[rid].append(o)
                 await asyncio.sleep(pause_s)  # a handler slower than the engine
 
@@ -147,5 +147,48 @@ def test_stream_interval_through_the_endpoints_adds_up_to_the_whole_answer(tiny_
         assert "".join(texts) == whole["choices"][0]["text"]
         assert len(texts) <= 4  # tokens 1, 5, 9, 10
         assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+        # n = 2, the choices ending in different steps (one stops early): each ends once, with its own text.
+        for seed in range(200):
+            two = {"model": "m", "prompt": [5, 6, 7], "max_tokens": 12, "temperature": 1.0, "seed": seed, "n": 2,
+                   "stop": ["a", "e", "o"]}
+            whole = client.post("/v1/completions", json=two).json()
+            if len({c["finish_reason"] for c in whole["choices"]}) == 2:
+                break
+        else:
+            pytest.fail("no seed in 200 made one choice stop early and the other run to max_tokens")
+        events = _events(client.post("/v1/completions", json={**two, "stream": True}))
+        for choice in whole["choices"]:
+            mine = [c for e in events for c in e["choices"] if c["index"] == choice["index"]]
+            assert "".join(c["text"] for c in mine) == choice["text"]
+            assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [choice["finish_reason"]]
     finally:
         engine.shutdown()
+
+
+def test_an_engine_failure_after_the_end_does_not_replace_a_finished_answer():
+    """The finished output is waiting for its handler when the engine dies: the handler still gets the answer.
+    An error that arrives first stays, and a later output does not hide it."""
+    from dsserve.engine.async_engine import _Stream
+    from dsserve.engine.engine import CompletionOutput, RequestOutput
+
+    def output(finished: bool) -> RequestOutput:
+        completion = CompletionOutput(index=0, text="ab", token_ids=[1, 2], finish_reason="length" if finished else None)
+        return RequestOutput(request_id="r", prompt=None, prompt_token_ids=[0], outputs=[completion], finished=finished)
+
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop())
+        stream.set(output(finished=True))
+        stream.set(RuntimeError("engine died"))
+        got = await stream.get()
+        assert got.finished and got.outputs[0].finish_reason == "length"
+        stream.set(output(finished=False))
+        stream.set(RuntimeError("engine died"))
+        with pytest.raises(RuntimeError, match="engine died"):
+            await stream.get()
+        stream.set(RuntimeError("first"))
+        stream.set(output(finished=True))
+        with pytest.raises(RuntimeError, match="first"):
+            await stream.get()
+
+    asyncio.run(scenario())

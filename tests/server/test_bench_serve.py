@@ -64,7 +64,7 @@ def test_client_streams_over_kept_alive_connections(server):
     assert [(r.ok, r.output_len) for r in results] == [(True, 5)] * 3
     # A chunk per token, unless the server merged tokens its handler had not sent yet (the tiny model's steps can
     # be quicker than a stream's first chunk): 5 tokens in at most 5 events, so at most 4 gaps.
-    assert all(1 <= len(r.itl_s) <= 4 for r in results)
+    assert all(len(r.itl_s) <= 4 for r in results)
     assert all(r.e2e_s >= r.ttft_s > 0 for r in results)
     assert opened == 1
 

@@ -52,6 +52,7 @@ def test_stream_interval_from_flag_or_file_and_refused_below_one(tiny_r1, tmp_pa
     assert seen["server"].stream_interval == 3
     assert CliRunner().invoke(app, ["serve", "--config", str(f), "--stream-interval", "5"]).exit_code == 0
     assert seen["server"].stream_interval == 5
-    f.write_text(f'model = "{tiny_r1}"\nstream_interval = 0\n')
-    result = CliRunner().invoke(app, ["serve", "--config", str(f)])
-    assert result.exit_code != 0 and "--stream-interval must be at least 1" in result.output
+    for bad in ("0", "2.5", '"4"'):
+        f.write_text(f'model = "{tiny_r1}"\nstream_interval = {bad}\n')
+        result = CliRunner().invoke(app, ["serve", "--config", str(f)])
+        assert result.exit_code != 0 and "must be a whole number of at least 1" in result.output, bad
