@@ -11,46 +11,6 @@ from dsserve.engine.engine import LLMEngine, build_engine_config
 from dsserve.engine.request import SamplingParams
 
 
-def test_run_steps_on_the_calling_thread_and_streams_every_output(tiny_r1):
-    """`dsserve serve` runs the loop on the thread that loaded the model (one OpenMP pool on CPU) while HTTP is
-    served from another thread; each stream gets its outputs in order, ending with the whole output, and shutdown
-    ends `run`. (A handler that falls behind gets the newest output in place of the ones it missed.)"""
-    engine = LLMEngine(build_engine_config(tiny_r1, num_kv_blocks=64, max_model_len=64))
-    stepped_on = set()
-    real_step = engine.step
-
-    def step():
-        stepped_on.add(threading.current_thread())
-        return real_step()
-
-    engine.step = step
-    async_engine = AsyncEngine(engine)
-    collected: dict[str, list] = {}
-
-    async def client() -> None:
-        async def one(rid: str, prompt: list[int]) -> None:
-            outputs = [o async for o in async_engine.generate(rid, {"prompt_token_ids": prompt},
-                                                               SamplingParams(max_tokens=6, ignore_eos=True))]
-            collected[rid] = outputs
-
-        await asyncio.gather(one("a", [1, 2, 3]), one("b", [4, 5, 6, 7, 8]), one("c", [9]))
-
-    def http_side() -> None:
-        try:
-            asyncio.run(client())
-        finally:
-            async_engine.shutdown()
-
-    helper = threading.Thread(target=http_side)
-    helper.start()
-    async_engine.run()  # returns once the helper has its outputs and shuts the engine down
-    helper.join(30)
-    assert stepped_on == {threading.current_thread()}
-    for rid in "abc":
-        lengths = [len(o.outputs[0].token_ids) for o in collected[rid]]
-        assert lengths == sorted(set(lengths)) and lengths[-1] == 6 and collected[rid][-1].finished
-
-
 def _collect(async_engine: AsyncEngine, requests: dict[str, list[int]], max_tokens: int, pause_s: float = 0.0):
     """Run the engine on this thread and the requests from an event loop on another; each request's outputs."""
     collected: dict[str, list] = {}
@@ -73,9 +33,29 @@ def _collect(async_engine: AsyncEngine, requests: dict[str, list[int]], max_toke
 
     helper = threading.Thread(target=http_side)
     helper.start()
-    async_engine.run()
+    async_engine.run()  # returns once the helper has its outputs and shuts the engine down
     helper.join(30)
     return collected
+
+
+def test_run_steps_on_the_calling_thread_and_streams_every_output(tiny_r1):
+    """`dsserve serve` runs the loop on the thread that loaded the model (one OpenMP pool on CPU) while HTTP is
+    served from another thread; each stream gets its outputs in order, ending with the whole output, and shutdown
+    ends `run`. (A handler that falls behind gets the newest output in place of the ones it missed.)"""
+    engine = LLMEngine(build_engine_config(tiny_r1, num_kv_blocks=64, max_model_len=64))
+    stepped_on = set()
+    real_step = engine.step
+
+    def step():
+        stepped_on.add(threading.current_thread())
+        return real_step()
+
+    engine.step = step
+    collected = _collect(AsyncEngine(engine), {"a": [1, 2, 3], "b": [4, 5, 6, 7, 8], "c": [9]}, 6)
+    assert stepped_on == {threading.current_thread()}
+    for rid in "abc":
+        lengths = [len(o.outputs[0].token_ids) for o in collected[rid]]
+        assert lengths == sorted(set(lengths)) and lengths[-1] == 6 and collected[rid][-1].finished
 
 
 def test_stream_interval_sends_every_nth_step_plus_first_and_last(tiny_r1):
