@@ -127,9 +127,10 @@ def _paged_attention(q, k, v, cache, meta, scale):
     num_kv_heads, head_dim = cache.shape[3], cache.shape[4]
     if meta.token_lens is not None and _kernel_reads(q, cache, head_dim, head_dim):
         # Each token over its own prefix of its sequence's cache, read in place: causal by length.
-        return cpu_kernels.paged_decode(q, cache, meta.token_tables(), meta.token_lens, scale, num_kv_heads=num_kv_heads,
-                                        v_dim=head_dim, token_stride=2 * num_kv_heads * head_dim,
-                                        head_stride=head_dim, v_offset=num_kv_heads * head_dim)
+        return cpu_kernels.paged_decode(q, cache, meta.token_tables(), meta.token_lens, scale,
+                                        num_kv_heads=num_kv_heads, v_dim=head_dim,
+                                        token_stride=2 * num_kv_heads * head_dim, head_stride=head_dim,
+                                        v_offset=num_kv_heads * head_dim)
     if meta.parts is not None:
         out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
         for part, token_index in meta.parts:

@@ -153,7 +153,8 @@ def test_an_engine_failure_after_the_end_does_not_replace_a_finished_answer():
     from dsserve.engine.engine import CompletionOutput, RequestOutput
 
     def output(finished: bool) -> RequestOutput:
-        completion = CompletionOutput(index=0, text="ab", token_ids=[1, 2], finish_reason="length" if finished else None)
+        completion = CompletionOutput(index=0, text="ab", token_ids=[1, 2],
+                                      finish_reason="length" if finished else None)
         return RequestOutput(request_id="r", prompt=None, prompt_token_ids=[0], outputs=[completion], finished=finished)
 
     async def scenario():
