@@ -80,27 +80,40 @@ def _prompts(prompt, tokenizer, vocab: int) -> list[list[int]]:
 
 def _choice(index: int, output, c, req: CompletionRequest, tokenizer) -> dict[str, Any]:
     text = c.text
-    tokens, token_logprobs, top = [], [], []
-    if req.echo:
-        prompt_text = tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False) if tokenizer else ""
-        text = prompt_text + text
-        if req.logprobs is not None:
-            for token, entry in zip(output.prompt_token_ids, output.prompt_logprobs or []):
-                tokens.append(token_text(tokenizer, token))
-                token_logprobs.append(entry[0] if entry else None)
-                top.append({token_text(tokenizer, t): lp for t, lp in entry[1].items()} if entry else None)
     logprobs = None
+    if req.echo:
+        text = _prompt_text(output, tokenizer) + text
     if req.logprobs is not None:
-        for token, (lp, alternatives) in zip(c.token_ids, c.logprobs or []):
-            tokens.append(token_text(tokenizer, token))
-            token_logprobs.append(lp)
-            top.append({token_text(tokenizer, t): v for t, v in alternatives.items()})
-        offsets, position = [], 0
-        for t in tokens:
-            offsets.append(position)
-            position += len(t)
-        logprobs = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+        logprobs = _logprobs(_echoed(output, req, tokenizer) + _generated(c.token_ids, c.logprobs, tokenizer), 0)
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+
+
+def _prompt_text(output, tokenizer) -> str:
+    return tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False) if tokenizer else ""
+
+
+def _echoed(output, req: CompletionRequest, tokenizer) -> list[tuple[str, float | None, dict | None]]:
+    """The prompt's (token text, logprob, top alternatives) entries when echo and logprobs are asked for."""
+    if not req.echo or req.logprobs is None:
+        return []
+    return [(token_text(tokenizer, token), entry[0] if entry else None,
+             {token_text(tokenizer, t): lp for t, lp in entry[1].items()} if entry else None)
+            for token, entry in zip(output.prompt_token_ids, output.prompt_logprobs or [])]
+
+
+def _generated(token_ids, entries, tokenizer) -> list[tuple[str, float | None, dict | None]]:
+    return [(token_text(tokenizer, token), lp, {token_text(tokenizer, t): v for t, v in alternatives.items()})
+            for token, (lp, alternatives) in zip(token_ids, entries or [])]
+
+
+def _logprobs(entries: list[tuple[str, float | None, dict | None]], offset: int) -> dict[str, Any]:
+    """The completions `logprobs` object of these entries, their text offsets counted from `offset`."""
+    offsets = []
+    for text, _, _ in entries:
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+            "top_logprobs": [e[2] for e in entries], "text_offset": offsets}
 
 
 async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
@@ -108,6 +121,7 @@ async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
     sent = [0] * params.n
     sent_tokens = [0] * params.n
     finished = [False] * params.n
+    offsets = [0] * params.n  # where each choice's next logprobs entry starts in its (echoed) text
     last = None
 
     def chunk(choices, usage_body=None):
@@ -118,6 +132,12 @@ async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
 
     try:
         async for output in results(state, http, rid, {"prompt_token_ids": ids}, params):
+            if last is None and req.echo:  # the prompt first, as the non-streamed text starts with it
+                prompt_text, echoed = _prompt_text(output, tokenizer), _echoed(output, req, tokenizer)
+                for i in range(params.n):
+                    logprobs = _logprobs(echoed, 0) if req.logprobs is not None else None
+                    offsets[i] = len(prompt_text)
+                    yield chunk([{"index": i, "text": prompt_text, "logprobs": logprobs, "finish_reason": None}])
             last = output
             for c in output.outputs:
                 if finished[c.index]:  # its last chunk, with finish_reason, has been sent
@@ -125,13 +145,18 @@ async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
                 finished[c.index] = c.finish_reason is not None
                 delta = c.text[sent[c.index]:]
                 sent[c.index] = len(c.text)
-                new_tokens = len(c.token_ids) > sent_tokens[c.index]
-                sent_tokens[c.index] = len(c.token_ids)
+                start, sent_tokens[c.index] = sent_tokens[c.index], len(c.token_ids)
+                logprobs = None
+                if req.logprobs is not None:
+                    entries = _generated(c.token_ids[start:], (c.logprobs or [])[start:], tokenizer)
+                    logprobs = _logprobs(entries, offsets[c.index])
+                    offsets[c.index] += sum(len(e[0]) for e in entries)
                 # One chunk per output with new tokens (one token per step; several with --stream-interval or
                 # when this handler lagged), even when its text is held back (an unfinished UTF-8 character, a
                 # possible stop string): serving benchmarks time tokens by chunks.
-                if delta or new_tokens or c.finish_reason:
-                    yield chunk([{"index": c.index, "text": delta, "logprobs": None, "finish_reason": c.finish_reason}])
+                if delta or len(c.token_ids) > start or c.finish_reason:
+                    yield chunk([{"index": c.index, "text": delta, "logprobs": logprobs,
+                                  "finish_reason": c.finish_reason}])
         if include_usage and last is not None:
             yield chunk([], usage(last))
     except APIError as e:

@@ -158,3 +158,24 @@ def test_split_rules():
     for i in range(1, len(text) + 1):
         parts.append(stream.update(text[:i], finished=i == len(text)))
     assert "".join(p[0] for p in parts) == "\nstep" and "".join(p[1] for p in parts) == "\n\nok"
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_completion_logprobs_and_echo_equal_the_non_streamed(server, echo):
+    """Streamed completions carry the same text (the echoed prompt first), tokens, logprobs, alternatives and text
+    offsets as the non-streamed answer, chunk after chunk."""
+    body = {"model": MODEL, "prompt": [3, 17, 40, 9], "max_tokens": 6, "temperature": 0, "logprobs": 2, "echo": echo,
+            "ignore_eos": True}
+    whole = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    text, merged = "", {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            for choice in json.loads(line[5:])["choices"]:
+                text += choice["text"]
+                for key in merged:
+                    merged[key] += choice["logprobs"][key]
+    assert text == whole["text"]
+    assert merged == whole["logprobs"]
+    assert len(merged["tokens"]) == 6 + (4 if echo else 0)
