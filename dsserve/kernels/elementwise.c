@@ -18,6 +18,19 @@
 
 #define PARALLEL_MIN 32768 /* elements below which one thread does the whole call */
 
+/* a . b over n values in a fixed order: sixteen independent partial sums (vectorized without reassociating one
+ * sum), then the tail, then the partials in order. RMSNorm's sum of squares and the routers' logits. */
+static inline float dot16(const float *a, const float *b, int64_t n) {
+    float partial[16] = {0};
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int i = 0; i < 16; i++) partial[i] += a[j + i] * b[j + i];
+    float sum = 0.0f;
+    for (; j < n; j++) sum += a[j] * b[j];
+    for (int i = 0; i < 16; i++) sum += partial[i];
+    return sum;
+}
+
 /* out[r] = x[r] * (1 / sqrt(mean(x[r]^2) + eps)) * w, as transformers' float32 RMSNorm. x rows `ldx` apart (last
  * dimension contiguous), out (rows, dim) contiguous. */
 int dsserve_rms_norm(const float *x, int64_t ldx, const float *w, float *out, int64_t rows, int64_t dim, float eps) {
@@ -25,15 +38,8 @@ int dsserve_rms_norm(const float *x, int64_t ldx, const float *w, float *out, in
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * ldx;
         float *o = out + r * dim;
-        float partial[16] = {0};  /* sixteen independent sums: vectorized without reassociating one sum */
-        int64_t j = 0;
-        for (; j + 16 <= dim; j += 16)
-            for (int i = 0; i < 16; i++) partial[i] += xr[j + i] * xr[j + i];
-        float sum = 0.0f;
-        for (; j < dim; j++) sum += xr[j] * xr[j];
-        for (int i = 0; i < 16; i++) sum += partial[i];
-        const float scale = 1.0f / sqrtf(sum / (float)dim + eps);
-        for (j = 0; j < dim; j++) o[j] = xr[j] * scale * w[j];
+        const float scale = 1.0f / sqrtf(dot16(xr, xr, dim) / (float)dim + eps);
+        for (int64_t j = 0; j < dim; j++) o[j] = xr[j] * scale * w[j];
     }
     return 0;
 }
@@ -113,19 +119,6 @@ int dsserve_cache_write(void *cache, int64_t entry, _Bool half, const int64_t *s
     return 0;
 }
 
-/* One expert's router logit w . x over D values: sixteen independent partial sums (vectorized without
- * reassociating one sum), then the tail, then the partials in order. */
-static inline float router_logit(const float *w, const float *x, int64_t D) {
-    float partial[16] = {0};
-    int64_t j = 0;
-    for (; j + 16 <= D; j += 16)
-        for (int i = 0; i < 16; i++) partial[i] += w[j + i] * x[j + i];
-    float logit = 0.0f;
-    for (; j < D; j++) logit += w[j] * x[j];
-    for (int i = 0; i < 16; i++) logit += partial[i];
-    return logit;
-}
-
 /* DeepSeek-V3's router (topk_method "noaux_tc", sigmoid scores) for T tokens: scores = sigmoid(W x), choice =
  * scores + bias; a group's score is the sum of its two best choices; the topk_group best groups are kept; the
  * k best choices among their experts are picked (ties: the lower index, at both stages); their weights are the
@@ -142,7 +135,7 @@ int dsserve_router_noaux(const float *x, int64_t T, int64_t D, const float *W, i
         unsigned char kept[1024];
         const float *xt = x + t * D;
         for (int64_t e = 0; e < E; e++) {
-            const float logit = router_logit(W + e * D, xt, D);
+            const float logit = dot16(W + e * D, xt, D);
             scores[e] = 1.0f / (1.0f + expf(-logit));
             choice[e] = scores[e] + bias[e];
         }
@@ -199,7 +192,7 @@ int dsserve_router_softmax(const float *x, int64_t T, int64_t D, const float *W,
         const float *xt = x + t * D;
         float top = -INFINITY;
         for (int64_t e = 0; e < E; e++) {
-            const float logit = router_logit(W + e * D, xt, D);
+            const float logit = dot16(W + e * D, xt, D);
             scores[e] = logit;
             top = logit > top ? logit : top;
         }
