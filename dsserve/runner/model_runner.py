@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
 import logging
 import math
@@ -272,6 +273,16 @@ class ModelRunner:
             )
         logger.info("KV cache: %d blocks x %d tokens (%.1f MiB)", num, self.block_size, num * self.bytes_per_block / 2**20)
         return int(num)
+
+
+def freeze_startup_heap() -> None:
+    """For a process that serves one engine until it exits (`dsserve serve`, a worker rank): collect once, then move
+    every object alive now (torch and the other modules, the model's Python objects, the tokenizer) out of the
+    garbage collector's reach, so that its full passes walk only what serving creates. Left in, the startup heap made
+    the first full pass after start-up take 74 ms on the HTTP thread, holding the GIL and stalling the engine step
+    under way (docs/benchmarks.md); vLLM's engine core freezes its startup heap the same way."""
+    gc.collect()
+    gc.freeze()
 
 
 def _is_communication_error(error: BaseException) -> bool:

@@ -13,7 +13,7 @@ import sys
 
 from dsserve.config import EngineConfig
 from dsserve.errors import DsserveError
-from dsserve.runner.model_runner import ModelRunner
+from dsserve.runner.model_runner import ModelRunner, freeze_startup_heap
 from dsserve.runner.parallel import WORKER_CONFIG_ENV
 
 logger = logging.getLogger("dsserve")
@@ -24,6 +24,7 @@ def run_worker(config: EngineConfig) -> int:
     runner = None
     try:
         runner = ModelRunner(config)
+        freeze_startup_heap()
         runner.serve_steps()
         return 0
     except DsserveError as e:

@@ -18,6 +18,7 @@ from dsserve.config import log_dir
 from dsserve.engine.async_engine import AsyncEngine
 from dsserve.engine.engine import LLMEngine, build_engine_config
 from dsserve.reasoning import r1
+from dsserve.runner.model_runner import freeze_startup_heap
 from dsserve.server.app import ServerConfig, create_app
 
 logger = logging.getLogger("dsserve")
@@ -107,6 +108,7 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
     # default 5 ms switch interval for it every step (py-spy: the step stalled in call_soon_threadsafe's
     # self-pipe write). At 0.5 ms the two interleave; online throughput at 64 streams rose ~3% (docs/benchmarks.md).
     sys.setswitchinterval(_SWITCH_INTERVAL_S)
+    freeze_startup_heap()
     http.start()
     try:
         async_engine.run()  # on this thread, which loaded the model: see AsyncEngine.run
