@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -12,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from dsserve.errors import DsserveError
 from dsserve.reasoning import r1
 from dsserve.server.common import (
-    final_output, fit_context, request_id, results, sampling_params, token_text, truncate, usage,
+    EventWriter, final_output, fit_context, request_id, results, sampling_params, token_text, truncate, usage,
 )
 from dsserve.server.protocol import APIError, ChatCompletionRequest, parse
 
@@ -105,14 +104,8 @@ def _logprobs(entries, token_ids, tokenizer) -> dict[str, Any]:
 
 
 async def _stream(state, http, rid, prompt, params, model, reasoning, end_id, include_usage, tokenizer):
-    created = int(time.time())
-
-    def chunk(choices, usage_body=None) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": None, "choices": choices}
-        if include_usage:
-            body["usage"] = usage_body
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    events = EventWriter({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                          "system_fingerprint": None}, include_usage)
 
     sent_text = [0] * params.n
     sent_tokens = [0] * params.n
@@ -121,8 +114,8 @@ async def _stream(state, http, rid, prompt, params, model, reasoning, end_id, in
     last = None
     try:
         for i in range(params.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None}])
+            yield events.event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None})
         async for output in results(state, http, rid, prompt, params):
             last = output
             for c in output.outputs:
@@ -139,21 +132,21 @@ async def _stream(state, http, rid, prompt, params, model, reasoning, end_id, in
                     delta_reasoning, delta_content = "", c.text[sent_text[c.index]:]
                     sent_text[c.index] = len(c.text)
                 if delta_reasoning:
-                    yield chunk([{"index": c.index, "delta": {"reasoning_content": delta_reasoning}, "logprobs": logprobs,
-                                  "finish_reason": None}])
+                    yield events.event({"index": c.index, "delta": {"reasoning_content": delta_reasoning},
+                                        "logprobs": logprobs, "finish_reason": None})
                     logprobs = None
                 if delta_content or (logprobs and not delta_reasoning):
-                    yield chunk([{"index": c.index, "delta": {"content": delta_content}, "logprobs": logprobs,
-                                  "finish_reason": None}])
+                    yield events.event({"index": c.index, "delta": {"content": delta_content}, "logprobs": logprobs,
+                                        "finish_reason": None})
                 if done:
                     finished[c.index] = True
-                    yield chunk([{"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}])
+                    yield events.event({"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason})
         if include_usage and last is not None:
             reasoning_tokens = (sum(r1.count_reasoning_tokens(c.token_ids, end_id) for c in last.outputs)
                                 if reasoning else None)
-            yield chunk([], usage(last, reasoning_tokens))
+            yield events.usage_event(usage(last, reasoning_tokens))
     except APIError as e:
-        yield f"data: {json.dumps(e.body())}\n\n"
+        yield events.error_event(e.body())
     except DsserveError as e:
-        yield f"data: {json.dumps(APIError(500, f'Internal server error: {e}', type='internal_server_error').body())}\n\n"
-    yield "data: [DONE]\n\n"
+        yield events.error_event(APIError(500, f"Internal server error: {e}", type="internal_server_error").body())
+    yield events.done

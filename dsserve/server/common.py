@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,34 @@ from dsserve.engine.engine import RequestOutput
 from dsserve.engine.request import SamplingParams
 from dsserve.errors import InvalidRequestError
 from dsserve.server.protocol import APIError, SamplingFields
+
+
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # one encoder, not one per call
+
+
+class EventWriter:
+    """The server-sent events of one streamed response. Every chunk repeats the response's id, object, created and
+    model (and `"usage": null` when the client asked for usage at the end), so those bytes are encoded once and
+    each event encodes only its choices: per streamed token this was the HTTP thread's largest piece of Python
+    after the socket write (py-spy), and that thread's time comes out of the engine's on a small CPU."""
+
+    def __init__(self, head: dict[str, Any], include_usage: bool):
+        self.include_usage = include_usage
+        self._prefix = f"data: {_encode(head)[:-1]},\"choices\":[".encode()
+        self._suffix = ("],\"usage\":null}\n\n" if include_usage else "]}\n\n").encode()
+
+    def event(self, *choices: dict[str, Any]) -> bytes:
+        return self._prefix + ",".join(map(_encode, choices)).encode() + self._suffix
+
+    def usage_event(self, usage_body: dict[str, Any]) -> bytes:
+        """The last chunk of a stream that asked for usage: no choices."""
+        return self._prefix + b"]," + f"\"usage\":{_encode(usage_body)}}}\n\n".encode()
+
+    @staticmethod
+    def error_event(body: dict[str, Any]) -> bytes:
+        return f"data: {_encode(body)}\n\n".encode()
+
+    done = b"data: [DONE]\n\n"
 
 
 def request_id(prefix: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -11,7 +10,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from dsserve.errors import DsserveError
-from dsserve.server.common import final_output, fit_context, request_id, results, sampling_params, token_text, truncate, usage
+from dsserve.server.common import (
+    EventWriter, final_output, fit_context, request_id, results, sampling_params, token_text, truncate, usage,
+)
 from dsserve.server.protocol import APIError, CompletionRequest, parse
 
 
@@ -117,18 +118,13 @@ def _logprobs(entries: list[tuple[str, float | None, dict | None]], offset: int)
 
 
 async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
-    created = int(time.time())
+    events = EventWriter({"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model},
+                         include_usage)
     sent = [0] * params.n
     sent_tokens = [0] * params.n
     finished = [False] * params.n
     offsets = [0] * params.n  # where each choice's next logprobs entry starts in its (echoed) text
     last = None
-
-    def chunk(choices, usage_body=None):
-        body = {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": choices}
-        if include_usage:
-            body["usage"] = usage_body
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     try:
         async for output in results(state, http, rid, {"prompt_token_ids": ids}, params):
@@ -137,7 +133,7 @@ async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
                 for i in range(params.n):
                     logprobs = _logprobs(echoed, 0) if req.logprobs is not None else None
                     offsets[i] = len(prompt_text)
-                    yield chunk([{"index": i, "text": prompt_text, "logprobs": logprobs, "finish_reason": None}])
+                    yield events.event({"index": i, "text": prompt_text, "logprobs": logprobs, "finish_reason": None})
             last = output
             for c in output.outputs:
                 if finished[c.index]:  # its last chunk, with finish_reason, has been sent
@@ -155,12 +151,12 @@ async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
                 # when this handler lagged), even when its text is held back (an unfinished UTF-8 character, a
                 # possible stop string): serving benchmarks time tokens by chunks.
                 if delta or len(c.token_ids) > start or c.finish_reason:
-                    yield chunk([{"index": c.index, "text": delta, "logprobs": logprobs,
-                                  "finish_reason": c.finish_reason}])
+                    yield events.event({"index": c.index, "text": delta, "logprobs": logprobs,
+                                        "finish_reason": c.finish_reason})
         if include_usage and last is not None:
-            yield chunk([], usage(last))
+            yield events.usage_event(usage(last))
     except APIError as e:
-        yield f"data: {json.dumps(e.body())}\n\n"
+        yield events.error_event(e.body())
     except DsserveError as e:
-        yield f"data: {json.dumps(APIError(500, f'Internal server error: {e}', type='internal_server_error').body())}\n\n"
-    yield "data: [DONE]\n\n"
+        yield events.error_event(APIError(500, f"Internal server error: {e}", type="internal_server_error").body())
+    yield events.done
