@@ -91,7 +91,8 @@ class AsyncEngine:
         self.num_running = 0
         self.num_waiting = 0
         self.kv_cache_usage = 0.0
-        self.observers: list[Callable[[RequestOutput, float], None]] = []  # called on the engine thread
+        # Called on the engine thread once per step with the step's outputs and the time it ended.
+        self.observers: list[Callable[[list[RequestOutput], float], None]] = []
 
     def start(self) -> None:
         """Run the engine loop on a thread of its own (tests, embedding in another program)."""
@@ -159,9 +160,9 @@ class AsyncEngine:
                 now = time.perf_counter()
                 deliveries: dict[asyncio.AbstractEventLoop, list] = {}
                 interval = self.stream_interval
+                for observer in self.observers:
+                    observer(outputs, now)
                 for output in outputs:
-                    for observer in self.observers:
-                        observer(output, now)
                     stream = self._streams.get(output.request_id)
                     if stream is None:
                         continue

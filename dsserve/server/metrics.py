@@ -48,29 +48,34 @@ class Metrics:
                 self.finished["abort"] = self.finished.get("abort", 0) + 1
             self._last.pop(request_id, None)
 
-    def observe(self, output: RequestOutput, now: float) -> None:
-        num_tokens = sum(len(c.token_ids) for c in output.outputs)
+    def observe(self, outputs: list[RequestOutput], now: float) -> None:
+        """One engine step's outputs, on the engine thread: its time is the step's, so one lock per step."""
+        last, arrivals = self._last, self._arrivals
         with self._lock:
-            previous = self._last.get(output.request_id)
-            arrival = self._arrivals.get(output.request_id)
-            if previous is None:
-                self.prompt_tokens += len(output.prompt_token_ids)
-                if arrival is not None:
-                    self.ttft.observe(now - arrival)
-                new = num_tokens
-            else:
-                new = num_tokens - previous[1]
-                if new > 0:
-                    self.itl.observe((now - previous[0]) / new)
-            self.generation_tokens += max(new, 0)
-            self._last[output.request_id] = (now, num_tokens)
-            if output.finished:
-                if arrival is not None:
-                    self.e2e.observe(now - arrival)
-                for c in output.outputs:
-                    self.finished[c.finish_reason or "abort"] = self.finished.get(c.finish_reason or "abort", 0) + 1
-                self._arrivals.pop(output.request_id, None)
-                self._last.pop(output.request_id, None)
+            for output in outputs:
+                rid = output.request_id
+                num_tokens = sum(len(c.token_ids) for c in output.outputs)
+                previous = last.get(rid)
+                arrival = arrivals.get(rid)
+                if previous is None:
+                    self.prompt_tokens += len(output.prompt_token_ids)
+                    if arrival is not None:
+                        self.ttft.observe(now - arrival)
+                    new = num_tokens
+                else:
+                    new = num_tokens - previous[1]
+                    if new > 0:
+                        self.itl.observe((now - previous[0]) / new)
+                self.generation_tokens += max(new, 0)
+                if output.finished:
+                    if arrival is not None:
+                        self.e2e.observe(now - arrival)
+                    for c in output.outputs:
+                        self.finished[c.finish_reason or "abort"] = self.finished.get(c.finish_reason or "abort", 0) + 1
+                    arrivals.pop(rid, None)
+                    last.pop(rid, None)
+                else:
+                    last[rid] = (now, num_tokens)
 
     def collect(self):
         name = [self.model_name]
