@@ -5,7 +5,8 @@ see the same period of a shared machine.
     python benchmarks/online_vs_offline.py --models qwen2 deepseek --weight-dtype bfloat16 --kv-cache-dtype float16 \
         --stream-intervals 1 2 4 8 --rounds 2
 
-Each online run starts a server (127.0.0.1, --max-model-len 512), warms it with 4 short requests, then runs
+Each round measures offline before and after its online runs and divides by the mean of the two. Each online run
+starts a server (127.0.0.1, --max-model-len 512), warms it with 4 short requests, then runs
 --num-prompts streams of --input-len random token ids and exactly --output-len new tokens, --max-concurrency
 --num-prompts, and stops the server. Reported per run: output tokens/s, online / offline of the same round, TTFT,
 TPOT and ITL medians, and the CPU seconds the timed run cost the server's busy threads (the engine's OpenMP
@@ -96,23 +97,40 @@ def main() -> None:
     args = ap.parse_args()
     port = args.port
     tokens = args.num_prompts * args.output_len
+    ratios: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: compare.build(name, Path(tmp) / name) for name in args.models}
+
+        def offline_rate(path: Path) -> float:
+            batch = compare.prompts(args.num_prompts, args.input_len, 32000)
+            return tokens / compare.run_dsserve(path, batch, args.output_len, weight_dtype=args.weight_dtype,
+                                                kv_cache_dtype=args.kv_cache_dtype)
+
         for round_ in range(1, args.rounds + 1):
             for name, path in paths.items():
-                batch = compare.prompts(args.num_prompts, args.input_len, 32000)
-                offline = tokens / compare.run_dsserve(path, batch, args.output_len, weight_dtype=args.weight_dtype,
-                                                       kv_cache_dtype=args.kv_cache_dtype)
-                print(f"round {round_} {name}: offline {offline:.1f} tok/s", flush=True)
+                # Offline before and after the round's online runs: the machine's speed drifts, and the mean of the
+                # two is a steadier denominator than either alone.
+                before = offline_rate(path)
+                print(f"round {round_} {name}: offline {before:.1f} tok/s", flush=True)
+                rows = []
                 for interval in args.stream_intervals:
-                    r = online(path, port, args, interval)
+                    rows.append((interval, online(path, port, args, interval)))
                     port += 1
+                after = offline_rate(path)
+                offline = (before + after) / 2
+                print(f"round {round_} {name}: offline again {after:.1f} tok/s; mean {offline:.1f}", flush=True)
+                for interval, r in rows:
                     rate = r["output_token_throughput"]
+                    ratios.setdefault((name, interval), []).append(rate / offline)
                     medians = ", ".join(f"{k[:-3].upper()} {r[k]['median']:.1f} ms"
                                         for k in ("ttft_ms", "tpot_ms", "itl_ms"))
                     print(f"round {round_} {name}: --stream-interval {interval}: online {rate:.1f} tok/s "
                           f"({rate / offline:.2f} of offline); {medians}; CPU s {r['cpu_s']}", flush=True)
-
+    print("online / offline over the rounds (min / median / max):")
+    for (name, interval), values in ratios.items():
+        values.sort()
+        print(f"  {name} --stream-interval {interval}: {values[0]:.2f} / {values[len(values) // 2]:.2f} / "
+              f"{values[-1]:.2f}")
 
 if __name__ == "__main__":
     main()

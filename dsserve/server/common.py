@@ -27,7 +27,6 @@ class EventWriter:
     after the socket write (py-spy), and that thread's time comes out of the engine's on a small CPU."""
 
     def __init__(self, head: dict[str, Any], include_usage: bool):
-        self.include_usage = include_usage
         self._prefix = f"data: {_encode(head)[:-1]},\"choices\":[".encode()
         self._suffix = ("],\"usage\":null}\n\n" if include_usage else "]}\n\n").encode()
 
