@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,9 +129,9 @@ def main() -> None:
                           f"({rate / offline:.2f} of offline); {medians}; CPU s {r['cpu_s']}", flush=True)
     print("online / offline over the rounds (min / median / max):")
     for (name, interval), values in ratios.items():
-        values.sort()
-        print(f"  {name} --stream-interval {interval}: {values[0]:.2f} / {values[len(values) // 2]:.2f} / "
-              f"{values[-1]:.2f}")
+        print(f"  {name} --stream-interval {interval}: {min(values):.2f} / {statistics.median(values):.2f} / "
+              f"{max(values):.2f}")
+
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,8 @@ class EventWriter:
     each event encodes only its choices: per streamed token this was the HTTP thread's largest piece of Python
     after the socket write (py-spy), and that thread's time comes out of the engine's on a small CPU."""
 
+    done = b"data: [DONE]\n\n"
+
     def __init__(self, head: dict[str, Any], include_usage: bool):
         self._prefix = f"data: {_encode(head)[:-1]},\"choices\":[".encode()
         self._suffix = ("],\"usage\":null}\n\n" if include_usage else "]}\n\n").encode()
@@ -39,9 +41,8 @@ class EventWriter:
 
     @staticmethod
     def error_event(body: dict[str, Any]) -> bytes:
-        return f"data: {_encode(body)}\n\n".encode()
-
-    done = b"data: [DONE]\n\n"
+        """An error ends the stream: ASCII-escaped, so that no message text can keep it (and [DONE]) from being sent."""
+        return f"data: {json.dumps(body)}\n\n".encode()
 
 
 def request_id(prefix: str) -> str:
