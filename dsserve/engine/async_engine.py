@@ -10,6 +10,10 @@ next replaces it (vLLM's RequestOutputCollector merges the same way) and a handl
 larger chunks instead of working through a backlog. `stream_interval` (vLLM's `--stream-interval`) delivers a
 request's output every that many of the steps that gave it tokens, plus its first output and its end: fewer, larger
 chunks by choice, each one costing the HTTP thread and the client the same however many tokens it carries.
+
+A handler may pass a `sink`: while it waits for its next output, the step's delivery hands unfinished outputs to the
+sink instead of waking it, and the sink writes them out on the spot (server/direct.py); the handler sees only what
+the sink turns down, and the last output.
 """
 
 from __future__ import annotations
@@ -42,10 +46,12 @@ class RequestStats:
 class _Stream:
     """One request's way from the engine thread to its handler: the newest output (or the error that ended it)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, sink: Callable[[RequestOutput], bool] | None = None):
         self.loop = loop
         self.item: RequestOutput | BaseException | None = None
         self.ready = asyncio.Event()
+        self.sink = sink
+        self.waiting = False  # event loop: the handler is parked in `get` (all it has sent is written)
         self.held = 0  # engine thread: outputs (steps that gave this request tokens) not sent yet (stream_interval)
         self.started = False  # engine thread: the first output has been sent
 
@@ -63,9 +69,28 @@ class _Stream:
         self.item = item
         self.ready.set()
 
+    def offer(self, output: RequestOutput) -> None:
+        """On the event loop: the sink's when the handler is waiting with nothing pending (so the sink's writes come
+        after everything the handler sent), else the handler's. A sink that raises ends the stream with its error,
+        as the handler's own rendering would have."""
+        if self.sink is not None and self.waiting and self.item is None and not output.finished:
+            try:
+                if self.sink(output):
+                    return
+            except Exception as e:  # noqa: BLE001 - one stream's failure must not stop the step's other deliveries
+                logger.exception("streaming an output failed")
+                self.sink = None
+                self.set(e)
+                return
+        self.set(output)
+
     async def get(self) -> RequestOutput:
         while self.item is None:
-            await self.ready.wait()
+            self.waiting = True
+            try:
+                await self.ready.wait()
+            finally:
+                self.waiting = False
         item, self.item = self.item, None
         self.ready.clear()
         if isinstance(item, BaseException):
@@ -119,12 +144,16 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                       sink: Callable[[RequestOutput], bool] | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative outputs until it finishes. Validation errors raise before the first yield;
-        leaving the iteration early (client gone) aborts the request and frees its blocks."""
+        leaving the iteration early (client gone) aborts the request and frees its blocks.
+
+        `sink(output)`, called on the event loop with unfinished outputs that arrive while this iteration waits,
+        returns True when it has dealt with the output (which is then not yielded) and False to have it yielded."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped after an internal error: {self.dead}")
-        stream = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), sink)
         self._streams[request_id] = stream
         done = asyncio.get_running_loop().create_future()
         self._inbox.put(("add", request_id, prompt, params, done))
@@ -219,7 +248,7 @@ class AsyncEngine:
 
 def _deliver(items: list[tuple[_Stream, RequestOutput]]) -> None:
     for stream, output in items:
-        stream.set(output)
+        stream.offer(output)
 
 
 def _set_result(future: asyncio.Future) -> None:

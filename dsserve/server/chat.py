@@ -13,6 +13,7 @@ from dsserve.reasoning import r1
 from dsserve.server.common import (
     EventWriter, final_output, fit_context, request_id, results, sampling_params, token_text, truncate, usage,
 )
+from dsserve.server.direct import direct_sink
 from dsserve.server.protocol import APIError, ChatCompletionRequest, parse
 
 
@@ -103,44 +104,61 @@ def _logprobs(entries, token_ids, tokenizer) -> dict[str, Any]:
     return {"content": content}
 
 
+class _Render:
+    """One streamed chat completion's events, output by output: reasoning split from content (R1), logprobs. The
+    handler calls it, and so does the step's direct writer (server/direct.py) for the outputs that arrive while the
+    handler waits: both the same renderer, in turn."""
+
+    def __init__(self, events: EventWriter, params, reasoning: bool, tokenizer):
+        self.events, self.params, self.reasoning, self.tokenizer = events, params, reasoning, tokenizer
+        self.sent_text = [0] * params.n
+        self.sent_tokens = [0] * params.n
+        self.splitters = [r1.ReasoningStream() for _ in range(params.n)]
+        self.finished = [False] * params.n
+
+    def __call__(self, output) -> bytes:
+        events, chunks = self.events, []
+        for c in output.outputs:
+            i = c.index
+            if self.finished[i]:
+                continue
+            done = c.finish_reason is not None
+            logprobs = None
+            if self.params.logprobs is not None and c.logprobs:
+                logprobs = _logprobs(c.logprobs[self.sent_tokens[i]:], c.token_ids[self.sent_tokens[i]:], self.tokenizer)
+            self.sent_tokens[i] = len(c.token_ids)
+            if self.reasoning:
+                delta_reasoning, delta_content = self.splitters[i].update(c.text, done)
+            else:
+                delta_reasoning, delta_content = "", c.text[self.sent_text[i]:]
+                self.sent_text[i] = len(c.text)
+            if delta_reasoning:
+                chunks.append(events.event({"index": i, "delta": {"reasoning_content": delta_reasoning},
+                                            "logprobs": logprobs, "finish_reason": None}))
+                logprobs = None
+            if delta_content or (logprobs and not delta_reasoning):
+                chunks.append(events.event({"index": i, "delta": {"content": delta_content}, "logprobs": logprobs,
+                                            "finish_reason": None}))
+            if done:
+                self.finished[i] = True
+                chunks.append(events.event({"index": i, "delta": {}, "logprobs": None,
+                                            "finish_reason": c.finish_reason}))
+        return b"".join(chunks)
+
+
 async def _stream(state, http, rid, prompt, params, model, reasoning, end_id, include_usage, tokenizer):
     events = EventWriter({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                           "system_fingerprint": None}, include_usage)
-
-    sent_text = [0] * params.n
-    sent_tokens = [0] * params.n
-    splitters = [r1.ReasoningStream() for _ in range(params.n)]
-    finished = [False] * params.n
+    render = _Render(events, params, reasoning, tokenizer)
     last = None
     try:
-        for i in range(params.n):
-            yield events.event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                "finish_reason": None})
-        async for output in results(state, http, rid, prompt, params):
+        yield b"".join(events.event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}) for i in range(params.n))
+        async for output in results(state, http, rid, prompt, params, direct_sink(http.scope, render)):
             last = output
-            for c in output.outputs:
-                if finished[c.index]:
-                    continue
-                done = c.finish_reason is not None
-                logprobs = None
-                if params.logprobs is not None and c.logprobs:
-                    logprobs = _logprobs(c.logprobs[sent_tokens[c.index]:], c.token_ids[sent_tokens[c.index]:], tokenizer)
-                sent_tokens[c.index] = len(c.token_ids)
-                if reasoning:
-                    delta_reasoning, delta_content = splitters[c.index].update(c.text, done)
-                else:
-                    delta_reasoning, delta_content = "", c.text[sent_text[c.index]:]
-                    sent_text[c.index] = len(c.text)
-                if delta_reasoning:
-                    yield events.event({"index": c.index, "delta": {"reasoning_content": delta_reasoning},
-                                        "logprobs": logprobs, "finish_reason": None})
-                    logprobs = None
-                if delta_content or (logprobs and not delta_reasoning):
-                    yield events.event({"index": c.index, "delta": {"content": delta_content}, "logprobs": logprobs,
-                                        "finish_reason": None})
-                if done:
-                    finished[c.index] = True
-                    yield events.event({"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason})
+            chunk = render(output)
+            if chunk:
+                yield chunk
         if include_usage and last is not None:
             reasoning_tokens = (sum(r1.count_reasoning_tokens(c.token_ids, end_id) for c in last.outputs)
                                 if reasoning else None)

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Request
@@ -95,12 +95,14 @@ def sampling_params(req: SamplingFields, max_tokens: int, logprobs: int | None, 
         raise APIError(400, str(e), param=getattr(e, "param", None), code="invalid_value") from None
 
 
-async def results(state, http: Request, rid: str, prompt: Any, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one request; the request is aborted when the client disconnects."""
+async def results(state, http: Request, rid: str, prompt: Any, params: SamplingParams,
+                  sink: Callable[[RequestOutput], bool] | None = None) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs for one request (but those `sink` takes: AsyncEngine.generate); the request is aborted
+    when the client disconnects."""
     state.admit()
     state.in_flight += 1
     state.metrics.arrived(rid, time.perf_counter())
-    stream = state.engine.generate(rid, prompt, params)
+    stream = state.engine.generate(rid, prompt, params, sink)
     finished = rejected = False
     try:
         async for output in stream:

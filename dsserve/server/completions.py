@@ -13,6 +13,7 @@ from dsserve.errors import DsserveError
 from dsserve.server.common import (
     EventWriter, final_output, fit_context, request_id, results, sampling_params, token_text, truncate, usage,
 )
+from dsserve.server.direct import direct_sink
 from dsserve.server.protocol import APIError, CompletionRequest, parse
 
 
@@ -117,42 +118,62 @@ def _logprobs(entries: list[tuple[str, float | None, dict | None]], offset: int)
             "top_logprobs": [e[2] for e in entries], "text_offset": offsets}
 
 
+class _Render:
+    """One streamed completion's events, output by output. The handler calls it, and so does the step's direct
+    writer (server/direct.py) for the outputs that arrive while the handler waits: both the same renderer, in turn."""
+
+    def __init__(self, events: EventWriter, params, req: CompletionRequest, tokenizer):
+        self.events, self.req, self.tokenizer = events, req, tokenizer
+        self.sent = [0] * params.n
+        self.sent_tokens = [0] * params.n
+        self.finished = [False] * params.n
+        self.offsets = [0] * params.n  # where each choice's next logprobs entry starts in its (echoed) text
+        self.first = True
+
+    def __call__(self, output) -> bytes:
+        req, events, chunks = self.req, self.events, []
+        if self.first and req.echo:  # the prompt first, as the non-streamed text starts with it
+            prompt_text, echoed = _prompt_text(output, self.tokenizer), _echoed(output, req, self.tokenizer)
+            for i in range(len(self.sent)):
+                logprobs = _logprobs(echoed, 0) if req.logprobs is not None else None
+                self.offsets[i] = len(prompt_text)
+                chunks.append(events.event({"index": i, "text": prompt_text, "logprobs": logprobs,
+                                            "finish_reason": None}))
+        self.first = False
+        for c in output.outputs:
+            i = c.index
+            if self.finished[i]:  # its last chunk, with finish_reason, has been sent
+                continue
+            self.finished[i] = c.finish_reason is not None
+            delta = c.text[self.sent[i]:]
+            self.sent[i] = len(c.text)
+            start, self.sent_tokens[i] = self.sent_tokens[i], len(c.token_ids)
+            logprobs = None
+            if req.logprobs is not None:
+                entries = _generated(c.token_ids[start:], (c.logprobs or [])[start:], self.tokenizer)
+                logprobs = _logprobs(entries, self.offsets[i])
+                self.offsets[i] += sum(len(e[0]) for e in entries)
+            # One chunk per output with new tokens (one token per step; several with --stream-interval or
+            # when this handler lagged), even when its text is held back (an unfinished UTF-8 character, a
+            # possible stop string): serving benchmarks time tokens by chunks.
+            if delta or len(c.token_ids) > start or c.finish_reason:
+                chunks.append(events.event({"index": i, "text": delta, "logprobs": logprobs,
+                                            "finish_reason": c.finish_reason}))
+        return b"".join(chunks)
+
+
 async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
     events = EventWriter({"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model},
                          include_usage)
-    sent = [0] * params.n
-    sent_tokens = [0] * params.n
-    finished = [False] * params.n
-    offsets = [0] * params.n  # where each choice's next logprobs entry starts in its (echoed) text
+    render = _Render(events, params, req, tokenizer)
     last = None
-
     try:
-        async for output in results(state, http, rid, {"prompt_token_ids": ids}, params):
-            if last is None and req.echo:  # the prompt first, as the non-streamed text starts with it
-                prompt_text, echoed = _prompt_text(output, tokenizer), _echoed(output, req, tokenizer)
-                for i in range(params.n):
-                    logprobs = _logprobs(echoed, 0) if req.logprobs is not None else None
-                    offsets[i] = len(prompt_text)
-                    yield events.event({"index": i, "text": prompt_text, "logprobs": logprobs, "finish_reason": None})
+        async for output in results(state, http, rid, {"prompt_token_ids": ids}, params,
+                                    direct_sink(http.scope, render)):
             last = output
-            for c in output.outputs:
-                if finished[c.index]:  # its last chunk, with finish_reason, has been sent
-                    continue
-                finished[c.index] = c.finish_reason is not None
-                delta = c.text[sent[c.index]:]
-                sent[c.index] = len(c.text)
-                start, sent_tokens[c.index] = sent_tokens[c.index], len(c.token_ids)
-                logprobs = None
-                if req.logprobs is not None:
-                    entries = _generated(c.token_ids[start:], (c.logprobs or [])[start:], tokenizer)
-                    logprobs = _logprobs(entries, offsets[c.index])
-                    offsets[c.index] += sum(len(e[0]) for e in entries)
-                # One chunk per output with new tokens (one token per step; several with --stream-interval or
-                # when this handler lagged), even when its text is held back (an unfinished UTF-8 character, a
-                # possible stop string): serving benchmarks time tokens by chunks.
-                if delta or len(c.token_ids) > start or c.finish_reason:
-                    yield events.event({"index": c.index, "text": delta, "logprobs": logprobs,
-                                        "finish_reason": c.finish_reason})
+            chunk = render(output)
+            if chunk:
+                yield chunk
         if include_usage and last is not None:
             yield events.usage_event(usage(last))
     except APIError as e:

@@ -20,6 +20,7 @@ from dsserve.engine.engine import LLMEngine, build_engine_config
 from dsserve.reasoning import r1
 from dsserve.runner.model_runner import freeze_startup_heap
 from dsserve.server.app import ServerConfig, create_app
+from dsserve.server.direct import expose_send
 
 logger = logging.getLogger("dsserve")
 
@@ -74,7 +75,7 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
 
         PROFILER.start()
     async_engine = AsyncEngine(engine, on_death=on_death, stream_interval=server_config.stream_interval)
-    app = create_app(async_engine, server_config)
+    app = expose_send(create_app(async_engine, server_config))  # streamed chunks written per step (server/direct.py)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=5))
     url = f"http://{host}:{port}"

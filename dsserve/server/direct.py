@@ -1,0 +1,78 @@
+"""A streamed response's chunks written on the event loop as each engine step's outputs arrive, without waking the
+response's handler.
+
+Per streamed chunk the usual way costs the HTTP thread a task wake-up, three async generators, the response's loop
+and four middleware `send` wrappers before uvicorn writes the bytes: about 15 us of Python with the GIL held, on top
+of the ~10 us socket write, and on a small CPU the engine waits for all of it (docs/benchmarks.md). While a handler
+is idle, waiting for its request's next output, everything it has sent is already on the connection, so that output
+can be rendered by the handler's own (synchronous) renderer and framed straight onto uvicorn's transport from the
+callback that delivers the step: one callback per step for every stream. The handler still sends the response's
+start, its first events, the final output and the end, through ASGI as before; a stream whose connection is paused
+(a slow reader), closed or not served by uvicorn's httptools protocol takes the usual way, output by output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dsserve.engine.engine import RequestOutput
+
+try:  # uvicorn's HTTP/1.1 protocol on httptools (the one `dsserve serve` runs when httptools is installed)
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle as _Cycle
+except ImportError:  # pragma: no cover - httptools is a dependency; other servers take the ASGI way
+    _Cycle = None
+
+SEND_KEY = "dsserve.send"  # the server's own ASGI `send`, put in the scope by `expose_send`
+
+
+def expose_send(app):
+    """Wrap the ASGI app so that a handler can find the server's own `send` (middleware hands it wrapped ones)."""
+    async def app_with_send(scope, receive, send) -> None:
+        scope[SEND_KEY] = send
+        await app(scope, receive, send)
+
+    return app_with_send
+
+
+class ChunkWriter:
+    """Writes body chunks of one started, chunked HTTP/1.1 response to uvicorn's transport, framed as uvicorn frames
+    them; `write` refuses (False) whenever uvicorn's own `send` would not write at once."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: Any):
+        self._cycle = cycle
+
+    @classmethod
+    def of(cls, scope: dict) -> ChunkWriter | None:
+        """The writer for this request's connection, or None when it is not served by uvicorn's httptools protocol."""
+        cycle = getattr(scope.get(SEND_KEY), "__self__", None)
+        return cls(cycle) if _Cycle is not None and isinstance(cycle, _Cycle) else None
+
+    def ready(self) -> bool:
+        c = self._cycle
+        return (c.response_started and c.chunked_encoding and not c.response_complete and not c.disconnected
+                and not c.flow.write_paused)
+
+    def write(self, data: bytes) -> None:
+        self._cycle.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+
+def direct_sink(scope: dict, render: Callable[[RequestOutput], bytes]) -> Callable[[RequestOutput], bool] | None:
+    """The `sink` for `AsyncEngine.generate`: renders an output with the handler's renderer and writes it to the
+    connection; False (the handler gets the output) when the connection cannot take it now. None when the
+    response is not served by uvicorn's httptools protocol (tests' ASGI clients, other servers)."""
+    writer = ChunkWriter.of(scope)
+    if writer is None:
+        return None
+
+    def sink(output: RequestOutput) -> bool:
+        if not writer.ready():
+            return False
+        data = render(output)
+        if data:
+            writer.write(data)
+        return True
+
+    return sink
