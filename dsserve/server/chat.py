@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from dsserve.errors import DsserveError
 from dsserve.reasoning import r1
 from dsserve.server.common import (
-    EventWriter, final_output, fit_context, request_id, results, sampling_params, token_text, truncate, usage,
+    EventWriter, final_output, fit_context, json_string, request_id, results, sampling_params, token_text, truncate,
+    usage,
 )
 from dsserve.server.direct import direct_sink
 from dsserve.server.protocol import APIError, ChatCompletionRequest, parse
@@ -104,6 +105,9 @@ def _logprobs(entries, token_ids, tokenizer) -> dict[str, Any]:
     return {"content": content}
 
 
+_DELTA = '{"index":%d,"delta":{"%s":%s},"logprobs":null,"finish_reason":null}'  # a text delta without logprobs
+
+
 class _Render:
     """One streamed chat completion's events, output by output: reasoning split from content (R1), logprobs. The
     handler calls it, and so does the step's direct writer (server/direct.py) for the outputs that arrive while the
@@ -134,11 +138,13 @@ class _Render:
                 self.sent_text[i] = len(c.text)
             if delta_reasoning:
                 chunks.append(events.event({"index": i, "delta": {"reasoning_content": delta_reasoning},
-                                            "logprobs": logprobs, "finish_reason": None}))
+                                            "logprobs": logprobs, "finish_reason": None}) if logprobs else
+                              events.encoded(_DELTA % (i, "reasoning_content", json_string(delta_reasoning))))
                 logprobs = None
             if delta_content or (logprobs and not delta_reasoning):
                 chunks.append(events.event({"index": i, "delta": {"content": delta_content}, "logprobs": logprobs,
-                                            "finish_reason": None}))
+                                            "finish_reason": None}) if logprobs else
+                              events.encoded(_DELTA % (i, "content", json_string(delta_content))))
             if done:
                 self.finished[i] = True
                 chunks.append(events.event({"index": i, "delta": {}, "logprobs": None,

@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from dsserve.errors import DsserveError
 from dsserve.server.common import (
-    EventWriter, final_output, fit_context, request_id, results, sampling_params, token_text, truncate, usage,
+    EventWriter, final_output, fit_context, json_string, request_id, results, sampling_params, token_text, truncate,
+    usage,
 )
 from dsserve.server.direct import direct_sink
 from dsserve.server.protocol import APIError, CompletionRequest, parse
@@ -118,6 +119,9 @@ def _logprobs(entries: list[tuple[str, float | None, dict | None]], offset: int)
             "top_logprobs": [e[2] for e in entries], "text_offset": offsets}
 
 
+_TEXT_CHOICE = '{"index":%d,"text":%s,"logprobs":null,"finish_reason":%s}'  # a choice without logprobs
+
+
 class _Render:
     """One streamed completion's events, output by output. The handler calls it, and so does the step's direct
     writer (server/direct.py) for the outputs that arrive while the handler waits: both the same renderer, in turn."""
@@ -156,9 +160,12 @@ class _Render:
             # One chunk per output with new tokens (one token per step; several with --stream-interval or
             # when this handler lagged), even when its text is held back (an unfinished UTF-8 character, a
             # possible stop string): serving benchmarks time tokens by chunks.
-            if delta or len(c.token_ids) > start or c.finish_reason:
+            if logprobs is not None:
                 chunks.append(events.event({"index": i, "text": delta, "logprobs": logprobs,
                                             "finish_reason": c.finish_reason}))
+            elif delta or len(c.token_ids) > start or c.finish_reason:
+                chunks.append(events.encoded(_TEXT_CHOICE % (i, json_string(delta), json_string(c.finish_reason)
+                                                            if c.finish_reason else "null")))
         return b"".join(chunks)
 
 

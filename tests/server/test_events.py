@@ -29,3 +29,24 @@ def test_without_usage_the_field_is_absent():
     assert "usage" not in body and body["system_fingerprint"] is None
     assert _parse(EventWriter.error_event({"error": {"message": "boom"}})) == {"error": {"message": "boom"}}
     assert events.done == b"data: [DONE]\n\n"
+
+
+def test_the_per_token_choices_are_byte_for_byte_the_encoded_dicts():
+    """Completion and chat chunks without logprobs are formatted around one JSON string, not encoded from a dict:
+    the bytes must be the same as the dict's, for any text."""
+    from dsserve.server.chat import _DELTA
+    from dsserve.server.common import json_string
+    from dsserve.server.completions import _TEXT_CHOICE
+
+    events = EventWriter({"id": "x", "object": "text_completion", "created": 1, "model": "m"}, include_usage=True)
+    for text in ("", "plain", "caf\u00e9 \"q\" \\ / \n\t\r\b\f \x00\x1f \u2028 \U0001F600", "\ud800"):
+        for finish in (None, "length", "stop"):
+            choice = {"index": 3, "text": text, "logprobs": None, "finish_reason": finish}
+            fast = _TEXT_CHOICE % (3, json_string(text), json_string(finish) if finish else "null")
+            assert fast == json.dumps(choice, ensure_ascii=False, separators=(",", ":"))
+            if text != "\ud800":  # a lone surrogate has no UTF-8 either way
+                assert events.encoded(fast) == events.event(choice)
+        for key in ("content", "reasoning_content"):
+            choice = {"index": 1, "delta": {key: text}, "logprobs": None, "finish_reason": None}
+            fast = _DELTA % (1, key, json_string(text))
+            assert fast == json.dumps(choice, ensure_ascii=False, separators=(",", ":"))
