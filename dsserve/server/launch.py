@@ -7,7 +7,6 @@ import logging
 import logging.handlers
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,9 +22,6 @@ from dsserve.server.app import ServerConfig, create_app
 from dsserve.server.direct import expose_send
 
 logger = logging.getLogger("dsserve")
-
-
-_SWITCH_INTERVAL_S = 0.0005
 
 
 def setup_logging(port: int, level: str = "INFO") -> Path:
@@ -104,11 +100,10 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     http = threading.Thread(target=serve_http, name="dsserve-http")
-    # The engine thread and the HTTP thread share the GIL. Each step's outputs wake the HTTP thread, which then
-    # holds the GIL for its whole burst of chunk writes; the engine thread, back from a kernel, waited up to the
-    # default 5 ms switch interval for it every step (py-spy: the step stalled in call_soon_threadsafe's
-    # self-pipe write). At 0.5 ms the two interleave; online throughput at 64 streams rose ~3% (docs/benchmarks.md).
-    sys.setswitchinterval(_SWITCH_INTERVAL_S)
+    # The engine thread and the HTTP thread share the GIL at Python's default 5 ms switch interval. (It was 0.5 ms
+    # while every chunk woke its handler and each step's burst of writes held the GIL for milliseconds; with a step's
+    # chunks written from one callback (server/direct.py) the shorter interval only interrupts the engine's Python:
+    # 1-2% slower at 64 streams, docs/benchmarks.md.)
     freeze_startup_heap()
     http.start()
     try:
