@@ -71,7 +71,7 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
 
         PROFILER.start()
     async_engine = AsyncEngine(engine, on_death=on_death, stream_interval=server_config.stream_interval)
-    app = expose_send(create_app(async_engine, server_config))  # streamed chunks written per step (server/direct.py)
+    app = asgi_app(async_engine, server_config)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
                                            timeout_graceful_shutdown=5))
     url = f"http://{host}:{port}"
@@ -117,6 +117,12 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
     if died.is_set():
         return 1
     return 0 if server.started else 1
+
+
+def asgi_app(async_engine: AsyncEngine, server_config: ServerConfig):
+    """The app uvicorn serves: the FastAPI app, with the server's own `send` in each scope so that streams can write
+    a step's chunks from the callback that delivers it (server/direct.py)."""
+    return expose_send(create_app(async_engine, server_config))
 
 
 def resolve_reasoning_parser(server_config: ServerConfig, tokenizer) -> ServerConfig:

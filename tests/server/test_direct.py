@@ -197,3 +197,22 @@ def test_streams_written_directly_add_up_to_the_non_streamed_answer(live):
     assert [t for c in chunks for t in c["logprobs"]["tokens"]] == whole["logprobs"]["tokens"]
     assert [o for c in chunks for o in c["logprobs"]["text_offset"]] == whole["logprobs"]["text_offset"]
     assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == ["length"]
+
+
+def test_dsserve_serve_hands_streams_the_servers_own_send(monkeypatch):
+    """The app `dsserve serve` gives uvicorn puts uvicorn's `send` in every scope (without it every chunk would take
+    the ASGI way, silently slower)."""
+    from dsserve.server import launch
+
+    seen = {}
+
+    async def inner(scope, receive, send):
+        seen.update(scope)
+
+    monkeypatch.setattr(launch, "create_app", lambda engine, config: inner)
+
+    async def send(message):
+        pass
+
+    asyncio.run(launch.asgi_app(None, None)({"type": "http"}, None, send))
+    assert seen[SEND_KEY] is send
