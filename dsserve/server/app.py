@@ -116,6 +116,10 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     state = ServerState(engine, config)
     app.state.dsserve = state
 
+    # Every middleware's `send` must hand a message straight on to uvicorn's (Guard's and Starlette's own do): a
+    # stream's chunks between its first and last output are written to the connection directly while its handler
+    # waits (server/direct.py), which keeps their order only if whatever the handler sent has been written by then.
+    # A middleware that buffers or transforms the body (GZip, `@app.middleware("http")`) would break that.
     app.add_middleware(Guard, config=config)
 
     @app.exception_handler(APIError)

@@ -152,18 +152,19 @@ class _Render:
             delta = c.text[self.sent[i]:]
             self.sent[i] = len(c.text)
             start, self.sent_tokens[i] = self.sent_tokens[i], len(c.token_ids)
-            logprobs = None
+            # One chunk per output with new tokens (one token per step; several with --stream-interval or
+            # when this handler lagged), even when its text is held back (an unfinished UTF-8 character, a
+            # possible stop string): serving benchmarks time tokens by chunks. None for a choice that has not
+            # moved (with n > 1 and prefix caching, choices after the first can start a step later).
+            if not (delta or len(c.token_ids) > start or c.finish_reason):
+                continue
             if req.logprobs is not None:
                 entries = _generated(c.token_ids[start:], (c.logprobs or [])[start:], self.tokenizer)
                 logprobs = _logprobs(entries, self.offsets[i])
                 self.offsets[i] += sum(len(e[0]) for e in entries)
-            # One chunk per output with new tokens (one token per step; several with --stream-interval or
-            # when this handler lagged), even when its text is held back (an unfinished UTF-8 character, a
-            # possible stop string): serving benchmarks time tokens by chunks.
-            if logprobs is not None:
                 chunks.append(events.event({"index": i, "text": delta, "logprobs": logprobs,
                                             "finish_reason": c.finish_reason}))
-            elif delta or len(c.token_ids) > start or c.finish_reason:
+            else:
                 chunks.append(events.encoded(_TEXT_CHOICE % (i, json_string(delta), json_string(c.finish_reason)
                                                             if c.finish_reason else "null")))
         return b"".join(chunks)

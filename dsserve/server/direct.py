@@ -6,9 +6,10 @@ and four middleware `send` wrappers before uvicorn writes the bytes: about 15 us
 of the ~10 us socket write, and on a small CPU the engine waits for all of it (docs/benchmarks.md). While a handler
 is idle, waiting for its request's next output, everything it has sent is already on the connection, so that output
 can be rendered by the handler's own (synchronous) renderer and framed straight onto uvicorn's transport from the
-callback that delivers the step: one callback per step for every stream. The handler still sends the response's
-start, its first events, the final output and the end, through ASGI as before; a stream whose connection is paused
-(a slow reader), closed or not served by uvicorn's httptools protocol takes the usual way, output by output.
+callback that delivers the step: one callback per step for every stream. The handler still sends, through ASGI,
+the response's start, what it has before its first wait (chat's role chunk), any output that arrives while it is
+busy, the final output, usage and the end; a stream whose connection is paused (a slow reader), closed or not served
+by uvicorn's httptools protocol takes the usual way, output by output.
 """
 
 from __future__ import annotations

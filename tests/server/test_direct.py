@@ -216,3 +216,74 @@ def test_dsserve_serve_hands_streams_the_servers_own_send(monkeypatch):
 
     asyncio.run(launch.asgi_app(None, None)({"type": "http"}, None, send))
     assert seen[SEND_KEY] is send
+
+
+def test_the_only_middleware_is_the_guard(tiny_r1):
+    """Direct writes keep a stream's order only if every middleware passes `send` straight through (app.py): a new
+    middleware must be checked against that before it joins this list."""
+    from dsserve.server.app import Guard
+
+    engine = AsyncEngine(LLMEngine(build_engine_config(tiny_r1, num_kv_blocks=8, max_model_len=64)))
+    app = create_app(engine, ServerConfig(served_model_name="m"))
+    assert [m.cls for m in app.user_middleware] == [Guard]
+
+
+def test_a_completion_choice_that_has_not_moved_gets_no_chunk():
+    """n > 1 with prefix caching: choices after the first can start a step later. A step in which a choice got no
+    token sends nothing for it, with or without logprobs."""
+    from dsserve.engine.engine import CompletionOutput, RequestOutput
+    from dsserve.server.common import EventWriter
+    from dsserve.server.completions import _Render
+
+    for logprobs in (None, 1):
+        render = _Render(EventWriter({"id": "x", "object": "text_completion", "created": 1, "model": "m"}, False),
+                         SimpleNamespace(n=2), SimpleNamespace(echo=False, logprobs=logprobs), None)
+        first = CompletionOutput(index=0, text="a", token_ids=[7], finish_reason=None,
+                                 logprobs=[(-0.5, {7: -0.5})] if logprobs else None)
+        waiting = CompletionOutput(index=1, text="", token_ids=[], finish_reason=None, logprobs=[] if logprobs else None)
+        events = _events((render(RequestOutput("r", None, [1, 2], [first, waiting], False)) + b"data: [DONE]\n\n").decode())
+        assert [c["index"] for e in events for c in e["choices"]] == [0], logprobs
+
+
+def test_streams_mixing_direct_and_handler_writes_add_up(live, monkeypatch):
+    """The connection refusing every other direct write (as a paused one does): chunks from the sink and from the
+    handler interleave in one response and still add up, in order, to the non-streamed answer. Choices end in
+    different steps (stop strings), n = 3 completions with echo and logprobs, n = 2 chat."""
+    client, writes = live
+    calls = {"n": 0}
+
+    def ready(self):
+        calls["n"] += 1
+        return calls["n"] % 2 == 0
+
+    monkeypatch.setattr(direct.ChunkWriter, "ready", ready)
+    for seed in range(200):
+        body = {"model": "m", "prompt": "Hello", "max_tokens": 14, "temperature": 1.0, "seed": seed, "n": 3,
+                "stop": ["a", "e", "o"], "echo": True, "logprobs": 1}
+        whole = client.post("/v1/completions", json=body).json()
+        if len({c["finish_reason"] for c in whole["choices"]}) == 2:
+            break
+    else:
+        pytest.fail("no seed in 200 made the choices end in different steps")
+    before = len(writes)
+    chunks = [c for e in _events(client.post("/v1/completions", json={**body, "stream": True}).text)
+              for c in e["choices"]]
+    assert len(writes) > before and calls["n"] > len(writes) - before  # both ways were taken
+    for choice in whole["choices"]:
+        mine = [c for c in chunks if c["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert [t for c in mine for t in c["logprobs"]["tokens"]] == choice["logprobs"]["tokens"]
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [choice["finish_reason"]]
+
+    for seed in range(200):
+        chat = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "temperature": 1.0,
+                "seed": seed, "n": 2, "stop": ["a", "e"]}
+        whole = client.post("/v1/chat/completions", json=chat).json()
+        if len({len(c["message"]["reasoning_content"] or "") + len(c["message"]["content"] or "")
+                for c in whole["choices"]}) == 2:
+            break
+    events = _events(client.post("/v1/chat/completions", json={**chat, "stream": True}).text)
+    for choice in whole["choices"]:
+        deltas = [c["delta"] for e in events for c in e["choices"] if c["index"] == choice["index"]]
+        assert "".join(d.get("reasoning_content") or "" for d in deltas) == (choice["message"]["reasoning_content"] or "")
+        assert "".join(d.get("content") or "" for d in deltas) == (choice["message"]["content"] or "")
