@@ -25,6 +25,9 @@ except ImportError:  # pragma: no cover - httptools is a dependency; other serve
     _Cycle = None
 
 SEND_KEY = "dsserve.send"  # the server's own ASGI `send`, put in the scope by `expose_send`
+# What the writer reads of uvicorn's RequestResponseCycle (the same since well before uvicorn 0.29; checked per
+# request, so that a uvicorn that changes them falls back to the ASGI way rather than failing streams)
+_STATE = ("response_started", "chunked_encoding", "response_complete", "disconnected", "flow", "transport")
 
 
 def expose_send(app):
@@ -47,9 +50,15 @@ class ChunkWriter:
 
     @classmethod
     def of(cls, scope: dict) -> ChunkWriter | None:
-        """The writer for this request's connection, or None when it is not served by uvicorn's httptools protocol."""
+        """The writer for this request's connection, or None when it is not served by uvicorn's httptools protocol
+        (or by a uvicorn whose protocol no longer keeps the state this writer reads: then every chunk takes the ASGI
+        way, as under any other server)."""
         cycle = getattr(scope.get(SEND_KEY), "__self__", None)
-        return cls(cycle) if _Cycle is not None and isinstance(cycle, _Cycle) else None
+        if _Cycle is None or not isinstance(cycle, _Cycle):
+            return None
+        if not all(hasattr(cycle, name) for name in _STATE) or not hasattr(cycle.flow, "write_paused"):
+            return None
+        return cls(cycle)
 
     def ready(self) -> bool:
         c = self._cycle

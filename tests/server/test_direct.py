@@ -123,6 +123,9 @@ def test_chunk_writer_frames_chunks_as_uvicorn_and_refuses_when_uvicorn_would_no
                   {"disconnected": True}, {"flow": SimpleNamespace(write_paused=True)}):
         assert not ChunkWriter.of({SEND_KEY: _cycle(**state).send}).ready(), state
     assert ChunkWriter.of({}) is None
+    renamed = _cycle()
+    del renamed.disconnected  # a uvicorn that keeps its state under other names: the ASGI way, not a failed stream
+    assert ChunkWriter.of({SEND_KEY: renamed.send}) is None
     assert ChunkWriter.of({SEND_KEY: lambda message: None}) is None  # not uvicorn's httptools protocol
     assert direct_sink({}, lambda o: b"") is None
 
