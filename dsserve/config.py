@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -470,7 +472,13 @@ ENGINE_KEYS = ("dtype", "weight_dtype", "kv_cache_dtype", "device", "block_size"
                "enable_expert_parallel", "master_port", "dist_backend", "connect_timeout", "step_timeout")
 SERVER_KEYS = ("model", "host", "port", "served_model_name", "api_key", "max_queued_requests", "stream_interval",
                "reasoning_parser", "strict_reasoning_history", "chat_template", "max_input_len", "truncate_input",
-               "log_level", "rank_table", "node_rank")
+               "log_level", "rank_table", "node_rank",
+               # exposure: TLS, keys, audit, drain, liveness (docs/serving.md "Running it on a network")
+               "ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs", "api_key_file", "audit_log",
+               "audit_log_content", "audit_log_max_bytes", "shutdown_timeout",
+               # per-request caps
+               "max_messages", "max_prompt_chars", "max_stop", "max_stop_chars", "max_prompts", "max_request_tokens",
+               "max_tokens_default")
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -502,10 +510,8 @@ _MINDIE_UNMAPPED = {
     "managementIpAddress": "dsserve serves /health and /metrics on its one port",
     "managementPort": "dsserve serves /health and /metrics on its one port",
     "metricsPort": "metrics are on the serving port at /metrics",
-    "httpsEnabled": "dsserve speaks HTTP; put a TLS-terminating proxy in front (and keep --host 127.0.0.1)",
-    "tlsCaPath": "no TLS in dsserve (see httpsEnabled)", "tlsCaFile": "no TLS in dsserve (see httpsEnabled)",
-    "tlsCert": "no TLS in dsserve (see httpsEnabled)", "tlsPk": "no TLS in dsserve (see httpsEnabled)",
-    "tlsPkPwd": "no TLS in dsserve (see httpsEnabled)", "tlsCrl": "no TLS in dsserve (see httpsEnabled)",
+    "kmcKsfMaster": "MindIE's key store for encrypted key passwords; dsserve takes an unencrypted key (see tlsPkPwd)",
+    "kmcKsfStandby": "MindIE's key store for encrypted key passwords; dsserve takes an unencrypted key (see tlsPkPwd)",
     "openAiSupport": "the OpenAI API is always on",
     "npuDeviceIds": "choose devices with CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES",
     "tokenizerProcessNumber": "tokenization runs in the server process, off the engine thread",
@@ -531,8 +537,17 @@ _MINDIE_UNMAPPED = {
 }
 
 
-def import_mindie(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """MindIE's config.json -> (dsserve serve options, [(field, why it has no equivalent)])."""
+def import_mindie(data: dict[str, Any], source: str | os.PathLike | None = None
+                  ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """MindIE's config.json -> (dsserve serve options, [(field, why it has no equivalent)]).
+
+    `source`: where that config.json is; MindIE reads relative TLS paths from its install folder, the parent of
+    the config's conf/ folder, so they resolve only when the file sits there. HTTPS (ServerConfig.httpsEnabled,
+    true unless set false) carries over as ssl_certfile / ssl_keyfile, with ssl_ca_certs and ssl_cert_reqs = 2
+    (client certificates required, MindIE's mutual TLS) when a CA is configured. A config whose TLS cannot carry
+    over (no cert or key, an encrypted key, paths that do not resolve) is a ConfigError unless it listens on
+    loopback only: it never becomes plain HTTP on a network address.
+    """
     if not isinstance(data, dict) or not any(k in data for k in ("ServerConfig", "BackendConfig")):
         raise ConfigError("this is not a MindIE service config: it has neither ServerConfig nor BackendConfig")
     server = data.get("ServerConfig") or {}
@@ -551,6 +566,8 @@ def import_mindie(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str,
 
     take(server, "ipAddress", "host")
     take(server, "port", "port", int)
+    tls, tls_notes = _mindie_tls(server, out.get("host", "127.0.0.1"), source)
+    out.update(tls)
     if "maxLinkNum" in server:
         out["max_queued_requests"] = 2 * int(server["maxLinkNum"])  # MindIE queues 2 x maxLinkNum
     take(model, "modelName", "served_model_name")
@@ -575,10 +592,14 @@ def import_mindie(data: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str,
               "maxInputTokenLen", "truncation", "cacheBlockSize", "maxBatchSize", "maxPrefillTokens", "logLevel",
               "ModelConfig", "ModelDeployConfig", "ScheduleConfig"}
     mapped |= {"multiNodesInferPort"} if multi_node else {"worldSize"} if "tensor_parallel_size" in out else set()
+    mapped |= {"httpsEnabled", *_MINDIE_TLS_FIELDS} - set(tls_notes)
+    for key, why in tls_notes.items():
+        if key not in server:  # a default that shaped the result (httpsEnabled absent: true)
+            unmapped.append((key, why))
     for section in (server, backend, deploy, schedule, log, model):
         for key in section:
             if key not in mapped:
-                unmapped.append((key, _MINDIE_UNMAPPED.get(key, "no dsserve equivalent")))
+                unmapped.append((key, tls_notes.get(key) or _mindie_unmapped(key)))
     if len(models) > 1:
         unmapped.append(("ModelConfig[1:]", "one model per server: start one dsserve per model"))
     return out, unmapped
@@ -593,3 +614,94 @@ def to_toml(options: dict[str, Any], notes: list[tuple[str, str]] = ()) -> str:
         lines += ["", "# MindIE fields with no dsserve equivalent:"]
         lines += [f"#   {field}: {why}" for field, why in notes]
     return "\n".join(lines) + "\n"
+
+
+_MINDIE_TLS_FIELDS = ("tlsCert", "tlsPk", "tlsPkPwd", "tlsCaPath", "tlsCaFile", "tlsCrl", "tlsCrlPath", "tlsCrlFiles")
+
+
+def _mindie_tls(server: dict[str, Any], host: str, source: str | os.PathLike | None
+                ) -> tuple[dict[str, Any], dict[str, str]]:
+    """ServerConfig's HTTPS fields -> (ssl_* serve options, {field: what did not carry over and why})."""
+    notes: dict[str, str] = {}
+    if not server.get("httpsEnabled", True):
+        notes["httpsEnabled"] = "false: dsserve serves plain HTTP too (keep it on 127.0.0.1 or behind a TLS proxy)"
+        notes.update({key: "unused: httpsEnabled is false" for key in _MINDIE_TLS_FIELDS if key in server})
+        return {}, notes
+    install = Path(source).resolve().parent.parent if source and Path(source).resolve().parent.name == "conf" else None
+    problems: list[str] = []
+    relative: list[str] = []
+
+    def file(value: Any, field_name: str) -> str | None:
+        if not isinstance(value, str) or not value:
+            return None
+        if os.path.isabs(value):
+            return value
+        if install is None:
+            relative.append(f"{field_name} {value!r}")
+            return None
+        return str(install / value)
+
+    cert, key = file(server.get("tlsCert"), "tlsCert"), file(server.get("tlsPk"), "tlsPk")
+    if not server.get("tlsCert") or not server.get("tlsPk"):
+        problems.append("tlsCert and tlsPk are not both set")
+    if server.get("tlsPkPwd"):
+        problems.append(f"the private key is encrypted (tlsPkPwd {server['tlsPkPwd']!r} is a KMC-encrypted "
+                        "password only MindIE can read)")
+    ca_files = server.get("tlsCaFile") or []
+    ca_files = [ca_files] if isinstance(ca_files, str) else list(ca_files)
+    # MindIE joins tlsCaPath (a folder, ending in /) and each tlsCaFile name
+    ca = file(os.path.join(server.get("tlsCaPath") or "", ca_files[0]), "tlsCaPath + tlsCaFile") if ca_files else None
+    if relative:
+        problems.append(f"{', '.join(relative)} are relative to MindIE's install folder, which is known only when "
+                        "the config.json imported is the one in that folder's conf/")
+    if problems:
+        why = "; ".join(problems)
+        default = " is true" if "httpsEnabled" in server else " is absent: MindIE's default is true"
+        if not _is_loopback(host):
+            raise ConfigError(
+                f"this MindIE config serves HTTPS on {host} (ServerConfig.httpsEnabled{default}) but its TLS "
+                f"settings cannot carry over to dsserve: {why}. dsserve will not turn it into plain HTTP on a network "
+                "address. Fix one: point tlsCert and tlsPk at the certificate and an unencrypted key (openssl pkey "
+                "-in KEY -out server.key; chmod 600 server.key) by absolute paths, drop tlsPkPwd and import again; "
+                "or set ipAddress to 127.0.0.1 and put a TLS proxy in front; or set httpsEnabled to false if plain "
+                f"HTTP on {host} is really meant"
+            )
+        state = "true" if "httpsEnabled" in server else "absent, so true (MindIE's default)"
+        notes["httpsEnabled"] = (f"{state}, but TLS did not carry over ({why}): this config serves plain HTTP, on "
+                                 f"loopback {host} only; add ssl_certfile and ssl_keyfile before widening host")
+        notes.update({key: "not carried over (see httpsEnabled)" for key in _MINDIE_TLS_FIELDS if key in server})
+        return {}, notes
+    options: dict[str, Any] = {"ssl_certfile": cert, "ssl_keyfile": key}
+    if ca:
+        options["ssl_ca_certs"] = ca
+        options["ssl_cert_reqs"] = int(ssl.CERT_REQUIRED)  # MindIE verifies clients against its CA: mutual TLS
+    else:
+        notes["tlsCaFile"] = "no CA file: clients are not asked for a certificate (server-side TLS only)"
+    if len(ca_files) > 1:
+        notes["tlsCaFile"] = (f"only {ca_files[0]} carried over (ssl_ca_certs is one file): concatenate "
+                              f"{', '.join(ca_files)} into one PEM bundle and point ssl_ca_certs at it, or clients "
+                              "signed by the other CAs are refused")
+    if server.get("tlsCrlFiles") or server.get("tlsCrl"):
+        crl = ("revocation lists are not checked: a revoked client certificate the CA signed is still accepted; "
+               "rotate the CA to cut a client off, or terminate TLS in a proxy that checks the CRL")
+        notes.update({k: crl for k in ("tlsCrl", "tlsCrlPath", "tlsCrlFiles") if k in server})
+    return options, notes
+
+
+def _mindie_unmapped(key: str) -> str:
+    if key in _MINDIE_UNMAPPED:
+        return _MINDIE_UNMAPPED[key]
+    if key.startswith(("managementTls", "metricsTls")):
+        return "dsserve serves /health and /metrics on its one port, with that port's TLS (ssl_*)"
+    if key.startswith(("interComm", "interNode")):
+        return "torch.distributed traffic between ranks is not encrypted: keep it on a private network"
+    return "no dsserve equivalent"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,11 +1,14 @@
-"""`dsserve config import-mindie` on the service config the seed deployment guide edits by hand."""
+"""`dsserve config import-mindie` on the service config the seed deployment guide edits by hand, and its HTTPS
+fields (httpsEnabled, true by default, and the tls* paths)."""
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from dsserve.cli import app
 from dsserve.config import import_mindie, load_toml
+from dsserve.errors import ConfigError
 
 # The fields and defaults the guide lists (ServerConfig, BackendConfig with ModelDeployConfig and
 # ScheduleConfig nested as MindIE nests them, LogConfig).
@@ -72,3 +75,72 @@ def test_cli_writes_a_toml_serve_reads(tmp_path):
     bad = tmp_path / "not_mindie.json"
     bad.write_text("{}")
     assert CliRunner().invoke(app, ["config", "import-mindie", str(bad)]).exit_code != 0
+
+
+def _https(**server) -> dict:
+    """The seed config with HTTPS on (MindIE's default) and ServerConfig fields replaced; None removes one."""
+    config = json.loads(json.dumps(SEED_CONFIG))
+    config["ServerConfig"].update(httpsEnabled=True, tlsCrlPath="security/certs/", tlsCrlFiles=["server_crl.pem"])
+    config["ServerConfig"].update(server)
+    config["ServerConfig"] = {k: v for k, v in config["ServerConfig"].items() if v is not None}
+    return config
+
+
+def test_https_in_the_install_folder_maps_to_mutual_tls(tmp_path):
+    """MindIE reads relative TLS paths from its install folder (conf/config.json's parent); a CA means client
+    certificates are required (ssl_cert_reqs 2 = ssl.CERT_REQUIRED)."""
+    install = tmp_path / "mindie-service"
+    (install / "conf").mkdir(parents=True)
+    src = install / "conf" / "config.json"
+    src.write_text(json.dumps(_https(ipAddress="10.0.0.5")))
+    result = CliRunner().invoke(app, ["config", "import-mindie", str(src)])
+    assert result.exit_code == 0, result.output
+    toml = tmp_path / "dsserve.toml"
+    toml.write_text(result.output)
+    options = load_toml(toml)
+    assert options["host"] == "10.0.0.5"
+    assert options["ssl_certfile"] == str(install / "security/certs/server.pem")
+    assert options["ssl_keyfile"] == str(install / "security/keys/server.key.pem")
+    assert options["ssl_ca_certs"] == str(install / "security/ca/ca.pem") and options["ssl_cert_reqs"] == 2
+    assert "tlsCrlFiles: revocation lists are not checked" in result.output
+
+
+def test_absolute_tls_paths_map_wherever_the_config_is():
+    options, notes = import_mindie(_https(ipAddress="0.0.0.0", tlsCaPath="/pki/ca", tlsCaFile=["a.pem", "b.pem"],
+                                          tlsCert="/pki/server.pem", tlsPk="/pki/server.key"))
+    assert options["ssl_certfile"] == "/pki/server.pem" and options["ssl_keyfile"] == "/pki/server.key"
+    assert options["ssl_ca_certs"] == "/pki/ca/a.pem" and options["ssl_cert_reqs"] == 2
+    assert "concatenate a.pem, b.pem into one PEM bundle" in dict(notes)["tlsCaFile"]
+    assert not any(field in dict(notes) for field in ("tlsCert", "tlsPk", "httpsEnabled"))
+
+
+@pytest.mark.parametrize("server,problem", [
+    pytest.param({"tlsPkPwd": "security/pass/key_pwd.txt"}, "the private key is encrypted", id="encrypted-key"),
+    pytest.param({"tlsCert": None, "tlsPk": None}, "tlsCert and tlsPk are not both set", id="no-cert"),
+    pytest.param({"httpsEnabled": None, "tlsCert": None}, "tlsCert and tlsPk are not both set", id="https-by-default"),
+    pytest.param({}, "are relative to MindIE's install folder", id="relative-elsewhere"),
+])
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.0.0.5", "::", "node1.example"])
+def test_https_that_cannot_carry_over_never_becomes_plain_http_on_a_network_address(server, problem, host):
+    with pytest.raises(ConfigError, match="will not turn it into plain HTTP") as error:
+        import_mindie(_https(ipAddress=host, **server))
+    assert problem in str(error.value) and host in str(error.value)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", None])
+def test_https_that_cannot_carry_over_stays_on_loopback_with_a_note(host):
+    options, notes = import_mindie(_https(ipAddress=host, tlsPkPwd="security/pass/key_pwd.txt"))
+    assert not any(k.startswith("ssl_") for k in options) and options.get("host", "127.0.0.1") == (host or "127.0.0.1")
+    why = dict(notes)
+    assert "serves plain HTTP, on loopback" in why["httpsEnabled"] and "encrypted" in why["httpsEnabled"]
+    assert why["tlsCert"] == "not carried over (see httpsEnabled)"
+
+
+def test_cli_names_the_tls_problem(tmp_path):
+    src = tmp_path / "config.json"
+    src.write_text(json.dumps(_https(ipAddress="0.0.0.0", tlsCert="/pki/s.pem", tlsPk="/pki/s.key",
+                                     tlsPkPwd="security/pass/key_pwd.txt")))
+    result = CliRunner().invoke(app, ["config", "import-mindie", str(src)])
+    assert result.exit_code != 0 and "ssl_" not in result.output  # no TOML printed
+    assert isinstance(result.exception, ConfigError)  # main() prints it as an error line
+    assert "tlsPkPwd" in str(result.exception) and "set ipAddress to 127.0.0.1" in str(result.exception)

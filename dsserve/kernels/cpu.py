@@ -11,12 +11,17 @@ panel-packed half-precision weights through an AVX2 micro-kernel: 1.3-2x FBGEMM'
 
 The library is compiled on first use into $DSSERVE_CACHE_DIR (default $XDG_CACHE_HOME/dsserve, else
 ~/.cache/dsserve)/kernels, named by a hash of the source, the flags and the compiler, written to a temporary
-file and renamed (ranks starting together do not collide). No compiler, a failed build or
+file and renamed (ranks starting together do not collide), with its sha256 recorded beside it (`<name>.sha256`,
+also written atomically). The folder is created private (0700); one another user owns or can write to is not
+trusted (a library there would run as this process): the build goes to a fresh private temporary folder
+instead, with a warning. A cached library is loaded only when its sha256 matches the record; a changed or
+unrecorded one, or one that fails to load, is rebuilt once. No compiler, a failed build or
 DSSERVE_CPU_KERNELS=0: `library()` is None and attention takes the torch path (logged once).
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import logging
@@ -41,6 +46,7 @@ _state: dict[str, object] = {}  # "lib": ctypes.CDLL | None once tried, "why": t
 
 
 def cache_dir() -> Path:
+    """Where the built library is kept (the build creates it 0700 and checks it is private before use)."""
     if os.environ.get("DSSERVE_CACHE_DIR"):
         return Path(os.environ["DSSERVE_CACHE_DIR"]) / "kernels"
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -89,19 +95,8 @@ def _build() -> ctypes.CDLL:
     file_flags = {name: probe() for name, probe in _FILE_FLAGS.items()}
     digest = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES + HEADERS), *flags, *version,
                                        repr(sorted(file_flags.items()))]).encode()).hexdigest()[:16]
-    folder = cache_dir()
-    target = folder / f"dsserve_cpu-{digest}.so"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-        os.close(fd)
-        try:
-            _compile_and_link(compiler, flags, tmp, file_flags)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    target = _private_cache_dir() / f"dsserve_cpu-{digest}.so"
+    lib = _load_verified(target, lambda output: _compile_and_link(compiler, flags, output, file_flags))
     fn = lib.dsserve_paged_decode
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12 + [ctypes.c_float, ctypes.c_int]
@@ -167,6 +162,74 @@ def _compile_and_link(compiler: str, flags: list[str], output: str, file_flags: 
                              capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"{Path(compiler).name} failed linking: {out.stderr.strip()[-800:]}")
+
+
+def _private_cache_dir() -> Path:
+    """cache_dir(), created 0700; a fresh private temporary folder when it exists but is not private."""
+    folder = cache_dir()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700)
+        os.chmod(folder, 0o700)  # exactly 0700, whatever the umask
+    except FileExistsError:
+        pass
+    info = folder.stat()
+    problems = []
+    if info.st_uid != os.getuid():
+        problems.append(f"owned by uid {info.st_uid}, not this user ({os.getuid()})")
+    if info.st_mode & 0o022:
+        problems.append(f"mode {oct(info.st_mode & 0o777)} lets group or others write there")
+    if not problems:
+        return folder
+    fresh = Path(tempfile.mkdtemp(prefix="dsserve-kernels-"))  # 0700
+    atexit.register(shutil.rmtree, fresh, ignore_errors=True)
+    logger.warning("kernel cache %s is not private (%s): no library is loaded from it; building in %s for this "
+                   "process instead. Fix: chmod 700 %s if it is yours, or set DSSERVE_CACHE_DIR to a folder only "
+                   "you can write", folder, "; ".join(problems), fresh, folder)
+    return fresh
+
+
+def _load_verified(target: Path, build) -> ctypes.CDLL:
+    """The library at `target` when its sha256 matches the record beside it; otherwise (changed, unrecorded,
+    missing, or failing to load) built again with `build(output_path)` and loaded (an OSError then propagates)."""
+    record = target.with_name(target.name + ".sha256")
+    if target.exists():
+        recorded = record.read_text().strip() if record.exists() else None
+        if recorded == _sha256(target):
+            try:
+                return ctypes.CDLL(str(target))
+            except OSError as e:
+                logger.warning("cached kernel library %s does not load (%s): rebuilding it", target, e)
+        elif recorded is None:  # built before records were kept, or the record was lost
+            logger.info("cached kernel library %s has no sha256 record: rebuilding it", target)
+        else:
+            logger.warning("cached kernel library %s does not match its recorded sha256 (changed since it was "
+                           "built): rebuilding it", target)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        build(tmp)
+        _write_atomic(record, _sha256(Path(tmp)) + "\n")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ctypes.CDLL(str(target))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def library() -> ctypes.CDLL | None:

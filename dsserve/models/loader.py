@@ -26,16 +26,7 @@ def checkpoint_files(folder: str | os.PathLike) -> dict[str, list[str]]:
     folder = Path(folder)
     index = folder / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except PermissionError as e:
-            raise WeightsError(f"{index} is not readable ({e.strerror}); fix with: chmod a+r {index}") from e
-        except (json.JSONDecodeError, KeyError) as e:
-            raise WeightsError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {e}") from e
-        shards: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(shard, []).append(name)
-        return shards
+        return read_index(index)
     files = sorted(p.name for p in folder.glob("*.safetensors"))
     if not files:
         raise WeightsError(
@@ -48,6 +39,40 @@ def checkpoint_files(folder: str | os.PathLike) -> dict[str, list[str]]:
             "original checkpoint so dsserve knows which shard holds which tensor"
         )
     return {files[0]: []}
+
+
+def read_index(index: Path) -> dict[str, list[str]]:
+    """Shard file name -> tensor names, from a `model.safetensors.index.json`.
+
+    Every shard name must be a plain file name beside the index: a crafted `../x` or `/etc/x` would make the
+    loader read, and `weights convert` write, outside the checkpoint folder. Symlinked shards are fine (the
+    Hugging Face cache links each file into blobs/): the check is on the names, not on where links lead.
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except PermissionError as e:
+        raise WeightsError(f"{index} is not readable ({e.strerror}); fix with: chmod a+r {index}") from e
+    except (ValueError, KeyError, TypeError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise WeightsError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {e}") from e
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"{index} is not a valid safetensors index: 'weight_map' must map tensor names to "
+                           f"shard file names, not be a {type(weight_map).__name__}")
+    shards: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        shards.setdefault(plain_file_name(index, shard), []).append(name)
+    return shards
+
+
+def plain_file_name(listing: Path, name: object) -> str:
+    """`name` if it is a plain file name (no folder part), else a WeightsError naming `listing`, the file that
+    lists it."""
+    if isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0"):
+        return name
+    raise WeightsError(
+        f"{listing} names the file {name!r}, which is not a plain file name (it is empty, '..', an absolute path "
+        "or has a path separator) and dsserve reads only files directly in the checkpoint folder; restore "
+        f"{listing.name} from the original checkpoint, or fix that entry to the file's bare name"
+    )
 
 
 def iter_checkpoint(

@@ -1,8 +1,16 @@
 """`dsserve weights convert`: FP8 block-quantized -> BF16 on the CPU, shard by shard, safe to interrupt.
 
 Output goes to `OUT.partial/` and is renamed to `OUT` only when every shard, the side files and the index
-(written last) are in place, so an interrupted run never leaves a complete-looking folder. A re-run resumes:
-shards already converted (renamed into place after being fully written) are kept. Memory holds one shard.
+(written last) are in place and fsynced, so an interrupted run (or a power cut) never leaves a complete-looking
+folder. A re-run resumes: shards already converted (renamed into place after being fully written) are kept.
+Memory holds one shard.
+
+Side files (config.json, tokenizer, generation config...) are copied only from inside the checkpoint: a side
+file that is a symlink is followed only when its final target (every link resolved) lies within the source
+folder, or directly in a folder that holds the resolved index or a resolved shard. The Hugging Face cache layout
+(snapshots/REV/* linking to ../../blobs/, where the index and shards are too) and a folder of links to another
+copy of the checkpoint pass; `tokenizer.json -> /etc/shadow` or `-> ~/.ssh/id_rsa` stops the conversion before
+any shard is written, naming the link, so no such file lands in an output meant to be shared.
 """
 
 from __future__ import annotations
@@ -27,9 +35,12 @@ def convert_to_bf16(src: str | os.PathLike, out: str | os.PathLike, progress: Pr
     src, out = Path(src), Path(out)
     if out.exists():
         raise ConfigError(f"{out} already exists; remove it or choose another output folder")
-    config = json.loads((src / "config.json").read_text())
-    block = tuple((config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
     shards = checkpoint_files(src)
+    side_files = _side_files(src, shards)
+    if "config.json" not in side_files:
+        raise ConfigError(f"{src / 'config.json'} is missing; copy the checkpoint's config.json there")
+    config = json.loads(side_files["config.json"].read_text())
+    block = tuple((config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
     if len(shards) == 1 and not next(iter(shards.values())):
         only = next(iter(shards))
         with safe_open(str(src / only), "pt") as handle:
@@ -49,11 +60,13 @@ def convert_to_bf16(src: str | os.PathLike, out: str | os.PathLike, progress: Pr
         done_bytes += (src / shard).stat().st_size
         if progress:
             progress(shard, done_bytes, total)
-    _copy_side_files(src, staging)
+    _copy_side_files(side_files, staging)
     index = {"metadata": {"total_size": sum((staging / s).stat().st_size for s in set(weight_map.values()))},
              "weight_map": dict(sorted(weight_map.items()))}
     _write_atomic(staging / INDEX_FILE, json.dumps(index, indent=1))
+    _fsync_dir(staging)  # every entry durable before the rename makes the folder look complete
     staging.rename(out)
+    _fsync_dir(out.parent)
     return out
 
 
@@ -76,24 +89,44 @@ def _convert_shard(src: Path, shard: str, names: list[str], scale_home: dict[str
             tensor = dequantize_fp8_blocks(tensor, scale, block, torch.bfloat16)
         tensors[name] = tensor.contiguous()
     tmp = staging / (shard + ".tmp")
+    tmp.unlink(missing_ok=True)  # a leftover from a killed run, or a link: replaced, never written through
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     tmp.rename(staging / shard)
 
 
-def _copy_side_files(src: Path, staging: Path) -> None:
-    """config.json without quantization_config (else engines expect FP8), tokenizer and generation files."""
-    for file in src.iterdir():
+def _side_files(src: Path, shards: dict[str, list[str]]) -> dict[str, Path]:
+    """File name -> the real file to copy, for every side file; a link leading outside the checkpoint (see the
+    module docstring) is a WeightsError naming it."""
+    root = src.resolve()
+    homes = {(src / name).resolve().parent for name in [*shards, INDEX_FILE] if (src / name).exists()}
+    files: dict[str, Path] = {}
+    for file in sorted(src.iterdir()):
         if file.suffix == ".safetensors" or file.name == INDEX_FILE or not file.is_file():
             continue
-        if file.name == "config.json":
+        target = file.resolve()
+        if not (target.is_relative_to(root) or target.parent in homes):
+            raise WeightsError(
+                f"{file} is a symlink to {target}, outside the checkpoint ({root}, or where its index and shards "
+                "are); dsserve does not copy it into the converted folder. If that file really belongs to the "
+                f"checkpoint, replace the link with a copy of it (cp --remove-destination {target} {file}); "
+                "otherwise delete the link"
+            )
+        files[file.name] = target  # copy what was checked, not the link (which could change meanwhile)
+    return files
+
+
+def _copy_side_files(side_files: dict[str, Path], staging: Path) -> None:
+    """config.json without quantization_config (else engines expect FP8), tokenizer and generation files."""
+    for name, file in side_files.items():
+        if name == "config.json":
             config = json.loads(file.read_text())
             config.pop("quantization_config", None)
             config["torch_dtype"] = "bfloat16"
             _write_atomic(staging / "config.json", json.dumps(config, indent=2))
         else:
-            shutil.copyfile(file, staging / file.name)
+            _write_atomic(staging / name, file)
 
 
 def _check_disk(src: Path, out: Path, shards: dict[str, list[str]]) -> None:
@@ -106,7 +139,25 @@ def _check_disk(src: Path, out: Path, shards: dict[str, list[str]]) -> None:
                           f"{needed / 2**30:.1f} GiB; free space or choose another folder")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: str | Path) -> None:
+    """All of `data` (a text, or a file's bytes) at `path`, or nothing: written beside it, fsynced, renamed over
+    it. A leftover `.tmp` or a link planted in the staging folder is removed or replaced, never written through."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
+        if isinstance(data, Path):
+            with open(data, "rb") as source:
+                shutil.copyfileobj(source, f, 1 << 24)
+        else:
+            f.write(data.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

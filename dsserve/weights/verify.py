@@ -18,8 +18,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 from dsserve.config import ModelConfig
-from dsserve.errors import DsserveError
-from dsserve.models.loader import INDEX_FILE
+from dsserve.errors import DsserveError, WeightsError
+from dsserve.models.loader import INDEX_FILE, plain_file_name, read_index
 
 MANIFEST_FILE = "dsserve-manifest.json"
 
@@ -115,14 +115,11 @@ def _expected_shards(folder: Path, report: Report) -> dict[str, list[str]]:
     if not _readable(index, report):
         return {}
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-        report.fail(f"{index}: not a valid index (needs a 'weight_map' object): {e}")
+        shards = read_index(index)
+    except WeightsError as e:
+        report.fail(str(e))
         return {}
-    shards: dict[str, list[str]] = {}
-    for name, shard in weight_map.items():
-        shards.setdefault(shard, []).append(name)
-    report.ok(f"{INDEX_FILE}: {len(weight_map)} tensors in {len(shards)} shards")
+    report.ok(f"{INDEX_FILE}: {sum(map(len, shards.values()))} tensors in {len(shards)} shards")
     for extra in sorted(on_disk - set(shards)):
         report.fail(f"{folder / extra}: a shard the index does not name; remove it or restore the matching index")
     return shards
@@ -169,6 +166,15 @@ def _check_manifest(folder: Path, manifest: Path, report: Report) -> None:
         expected = json.loads(manifest.read_text())
     except (OSError, json.JSONDecodeError) as e:
         report.fail(f"manifest {manifest}: cannot be read ({e})")
+        return
+    if not isinstance(expected, dict):
+        report.fail(f"manifest {manifest}: not a {{file name: sha256}} object; write it again with --write-manifest")
+        return
+    try:
+        for name in expected:
+            plain_file_name(manifest, name)  # a manifest lists files in the checkpoint folder, nothing beyond
+    except WeightsError as e:
+        report.fail(str(e))
         return
     bad = [name for name, digest in expected.items() if not (folder / name).exists() or _sha256(folder / name) != digest]
     if bad:

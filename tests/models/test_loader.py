@@ -236,3 +236,54 @@ def test_real_deepseek_config_fields_are_read():
     assert attention_scale(c.qk_head_dim, c.rope) == pytest.approx(0.135234, abs=1e-6)
     assert c.kv_cache_elements_per_token == 576 * 61
     assert [c.is_moe_layer(i) for i in range(5)] == [False, False, False, True, True]
+
+
+@pytest.mark.parametrize("where", ["../evil.safetensors", "absolute"])
+def test_shard_names_leaving_the_folder_are_refused_before_any_read(broken, tmp_path, monkeypatch, where):
+    """An index naming a shard outside its folder (a valid safetensors file waits there) is refused: nothing is read."""
+    index_file = broken / "model.safetensors.index.json"
+    evil = tmp_path / "evil.safetensors"
+    shutil.copy(broken / "model-00001-of-00003.safetensors", evil)
+    name = "../evil.safetensors" if where == "../evil.safetensors" else str(evil)
+    index = json.loads(index_file.read_text())
+    index["weight_map"] = {k: name if v == "model-00001-of-00003.safetensors" else v
+                           for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    import dsserve.models.loader as loader
+
+    opened = []
+    real_open = loader.safe_open
+    monkeypatch.setattr(loader, "safe_open", lambda path, *a, **k: (opened.append(path), real_open(path, *a, **k))[1])
+    with pytest.raises(WeightsError) as error:
+        _greedy(broken)
+    message = str(error.value)
+    assert str(index_file) in message and repr(name) in message and "not a plain file name" in message
+    assert "restore model.safetensors.index.json" in message
+    assert opened == []
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("", id="empty"), pytest.param(".", id="dot"), pytest.param("..", id="dotdot"),
+    pytest.param("sub/model.safetensors", id="separator"), pytest.param("..\\model.safetensors", id="backslash"),
+    pytest.param("/etc/passwd", id="absolute"), pytest.param(None, id="not-a-string"),
+])
+def test_index_shard_name_must_be_a_plain_file_name(tmp_path, name):
+    from dsserve.models.loader import checkpoint_files
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+    with pytest.raises(WeightsError, match="not a plain file name"):
+        checkpoint_files(tmp_path)
+
+
+def test_index_plain_names_through_symlinks_still_load(tmp_path):
+    """The check is on names: a folder symlink and shard symlinks (the Hugging Face cache) pass."""
+    from dsserve.models.loader import checkpoint_files
+
+    blobs, real = tmp_path / "blobs", tmp_path / "real"
+    blobs.mkdir()
+    real.mkdir()
+    (blobs / "abc123").write_bytes(b"")
+    (real / "model-1.safetensors").symlink_to("../blobs/abc123")
+    (real / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
+    (tmp_path / "linked").symlink_to(real)
+    assert checkpoint_files(tmp_path / "linked") == {"model-1.safetensors": ["w"]}

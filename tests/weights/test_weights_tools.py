@@ -1,9 +1,11 @@
 """`dsserve weights verify` and `convert` on tiny checkpoints the tests build (FP8 with partial edge blocks and
-scales in another shard)."""
+scales in another shard), and what they refuse to read or copy from outside the checkpoint folder."""
 
+import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import dsserve.weights.convert as convert_module
+from dsserve.errors import WeightsError
 from dsserve.weights.convert import convert_to_bf16
 from dsserve.weights.verify import verify
 
@@ -226,3 +229,101 @@ def test_sigkill_midway_then_rerun(fp8_checkpoint, tmp_path):
     assert not verify(out).passed and not verify(out.with_name("bf16.partial")).passed
     convert_to_bf16(folder, out)
     assert verify(out).passed
+
+
+def _point_shard_at(folder, shard: str, name: str) -> None:
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"] = {k: name if v == shard else v for k, v in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_an_index_naming_a_file_outside_the_folder_is_refused(sharded, tmp_path, monkeypatch, where):
+    """verify reports it without opening the file; convert refuses before writing anything."""
+    evil = tmp_path / "evil.safetensors"
+    shutil.copy(sharded / "model-00001-of-00003.safetensors", evil)
+    name = "../evil.safetensors" if where == "relative" else str(evil)
+    _point_shard_at(sharded, "model-00001-of-00003.safetensors", name)
+    import dsserve.weights.verify as verify_module
+
+    opened = []
+    real_open = verify_module.safe_open
+    monkeypatch.setattr(verify_module, "safe_open", lambda path, *a: (opened.append(path), real_open(path, *a))[1])
+    failure = _failure(sharded)
+    assert "model.safetensors.index.json names the file" in failure and "not a plain file name" in failure
+    assert str(evil) not in opened
+    out = tmp_path / "bf16"
+    with pytest.raises(WeightsError, match="not a plain file name"):
+        convert_to_bf16(sharded, out)
+    assert not out.exists() and not out.with_name("bf16.partial").exists()
+
+
+def test_a_manifest_naming_a_file_outside_the_folder_is_refused(sharded, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"../secret.txt": hashlib.sha256(b"hunter2").hexdigest()}))
+    assert "names the file '../secret.txt', which is not a plain file name" in _failure_with(sharded, manifest)
+
+
+@pytest.fixture
+def secret(tmp_path):
+    """A file the checkpoint's owner must never see copied: a stand-in for /etc/shadow or ~/.ssh/id_rsa."""
+    path = tmp_path / "home" / ".ssh" / "id_rsa"
+    path.parent.mkdir(parents=True)
+    path.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n")
+    return path
+
+
+@pytest.mark.parametrize("side_file", ["tokenizer.json", "config.json", "id_rsa.pub"])
+def test_convert_refuses_a_side_file_linking_outside_the_checkpoint(sharded, secret, tmp_path, side_file):
+    link = sharded / side_file
+    if side_file == "config.json":  # a JSON secret (cloud credentials, ~/.docker/config.json) would parse
+        secret.write_text(json.dumps({"auths": {"registry": {"auth": "c2VjcmV0"}}}))
+    link.unlink(missing_ok=True)
+    link.symlink_to(secret)
+    out = tmp_path / "bf16"
+    with pytest.raises(WeightsError) as error:
+        convert_to_bf16(sharded, out)
+    assert f"{link} is a symlink to {secret}, outside the checkpoint" in str(error.value)
+    assert not out.exists() and not out.with_name("bf16.partial").exists()  # refused before any shard was written
+
+
+def test_convert_follows_links_inside_the_checkpoint_and_the_hf_cache_layout(sharded, tmp_path):
+    """snapshots/REV/* -> ../../blobs/SHA (relative links, as huggingface_hub makes them), plus a side file linking
+    to another inside the folder: converted, every side file copied as a regular file."""
+    repo = tmp_path / "models--org--tiny"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in sharded.iterdir():
+        digest = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copy(file, blobs / digest)
+        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / digest)
+    (snapshot / "tokenizer.json").unlink()
+    shutil.copy(sharded / "tokenizer.json", snapshot / "tokenizer.real.json")
+    (snapshot / "tokenizer.json").symlink_to("tokenizer.real.json")
+    out = convert_to_bf16(snapshot, tmp_path / "bf16")
+    assert verify(out).passed
+    assert not any(f.is_symlink() for f in out.iterdir())
+    assert (out / "tokenizer.json").read_bytes() == (sharded / "tokenizer.json").read_bytes()
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_convert_fsyncs_the_index_config_and_folders(fp8_checkpoint, tmp_path, monkeypatch):
+    folder, _ = fp8_checkpoint
+    synced, real_fsync = [], os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc to name the synced files")
+    monkeypatch.setattr(convert_module.os, "fsync", spy)
+    out = convert_to_bf16(folder, tmp_path / "bf16")
+    partial = str(tmp_path / "bf16.partial")
+    for name in ("model.safetensors.index.json.tmp", "config.json.tmp", "tokenizer.json.tmp"):
+        assert f"{partial}/{name}" in synced, name
+    assert synced[-2:] == [partial, str(out.parent)]  # the folder's entries, then the rename into place
