@@ -11,13 +11,16 @@ import tempfile
 from typing import Any
 
 from dsserve.config import load_toml, log_dir
+from dsserve.doctor.access import check_access
+from dsserve.doctor.files import Line
+from dsserve.doctor.tls import check_tls
 from dsserve.errors import DsserveError
-
-Line = tuple[bool | None, str]
 
 
 def run_checks(model: str | None = None, config_file: str | None = None, port: int | None = None,
-               rank_table: str | None = None) -> list[Line]:
+               rank_table: str | None = None, ssl_keyfile: str | None = None, ssl_certfile: str | None = None,
+               ssl_ca_certs: str | None = None) -> list[Line]:
+    """The checklist; the ssl_* arguments override the config's, as `dsserve serve`'s flags do."""
     options: dict[str, Any] = {}
     lines: list[Line] = []
     if config_file:
@@ -26,6 +29,8 @@ def run_checks(model: str | None = None, config_file: str | None = None, port: i
             lines.append((True, f"config {config_file}: {len(options)} setting(s) read"))
         except DsserveError as e:
             lines.append((False, str(e)))
+    flags = dict(ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, ssl_ca_certs=ssl_ca_certs)
+    options.update({k: v for k, v in flags.items() if v is not None})
     model = model or options.get("model")
     lines += _python_and_torch()
     lines += _devices()
@@ -34,7 +39,8 @@ def run_checks(model: str | None = None, config_file: str | None = None, port: i
     else:
         lines.append((None, "no model given: pass --model PATH (or `model` in --config) to check the weights"))
     lines.append(_port(options.get("host", "127.0.0.1"), int(port or options.get("port", 8000))))
-    lines.append((None, "TLS: dsserve serves HTTP; terminate TLS in a proxy in front of it (nothing to check)"))
+    lines += check_tls(options)
+    lines += check_access(options)
     if rank_table:
         lines += _rank_table(rank_table)
     lines.append(_log_folder())
