@@ -111,7 +111,11 @@ def serve(
     host: Optional[str] = typer.Option(None, help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)"),
     port: Optional[int] = typer.Option(None, help="default 8000"),
     served_model_name: Optional[str] = typer.Option(None, help="the `model` clients send; default the folder name"),
-    api_key: Optional[str] = typer.Option(None, envvar="DSSERVE_API_KEY", help="require `Authorization: Bearer KEY`"),
+    api_key: Optional[list[str]] = typer.Option(
+        None, envvar="DSSERVE_API_KEY", help="require `Authorization: Bearer KEY`; repeat for several keys (a key "
+        "given here shows in `ps`: prefer --api-key-file or the DSSERVE_API_KEY variable)"),
+    api_key_file: Optional[Path] = typer.Option(
+        None, help="TOML with [[keys]] tables: name, key, optional requests_per_minute and max_concurrent"),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with these options' names; flags override"),
     dtype: Optional[str] = typer.Option(None, help="auto|bfloat16|float16|float32"),
     weight_dtype: Optional[str] = typer.Option(None, help=WEIGHT_DTYPE_HELP),
@@ -145,14 +149,37 @@ def serve(
     master_port: Optional[int] = typer.Option(None, help="multi-node: rank 0's rendezvous port (default 29500)"),
     dist_backend: Optional[str] = typer.Option(None, help="torch.distributed backend (default gloo/nccl/hccl by device)"),
     connect_timeout: Optional[float] = typer.Option(None, help="seconds for every rank to join and agree (120)"),
-    step_timeout: Optional[float] = typer.Option(None, help="seconds before a dead or stalled rank fails the step (60)"),
+    step_timeout: Optional[float] = typer.Option(
+        None, help="seconds before a dead or stalled rank fails the step, and a step stuck this long makes /health "
+        "answer 503 (60)"),
+    ssl_keyfile: Optional[str] = typer.Option(None, help="TLS: the server's private key (PEM)"),
+    ssl_certfile: Optional[str] = typer.Option(None, help="TLS: the server's certificate chain (PEM)"),
+    ssl_ca_certs: Optional[str] = typer.Option(None, help="TLS: CA certificates to verify clients with"),
+    ssl_cert_reqs: Optional[int] = typer.Option(None, help="TLS client certificates: 0 none (default), 1 optional, "
+                                                "2 required (with --ssl-ca-certs)"),
+    audit_log: Optional[Path] = typer.Option(None, help="write one JSON line per request here (key names, never keys)"),
+    audit_log_content: Optional[bool] = typer.Option(None, "--audit-log-content/--no-audit-log-content",
+                                                     help="also write prompt and completion text to the audit log"),
+    audit_log_max_bytes: Optional[str] = typer.Option(None, help="rotate the audit log past this size (100MiB)"),
+    shutdown_timeout: Optional[float] = typer.Option(
+        None, help="SIGTERM/SIGINT: seconds running requests get to finish before they are ended (30); a second "
+        "signal exits at once"),
+    max_messages: Optional[int] = typer.Option(None, help="chat messages per request (2048)"),
+    max_prompt_chars: Optional[int] = typer.Option(None, help="characters of messages or prompts per request, "
+                                                   "before templating (2000000)"),
+    max_stop: Optional[int] = typer.Option(None, help="stop strings per request (16)"),
+    max_stop_chars: Optional[int] = typer.Option(None, help="characters per stop string (256)"),
+    max_prompts: Optional[int] = typer.Option(None, help="prompts per /v1/completions request (256)"),
+    max_request_tokens: Optional[int] = typer.Option(None, help="tokens one request may generate in all: n x "
+                                                     "max_tokens x prompts (262144)"),
+    max_tokens_default: Optional[int] = typer.Option(None, help="max_tokens of a request that gives none (default: "
+                                                     "what fits the context; 16 on /v1/completions)"),
 ):
     """Serve the OpenAI-compatible API (chat, completions, models, tokenize, health, metrics).
 
     With -tp N this process is rank 0 and starts N-1 more on this node. Multi-node: run the same command on
     every node with --rank-table and its own --node-rank (node 0 serves HTTP), or start it with torchrun."""
     from dsserve.config import load_toml
-    from dsserve.server.app import ServerConfig
     from dsserve.server.launch import serve as run_server
 
     flags = {k: v for k, v in dict(
@@ -167,8 +194,13 @@ def serve(
         host=host, port=port, log_level=log_level, tensor_parallel_size=tensor_parallel_size,
         enable_expert_parallel=enable_expert_parallel, rank_table=str(rank_table) if rank_table else None,
         node_rank=node_rank, master_port=master_port, dist_backend=dist_backend, connect_timeout=connect_timeout,
-        step_timeout=step_timeout,
-    ).items() if v is not None}
+        step_timeout=step_timeout, api_key_file=str(api_key_file) if api_key_file else None, ssl_keyfile=ssl_keyfile,
+        ssl_certfile=ssl_certfile, ssl_ca_certs=ssl_ca_certs, ssl_cert_reqs=ssl_cert_reqs,
+        audit_log=str(audit_log) if audit_log else None, audit_log_content=audit_log_content,
+        audit_log_max_bytes=audit_log_max_bytes, shutdown_timeout=shutdown_timeout, max_messages=max_messages,
+        max_prompt_chars=max_prompt_chars, max_stop=max_stop, max_stop_chars=max_stop_chars, max_prompts=max_prompts,
+        max_request_tokens=max_request_tokens, max_tokens_default=max_tokens_default,
+    ).items() if v is not None and v != []}
     options = {**(load_toml(config) if config else {}), **flags}
     table_file, node = options.pop("rank_table", None), options.pop("node_rank", None)
     if table_file is not None:
@@ -179,10 +211,34 @@ def serve(
         raise typer.BadParameter("--node-rank needs --rank-table (or start the ranks with torchrun)")
     options["from_env"] = True  # torchrun's RANK / WORLD_SIZE / ... start a multi-rank deployment
     model_path = _resolve_model(options.pop("model", None))
+    server_config = server_config_from(options, model_path)
+    tls = {name: options.pop(name) for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs")
+           if name in options}
+    bind_host, bind_port = options.pop("host", "127.0.0.1"), int(options.pop("port", 8000))
+    level = options.pop("log_level", "INFO")
+    sys.exit(run_server(model_path, bind_host, bind_port, server_config, options, level, tls=tls))
+
+
+def server_config_from(options: dict, model_path: str):
+    """Pop the HTTP side's options (flags over the --config file) into a checked ServerConfig."""
+    from dsserve.config import parse_memory
+    from dsserve.server.app import ServerConfig
+    from dsserve.server.keys import load_keys
+
     template_file = options.pop("chat_template", None)
+    caps = {name: options.pop(name) for name in ("max_messages", "max_prompt_chars", "max_stop", "max_stop_chars",
+                                                 "max_prompts", "max_request_tokens", "max_tokens_default")
+            if name in options}
+    for name, value in caps.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise typer.BadParameter(f"--{name.replace('_', '-')} must be a whole number of at least 1, got {value!r}")
+    shutdown_timeout = options.pop("shutdown_timeout", 30.0)
+    if not isinstance(shutdown_timeout, (int, float)) or shutdown_timeout < 0:
+        raise typer.BadParameter(f"--shutdown-timeout must be >= 0 seconds, got {shutdown_timeout!r}")
+    audit_bytes = options.pop("audit_log_max_bytes", None)
     server_config = ServerConfig(
         served_model_name=options.pop("served_model_name", None) or _default_name(model_path),
-        api_key=options.pop("api_key", None),
+        api_keys=load_keys(options.pop("api_key", None), options.pop("api_key_file", None)),
         max_queued_requests=options.pop("max_queued_requests", 1024),
         stream_interval=options.pop("stream_interval", 1),
         reasoning_parser=options.pop("reasoning_parser", "auto"),
@@ -190,15 +246,19 @@ def serve(
         chat_template=Path(template_file).read_text() if template_file else None,
         max_input_len=options.pop("max_input_len", None),
         truncate_input=options.pop("truncate_input", False),
+        audit_log=options.pop("audit_log", None),
+        audit_log_content=bool(options.pop("audit_log_content", False)),
+        audit_log_max_bytes=parse_memory(audit_bytes) if audit_bytes is not None else 100 * 2**20,
+        shutdown_timeout_s=float(shutdown_timeout),
+        step_timeout_s=float(options.get("step_timeout") or 60.0),
+        **caps,
     )
     interval = server_config.stream_interval
     if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
         raise typer.BadParameter(f"--stream-interval must be a whole number of at least 1, got {interval!r}")
     if server_config.reasoning_parser not in ("auto", "deepseek_r1", "none"):
         raise typer.BadParameter("--reasoning-parser must be auto, deepseek_r1 or none")
-    bind_host, bind_port = options.pop("host", "127.0.0.1"), int(options.pop("port", 8000))
-    level = options.pop("log_level", "INFO")
-    sys.exit(run_server(model_path, bind_host, bind_port, server_config, options, level))
+    return server_config
 
 
 def _default_name(model_path: str) -> str:
@@ -509,7 +569,7 @@ def config_import_mindie(path: Path = typer.Argument(..., help="MindIE's config.
         raise DsserveError(f"{path} does not exist") from None
     except json.JSONDecodeError as e:
         raise DsserveError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
-    options, notes = import_mindie(data)
+    options, notes = import_mindie(data, path)  # the path: MindIE reads relative TLS paths from its install folder
     print(to_toml(options, notes), end="")
 
 
@@ -519,15 +579,25 @@ def doctor(
     config: Optional[Path] = typer.Option(None, "--config", help="the TOML you give `dsserve serve --config`"),
     port: Optional[int] = typer.Option(None, help="port to check (default: the config's, else 8000)"),
     rank_table: Optional[Path] = typer.Option(None, help="rank table to validate"),
+    ssl_keyfile: Optional[Path] = typer.Option(None, help="TLS private key to check (overrides the config's)"),
+    ssl_certfile: Optional[Path] = typer.Option(None, help="TLS certificate (PEM) to check (overrides the config's)"),
+    ssl_ca_certs: Optional[Path] = typer.Option(None, help="CA bundle for client certificates (overrides the config)"),
 ):
-    """A pass/fail checklist: Python and torch, devices, the model folder, whether it fits, port, rank table, logs."""
+    """A pass/fail checklist: Python and torch, devices, the model folder, whether it fits, port, TLS files, API
+    keys and network exposure, rank table, logs."""
+    from rich.markup import escape
+
     from dsserve.doctor.checks import run_checks
 
-    lines = run_checks(model, str(config) if config else None, port, str(rank_table) if rank_table else None)
+    def text(path: Optional[Path]) -> Optional[str]:
+        return str(path) if path else None
+
+    lines = run_checks(model, text(config), port, text(rank_table), ssl_keyfile=text(ssl_keyfile),
+                       ssl_certfile=text(ssl_certfile), ssl_ca_certs=text(ssl_ca_certs))
     out = Console(highlight=False, soft_wrap=True)
     for ok, message in lines:
         mark = {True: "[green]PASS[/green]", False: "[bold red]FAIL[/bold red]", None: "[dim]INFO[/dim]"}[ok]
-        out.print(f"{mark} {message}")
+        out.print(f"{mark} {escape(message)}")  # messages quote paths and `[[keys]]`, not markup
     failed = sum(ok is False for ok, _ in lines)
     out.print("[green]all checks passed[/green]" if not failed else f"[bold red]{failed} check(s) failed[/bold red]")
     raise typer.Exit(1 if failed else 0)

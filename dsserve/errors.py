@@ -21,6 +21,15 @@ class InvalidRequestError(DsserveError, ValueError):
         self.param = param  # the offending field, when there is one
 
 
+class RequestFailedError(DsserveError):
+    """One request failed inside the engine (its sampling, its detokenization); the engine and the others go on.
+    The message is safe to show a client: the cause is logged, not carried."""
+
+
+class ShuttingDownError(DsserveError):
+    """The server is draining and its shutdown timeout passed before this request finished."""
+
+
 class EngineDeadError(DsserveError):
     """The engine loop stopped after an internal failure; the process must be restarted."""
 

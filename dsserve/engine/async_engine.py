@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from dsserve.engine.engine import LLMEngine, Prompt, RequestOutput
 from dsserve.engine.request import SamplingParams
-from dsserve.errors import EngineDeadError
+from dsserve.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,9 @@ class AsyncEngine:
         self.num_running = 0
         self.num_waiting = 0
         self.kv_cache_usage = 0.0
+        # Liveness (engine thread writes, /health reads): when the loop last went round, and when a step last ended.
+        self.started_s = self.loop_alive_s = time.monotonic()
+        self.last_step_s: float | None = None
         # Called on the engine thread once per step with the step's outputs and the time it ended.
         self.observers: list[Callable[[list[RequestOutput], float], None]] = []
 
@@ -139,6 +142,10 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether a request of this id is open (event loop)."""
+        return request_id in self._streams
 
     @property
     def tokenizer(self):
@@ -164,6 +171,8 @@ class AsyncEngine:
             while True:
                 item = await stream.get()
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailedError(item.error)
                 yield item
                 if finished:
                     return
@@ -178,6 +187,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
+                self.loop_alive_s = time.monotonic()
                 self._drain_inbox()
                 if not self.engine.has_unfinished_requests():
                     self.engine.check_health()  # a rank lost while idle ends the engine too
@@ -186,6 +196,7 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 outputs = self.engine.step()
+                self.last_step_s = self.loop_alive_s = time.monotonic()
                 now = time.perf_counter()
                 deliveries: dict[asyncio.AbstractEventLoop, list] = {}
                 interval = self.stream_interval
@@ -218,7 +229,10 @@ class AsyncEngine:
                 _, request_id, prompt, params, done = item
                 try:
                     self.engine.add_request(request_id, prompt, params)
-                except Exception as e:  # validation: only this request fails
+                except Exception as e:  # only this request fails
+                    if not isinstance(e, InvalidRequestError):  # not a validation message: log it, tell the client less
+                        logger.error("request %s could not be added: %r", request_id, e, exc_info=e)
+                        e = RequestFailedError("the engine could not accept this request")
                     self._streams.pop(request_id, None)
                     done.get_loop().call_soon_threadsafe(_set_exception, done, e)
                 else:
@@ -238,6 +252,20 @@ class AsyncEngine:
                 yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def stalled_s(self, step_timeout_s: float) -> float | None:
+        """Seconds the loop has been stuck (in a step, or unable to go round) when that exceeds `step_timeout_s`,
+        else None. An idle loop goes round every half second, so only a loop with work can be stalled."""
+        stuck = time.monotonic() - self.loop_alive_s
+        return stuck if stuck > step_timeout_s else None
+
+    def end_all(self, error: BaseException) -> int:
+        """From any thread: end every open stream with `error` (their requests are aborted as their handlers leave).
+        Returns how many there were. The drain uses it when the shutdown timeout has passed."""
+        streams = list(self._streams.values())
+        for stream in streams:
+            stream.put(error)
+        return len(streams)
 
     def _update_gauges(self) -> None:
         scheduler = self.engine.scheduler

@@ -42,7 +42,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[tuple[float, dict[int, float]]] | None = None
     cumulative_logprob: float | None = None
@@ -61,6 +61,7 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = None
     num_cached_tokens: int = 0
+    error: str | None = None  # set when this request failed inside the engine (finished; the others went on)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class _Group:
     params: SamplingParams
     samples: list[Request] = field(default_factory=list)
     detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
+    error: str | None = None  # what failed, for the client (the cause is logged with the request id)
 
 
 class LLMEngine:
@@ -145,6 +147,7 @@ class LLMEngine:
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         params = (params or SamplingParams()).with_defaults(self.sampling_defaults)
+        params.check_vocab(self.model_config.vocab_size)
         prompt_text, token_ids = self._tokenize(prompt)
         max_len = self.config.scheduler.max_model_len
         if not token_ids:
@@ -211,19 +214,25 @@ class LLMEngine:
             overlap = len(request.prompt_logprobs) - request.num_computed_tokens
             if overlap >= 0:
                 request.prompt_logprobs.extend(entries[overlap:])
-        advanced = self.scheduler.update(plan, result.sampled)
         touched: dict[str, _Group] = {}
+        for row, error in result.failed.items():
+            self._fail(plan.requests[row], "sampling", error, touched)
+        advanced = self.scheduler.update(plan, result.sampled)
         row_of = {id(r): i for i, r in enumerate(plan.requests)}
         for request in advanced:
             group = self.groups.get(request.parent_id)
-            if group is None:
+            if group is None or group.error is not None:
                 continue
             row = row_of[id(request)]
             if result.logprobs[row] is not None:
                 request.logprobs.append(result.logprobs[row])
             detok = group.detokenizers[request.sample_index]
-            with PROFILER.section("detokenize"):
-                stopped = detok is not None and detok.append(request.output_token_ids[-1]) is not None
+            try:
+                with PROFILER.section("detokenize"):
+                    stopped = detok is not None and detok.append(request.output_token_ids[-1]) is not None
+            except Exception as e:  # noqa: BLE001 - this request's own failure: it ends, the step goes on
+                self._fail(request, "detokenizing", e, touched)
+                continue
             if stopped and not request.is_finished:
                 request.stop_reason = detok.stopped_by
                 self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
@@ -235,6 +244,18 @@ class LLMEngine:
                 del self.groups[group.request_id]
             outputs.append(output)
         return outputs
+
+    def _fail(self, request: Request, stage: str, error: BaseException, touched: dict[str, _Group]) -> None:
+        """End the request `request` belongs to (all its samples) with an error; the other requests go on."""
+        group = self.groups.get(request.parent_id)
+        if group is None:
+            return
+        logger.error("request %s failed while %s and was ended (the other requests go on): %r", group.request_id,
+                     stage, error, exc_info=error)
+        group.error = f"the engine failed while {stage} this request"
+        for sample in group.samples:
+            self.scheduler.finish(sample, RequestStatus.FINISHED_ERROR)
+        touched[group.request_id] = group
 
     def _output(self, group: _Group) -> RequestOutput:
         completions = []
@@ -259,6 +280,7 @@ class LLMEngine:
             finished=all(c.finished for c in completions),
             prompt_logprobs=prompt_logprobs,
             num_cached_tokens=first.num_cached_prompt_tokens,
+            error=group.error,
         )
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:

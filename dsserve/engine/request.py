@@ -35,12 +35,14 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None  # token id -> value added to its logit before sampling, in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
         self.validate()
 
     def validate(self) -> None:
@@ -73,12 +75,25 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= 20):
                 raise bad(name, value, "must be an integer in [0, 20]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "must be an integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED):
+            raise bad("seed", self.seed, "must be an integer in [0, 2^63)")
+        for token, bias in (self.logit_bias or {}).items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                raise bad("logit_bias", token, "keys must be token ids (non-negative integers)")
+            if not _finite(bias) or not -100 <= bias <= 100:
+                raise bad("logit_bias", bias, f"the bias of token {token} must be a number in [-100, 100]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", self.stop, "must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "must be non-negative integers")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The checks that need the model: token ids in the vocabulary. (top_k above the vocabulary means all of it.)"""
+        for name, ids in (("stop_token_ids", self.stop_token_ids), ("logit_bias", list(self.logit_bias or ()))):
+            bad = [t for t in ids if t >= vocab_size]
+            if bad:
+                raise InvalidRequestError(f"{name} contains token id {bad[0]}, which is out of vocabulary (size "
+                                          f"{vocab_size})", param=name)
 
     def with_defaults(self, defaults: dict) -> "SamplingParams":
         """Fill unset temperature/top_p/top_k from generation_config.json (or greedy-free vLLM defaults)."""
@@ -102,10 +117,12 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"  # EOS, stop token or stop string
     FINISHED_LENGTH = "length"  # max_tokens or max_model_len
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # this request's own computation failed (its sampling, its detokenization); others go on
 
     @property
     def is_finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED,
+                        RequestStatus.FINISHED_ERROR)
 
 
 @dataclass(eq=False)  # identity: a request equals only itself
@@ -151,6 +168,9 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+
+MAX_SEED = 2**63  # torch.Generator.manual_seed takes a signed 64-bit value
 
 
 def _finite(x) -> bool:

@@ -38,6 +38,7 @@ class StepResult:
     sampled: list[int]  # one per scheduled sequence; -1 where no token was due (a prompt chunk)
     logprobs: list[TokenLogprobs | None]
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # row -> entries for this chunk
+    failed: dict[int, BaseException] = field(default_factory=dict)  # row -> why its sampling failed (that row only)
 
 
 class ModelRunner:
@@ -151,29 +152,47 @@ class ModelRunner:
         return inputs
 
     def _sample(self, rows, due, prompt_spans, logits) -> StepResult:
-        sampled: list[int] = [-1] * len(rows)
-        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        result = StepResult([-1] * len(rows), [None] * len(rows))
         if due:
-            meta = SamplingMetadata.from_requests([rows[i] for i in due], logits.shape[1], self.device)
-            out = sample(logits[: len(due)], meta, self.generator)
-            tokens = out.token_ids.tolist()
-            for j, i in enumerate(due):
-                sampled[i] = tokens[j]
-            if out.logprobs is not None:
-                chosen = out.logprobs.tolist()
-                top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-                top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+            try:
+                self._sample_rows(rows, due, logits[: len(due)], result)
+            except Exception as batch_error:  # noqa: BLE001 - narrowed to the rows that fail on their own below
+                # A value of one request that slipped past validation must fail that request, not the step: sample
+                # row by row to find which. If every row samples alone, the fault is the batch's: the step fails.
                 for j, i in enumerate(due):
-                    k = rows[i].params.logprobs
-                    if k is None:
-                        continue
-                    alternatives = dict(zip(top_ids[j][:k], top_lps[j][:k])) if k and top_ids else {}
-                    alternatives.setdefault(tokens[j], chosen[j])
-                    logprobs[i] = (chosen[j], alternatives)
-        result = StepResult(sampled, logprobs)
+                    try:
+                        self._sample_rows(rows, [i], logits[j : j + 1], result)
+                    except Exception as e:  # noqa: BLE001
+                        result.failed[i] = e
+                if not result.failed:
+                    raise batch_error
         for i, offset, count, targets in prompt_spans:
-            result.prompt_logprobs[i] = _prompt_logprobs(logits[offset : offset + count], targets, rows[i].params.prompt_logprobs)
+            try:
+                result.prompt_logprobs[i] = _prompt_logprobs(logits[offset : offset + count], targets,
+                                                             rows[i].params.prompt_logprobs)
+            except Exception as e:  # noqa: BLE001 - this row's own failure
+                result.failed[i] = e
         return result
+
+    def _sample_rows(self, rows, due: list[int], logits: torch.Tensor, result: StepResult) -> None:
+        """Sample the `due` rows (logits (len(due), V)) into `result`."""
+        meta = SamplingMetadata.from_requests([rows[i] for i in due], logits.shape[1], self.device)
+        out = sample(logits, meta, self.generator)
+        tokens = out.token_ids.tolist()
+        for j, i in enumerate(due):
+            result.sampled[i] = tokens[j]
+        if out.logprobs is None:
+            return
+        chosen = out.logprobs.tolist()
+        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        for j, i in enumerate(due):
+            k = rows[i].params.logprobs
+            if k is None:
+                continue
+            alternatives = dict(zip(top_ids[j][:k], top_lps[j][:k])) if k and top_ids else {}
+            alternatives.setdefault(tokens[j], chosen[j])
+            result.logprobs[i] = (chosen[j], alternatives)
 
     def _run(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward the step and compute the requested logits; rank 0 first sends the step to the other ranks."""

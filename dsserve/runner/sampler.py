@@ -34,6 +34,7 @@ class SamplingMetadata:
     output_ids: torch.Tensor | None  # (B, max_out) padded with -1, for penalties
     seen_ids: torch.Tensor | None  # (B, max_seen) prompt + output padded with -1, for repetition
     banned: list[tuple[int, list[int]]]  # (row, token ids) masked until min_tokens is reached
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # logit_bias as (rows, token ids, values) (N,) each
     generators: dict[int, torch.Generator]  # seeded rows
     num_logprobs: int  # max alternatives any row asked for; -1: none asked
     all_greedy: bool
@@ -42,7 +43,9 @@ class SamplingMetadata:
     def from_requests(cls, requests: list[SamplingRow], vocab_size: int, device: torch.device) -> "SamplingMetadata":
         params = [r.params for r in requests]
         temperature = torch.tensor([0.0 if p.is_greedy else p.temperature for p in params], dtype=torch.float32)
-        top_k_values = [p.top_k if p.top_k and p.top_k > 0 else vocab_size for p in params]
+        # A top_k past the vocabulary keeps all of it (as vLLM clamps): min() also keeps huge values out of the int64
+        # tensor below, where they would overflow.
+        top_k_values = [min(p.top_k, vocab_size) if p.top_k and p.top_k > 0 else vocab_size for p in params]
         needs_top_k = any(k < vocab_size for k in top_k_values)
         needs_top_p = any(p.top_p < 1.0 for p in params)
         needs_min_p = any(p.min_p > 0 for p in params)
@@ -57,6 +60,12 @@ class SamplingMetadata:
             if r.num_output_tokens < r.params.min_tokens:
                 ids = ([] if r.params.ignore_eos else list(r.eos_token_ids)) + r.params.stop_token_ids
                 banned.append((row, ids))
+        bias_rows, bias_ids, bias_values = [], [], []
+        for row, p in enumerate(params):
+            for token, value in (getattr(p, "logit_bias", None) or {}).items():
+                bias_rows.append(row)
+                bias_ids.append(token)
+                bias_values.append(value)
         return cls(
             temperature=temperature.to(device),
             top_k=column(top_k_values, torch.long) if needs_top_k else None,
@@ -68,6 +77,8 @@ class SamplingMetadata:
             output_ids=_pad([r.output_token_ids for r in requests], device) if needs_penalty else None,
             seen_ids=_pad([r.all_token_ids for r in requests], device) if needs_repetition else None,
             banned=banned,
+            bias=(column(bias_rows, torch.long), column(bias_ids, torch.long), column(bias_values))
+            if bias_rows else None,
             generators={row: r.generator for row, r in enumerate(requests) if r.generator is not None},
             num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
             all_greedy=all(p.is_greedy for p in params),
@@ -86,6 +97,9 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata, default_generator: torc
     """logits (B, V) float32 -> one token per row. Logprobs are those of the raw model distribution (as vLLM)."""
     raw_logprobs = logits.log_softmax(dim=-1) if meta.num_logprobs >= 0 else None
     logits = _apply_penalties(logits, meta)
+    if meta.bias is not None:
+        rows, ids, values = meta.bias
+        logits = logits.index_put((rows, ids), values, accumulate=True)  # a copy: the raw logits stay for logprobs
     for row, ids in meta.banned:
         if ids:
             logits[row, ids] = float("-inf")

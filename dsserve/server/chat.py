@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -11,8 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from dsserve.errors import DsserveError
 from dsserve.reasoning import r1
 from dsserve.server.common import (
-    EventWriter, final_output, fit_context, json_string, request_id, results, sampling_params, token_text, truncate,
-    usage,
+    EventWriter, check_chars, check_stop, engine_request_id, final_output, json_string, max_tokens_for, note,
+    note_output, results, sampling_params, stream_error, token_text, truncate, usage,
 )
 from dsserve.server.direct import direct_sink
 from dsserve.server.protocol import APIError, ChatCompletionRequest, parse
@@ -24,36 +25,66 @@ async def create_chat_completion(http: Request):
     state = http.app.state.dsserve
     req = parse(await read_body(http, state), ChatCompletionRequest)
     state.check_model(req.model)
+    note(http, model=req.model)
     tokenizer = state.engine.tokenizer
     if tokenizer is None:
         raise APIError(400, "this model has no tokenizer, so chat messages cannot be templated; use /v1/completions "
                        "with token ids", param="messages")
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs is only allowed when logprobs is true.", param="top_logprobs")
-    messages = _messages(req, state.config.strict_reasoning_history)
+    config = state.config
+    if len(req.messages) > config.max_messages:
+        raise APIError(400, f"Invalid 'messages': {len(req.messages)} messages; the server takes at most "
+                       f"{config.max_messages} per request (--max-messages).", param="messages", code="invalid_value")
+    check_stop(req, config)
+    messages = _messages(req, config.strict_reasoning_history)
+    num_chars = sum(len(m["content"]) for m in messages)
+    check_chars(num_chars, config, "messages")
+    state.admit(req.n)  # before the templating work: a full server refuses at once
+    if num_chars > _INLINE_CHARS or len(messages) > _INLINE_MESSAGES:
+        prompt_ids = await state.run_blocking(_prompt_ids, state, tokenizer, messages, req.chat_template_kwargs)
+    else:
+        prompt_ids = _prompt_ids(state, tokenizer, messages, req.chat_template_kwargs)
+    max_tokens = max_tokens_for(state, len(prompt_ids), req.max_completion_tokens or req.max_tokens, req.n, "messages")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, max_tokens, logprobs, None, state.engine.engine.model_config.vocab_size)
+    rid = engine_request_id(state, "chatcmpl", http)
+    prompt = {"prompt_token_ids": prompt_ids}
+    reasoning = state.config.reasoning_parser == "deepseek_r1"
+    end_id = tokenizer.token_to_id(r1.END) if reasoning else None
+    prompt_text = messages if state.audit is not None and state.audit.content else None
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        state.admit(req.n)  # refuse with a status code (503) before the 200 of a stream is sent
+        return StreamingResponse(
+            _stream(state, http, rid, prompt, params, req.model, reasoning, end_id, include_usage, tokenizer,
+                    prompt_text),
+            media_type="text/event-stream",
+        )
+    output = await final_output(state, http, rid, prompt, params)
+    note_output(http, state, output, prompt_text)
+    render = functools.partial(_response, output, rid, req.model, reasoning, end_id, logprobs, tokenizer)
+    if logprobs is not None or sum(len(c.token_ids) for c in output.outputs) > _INLINE_TOKENS:
+        return await state.run_blocking(render)
+    return render()
+
+
+# Below these sizes a request's templating or response is cheaper to do on the event loop than to hand to a thread.
+_INLINE_CHARS, _INLINE_MESSAGES, _INLINE_TOKENS = 16_384, 64, 4096
+
+
+def _prompt_ids(state, tokenizer, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None) -> list[int]:
     try:
         prompt_ids = tokenizer.encode(
-            tokenizer.apply_chat_template(messages, True, state.config.chat_template, **(req.chat_template_kwargs or {})),
+            tokenizer.apply_chat_template(messages, True, state.config.chat_template, **(template_kwargs or {})),
             add_special_tokens=False,
         )
     except DsserveError as e:
         raise APIError(400, str(e), param="messages") from None
-    prompt_ids = truncate(state, prompt_ids)
-    _, max_tokens = fit_context(state, len(prompt_ids), req.max_completion_tokens or req.max_tokens, "messages")
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens, logprobs, None, state.engine.engine.model_config.vocab_size)
-    rid = request_id("chatcmpl")
-    prompt = {"prompt_token_ids": prompt_ids}
-    reasoning = state.config.reasoning_parser == "deepseek_r1"
-    end_id = tokenizer.token_to_id(r1.END) if reasoning else None
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        state.admit()  # refuse with a status code (503) before the 200 of a stream is sent
-        return StreamingResponse(
-            _stream(state, http, rid, prompt, params, req.model, reasoning, end_id, include_usage, tokenizer),
-            media_type="text/event-stream",
-        )
-    output = await final_output(state, http, rid, prompt, params)
+    return truncate(state, prompt_ids)
+
+
+def _response(output, rid, model, reasoning, end_id, logprobs, tokenizer) -> JSONResponse:
     choices = []
     for c in output.outputs:
         message: dict[str, Any] = {"role": "assistant"}
@@ -65,7 +96,7 @@ async def create_chat_completion(http: Request):
                         if logprobs is not None else None, "finish_reason": c.finish_reason})
     reasoning_tokens = sum(r1.count_reasoning_tokens(c.token_ids, end_id) for c in output.outputs) if reasoning else None
     return JSONResponse({
-        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "system_fingerprint": None, "choices": choices, "usage": usage(output, reasoning_tokens),
     })
 
@@ -152,7 +183,7 @@ class _Render:
         return b"".join(chunks)
 
 
-async def _stream(state, http, rid, prompt, params, model, reasoning, end_id, include_usage, tokenizer):
+async def _stream(state, http, rid, prompt, params, model, reasoning, end_id, include_usage, tokenizer, prompt_text):
     events = EventWriter({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
                           "system_fingerprint": None}, include_usage)
     render = _Render(events, params, reasoning, tokenizer)
@@ -172,5 +203,7 @@ async def _stream(state, http, rid, prompt, params, model, reasoning, end_id, in
     except APIError as e:
         yield events.error_event(e.body())
     except DsserveError as e:
-        yield events.error_event(APIError(500, f"Internal server error: {e}", type="internal_server_error").body())
+        yield events.error_event(stream_error(http, e).body())
+    finally:
+        note_output(http, state, last, prompt_text)
     yield events.done

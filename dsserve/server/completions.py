@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -11,8 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from dsserve.errors import DsserveError
 from dsserve.server.common import (
-    EventWriter, final_output, fit_context, json_string, request_id, results, sampling_params, token_text, truncate,
-    usage,
+    EventWriter, check_chars, check_stop, engine_request_id, final_output, json_string, max_tokens_for, note,
+    note_output, results, sampling_params, stream_error, token_text, truncate, usage,
 )
 from dsserve.server.direct import direct_sink
 from dsserve.server.protocol import APIError, CompletionRequest, parse
@@ -24,29 +25,65 @@ async def create_completion(http: Request):
     state = http.app.state.dsserve
     req = parse(await read_body(http, state), CompletionRequest)
     state.check_model(req.model)
+    note(http, model=req.model)
+    if req.suffix is not None:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported by this server; leave it out.",
+                       param="suffix", code="unsupported_parameter")
+    config = state.config
+    raw = [req.prompt] if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) else req.prompt
+    if len(raw) > config.max_prompts:
+        raise APIError(400, f"Invalid 'prompt': {len(raw)} prompts; the server takes at most {config.max_prompts} per "
+                       "request (--max-prompts).", param="prompt", code="invalid_value")
+    if req.stream and len(raw) > 1:
+        raise APIError(400, "streaming supports one prompt per request", param="prompt")
+    num_chars = sum(len(p) for p in raw if isinstance(p, str))
+    check_chars(num_chars, config, "prompt")
+    check_stop(req, config)
+    num_seqs = req.n * len(raw)
+    state.admit(num_seqs)  # before the tokenizing work: a full server refuses at once
     tokenizer = state.engine.tokenizer
     vocab = state.engine.engine.model_config.vocab_size
-    prompts = _prompts(req.prompt, tokenizer, vocab)
-    if req.stream and len(prompts) > 1:
-        raise APIError(400, "streaming supports one prompt per request", param="prompt")
+    if num_chars > _INLINE_CHARS:
+        prompts = await state.run_blocking(_prompts, raw, tokenizer, vocab)
+    else:
+        prompts = _prompts(raw, tokenizer, vocab)
     jobs = []
     for ids in prompts:
         ids = truncate(state, ids)
-        _, max_tokens = fit_context(state, len(ids), req.max_tokens, "prompt")
+        max_tokens = max_tokens_for(state, len(ids), req.max_tokens, num_seqs, "prompt", default=_DEFAULT_MAX_TOKENS
+                                    if config.max_tokens_default is None else None)
         params = sampling_params(req, max_tokens, req.logprobs, req.logprobs if req.echo and req.logprobs is not None
                                  else None, vocab)
         jobs.append((ids, params))
-    rid = request_id("cmpl")
+    rid = engine_request_id(state, "cmpl", http)
+    prompt_text = raw if state.audit is not None and state.audit.content else None
     if req.stream:
         ids, params = jobs[0]
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        state.admit()  # refuse with a status code (503) before the 200 of a stream is sent
-        return StreamingResponse(_stream(state, http, rid, ids, params, req, include_usage, tokenizer),
+        state.admit(num_seqs)  # refuse with a status code (503) before the 200 of a stream is sent
+        return StreamingResponse(_stream(state, http, rid, ids, params, req, include_usage, tokenizer, prompt_text),
                                  media_type="text/event-stream")
     outputs = await asyncio.gather(*(final_output(state, http, f"{rid}-{i}", {"prompt_token_ids": ids}, params)
                                      for i, (ids, params) in enumerate(jobs)))
+    note(http, prompt_tokens=sum(len(o.prompt_token_ids) for o in outputs),
+         completion_tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
+         finish_reason=[c.finish_reason for o in outputs for c in o.outputs],
+         **({"prompt": prompt_text, "completion": [c.text for o in outputs for c in o.outputs]}
+            if prompt_text is not None else {}))
+    render = functools.partial(_response, outputs, rid, req, tokenizer)
+    if req.logprobs is not None or sum(len(c.token_ids) for o in outputs for c in o.outputs) > _INLINE_TOKENS:
+        return await state.run_blocking(render)
+    return render()
+
+
+_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions, when the server sets no --max-tokens-default
+# Below these sizes a request's tokenizing or response is cheaper to do on the event loop than to hand to a thread.
+_INLINE_CHARS, _INLINE_TOKENS = 16_384, 4096
+
+
+def _response(outputs, rid, req: CompletionRequest, tokenizer) -> JSONResponse:
     choices, total = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    for i, output in enumerate(outputs):
+    for output in outputs:
         for c in output.outputs:
             choices.append(_choice(len(choices), output, c, req, tokenizer))
         for key, value in usage(output).items():
@@ -56,11 +93,8 @@ async def create_completion(http: Request):
                          "choices": choices, "usage": total})
 
 
-def _prompts(prompt, tokenizer, vocab: int) -> list[list[int]]:
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if prompt and isinstance(prompt[0], int):
-        prompt = [prompt]
+def _prompts(prompt: list, tokenizer, vocab: int) -> list[list[int]]:
+    """Token ids of each prompt (a string, or token ids already)."""
     out = []
     for p in prompt:
         if isinstance(p, str):
@@ -170,7 +204,7 @@ class _Render:
         return b"".join(chunks)
 
 
-async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
+async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer, prompt_text):
     events = EventWriter({"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model},
                          include_usage)
     render = _Render(events, params, req, tokenizer)
@@ -187,5 +221,7 @@ async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer):
     except APIError as e:
         yield events.error_event(e.body())
     except DsserveError as e:
-        yield events.error_event(APIError(500, f"Internal server error: {e}", type="internal_server_error").body())
+        yield events.error_event(stream_error(http, e).body())
+    finally:
+        note_output(http, state, last, prompt_text)
     yield events.done

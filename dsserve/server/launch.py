@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import logging.handlers
 import os
@@ -16,6 +17,7 @@ import uvicorn
 from dsserve.config import log_dir
 from dsserve.engine.async_engine import AsyncEngine
 from dsserve.engine.engine import LLMEngine, build_engine_config
+from dsserve.errors import ConfigError, ShuttingDownError
 from dsserve.reasoning import r1
 from dsserve.runner.model_runner import freeze_startup_heap
 from dsserve.server.app import ServerConfig, create_app
@@ -38,8 +40,12 @@ def setup_logging(port: int, level: str = "INFO") -> Path:
     return path
 
 
-def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_options: dict, log_level: str = "INFO") -> int:
-    """Run until stopped; returns the process exit code (1 when the engine died)."""
+def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_options: dict, log_level: str = "INFO",
+          tls: dict | None = None) -> int:
+    """Run until stopped; returns the process exit code (0 after a drain, 1 when the engine died).
+
+    `tls`: uvicorn's ssl_keyfile / ssl_certfile / ssl_ca_certs / ssl_cert_reqs (vLLM's flag names)."""
+    tls = _check_tls(tls or {})
     log_path = setup_logging(port, log_level)
     logger.info("log file: %s", log_path)
     config = build_engine_config(model, **engine_options)
@@ -71,10 +77,15 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
 
         PROFILER.start()
     async_engine = AsyncEngine(engine, on_death=on_death, stream_interval=server_config.stream_interval)
-    app = asgi_app(async_engine, server_config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                                           timeout_graceful_shutdown=5))
-    url = f"http://{host}:{port}"
+    fastapi_app = create_app(async_engine, server_config)
+    state = fastapi_app.state.dsserve
+    # After the drain every request has ended; what is left are idle keep-alive connections.
+    server = uvicorn.Server(uvicorn.Config(expose_send(fastapi_app), host=host, port=port, log_config=None,
+                                           access_log=False, timeout_graceful_shutdown=2, **tls))
+    url = f"{'https' if tls else 'http'}://{_url_host(host)}:{port}"
+    if not server_config.api_keys and not _is_loopback(host):
+        logger.warning("listening on %s with no API key: anyone who can reach this address can use the server; set "
+                       "--api-key-file (or --api-key), or bind 127.0.0.1 behind a proxy that authenticates", host)
 
     def announce() -> None:
         while not server.started and not server.should_exit:
@@ -88,8 +99,17 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
     if parent:  # a supervisor (or a test) that wants the server gone when it is gone
         threading.Thread(target=_exit_with_parent, args=(int(parent), server), daemon=True).start()
 
-    def stop(*_) -> None:
-        server.should_exit = True  # uvicorn drains open streams (at most 5 s), then the engine loop ends
+    signals = []
+
+    def stop(signum, _frame) -> None:
+        signals.append(signum)
+        if len(signals) > 1:  # a second signal: no more waiting
+            logger.warning("second signal (%s): exiting now", signal.Signals(signum).name)
+            os._exit(1)
+        logger.info("%s: draining (new requests get 503; running ones have %g s to finish; a second signal exits "
+                    "at once)", signal.Signals(signum).name, server_config.shutdown_timeout_s)
+        threading.Thread(target=_drain, args=(state, async_engine, server, server_config.shutdown_timeout_s),
+                         name="dsserve-drain", daemon=True).start()
 
     def serve_http() -> None:
         try:
@@ -119,6 +139,57 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
     return 0 if server.started else 1
 
 
+def _drain(state, async_engine: AsyncEngine, server: uvicorn.Server, timeout_s: float) -> None:
+    """Stop admitting (Guard answers 503, /health 503), let running requests finish for `timeout_s`, end the rest
+    with an error (streams: an error event, then [DONE]), then stop the HTTP server (the engine loop follows)."""
+    state.draining = True
+    deadline = time.monotonic() + timeout_s
+    while state.in_flight > 0 and time.monotonic() < deadline and not server.should_exit:
+        time.sleep(0.05)
+    if state.in_flight > 0:
+        ended = async_engine.end_all(ShuttingDownError(
+            f"The server is shutting down and its shutdown timeout ({timeout_s:g} s) has passed; this request was "
+            "ended before it finished. Retry it on another replica."))
+        logger.warning("shutdown timeout (%g s) passed: ended %d running request(s)", timeout_s, ended)
+        deadline = time.monotonic() + 5.0
+        while state.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    logger.info("drained: stopping")
+    server.should_exit = True
+
+
+def _check_tls(tls: dict) -> dict:
+    """uvicorn's TLS options, refusing half a configuration (which would serve plain HTTP or fail late)."""
+    tls = {k: v for k, v in tls.items() if v is not None}
+    if not tls:
+        return {}
+    if not (tls.get("ssl_keyfile") and tls.get("ssl_certfile")):
+        raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile (the other TLS options need them too); "
+                          "`dsserve doctor --config FILE` checks the files")
+    for name in ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs"):
+        if name in tls and not os.access(tls[name], os.R_OK):
+            raise ConfigError(f"--{name.replace('_', '-')} {tls[name]} cannot be read")
+    reqs = tls.get("ssl_cert_reqs")
+    if reqs is not None and reqs not in (0, 1, 2):
+        raise ConfigError(f"--ssl-cert-reqs must be 0 (none), 1 (optional) or 2 (required), got {reqs!r}")
+    if reqs in (1, 2) and not tls.get("ssl_ca_certs"):
+        raise ConfigError("--ssl-cert-reqs 1 or 2 verifies client certificates: give the CA with --ssl-ca-certs")
+    return tls
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def asgi_app(async_engine: AsyncEngine, server_config: ServerConfig):
     """The app uvicorn serves: the FastAPI app, with the server's own `send` in each scope so that streams can write
     a step's chunks from the callback that delivers it (server/direct.py)."""
@@ -146,9 +217,11 @@ def _print_config(config, server_config: ServerConfig, host: str, port: int, log
         f"max_num_batched_tokens: {s.max_num_batched_tokens}, chunked prefill: {s.enable_chunked_prefill}",
         f"block_size: {c.block_size}, prefix caching: {c.enable_prefix_caching}, "
         f"kv_cache_memory: {c.kv_cache_memory or f'{c.kv_cache_fraction:.0%} of free memory'}",
-        f"api key: {'set' if server_config.api_key else 'none'}, "
+        f"api keys: {len(server_config.api_keys) or 'none'}, audit log: {server_config.audit_log or 'off'}"
+        f"{' (with content)' if server_config.audit_log_content else ''}, shutdown timeout: "
+        f"{server_config.shutdown_timeout_s:g} s, "
         f"max queued requests: {server_config.max_queued_requests}, stream interval: {server_config.stream_interval}",
-        f"listen: http://{host}:{port}",
+        f"listen: {host}:{port}",
         f"log file: {log_path}",
     ]
     for line in lines:

@@ -35,7 +35,17 @@ class Metrics:
         self._arrivals: dict[str, float] = {}
         self._last: dict[str, tuple[float, int]] = {}  # request -> (time of its last token, tokens so far)
         self._lock = threading.Lock()
+        self.http_requests: dict[tuple[str, str, str], int] = {}  # (key name, route, status) -> count (event loop)
+        self.rate_limits: dict[str, int] = {}  # key name -> 429s
+        self.seconds_since_last_step = lambda: 0.0  # set by the server state
         engine.observers.append(self.observe)
+
+    def http_request(self, key_name: str | None, route: str, status: int) -> None:
+        label = (key_name or "", route, str(status))
+        self.http_requests[label] = self.http_requests.get(label, 0) + 1
+
+    def rate_limited(self, key_name: str) -> None:
+        self.rate_limits[key_name] = self.rate_limits.get(key_name, 0) + 1
 
     def arrived(self, request_id: str, now: float) -> None:
         self._arrivals[request_id] = now
@@ -100,6 +110,20 @@ class Metrics:
         for reason, count in sorted(self.finished.items()):
             success.add_metric([self.model_name, reason], count)
         yield success
+        requests = CounterMetricFamily("dsserve:http_requests", "HTTP requests by API key name (empty: no keys "
+                                       "configured), route and status", labels=["key_name", "route", "status"])
+        for (key_name, route, status), count in sorted(self.http_requests.items()):
+            requests.add_metric([key_name, route, status], count)
+        yield requests
+        limited = CounterMetricFamily("dsserve:rate_limited_requests", "Requests refused with 429 by API key name",
+                                      labels=["key_name"])
+        for key_name, count in sorted(self.rate_limits.items()):
+            limited.add_metric([key_name], count)
+        yield limited
+        since = GaugeMetricFamily("dsserve:seconds_since_last_step", "Seconds since the engine last finished a step "
+                                  "(since start before the first)", labels=["model_name"])
+        since.add_metric(name, self.seconds_since_last_step())
+        yield since
         blocks = GaugeMetricFamily("dsserve:kv_cache_free_blocks", "Free KV-cache blocks", labels=["model_name"])
         blocks.add_metric(name, self.engine.engine.kv_cache.pool.num_free)
         yield blocks

@@ -14,9 +14,10 @@ class APIError(Exception):
     """An error rendered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # e.g. Retry-After on 429 and 503
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -51,12 +52,12 @@ class SamplingFields(_Request):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1)  # past the vocabulary: all of it (clamped, as vLLM)
     min_p: float = Field(0.0, ge=0, le=1)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # torch generators take a signed 64-bit seed
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = Field(None)
     stop_token_ids: list[int] | None = Field(None, max_length=64)
@@ -65,6 +66,7 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's form) -> bias in [-100, 100]
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -77,10 +79,10 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: the server's --max-tokens-default, else OpenAI's 16
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    suffix: str | None = None
+    suffix: str | None = None  # refused: no fill-in-the-middle
 
 
 class TokenizeRequest(_Request):

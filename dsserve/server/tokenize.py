@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from dsserve.errors import DsserveError
+from dsserve.server.common import check_chars
 from dsserve.server.protocol import APIError, DetokenizeRequest, TokenizeRequest, parse
 
 
@@ -17,16 +18,25 @@ async def tokenize(http: Request):
     tokenizer = _tokenizer(state)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "send exactly one of 'prompt' and 'messages'", param="prompt")
+    config = state.config
+    if req.messages is not None and len(req.messages) > config.max_messages:
+        raise APIError(400, f"Invalid 'messages': {len(req.messages)} messages; the server takes at most "
+                       f"{config.max_messages} per request (--max-messages).", param="messages", code="invalid_value")
+    texts = [req.prompt] if req.prompt is not None else [m.content for m in req.messages]
+    check_chars(sum(len(t) for t in texts if isinstance(t, str)), config, "messages" if req.messages else "prompt")
+    ids = await state.run_blocking(_encode, state, tokenizer, req)
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
+
+
+def _encode(state, tokenizer, req: TokenizeRequest) -> list[int]:
     try:
         if req.messages is not None:
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
             text = tokenizer.apply_chat_template(messages, req.add_generation_prompt, state.config.chat_template)
-            ids = tokenizer.encode(text, add_special_tokens=False)
-        else:
-            ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     except DsserveError as e:
         raise APIError(400, str(e), param="messages") from None
-    return {"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len}
 
 
 async def detokenize(http: Request):
