@@ -248,18 +248,25 @@ def _exit_with_parent(pid: int, server: uvicorn.Server) -> None:
 
 
 def _inject_fault(engine: LLMEngine) -> None:
-    """DSSERVE_FAULT_AFTER_STEPS=N makes step N+1 raise: how the tests prove an engine failure ends the process."""
+    """Fault injection, how the tests prove what a failure does to the server:
+    DSSERVE_FAULT_AFTER_STEPS=N makes step N+1 raise (the engine dies, the process exits non-zero);
+    DSSERVE_FAULT_STEP_DELAY_S=S makes every step take S seconds longer (long streams, a stalled engine)."""
     steps = os.environ.get("DSSERVE_FAULT_AFTER_STEPS")
-    if not steps:
+    delay_s = float(os.environ.get("DSSERVE_FAULT_STEP_DELAY_S") or 0)
+    if not steps and not delay_s:
         return
-    remaining = [int(steps)]
+    remaining = [int(steps)] if steps else None
     real_step = engine.step
 
-    def failing_step():
-        if remaining[0] <= 0:
-            raise RuntimeError("injected engine fault (DSSERVE_FAULT_AFTER_STEPS)")
-        remaining[0] -= 1
+    def faulty_step():
+        if remaining is not None:
+            if remaining[0] <= 0:
+                raise RuntimeError("injected engine fault (DSSERVE_FAULT_AFTER_STEPS)")
+            remaining[0] -= 1
+        if delay_s:
+            time.sleep(delay_s)
         return real_step()
 
-    engine.step = failing_step
-    logger.warning("fault injection on: the engine fails after %s steps", steps)
+    engine.step = faulty_step
+    logger.warning("fault injection on: %s", f"the engine fails after {steps} steps" if steps else
+                   f"every step takes {delay_s:g} s longer")

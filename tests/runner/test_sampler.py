@@ -117,3 +117,23 @@ def test_greedy_is_argmax_with_its_tie_rule():
     for vocab in (100, 128, 200):  # not a multiple of the block, or a single block: the plain path
         odd = torch.randn(3, vocab)
         assert torch.equal(_greedy(odd), odd.argmax(dim=-1))
+
+
+def test_top_k_past_the_vocabulary_keeps_all_of_it():
+    """top_k 2^63 once overflowed the int64 column (and killed the engine); it means the whole vocabulary."""
+    n = 4000
+    tokens = set(_draw(_rows(n, top_k=2**63), PROBS.log().repeat(n, 1)).tolist())
+    assert tokens == {0, 2, 3, 4}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logit_bias_forces_and_bans(temperature):
+    """OpenAI's logit_bias: +100 makes a token certain, -100 bans it; logprobs stay those of the raw model."""
+    n = 2000
+    forced = _draw(_rows(n, temperature=temperature, logit_bias={4: 100.0}), PROBS.log().repeat(n, 1))
+    assert set(forced.tolist()) == {4}
+    banned = _draw(_rows(n, temperature=temperature, logit_bias={2: -100.0}), PROBS.log().repeat(n, 1))
+    assert 2 not in set(banned.tolist())
+    rows = _rows(2, temperature=temperature, logit_bias={4: 100.0}, logprobs=1)
+    out = sample(PROBS.log().repeat(2, 1), SamplingMetadata.from_requests(rows, 5, torch.device("cpu")))
+    torch.testing.assert_close(out.logprobs, PROBS.log()[[4, 4]])
