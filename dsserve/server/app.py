@@ -14,12 +14,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect
 
 from dsserve.engine.async_engine import AsyncEngine
 from dsserve.errors import EngineDeadError, ShuttingDownError
 from dsserve.server import chat, completions, tokenize
 from dsserve.server.audit import AuditLog
-from dsserve.server.common import RECORD_KEY
+from dsserve.server.common import RECORD_KEY, note
 from dsserve.server.keys import ApiKey, KeyRing, retry_after
 from dsserve.server.metrics import Metrics
 from dsserve.server.protocol import APIError
@@ -262,12 +263,16 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 async def read_body(request: Request, state: ServerState) -> bytes:
     """The body, refused with 413 past the limit even when no Content-Length was sent."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > state.config.max_body_bytes:
-            raise APIError(413, f"The request body exceeds the limit of {state.config.max_body_bytes} bytes.",
-                           code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > state.config.max_body_bytes:
+                raise APIError(413, f"The request body exceeds the limit of {state.config.max_body_bytes} bytes.",
+                               code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client hung up mid-body: nobody to answer, nothing to log as an error
+        note(request, finish_reason="client disconnected")
+        raise APIError(499, "client disconnected", code="client_closed_request") from None
     return b"".join(chunks)
 
 
