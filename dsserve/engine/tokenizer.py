@@ -42,6 +42,7 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        _check_unicode(text)
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id] + ids
@@ -74,14 +75,21 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        template_kwargs: dict[str, Any] | None = None,
         **extra: Any,
     ) -> str:
+        """`template_kwargs` (a request's chat_template_kwargs) and `extra` become template variables."""
+        extra = {**extra, **(template_kwargs or {})}
         template = chat_template or self.chat_template
         if template is None:
             raise InvalidRequestError(
-                f"the tokenizer in {self.folder} has no chat template; pass one with --chat-template FILE "
-                "or send a plain completion prompt"
+                "this model's tokenizer has no chat template; the server's operator can give one with "
+                "--chat-template FILE, or send a plain completion prompt"
             )
+        reserved = sorted(set(extra) & _TEMPLATE_NAMES)
+        if reserved:
+            raise InvalidRequestError(f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets "
+                                      "them", param="chat_template_kwargs")
         # Keys with null values are dropped: R1's template tests `'tool_calls' in message`.
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
@@ -94,6 +102,10 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:
             raise InvalidRequestError(f"the chat template rejected these messages: {e}") from e
+        except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as e:
+            # a template computing with a value of the request's (chat_template_kwargs, message fields)
+            raise InvalidRequestError(f"the chat template failed on these messages ({type(e).__name__}); check "
+                                      "chat_template_kwargs and the message fields") from e
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
         """The rendered template already holds BOS: tokenize without adding special tokens (as transformers does)."""
@@ -143,3 +155,18 @@ def _token_text(token: Any) -> str | None:
     if isinstance(token, dict):  # AddedToken serialised by transformers
         return token.get("content")
     return token
+
+
+_TEMPLATE_NAMES = {"messages", "add_generation_prompt", "bos_token", "eos_token", "chat_template"}
+
+
+def _check_unicode(text: str) -> None:
+    """Text from JSON may hold lone surrogates ("\\ud800"), which are not Unicode text the tokenizer can take."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"the text holds a lone surrogate (U+{ord(text[e.start]):04X}) at character "
+                                  f"{e.start}, which is not valid Unicode; send characters, or valid surrogate pairs",
+                                  param="messages") from None

@@ -76,11 +76,11 @@ _INLINE_CHARS, _INLINE_MESSAGES, _INLINE_TOKENS = 16_384, 64, 4096
 def _prompt_ids(state, tokenizer, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None) -> list[int]:
     try:
         prompt_ids = tokenizer.encode(
-            tokenizer.apply_chat_template(messages, True, state.config.chat_template, **(template_kwargs or {})),
+            tokenizer.apply_chat_template(messages, True, state.config.chat_template, template_kwargs),
             add_special_tokens=False,
         )
     except DsserveError as e:
-        raise APIError(400, str(e), param="messages") from None
+        raise APIError(400, str(e), param=getattr(e, "param", None) or "messages", code="invalid_value") from None
     return truncate(state, prompt_ids)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from dsserve.errors import DsserveError
+from dsserve.errors import DsserveError, InvalidRequestError
 from dsserve.server.common import (
     EventWriter, check_chars, check_stop, engine_request_id, final_output, json_string, max_tokens_for, note,
     note_output, results, sampling_params, stream_error, token_text, truncate, usage,
@@ -100,7 +100,10 @@ def _prompts(prompt: list, tokenizer, vocab: int) -> list[list[int]]:
         if isinstance(p, str):
             if tokenizer is None:
                 raise APIError(400, "this model has no tokenizer; send token ids as the prompt", param="prompt")
-            ids = tokenizer.encode(p)
+            try:
+                ids = tokenizer.encode(p)
+            except InvalidRequestError as e:
+                raise APIError(400, str(e), param="prompt", code="invalid_value") from None
         else:
             ids = list(p)
             bad = [t for t in ids if not 0 <= t < vocab]
