@@ -71,6 +71,8 @@ class ServerState:
         self.in_flight = 0  # sequences admitted and not finished (a request with n=4 counts 4)
         self.created = int(time.time())
         self.draining = False  # SIGTERM: new requests get 503 while running ones finish
+        self.open_requests = 0  # admitted by Guard and not answered yet (what the drain waits for)
+        self.cpu_jobs = 0  # CPU-work jobs queued or running
         scheduler_config = engine.engine.config.scheduler
         self.max_model_len = scheduler_config.max_model_len
         self.capacity = scheduler_config.max_num_seqs + config.max_queued_requests
@@ -80,8 +82,17 @@ class ServerState:
         self.metrics.seconds_since_last_step = self.seconds_since_last_step
 
     async def run_blocking(self, fn, *args):
-        """Run `fn(*args)` on the CPU-work threads and wait for it without blocking the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        """Run `fn(*args)` on the CPU-work threads and wait for it without blocking the event loop. Past
+        _MAX_CPU_JOBS waiting jobs (each holding a large body) the request is refused, not queued."""
+        if self.cpu_jobs >= _MAX_CPU_JOBS:
+            raise APIError(503, f"The server is overloaded ({self.cpu_jobs} large requests are being prepared); "
+                           "retry later.", type="server_overloaded", code="server_overloaded",
+                           headers={"Retry-After": "1"})
+        self.cpu_jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self.cpu_jobs -= 1
 
     def seconds_since_last_step(self) -> float:
         last = self.engine.last_step_s
@@ -109,6 +120,7 @@ class ServerState:
 _ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
            "/health", "/metrics"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_MAX_CPU_JOBS = 64  # large templating / tokenizing / rendering jobs waiting at once
 _UNAUDITED = {"/health", "/metrics"}  # probes and scrapes: audited only when refused
 
 
@@ -128,9 +140,10 @@ class Guard:
         state = self.state
         started_s = time.perf_counter()
         path = scope["path"]
-        request_id, id_error = _request_id(scope)
+        request_id, id_error, from_client = _request_id(scope)
         record = scope[RECORD_KEY] = {"request_id": request_id, "key": None, "client": _client(scope),
-                                      "method": scope["method"], "route": path if path in _ROUTES else "other"}
+                                      "method": scope["method"], "route": path if path in _ROUTES else "other",
+                                      "client_request_id": from_client}
         status = 0
         tag = (b"x-request-id", request_id.encode())
 
@@ -141,15 +154,24 @@ class Guard:
                 message = {**message, "headers": [*message.get("headers", ()), tag]}
             await send(message)
 
-        key = None
+        key, admitted = None, False
         try:
             key = self._admit(scope, record, id_error)
+            admitted = True
+            state.open_requests += 1
             await self.app(scope, receive, send_tracked)
         except APIError as e:
             if status:  # too late for an error response: the stream's own error chunk has said it
                 raise
             await _error(e)(scope, receive, send_tracked)
+        except Exception:  # here, not in Starlette's outermost handler: the 500 gets its id, audit line and metrics
+            if status:
+                raise
+            logger.exception("request %s: unexpected error", request_id)
+            await _error(internal_error(request_id))(scope, receive, send_tracked)
         finally:
+            if admitted:
+                state.open_requests -= 1
             if key is not None:
                 state.keyring.release(key)
             self._account(record, status, started_s)
@@ -288,17 +310,18 @@ def request_id_of(http: Request) -> str:
     return record["request_id"] if record else "-"
 
 
-def _request_id(scope) -> tuple[str, APIError | None]:
-    """The client's X-Request-Id when it is a plain token of at most 128 characters, else a new one."""
+def _request_id(scope) -> tuple[str, APIError | None, bool]:
+    """The client's X-Request-Id when it is a plain token of at most 128 characters (else a 400), or a new one; and
+    whether it is the client's."""
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
             text = value.decode("latin-1")
             if _REQUEST_ID.fullmatch(text):
-                return text, None
+                return text, None, True
             fresh = uuid.uuid4().hex
             return fresh, APIError(400, "X-Request-Id must be 1 to 128 letters, digits or any of . _ : - ; leave it out "
-                                   "to have one made.", param="X-Request-Id", code="invalid_value")
-    return uuid.uuid4().hex, None
+                                   "to have one made.", param="X-Request-Id", code="invalid_value"), False
+    return uuid.uuid4().hex, None, False
 
 
 def _client(scope) -> str | None:

@@ -38,7 +38,8 @@ async def create_chat_completion(http: Request):
                        f"{config.max_messages} per request (--max-messages).", param="messages", code="invalid_value")
     check_stop(req, config)
     messages = _messages(req, config.strict_reasoning_history)
-    num_chars = sum(len(m["content"]) for m in messages)
+    num_chars = sum(len(m["content"]) + len(m.get("name") or "") + (len(str(m["tool_calls"])) if m.get("tool_calls")
+                    else 0) for m in messages)
     check_chars(num_chars, config, "messages")
     state.admit(req.n)  # before the templating work: a full server refuses at once
     if num_chars > _INLINE_CHARS or len(messages) > _INLINE_MESSAGES:

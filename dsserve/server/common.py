@@ -183,11 +183,13 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
 
 
 def engine_request_id(state, prefix: str, http: Request) -> str:
-    """The engine's id for a request: the client's X-Request-Id under the endpoint's prefix (so the engine's log
-    lines carry it), with a random suffix only if the engine already runs a request of that id."""
+    """The engine's id for a request: the X-Request-Id under the endpoint's prefix, so that the engine's log lines
+    carry it. A client's own id gets a random suffix: two requests may send the same one (a retry, a proxy)."""
     record = http.scope.get(RECORD_KEY)
-    rid = f"{prefix}-{record['request_id']}" if record else request_id(prefix)
-    return rid if not state.engine.has_request(rid) else f"{rid}-{uuid.uuid4().hex[:8]}"
+    if record is None:
+        return request_id(prefix)
+    rid = f"{prefix}-{record['request_id']}"
+    return f"{rid}-{uuid.uuid4().hex[:8]}" if record.get("client_request_id") else rid
 
 
 async def results(state, http: Request, rid: str, prompt: Any, params: SamplingParams,
@@ -226,13 +228,16 @@ async def final_output(state, http: Request, rid: str, prompt: Any, params: Samp
         return last
 
     task = asyncio.ensure_future(collect())
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if not done and await http.is_disconnected():
+    try:
+        while not task.done():
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if not done and await http.is_disconnected():
+                note(http, finish_reason="client disconnected")
+                raise APIError(499, "client disconnected", code="client_closed_request")
+        return task.result()
+    finally:
+        if not task.done():  # the client left, or this handler was cancelled: the request is aborted
             task.cancel()
-            note(http, finish_reason="client disconnected")
-            raise APIError(499, "client disconnected", code="client_closed_request")
-    return task.result()
 
 
 def stream_error(http: Request, error: DsserveError) -> APIError:

@@ -36,7 +36,7 @@ async def create_completion(http: Request):
                        "request (--max-prompts).", param="prompt", code="invalid_value")
     if req.stream and len(raw) > 1:
         raise APIError(400, "streaming supports one prompt per request", param="prompt")
-    num_chars = sum(len(p) for p in raw if isinstance(p, str))
+    num_chars = sum(len(p) for p in raw)  # a token id counts as a character
     check_chars(num_chars, config, "prompt")
     check_stop(req, config)
     num_seqs = req.n * len(raw)
@@ -63,8 +63,13 @@ async def create_completion(http: Request):
         state.admit(num_seqs)  # refuse with a status code (503) before the 200 of a stream is sent
         return StreamingResponse(_stream(state, http, rid, ids, params, req, include_usage, tokenizer, prompt_text),
                                  media_type="text/event-stream")
-    outputs = await asyncio.gather(*(final_output(state, http, f"{rid}-{i}", {"prompt_token_ids": ids}, params)
-                                     for i, (ids, params) in enumerate(jobs)))
+    tasks = [asyncio.ensure_future(final_output(state, http, f"{rid}-{i}", {"prompt_token_ids": ids}, params))
+             for i, (ids, params) in enumerate(jobs)]
+    try:
+        outputs = await asyncio.gather(*tasks)
+    finally:  # one prompt failed (or the client left): the others stop too
+        for task in tasks:
+            task.cancel()
     note(http, prompt_tokens=sum(len(o.prompt_token_ids) for o in outputs),
          completion_tokens=sum(len(c.token_ids) for o in outputs for c in o.outputs),
          finish_reason=[c.finish_reason for o in outputs for c in o.outputs],

@@ -144,15 +144,15 @@ def _drain(state, async_engine: AsyncEngine, server: uvicorn.Server, timeout_s: 
     with an error (streams: an error event, then [DONE]), then stop the HTTP server (the engine loop follows)."""
     state.draining = True
     deadline = time.monotonic() + timeout_s
-    while state.in_flight > 0 and time.monotonic() < deadline and not server.should_exit:
+    while state.open_requests > 0 and time.monotonic() < deadline and not server.should_exit:
         time.sleep(0.05)
-    if state.in_flight > 0:
+    if state.open_requests > 0:
         ended = async_engine.end_all(ShuttingDownError(
             f"The server is shutting down and its shutdown timeout ({timeout_s:g} s) has passed; this request was "
             "ended before it finished. Retry it on another replica."))
         logger.warning("shutdown timeout (%g s) passed: ended %d running request(s)", timeout_s, ended)
         deadline = time.monotonic() + 5.0
-        while state.in_flight > 0 and time.monotonic() < deadline:
+        while state.open_requests > 0 and time.monotonic() < deadline:
             time.sleep(0.02)
     logger.info("drained: stopping")
     server.should_exit = True

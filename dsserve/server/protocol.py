@@ -69,7 +69,8 @@ class SamplingFields(_Request):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's form) -> bias in [-100, 100]
+    # token id (as a string, OpenAI's form) -> bias in [-100, 100]; at most 300 entries, as OpenAI
+    logit_bias: dict[str, float] | None = Field(None, max_length=300)
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -79,6 +79,7 @@ def test_top_k_past_int64_beside_a_normal_request(exposed):
     pytest.param({"logit_bias": {"5": 101}}, "logit_bias", id="logit_bias-value"),
     pytest.param({"logit_bias": {"999999": 1}}, "logit_bias", id="logit_bias-token-out-of-vocab"),
     pytest.param({"logit_bias": {"abc": 1}}, "logit_bias", id="logit_bias-key-not-a-token"),
+    pytest.param({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", id="logit_bias-301-entries"),
     pytest.param({"stop": ["x"] * 10_000}, "stop", id="10k-stop-strings"),
     pytest.param({"stop": ["x" * 257]}, "stop[0]", id="stop-too-long"),
     pytest.param({"n": 4, "max_tokens": 300}, "max_tokens", id="n-x-max_tokens-past-budget"),
@@ -146,7 +147,7 @@ def test_20k_messages_while_another_client_is_served(exposed):
 
 def test_request_id_echoed_or_made(exposed):
     r = _post(exposed, _chat(), headers={"X-Request-Id": "trace-42"})
-    assert r.headers["x-request-id"] == "trace-42" and r.json()["id"] == "chatcmpl-trace-42"
+    assert r.headers["x-request-id"] == "trace-42" and r.json()["id"].startswith("chatcmpl-trace-42-")
     with httpx.stream("POST", exposed.url + "/v1/chat/completions", json=_chat(stream=True), timeout=60,
                       headers={"Authorization": f"Bearer {KEYS['team-c']}", "X-Request-Id": "trace-43"}) as s:
         assert s.headers["x-request-id"] == "trace-43"
@@ -321,3 +322,21 @@ def test_tls_with_a_self_signed_certificate_through_the_openai_client(tmp_path):
             httpx.get(server.url + "/health")
     finally:
         server.stop()
+
+
+def test_two_requests_with_the_same_request_id_both_finish(exposed):
+    """A retry or a proxy may send one X-Request-Id twice at once: the engine's ids stay distinct."""
+    results = []
+
+    def stream():
+        with httpx.stream("POST", exposed.url + "/v1/chat/completions", json=_chat(stream=True, max_tokens=16),
+                          timeout=60, headers={"Authorization": f"Bearer {KEYS['team-c']}",
+                                               "X-Request-Id": "same-id"}) as s:
+            results.append((s.status_code, s.headers["x-request-id"], [x for x in s.iter_lines() if x][-1]))
+
+    threads = [threading.Thread(target=stream) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [(200, "same-id", "data: [DONE]")] * 2
