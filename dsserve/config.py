@@ -504,6 +504,119 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+# ---- exposure: the bind address and API keys (read by `serve` and checked by `doctor`) ------------------
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; anything else (0.0.0.0, "", a name, a LAN address) reaches the network."""
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One API key of `dsserve serve`: the name is what logs, metrics and the audit log show; the key never is."""
+
+    name: str
+    key: str = field(repr=False)
+    requests_per_minute: int | None = None  # a bucket of this many requests, refilled at this rate
+    max_concurrent: int | None = None  # requests in flight at once
+    source: str = field(default="", compare=False)  # where it was given (for messages): "--api-key-file entry 2"
+
+
+API_KEY_FIELDS = ("name", "key", "requests_per_minute", "max_concurrent")
+
+
+def read_api_keys(cli_keys: Any, key_file: str | os.PathLike | None,
+                  cli_source: str = "--api-key") -> tuple[tuple[ApiKey, ...], list[str]]:
+    """The keys of `--api-key` (a string or a list; named api-key-1, api-key-2, ...) and of `--api-key-file` (TOML
+    `[[keys]]` tables: name, key, optional requests_per_minute and max_concurrent), and every problem found: empty
+    or duplicate names and keys, bad limits, unknown fields. Messages name entries, never quote a key or the file."""
+    problems: list[str] = []
+    keys: list[ApiKey] = []
+    if cli_keys is not None:
+        values = cli_keys if isinstance(cli_keys, (list, tuple)) else [cli_keys]
+        bad = [i for i, v in enumerate(values, 1) if not isinstance(v, str) or not v]
+        if not values or bad:
+            where = cli_source if not isinstance(cli_keys, (list, tuple)) else \
+                f"{cli_source} entry {', '.join(map(str, bad)) or '(none)'}"
+            problems.append(f"{where} must be a non-empty string (or a list of them): an empty key asks clients for "
+                            "nothing")
+        else:
+            keys += [ApiKey(f"api-key-{i}", v, source=cli_source if len(values) == 1 else f"{cli_source} entry {i}")
+                     for i, v in enumerate(values, 1)]
+    if key_file is not None:
+        keys += _read_key_file(str(key_file), problems)
+    by_name: dict[str, list[str]] = {}
+    by_secret: dict[str, list[str]] = {}
+    for k in keys:
+        by_name.setdefault(k.name, []).append(k.source)
+        by_secret.setdefault(k.key, []).append(f"{k.name!r} ({k.source})")
+    for name, wheres in by_name.items():
+        if len(wheres) > 1:
+            problems.append(f"API key name {name!r} is given {len(wheres)} times ({', '.join(wheres)}); names must be "
+                            "unique (they label metrics and audit lines)")
+    for named in by_secret.values():
+        if len(named) > 1:
+            problems.append(f"API keys {' and '.join(named)} are the same key; give each its own")
+    return tuple(keys), problems
+
+
+def _read_key_file(path: str, problems: list[str]) -> list[ApiKey]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    label = f"--api-key-file {path}"
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        problems.append(f"{label} does not exist")
+        return []
+    except (OSError, UnicodeDecodeError) as e:
+        problems.append(f"{label} cannot be read ({getattr(e, 'strerror', None) or 'not UTF-8 text'}); let the user "
+                        "running dsserve read it")
+        return []
+    except tomllib.TOMLDecodeError as e:  # the problem and its line/column, never the text (it holds keys)
+        problems.append(f"{label} is not valid TOML: {e}")
+        return []
+    entries, unknown = data.get("keys"), sorted(set(data) - {"keys"})
+    if unknown or not isinstance(entries, list) or not entries:
+        problems.append(f"{label} must hold [[keys]] tables (name = \"...\", key = \"...\", optional "
+                        "requests_per_minute and max_concurrent)"
+                        + (f"; unknown top-level key(s): {', '.join(unknown)}" if unknown else ""))
+        return []
+    keys = []
+    for i, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            problems.append(f"{label}: entry {i} is not a table")
+            continue
+        name, key = entry.get("name"), entry.get("key")
+        has_name = isinstance(name, str) and bool(name.strip())
+        where = f"{label}: entry {i}" + (f" ({name.strip()!r})" if has_name else "")
+        if not has_name:
+            problems.append(f"{where} needs a non-empty `name` (it labels metrics and audit lines)")
+        if not isinstance(key, str) or not key:
+            problems.append(f"{where} needs a non-empty `key`")
+        limits = {}
+        for limit_name in ("requests_per_minute", "max_concurrent"):
+            limit = entry.get(limit_name)
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+                problems.append(f"{where}: {limit_name} must be a whole number >= 1, got {limit!r}")
+                limit = None
+            limits[limit_name] = limit
+        extra = sorted(set(entry) - set(API_KEY_FIELDS))
+        if extra:
+            problems.append(f"{where} has unknown field(s) {', '.join(extra)}; known: {', '.join(API_KEY_FIELDS)}")
+        if has_name and isinstance(key, str) and key:  # kept for the duplicate checks even beside other problems
+            keys.append(ApiKey(name.strip(), key, source=f"--api-key-file entry {i}", **limits))
+    return keys
+
+
 # ---- MindIE service config import -----------------------------------------------------------------------
 
 _MINDIE_UNMAPPED = {
@@ -657,7 +770,7 @@ def _mindie_tls(server: dict[str, Any], host: str, source: str | os.PathLike | N
     if problems:
         why = "; ".join(problems)
         default = " is true" if "httpsEnabled" in server else " is absent: MindIE's default is true"
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise ConfigError(
                 f"this MindIE config serves HTTPS on {host} (ServerConfig.httpsEnabled{default}) but its TLS "
                 f"settings cannot carry over to dsserve: {why}. dsserve will not turn it into plain HTTP on a network "
@@ -697,11 +810,3 @@ def _mindie_unmapped(key: str) -> str:
         return "torch.distributed traffic between ranks is not encrypted: keep it on a private network"
     return "no dsserve equivalent"
 
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
 
 Line = tuple[bool | None, str]
 
@@ -21,23 +20,6 @@ def read_bytes(path: str, label: str) -> tuple[bytes | None, Line | None]:
     except OSError as e:
         return None, (False, f"{label} {path} is not readable ({e.strerror}); let the user running dsserve read it "
                              f"(chmod / chown)")
-
-
-def read_toml(path: str, label: str) -> tuple[dict[str, Any] | None, Line | None]:
-    """A TOML file's tables, or None and the FAIL line; the message never quotes the file (it may hold secrets)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    data, failure = read_bytes(path, label)
-    if data is None:
-        return None, failure
-    try:
-        return tomllib.loads(data.decode()), None
-    except UnicodeDecodeError:
-        return None, (False, f"{label} {path} is not UTF-8 text")
-    except tomllib.TOMLDecodeError as e:  # the message is the problem and its line/column, not the text
-        return None, (False, f"{label} {path} is not valid TOML: {e}")
 
 
 def secret_permissions(path: str, label: str, holds: str) -> Line | None:

@@ -143,10 +143,6 @@ class AsyncEngine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout_s)
 
-    def has_request(self, request_id: str) -> bool:
-        """Whether a request of this id is open (event loop)."""
-        return request_id in self._streams
-
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -23,7 +23,7 @@ from dsserve.server.audit import AuditLog
 from dsserve.server.common import RECORD_KEY, note
 from dsserve.server.keys import ApiKey, KeyRing, retry_after
 from dsserve.server.metrics import Metrics
-from dsserve.server.protocol import APIError
+from dsserve.server.protocol import APIError, parse
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class ServerConfig:
     max_input_len: int | None = None  # with truncate_input, prompts are cut to this many tokens (MindIE truncation)
     truncate_input: bool = False
     chat_template: str | None = None  # overrides the tokenizer's
-    # Per-request caps, each refused with a 400 that names the field and the flag (server/limits.py).
+    # Per-request caps, each refused with a 400 that names the field and the flag (server/common.py).
     max_messages: int = 2048  # chat messages in one request
     max_prompt_chars: int = 2_000_000  # characters of message contents or prompts, before templating
     max_stop: int = 16  # stop strings per request (OpenAI takes 4)
@@ -109,8 +109,7 @@ class ServerState:
             raise APIError(500, "The engine has stopped after an internal error; the server is shutting down.",
                            type="internal_server_error")
         if self.draining:
-            raise APIError(503, "The server is shutting down; retry on another replica or later.",
-                           type="server_overloaded", code="server_shutting_down", headers={"Retry-After": "5"})
+            raise shutting_down()
         if self.in_flight + num_seqs > self.capacity:
             raise APIError(503, f"The server is overloaded ({self.in_flight} sequences in flight, capacity "
                            f"{self.capacity}); retry later.", type="server_overloaded", code="server_overloaded",
@@ -120,6 +119,7 @@ class ServerState:
 _ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info",
            "/health", "/metrics"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_INLINE_BODY_BYTES = 256 * 2**10  # bodies above this are parsed off the event loop
 _MAX_CPU_JOBS = 64  # large templating / tokenizing / rendering jobs waiting at once
 _UNAUDITED = {"/health", "/metrics"}  # probes and scrapes: audited only when refused
 
@@ -182,8 +182,7 @@ class Guard:
             raise id_error
         state, config, path = self.state, self.state.config, scope["path"]
         if state.draining and path not in ("/health", "/metrics"):
-            raise APIError(503, "The server is shutting down; retry on another replica or later.",
-                           type="server_overloaded", code="server_shutting_down", headers={"Retry-After": "5"})
+            raise shutting_down()
         headers = Headers(scope=scope)
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
@@ -207,6 +206,7 @@ class Guard:
         return key
 
     def _account(self, record: dict, status: int, started_s: float) -> None:
+        record.pop("client_request_id", None)  # what the engine id is made of; not an audit field
         record["status"] = status
         record["latency_s"] = round(time.perf_counter() - started_s, 4)
         self.state.metrics.http_request(record["key"], record["route"], status)
@@ -282,6 +282,15 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     return app
 
 
+async def read_request(request: Request, state: ServerState, schema):
+    """The body, parsed and validated against `schema` (server/protocol.py); a large body is parsed on the CPU-work
+    threads (JSON and validation of megabytes would hold the event loop for the length of the parse)."""
+    raw = await read_body(request, state)
+    if len(raw) > _INLINE_BODY_BYTES:
+        return await state.run_blocking(parse, raw, schema)
+    return parse(raw, schema)
+
+
 async def read_body(request: Request, state: ServerState) -> bytes:
     """The body, refused with 413 past the limit even when no Content-Length was sent."""
     chunks, size = [], 0
@@ -296,6 +305,12 @@ async def read_body(request: Request, state: ServerState) -> bytes:
         note(request, finish_reason="client disconnected")
         raise APIError(499, "client disconnected", code="client_closed_request") from None
     return b"".join(chunks)
+
+
+def shutting_down() -> APIError:
+    """A request that arrives while the server drains."""
+    return APIError(503, "The server is shutting down; retry on another replica or later.", type="server_overloaded",
+                    code="server_shutting_down", headers={"Retry-After": "5"})
 
 
 def internal_error(request_id: str) -> APIError:

@@ -16,14 +16,14 @@ from dsserve.server.common import (
     note_output, results, sampling_params, stream_error, token_text, truncate, usage,
 )
 from dsserve.server.direct import direct_sink
-from dsserve.server.protocol import APIError, CompletionRequest, parse
+from dsserve.server.protocol import APIError, CompletionRequest
 
 
 async def create_completion(http: Request):
-    from dsserve.server.app import read_body
+    from dsserve.server.app import read_request
 
     state = http.app.state.dsserve
-    req = parse(await read_body(http, state), CompletionRequest)
+    req = await read_request(http, state, CompletionRequest)
     state.check_model(req.model)
     note(http, model=req.model)
     if req.suffix is not None:

@@ -18,83 +18,19 @@ import hmac
 import math
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
+from dsserve.config import ApiKey, read_api_keys
 from dsserve.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class ApiKey:
-    name: str  # what logs, metrics and the audit log show
-    key: str = ""  # the secret; never logged
-    requests_per_minute: int | None = None
-    max_concurrent: int | None = None
-
-    def __repr__(self) -> str:  # a config printed or logged must not show the secret
-        return (f"ApiKey(name={self.name!r}, requests_per_minute={self.requests_per_minute}, "
-                f"max_concurrent={self.max_concurrent})")
-
-
-def load_keys(cli_keys: list[str] | tuple[str, ...] | str | None, key_file: str | os.PathLike | None) -> tuple[ApiKey, ...]:
-    """The keys of `--api-key` (repeatable) and `--api-key-file`, checked: non-empty, unique names and keys."""
-    if isinstance(cli_keys, str):
-        cli_keys = [cli_keys]
-    keys = [ApiKey(f"api-key-{i}", k) for i, k in enumerate(cli_keys or (), 1)]
-    if key_file is not None:
-        keys.extend(_read_key_file(Path(key_file)))
-    names, secrets = set(), set()
-    for k in keys:
-        if not k.key:
-            raise ConfigError(f"API key {k.name!r} is empty; give a non-empty key")
-        if k.name in names:
-            raise ConfigError(f"API key name {k.name!r} appears twice; names must be unique (they label metrics and "
-                              "audit lines)")
-        if k.key in secrets:
-            raise ConfigError(f"API key {k.name!r} has the same key as another entry; give each its own key")
-        names.add(k.name)
-        secrets.add(k.key)
-    return tuple(keys)
-
-
-def _read_key_file(path: Path) -> list[ApiKey]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--api-key-file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--api-key-file {path} is not valid TOML: {e}") from None
-    entries = data.get("keys")
-    unknown = sorted(set(data) - {"keys"})
-    if unknown or not isinstance(entries, list) or not entries:
-        raise ConfigError(f"--api-key-file {path} must hold [[keys]] tables (name, key, optional requests_per_minute "
-                          f"and max_concurrent){'; unknown key(s): ' + ', '.join(unknown) if unknown else ''}")
-    out = []
-    for i, entry in enumerate(entries):
-        where = f"--api-key-file {path}, [[keys]] entry {i + 1}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where} is not a table")
-        extra = sorted(set(entry) - {"name", "key", "requests_per_minute", "max_concurrent"})
-        if extra:
-            raise ConfigError(f"{where} has unknown field(s) {', '.join(extra)}; known: name, key, "
-                              "requests_per_minute, max_concurrent")
-        name, key = entry.get("name"), entry.get("key")
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"{where} needs a non-empty `name` (it labels metrics and audit lines)")
-        if not isinstance(key, str) or not key:
-            raise ConfigError(f"{where} ({name!r}) needs a non-empty `key`")
-        limits = {}
-        for field in ("requests_per_minute", "max_concurrent"):
-            value = entry.get(field)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{where} ({name!r}): {field} must be a whole number >= 1, got {value!r}")
-            limits[field] = value
-        out.append(ApiKey(name.strip(), key, **limits))
-    return out
+def load_keys(cli_keys: list[str] | tuple[str, ...] | str | None,
+              key_file: str | os.PathLike | None) -> tuple[ApiKey, ...]:
+    """The keys of `--api-key` (repeatable) and `--api-key-file`; any problem stops the start (config.read_api_keys,
+    the rules `dsserve doctor` checks too)."""
+    keys, problems = read_api_keys(cli_keys, key_file)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return keys
 
 
 class KeyRing:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import logging.handlers
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
-from dsserve.config import log_dir
+from dsserve.config import is_loopback, log_dir
 from dsserve.engine.async_engine import AsyncEngine
 from dsserve.engine.engine import LLMEngine, build_engine_config
 from dsserve.errors import ConfigError, ShuttingDownError
@@ -83,7 +82,7 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
     server = uvicorn.Server(uvicorn.Config(expose_send(fastapi_app), host=host, port=port, log_config=None,
                                            access_log=False, timeout_graceful_shutdown=2, **tls))
     url = f"{'https' if tls else 'http'}://{_url_host(host)}:{port}"
-    if not server_config.api_keys and not _is_loopback(host):
+    if not server_config.api_keys and not is_loopback(host):
         logger.warning("listening on %s with no API key: anyone who can reach this address can use the server; set "
                        "--api-key-file (or --api-key), or bind 127.0.0.1 behind a proxy that authenticates", host)
 
@@ -175,15 +174,6 @@ def _check_tls(tls: dict) -> dict:
     if reqs in (1, 2) and not tls.get("ssl_ca_certs"):
         raise ConfigError("--ssl-cert-reqs 1 or 2 verifies client certificates: give the CA with --ssl-ca-certs")
     return tls
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _url_host(host: str) -> str:

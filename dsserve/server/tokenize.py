@@ -6,14 +6,14 @@ from fastapi import Request
 
 from dsserve.errors import DsserveError
 from dsserve.server.common import check_chars
-from dsserve.server.protocol import APIError, DetokenizeRequest, TokenizeRequest, parse
+from dsserve.server.protocol import APIError, DetokenizeRequest, TokenizeRequest
 
 
 async def tokenize(http: Request):
-    from dsserve.server.app import read_body
+    from dsserve.server.app import read_request
 
     state = http.app.state.dsserve
-    req = parse(await read_body(http, state), TokenizeRequest)
+    req = await read_request(http, state, TokenizeRequest)
     state.check_model(req.model)
     tokenizer = _tokenizer(state)
     if (req.prompt is None) == (req.messages is None):
@@ -40,17 +40,26 @@ def _encode(state, tokenizer, req: TokenizeRequest) -> list[int]:
 
 
 async def detokenize(http: Request):
-    from dsserve.server.app import read_body
+    from dsserve.server.app import read_request
 
     state = http.app.state.dsserve
-    req = parse(await read_body(http, state), DetokenizeRequest)
+    req = await read_request(http, state, DetokenizeRequest)
     state.check_model(req.model)
     tokenizer = _tokenizer(state)
     vocab = state.engine.engine.model_config.vocab_size
-    bad = [t for t in req.tokens if not 0 <= t < vocab]
-    if bad:
-        raise APIError(400, f"Token id {bad[0]} is out of vocabulary (size {vocab}).", param="tokens", code="invalid_value")
-    return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
+    check_chars(len(req.tokens), state.config, "tokens")  # a token id counts as a character
+
+    def decode() -> dict:
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"Token id {bad[0]} is out of vocabulary (size {vocab}).", param="tokens",
+                           code="invalid_value")
+        return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    return await state.run_blocking(decode) if len(req.tokens) > _INLINE_TOKENS else decode()
+
+
+_INLINE_TOKENS = 4096  # longer token lists are checked and decoded off the event loop
 
 
 async def tokenizer_info(http: Request):

@@ -120,7 +120,7 @@ def test_greedy_is_argmax_with_its_tie_rule():
 
 
 def test_top_k_past_the_vocabulary_keeps_all_of_it():
-    """top_k 2^63 once overflowed the int64 column (and killed the engine); it means the whole vocabulary."""
+    """top_k 2^63 means the whole vocabulary (and must not overflow the int64 column the sampler builds)."""
     n = 4000
     tokens = set(_draw(_rows(n, top_k=2**63), PROBS.log().repeat(n, 1)).tolist())
     assert tokens == {0, 2, 3, 4}

@@ -15,7 +15,7 @@ def test_keys_file_and_flags(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    pytest.param('[[keys]]\nname = "a"\nkey = "k"\n[[keys]]\nname = "a"\nkey = "j"\n', "appears twice", id="dup-name"),
+    pytest.param('[[keys]]\nname = "a"\nkey = "k"\n[[keys]]\nname = "a"\nkey = "j"\n', "is given 2 times", id="dup-name"),
     pytest.param('[[keys]]\nname = "a"\nkey = "k"\n[[keys]]\nname = "b"\nkey = "k"\n', "same key", id="dup-key"),
     pytest.param('[[keys]]\nname = "a"\nkey = ""\n', "non-empty `key`", id="empty-key"),
     pytest.param('[[keys]]\nkey = "k"\n', "non-empty `name`", id="no-name"),
