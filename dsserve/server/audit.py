@@ -32,8 +32,7 @@ class AuditLog:
         self.content = content
         self.path = path
         self._logger = logging.Logger(f"dsserve.audit.{path}")  # not in the logging tree: never reaches stderr
-        handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backup_count,
-                                                       encoding="utf-8")
+        handler = _PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(message)s"))
         self._handler = handler
         self._logger.addHandler(handler)
@@ -47,3 +46,11 @@ class AuditLog:
 
     def close(self) -> None:
         self._handler.close()
+
+
+class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """Every file it opens, the fresh one after each rotation too, is created 0600 whatever the umask."""
+
+    def _open(self):
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(fd, self.mode, encoding=self.encoding, errors=self.errors)

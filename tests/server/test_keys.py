@@ -48,3 +48,21 @@ def test_rate_and_concurrency_limits():
     assert ring.acquire(pair) == 1.0 and "2 concurrent requests" in ring.describe_limit(pair, 1.0)
     ring.release(pair)
     assert ring.acquire(pair) is None
+
+
+def test_audit_log_files_stay_private_across_rotation(tmp_path):
+    import os
+
+    from dsserve.server.audit import AuditLog
+
+    old = os.umask(0o022)
+    try:
+        log = AuditLog(tmp_path / "audit.jsonl", max_bytes=200, content=False)
+        for i in range(20):
+            log.write({"request_id": str(i), "key": "team-a", "prompt": "secret text"})
+        log.close()
+    finally:
+        os.umask(old)
+    files = sorted(tmp_path.glob("audit.jsonl*"))
+    assert len(files) > 2 and all(oct(f.stat().st_mode & 0o777) == "0o600" for f in files)
+    assert not any("secret text" in f.read_text() for f in files)
