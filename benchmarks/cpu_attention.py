@@ -1,4 +1,4 @@
-"""Decode attention on CPU: dsserve's kernel (dsserve/kernels/paged_attention.c) against its torch twin (the
+"""Decode attention on CPU: dsserve's kernel (dsserve/backends/cpu/csrc/paged_attention.c) against its torch twin (the
 context gathered from the paged cache into a workspace, then SDPA or, for MLA, two matmuls), on random caches
 with shuffled blocks, as layers/attention.py calls them.
 
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from dsserve.kernels import cpu as kernels
+from dsserve.backends.cpu import kernels as kernels
 from dsserve.layers import attention as A
 
 

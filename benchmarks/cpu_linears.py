@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 
 _HINT = 64  # as layers/linear.py packs oneDNN weights
 

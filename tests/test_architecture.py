@@ -15,15 +15,15 @@ RANKS = {
     "engine": 2,
     "reasoning": 2,  # text-level parsing the server uses; imports no engine or HTTP types
     "runner": 3,
-    "models": 4,
-    "layers": 5,
-    "kernels": 6,
+    "backends": 4,  # the runner picks one; a backend knows the layers it accelerates
+    "models": 5,
+    "layers": 6,
 }
 ANYWHERE = {"config", "errors", "assets", "profiling"}  # imported from any layer; they import nothing above themselves
 # Operator tools read configs and checkpoints, never the engine or the device.
 TOOLS = {"plan", "weights", "ranktable", "doctor"}
-# kernels: a leaf module; the doctor asks it which CPU kernels this machine can run.
-TOOL_ALLOWED = {"config", "errors", "models.loader", "models.registry", "plan", "weights", "ranktable", "kernels"}
+# backends.cpu.kernels: the doctor asks it which CPU kernels this machine can run.
+TOOL_ALLOWED = {"config", "errors", "models.loader", "models.registry", "plan", "weights", "ranktable", "backends.cpu.kernels"}
 
 
 def _layer(module: str) -> str:

@@ -50,9 +50,9 @@ def test_failures_say_what_to_do(tiny_r1, tmp_path, monkeypatch):
 def test_cpu_kernels_line_names_what_is_missing(monkeypatch):
     import torch
 
-    import dsserve.kernels.cpu as cpu_kernels_module
+    import dsserve.backends.cpu.kernels as cpu_kernels_module
     from dsserve.doctor.checks import _cpu_kernels
-    from dsserve.kernels import cpu as attention_kernel
+    from dsserve.backends.cpu import kernels as attention_kernel
 
     ok, text = _cpu_kernels()
     assert "float32 (oneDNN)" in text

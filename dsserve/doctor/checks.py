@@ -92,7 +92,7 @@ def _cpu_kernels() -> Line:
     """What the CPU path will use: the vector ISA torch picked and the packed-weight kernels available."""
     import torch
 
-    from dsserve.kernels import cpu as cpu_kernels
+    from dsserve.backends.cpu import kernels as cpu_kernels
 
     isa = torch.backends.cpu.get_cpu_capability()
     lib = cpu_kernels.library()

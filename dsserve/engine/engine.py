@@ -435,7 +435,7 @@ def _fit_max_model_len(config: EngineConfig, num_blocks: int) -> EngineConfig:
 
 
 def _native_bf16() -> bool:
-    from dsserve.kernels import cpu as cpu_kernels
+    from dsserve.backends.cpu import kernels as cpu_kernels
 
     return cpu_kernels.native_bf16()
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.profiling import PROFILER
 
 
@@ -169,7 +169,7 @@ def mla_attention(
     w_kv_b (H, N + V, C) the kv_b_proj weight, cache (num_blocks, block_size, C + R). Returns (T, H, V).
     Decode uses the absorbed form (queries projected into latent space: attention is MQA over C + R dims);
     steps with prefill tokens expand the context latents into per-head keys and values. `absorbed`: W_UK^T and
-    W_UV packed per head for kernels.cpu.heads_f16 (CPU, float16 weights), used by the decode kernel path.
+    W_UV packed per head for backends.cpu.kernels.heads_f16 (CPU, float16 weights), used by the decode kernel path.
     """
     with PROFILER.section("attention"):
         return _mla_attention(q_nope, q_pe, latent, k_pe, w_kv_b, cache, meta, scale, absorbed)
@@ -218,7 +218,7 @@ def _mla_attend(q_nope, q_pe, num_latent, w_kv_b, cache, meta, scale, absorbed=N
 
 
 def _use_cpu_kernel(meta: AttentionMetadata, q: torch.Tensor, cache: torch.Tensor, k_dim: int, v_dim: int) -> bool:
-    """Decode rows on CPU in float32, with the compiled kernel available for these head sizes (kernels/cpu.py)."""
+    """Decode rows on CPU in float32, with the compiled kernel available for these head sizes (backends/cpu/kernels.py)."""
     return meta.is_decode and meta.context_lens is not None and _kernel_reads(q, cache, k_dim, v_dim)
 
 

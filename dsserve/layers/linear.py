@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.layers.parallel import SINGLE, TensorParallel
 
 logger = logging.getLogger(__name__)

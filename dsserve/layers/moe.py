@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsserve.config import ModelConfig
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.layers.linear import MLP, bind, empty_param, silu_and_mul
 from dsserve.layers.parallel import SINGLE, TensorParallel
 

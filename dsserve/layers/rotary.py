@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dsserve.config import RopeConfig
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 
 
 class RotaryEmbedding(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dsserve.config import ModelConfig
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.layers.attention import AttentionMetadata, mla_attention
 from dsserve.layers.linear import MLP, Linear
 from dsserve.layers.moe import DeepseekMoE

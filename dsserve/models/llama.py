@@ -7,7 +7,7 @@ from torch import nn
 
 from dsserve.config import ModelConfig
 from dsserve.errors import ConfigError
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.layers.attention import AttentionMetadata, paged_attention
 from dsserve.layers.linear import MLP, Linear
 from dsserve.layers.parallel import SINGLE, TensorParallel

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from dsserve.config import CacheConfig, EngineConfig, ParallelConfig
 from dsserve.errors import ConfigError, DistributedError, EngineDeadError
-from dsserve.kernels import cpu as cpu_attention
+from dsserve.backends.cpu import kernels as cpu_attention
 from dsserve.layers.attention import Workspace
 from dsserve.layers.linear import prepack_for_cpu
 from dsserve.layers.parallel import SINGLE
@@ -87,7 +87,7 @@ class ModelRunner:
             logger.info("packed %d weight matrices (%s) for the CPU kernels", prepack_for_cpu(self.model, weight_dtype),
                         config.weight_dtype)
             if config.dtype == "float32" and cpu_attention.library() is not None:  # built now, not in the first step
-                logger.info("decode attention: the CPU kernel (dsserve/kernels/paged_attention.c)")
+                logger.info("decode attention: the CPU kernel (dsserve/backends/cpu/csrc/paged_attention.c)")
         logger.info("loaded %s (%s%s) in %.1fs", model_config.path, config.dtype,
                     f", rank {tp.rank} of {tp.size}" if self.group else "", time.perf_counter() - started)
         self.num_blocks = self._num_blocks(cache_config, config.scheduler.max_model_len, config.scheduler.max_num_seqs)
@@ -98,7 +98,7 @@ class ModelRunner:
                           for _ in range(model_config.num_hidden_layers)]
         fuse = getattr(self.model, "fuse_decode_for_cpu", None)
         if self.device.type == "cpu" and fuse is not None and fuse(self.kv_caches):
-            logger.info("decode steps: every decoder layer in one C call (dsserve/kernels/decode_layers.c)")
+            logger.info("decode steps: every decoder layer in one C call (dsserve/backends/cpu/csrc/decode_layers.c)")
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         # CPU: one reused buffer for the attention context gathered from the paged cache (device allocators cache)

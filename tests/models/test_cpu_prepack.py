@@ -44,7 +44,7 @@ def _representable_copy(src, dst, dtype=torch.float16):
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_untied"])
 def test_fp16_weights_equal_plain_on_fp16_exact_weights(model_dir, tmp_path, monkeypatch, name):
-    from dsserve.kernels import cpu as cpu_kernels
+    from dsserve.backends.cpu import kernels as cpu_kernels
 
     few_token_calls = []
     real_moe = cpu_kernels.moe_f16
@@ -86,7 +86,7 @@ def test_weight_beyond_fp16_range_keeps_fp32(caplog):
 
 
 def test_no_fbgemm_falls_back_to_fp32_packing(model_dir, monkeypatch, caplog):
-    import dsserve.kernels.cpu as cpu_kernels_module
+    import dsserve.backends.cpu.kernels as cpu_kernels_module
 
     real = cpu_kernels_module.packed_weights_unavailable
     monkeypatch.setattr(cpu_kernels_module, "packed_weights_unavailable",
@@ -147,7 +147,7 @@ def test_kv_cache_dtype_resolution():
         resolve_kv_cache_dtype("fp8", "cpu", "float32")
 
 
-@pytest.mark.skipif(not __import__("dsserve.kernels.cpu", fromlist=["x"]).native_bf16(),
+@pytest.mark.skipif(not __import__("dsserve.backends.cpu.kernels", fromlist=["x"]).native_bf16(),
                     reason="needs a CPU with native bf16 (AMX or AVX512-BF16)")
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_untied"])
 @pytest.mark.parametrize("kernel", ["dsserve-bf16", "onednn-bf16"])
@@ -155,7 +155,7 @@ def test_bf16_weights_track_float32(model_dir, tmp_path, monkeypatch, name, kern
     """bfloat16 weights through dsserve's AMX kernel or oneDNN's bf16 GEMM (activations rounded to bf16 for the
     matmul, fp32 elsewhere): the prompt's log-probabilities within bf16 rounding of the float32 model's on the
     same bf16 weights."""
-    from dsserve.kernels import cpu as cpu_kernels
+    from dsserve.backends.cpu import kernels as cpu_kernels
 
     if kernel == "dsserve-bf16" and not cpu_kernels.linear_bf16_usable():
         pytest.skip("needs the bf16 linear kernel (AMX + AVX512-BF16)")
@@ -184,7 +184,7 @@ def test_bf16_weights_track_float32(model_dir, tmp_path, monkeypatch, name, kern
 
 
 def test_bf16_weights_without_native_bf16_fall_back_to_fp16(model_dir, monkeypatch, caplog):
-    import dsserve.kernels.cpu as cpu_kernels_module
+    import dsserve.backends.cpu.kernels as cpu_kernels_module
 
     monkeypatch.setattr(cpu_kernels_module, "native_bf16", lambda: False)
     llm = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, weight_dtype="bfloat16")

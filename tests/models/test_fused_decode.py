@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsserve import LLM, SamplingParams
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.linear_f16_usable(), reason="needs the fp16 linear kernel (AVX2 + F16C)")
 

@@ -231,7 +231,7 @@ def test_fp16_weights_under_tp_and_engines_one_after_another(model_dir):
         assert children[0].poll() == 0
 
 
-@pytest.mark.skipif(not __import__("dsserve.kernels.cpu", fromlist=["x"]).native_bf16(),
+@pytest.mark.skipif(not __import__("dsserve.backends.cpu.kernels", fromlist=["x"]).native_bf16(),
                     reason="needs a CPU with native bf16 (AMX or AVX512-BF16)")
 def test_bf16_weights_under_tp_match_one_rank(model_dir):
     """bfloat16 weights split over two ranks: the row-parallel partial sums add up to one rank's log-probabilities

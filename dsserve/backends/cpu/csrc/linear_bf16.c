@@ -2,7 +2,7 @@
  * the matmul of several rows runs on the tile unit (x rounded to bf16, products summed in fp32), one row is a
  * bandwidth-bound AVX-512 GEMV in fp32 (x kept exact). One packed layout serves both.
  *
- * Layout (dsserve/kernels/cpu.py: pack_bf16 builds it with torch): panels of 16 output rows, an even number of
+ * Layout (dsserve/backends/cpu/kernels.py: pack_bf16 builds it with torch): panels of 16 output rows, an even number of
  * them (a zero panel pads an odd count); within a panel the K inputs come in pairs, each pair as 16 x 2 halves:
  *     packed[p][k / 2][n][k % 2] = W[16 p + n][k]       (rows past N and columns past K are zero)
  * so sixteen consecutive pairs (32 inputs x 16 outputs, 1 KiB) are exactly one AMX B tile, and one pair row

@@ -1,7 +1,7 @@
 /* Decode attention over the paged KV cache on CPU: one query token per sequence, the keys and values read in
  * place through the block table (no gathered copy of the context), online softmax in float32.
  *
- * Built by dsserve/kernels/cpu.py with the system C compiler (-O3, -fopenmp, the vector ISA torch uses) and
+ * Built by dsserve/backends/cpu/kernels.py with the system C compiler (-O3, -fopenmp, the vector ISA torch uses) and
  * called through ctypes; its plain-torch twin, layers/attention.py, is the fallback and the test oracle.
  *
  * Layouts (float32 unless stated, row-major, contiguous where stated; the cache may be float16 with `half`, its
@@ -211,7 +211,7 @@ int dsserve_paged_decode(const float *q, const void *cache, const int64_t *table
                          int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t k_dim, int64_t v_dim,
                          int64_t block_size, int64_t table_stride, int64_t token_stride, int64_t head_stride,
                          int64_t k_offset, int64_t v_offset, int64_t heads_per_task, float scale, int half) {
-    if (k_dim % VEC || v_dim % VEC) return -2; /* kernels/cpu.py: usable() checks this first */
+    if (k_dim % VEC || v_dim % VEC) return -2; /* backends/cpu/kernels.py: usable() checks this first */
     if (half && !HALF_SUPPORTED) return -3;
     const int64_t elem = half ? 2 : 4; /* bytes per cache value */
     const int64_t group = num_heads / num_kv_heads;

@@ -3,7 +3,7 @@
  * RMSNorm, rotary embedding (half-split or DeepSeek's interleaved pairs), SwiGLU's silu(gate) * up, the
  * store of a step's new K/V (or latents) into the paged cache, and DeepSeek-V3's expert router.
  *
- * Built with the other kernels by dsserve/kernels/cpu.py; the torch expressions they replace (layers/norm.py,
+ * Built with the other kernels by dsserve/backends/cpu/kernels.py; the torch expressions they replace (layers/norm.py,
  * layers/rotary.py, layers/linear.py: MLP) are the fallback and the test oracle. Plain loops the compiler
  * vectorizes; rows are spread over torch's OpenMP threads once a call has enough of them to pay for the fork.
  */

@@ -1,7 +1,7 @@
 /* y = x W^T (+ b) on CPU with W stored in float16: float32 activations, accumulation and output; every weight is
  * read once per call and widened with F16C as it is loaded. The kernel behind `--weight-dtype float16`.
  *
- * Built with paged_attention.c by dsserve/kernels/cpu.py; layers/linear.py (PackedLinear) packs the weights and
+ * Built with paged_attention.c by dsserve/backends/cpu/kernels.py; layers/linear.py (PackedLinear) packs the weights and
  * calls it, and keeps FBGEMM's fp16 GEMM as the fallback where this build has no F16C/FMA.
  *
  * Packed layout: W (N, K) is cut into panels of NR = 16 output rows; panel p holds, for k = 0..K-1, the 16

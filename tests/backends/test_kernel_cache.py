@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 
 
 def _sha256(path) -> str:

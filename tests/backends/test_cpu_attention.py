@@ -4,7 +4,7 @@ MHA, GQA and MLA layouts, ragged lengths, shuffled blocks and MindIE's block siz
 import pytest
 import torch
 
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.layers import attention as A
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: the kernel cannot be built")

@@ -38,9 +38,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name)
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name
            for name in ("paged_attention.c", "linear_f16.c", "linear_bf16.c", "elementwise.c", "decode_layers.c")]
-HEADERS = [Path(__file__).with_name("vec_math.h")]
+HEADERS = [CSRC / "vec_math.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": ctypes.CDLL | None once tried, "why": the reason when None
 
@@ -278,7 +279,7 @@ def paged_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tenso
     describes; block_tables
     (B, >= ceil(len / block_size)) and context_lens (B,) int64. Returns (B, H, v_dim)."""
     lib = library()
-    assert lib is not None, "paged_decode needs the kernel library (check kernels.cpu.library() first)"
+    assert lib is not None, "paged_decode needs the kernel library (check backends.cpu.kernels.library() first)"
     batch, num_heads, k_dim = q.shape
     q = q.contiguous()
     tables = block_tables if block_tables.dtype == torch.int64 else block_tables.long()

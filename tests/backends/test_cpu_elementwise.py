@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dsserve.config import RopeConfig
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.layers.linear import silu_and_mul
 from dsserve.layers.rotary import RotaryEmbedding
 

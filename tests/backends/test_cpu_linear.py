@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsserve.kernels import cpu as cpu_kernels
+from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.layers.linear import PackedLinear
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.linear_f16_usable(),

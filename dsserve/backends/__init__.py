@@ -1,0 +1,1 @@
+"""Kernel backends: picked once per process by the runner (see `dsserve.backends.base.Backend`)."""

@@ -1,0 +1,1 @@
+"""dsserve's CPU backend: packed weights, the C kernels (csrc/, one header), their build and dispatch."""
