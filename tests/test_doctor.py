@@ -58,6 +58,8 @@ def test_cpu_kernels_line_names_what_is_missing(monkeypatch):
     assert "float32 (oneDNN)" in text
     if attention_kernel.linear_f16_usable():  # a machine with a C compiler and AVX2, as CI
         assert ok is True and "float16 (dsserve kernel)" in text and "small-op kernels built" in text
+        assert "attention: C kernel paged_attention.c" in text and "float16 C kernel linear_f16.c" in text
+        assert "decode: every layer in one C call" in text
     assert ("bfloat16 (dsserve AMX kernel)" in text) == attention_kernel.linear_bf16_usable()
     monkeypatch.setattr(cpu_kernels_module, "packed_weights_unavailable",
                         lambda dtype: "no fp16 kernel in this build" if dtype == torch.float16 else None)
@@ -71,6 +73,7 @@ def test_cpu_kernels_line_names_what_is_missing(monkeypatch):
     assert "float16 (FBGEMM)" in text  # no library: fp16 weights take FBGEMM's GEMM
     assert ok is None and "kernels (decode attention, fp16 linear, small ops) unavailable (no C compiler" in text
     assert "apt install gcc" in text
+    assert "attention: torch" in text and "decode: per-layer torch modules" in text  # which path runs instead
 
 
 # ---- TLS files and network exposure ----------------------------------------------------------------------

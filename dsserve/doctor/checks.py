@@ -89,28 +89,30 @@ def _devices() -> list[Line]:
 
 
 def _cpu_kernels() -> Line:
-    """What the CPU path will use: the vector ISA torch picked and the packed-weight kernels available."""
+    """What the CPU path will use: the vector ISA torch picked, the packed-weight kernels available and the path
+    attention, the linears and a decode step take (backends.cpu.kernels.status())."""
     import torch
 
     from dsserve.backends.cpu import kernels as cpu_kernels
 
     isa = torch.backends.cpu.get_cpu_capability()
-    lib = cpu_kernels.library()
-    fp16 = "float16 (dsserve kernel)" if cpu_kernels.linear_f16_usable() else "float16 (FBGEMM)"
+    status = cpu_kernels.status()
+    fp16 = "float16 (dsserve kernel)" if status.linear_f16 else "float16 (FBGEMM)"
     missing = {name: cpu_kernels.packed_weights_unavailable(dtype)
                for name, dtype in (("float32 (oneDNN)", torch.float32), (fp16, torch.float16))}
     have = [name for name, why in missing.items() if why is None]
     if cpu_kernels.packed_weights_unavailable(torch.bfloat16) is None:  # a CPU with AMX or AVX512-BF16: optional
-        have.append("bfloat16 (dsserve AMX kernel)" if cpu_kernels.linear_bf16_usable() else "bfloat16 (oneDNN)")
-    attention = ("decode attention, fp16 linear and small-op kernels built" if lib is not None
-                 else f"CPU kernels (decode attention, fp16 linear, small ops) unavailable ({cpu_kernels.why_unavailable()})")
-    if all(why is None for why in missing.values()) and lib is not None:
-        return True, f"CPU kernels: {isa}; packed weights {', '.join(have)}; {attention}"
+        have.append("bfloat16 (dsserve AMX kernel)" if status.linear_bf16 else "bfloat16 (oneDNN)")
+    built = ("decode attention, fp16 linear and small-op kernels built" if status.is_built
+             else f"CPU kernels (decode attention, fp16 linear, small ops) unavailable ({status.why_not})")
+    paths = "; ".join(f"{part}: {path}" for part, path in status.paths().items())
+    if all(why is None for why in missing.values()) and status.is_built:
+        return True, f"CPU kernels: {isa}; packed weights {', '.join(have)}; {built}; {paths}"
     reasons = "; ".join(f"{name}: {why}" for name, why in missing.items() if why is not None)
-    fix = ("install a C compiler (apt install gcc) for dsserve's CPU kernels" if lib is None
+    fix = ("install a C compiler (apt install gcc) for dsserve's CPU kernels" if not status.is_built
            else "use the official torch CPU wheel (pip install torch==2.13.0)")
     return None, (f"CPU kernels: {isa}; packed weights {', '.join(have) or 'none'}{f' ({reasons})' if reasons else ''}; "
-                  f"{attention}: CPU decode is slower than it could be; {fix}")
+                  f"{built}; {paths}: CPU decode is slower than it could be; {fix}")
 
 
 def _model(model: str, options: dict[str, Any]) -> list[Line]:

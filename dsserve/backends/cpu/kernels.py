@@ -15,23 +15,30 @@ file and renamed (ranks starting together do not collide), with its sha256 recor
 also written atomically). The folder is created private (0700); one another user owns or can write to is not
 trusted (a library there would run as this process): the build goes to a fresh private temporary folder
 instead, with a warning. A cached library is loaded only when its sha256 matches the record; a changed or
-unrecorded one, or one that fails to load, is rebuilt once. No compiler, a failed build or
-DSSERVE_CPU_KERNELS=0: `library()` is None and attention takes the torch path (logged once).
+unrecorded one, or one that fails to load, is rebuilt once. No compiler, a failed build, a library that disagrees
+with csrc/dsserve_kernels.h or DSSERVE_CPU_KERNELS=0: `library()` is None and attention takes the torch path
+(logged once); `status()` says which path each part takes.
+
+The C interface is written once, in csrc/dsserve_kernels.h: every .c includes it, and the ctypes bindings and
+structs are built from it at the first load (the last section of this file).
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import hashlib
 import logging
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +48,8 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name
            for name in ("paged_attention.c", "linear_f16.c", "linear_bf16.c", "elementwise.c", "decode_layers.c")]
-HEADERS = [CSRC / "vec_math.h"]
+HEADER = CSRC / "dsserve_kernels.h"  # the C interface: kernels.py binds it (pycparser), every .c includes it
+HEADERS = [HEADER, CSRC / "vec_math.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": ctypes.CDLL | None once tried, "why": the reason when None
 
@@ -90,49 +98,17 @@ def _build() -> ctypes.CDLL:
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang; or set CC)")
     # -fno-trapping-math: nothing reads FP exception flags, and without it gcc will not vectorize a loop with a
-    # select (silu, the softmax exp's clamp): those ran scalar, 4-8x slower
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *_isa_flags()]
+    # select (silu, the softmax exp's clamp): those ran scalar, 4-8x slower. -Werror=missing-prototypes: an
+    # exported function missing from dsserve_kernels.h (so from the ctypes bindings) does not build.
+    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+             "-Werror=missing-prototypes", *_isa_flags()]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     file_flags = {name: probe() for name, probe in _FILE_FLAGS.items()}
-    digest = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES + HEADERS), *flags, *version,
-                                       repr(sorted(file_flags.items()))]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\0".join([*(src.read_text() for src in SOURCES + HEADERS), _layout_source(), *flags,
+                                       *version, repr(sorted(file_flags.items()))]).encode()).hexdigest()[:16]
     target = _private_cache_dir() / f"dsserve_cpu-{digest}.so"
     lib = _load_verified(target, lambda output: _compile_and_link(compiler, flags, output, file_flags))
-    fn = lib.dsserve_paged_decode
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12 + [ctypes.c_float, ctypes.c_int]
-    lib.dsserve_vector_width.restype = ctypes.c_int
-    lib.dsserve_half_supported.restype = ctypes.c_int
-    lib.dsserve_linear_f16.restype = lib.dsserve_pack_f16.restype = ctypes.c_int
-    lib.dsserve_linear_f16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    lib.dsserve_pack_f16.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.dsserve_linear_f16_supported.restype = ctypes.c_int
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.dsserve_rms_norm.argtypes = [ptr, i64, ptr, ptr, i64, i64, ctypes.c_float]
-    lib.dsserve_rotary.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr, ptr, ctypes.c_bool]
-    lib.dsserve_silu_mul.argtypes = [ptr, ptr, i64, i64]
-    lib.dsserve_cache_write.argtypes = [ptr, i64, ctypes.c_bool, ptr, i64, ptr, i64, i64, ptr, i64, i64]
-    lib.dsserve_cache_write.restype = ctypes.c_int
-    lib.dsserve_moe_f16.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
-    lib.dsserve_moe_f16.restype = ctypes.c_int
-    lib.dsserve_heads_f16.argtypes = [ptr, ptr, i64, ptr, i64, i64, i64, i64]
-    lib.dsserve_heads_f16.restype = ctypes.c_int
-    lib.dsserve_router_noaux.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_int, ctypes.c_float,
-                                         ptr, ptr]
-    lib.dsserve_router_noaux.restype = ctypes.c_int
-    lib.dsserve_router_softmax.argtypes = [ptr, i64, i64, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int,
-                                           ctypes.c_float, ptr, ptr]
-    lib.dsserve_router_softmax.restype = ctypes.c_int
-    lib.dsserve_linear_bf16.restype = lib.dsserve_linear_bf16_supported.restype = ctypes.c_int
-    lib.dsserve_linear_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    lib.dsserve_dense_decode.argtypes = [ptr, i64, ptr]
-    lib.dsserve_dense_decode.restype = ctypes.c_int
-    lib.dsserve_dense_workspace.argtypes = [i64] * 6
-    lib.dsserve_dense_workspace.restype = i64
-    lib.dsserve_mla_decode.argtypes = [ptr, i64, ptr]
-    lib.dsserve_mla_decode.restype = ctypes.c_int
-    lib.dsserve_mla_workspace.argtypes = [ptr]
-    lib.dsserve_mla_workspace.restype = i64
+    _bind(lib)
     return lib
 
 
@@ -148,8 +124,11 @@ def _compile_and_link(compiler: str, flags: list[str], output: str, file_flags: 
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     with tempfile.TemporaryDirectory() as work:
-        jobs = [(src, Path(work) / f"{src.stem}.o") for src in SOURCES]
-        running = [(src, obj, start(src, obj, file_flags.get(src.name, []))) for src, obj in jobs]
+        layout = Path(work) / "struct_layout.c"  # generated from the header: dsserve_struct_layout's table
+        layout.write_text(_layout_source())
+        jobs = [(src, Path(work) / f"{src.stem}.o") for src in [*SOURCES, layout]]
+        extra = {**file_flags, layout.name: ["-I", str(CSRC)]}
+        running = [(src, obj, start(src, obj, extra.get(src.name, []))) for src, obj in jobs]
         for src, obj, proc in running:
             _, err = proc.communicate()
             if proc.returncode != 0 and file_flags.get(src.name):
@@ -260,6 +239,47 @@ def library() -> ctypes.CDLL | None:
 def why_unavailable() -> str | None:
     """Why `library()` is None (after it was called), for the doctor and the logs."""
     return _state.get("why")  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Which CPU path runs: the library's state and the kernels it has (each False where it is not built)."""
+
+    is_built: bool            # the library compiled, loaded and matched dsserve_kernels.h
+    why_not: str | None       # why it is not (no compiler, a failed build, DSSERVE_CPU_KERNELS=0, ...)
+    vector_width: int         # floats per vector: attention head sizes must be multiples of it (0: none)
+    paged_attention: bool     # decode attention reads the paged cache in C (a float32 cache)
+    half_cache: bool          # ... a float16 cache too (AVX2 + F16C)
+    linear_f16: bool          # float16 weights run linear_f16.c (else FBGEMM's fp16 GEMM)
+    linear_bf16: bool         # bfloat16 weights run linear_bf16.c's AMX kernel (else oneDNN)
+
+    @property
+    def fused_decode(self) -> bool:
+        """A decode step may run every layer in one C call (decode_layers.c): it needs attention and a packed
+        linear (the model checks the rest: one device, its weights in dsserve's packing)."""
+        return self.paged_attention and (self.linear_f16 or self.linear_bf16)
+
+    def paths(self) -> dict[str, str]:
+        """The path each part of a CPU decode takes, in words (the doctor prints these)."""
+        if not self.is_built:
+            return {"attention": "torch (gathered copy of the cache)",
+                    "linears": "float16 FBGEMM, bfloat16 and float32 oneDNN",
+                    "decode": "per-layer torch modules"}
+        caches = "float32 and float16 caches" if self.half_cache else "float32 cache; float16 one: torch"
+        return {"attention": f"C kernel paged_attention.c ({caches})",
+                "linears": ", ".join(["float16 " + ("C kernel linear_f16.c" if self.linear_f16 else "FBGEMM"),
+                                      "bfloat16 " + ("C AMX kernel linear_bf16.c" if self.linear_bf16 else "oneDNN"),
+                                      "float32 oneDNN"]),
+                "decode": ("every layer in one C call (decode_layers.c) where the model's weights are packed for it"
+                           if self.fused_decode else "per-layer modules")}
+
+
+def status() -> KernelStatus:
+    """Which CPU kernels this process runs (building the library first if it has not been tried)."""
+    built = library() is not None
+    return KernelStatus(is_built=built, why_not=why_unavailable(), vector_width=int(_state["width"]),
+                        paged_attention=built, half_cache=bool(_state["half"]), linear_f16=bool(_state["linear_f16"]),
+                        linear_bf16=bool(_state["linear_bf16"]))
 
 
 def usable(k_dim: int, v_dim: int, cache_dtype: torch.dtype = torch.float32) -> bool:
@@ -552,20 +572,6 @@ def native_bf16() -> bool:
 
 # ---- a dense decode step's layers in one call (decode_layers.c) ---------------------------------------------------
 
-class _DenseLayer(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in
-                ("input_norm", "post_norm", "qkv", "o", "gate_up", "down", "qkv_bias", "o_bias", "cache")]
-
-
-class _DenseStep(ctypes.Structure):
-    _fields_ = [*((name, ctypes.c_int64) for name in ("tokens", "hidden", "heads", "kv_heads", "head_dim", "intermediate",
-                                                       "block_size", "table_stride", "heads_per_task")),
-                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
-                *((name, ctypes.c_int32) for name in ("cache_half", "interleaved", "weights_bf16", "reserved")),
-                *((name, ctypes.c_void_p) for name in ("positions", "slots", "tables", "lens", "cos_table", "sin_table",
-                                                       "x", "work"))]
-
-
 class _FusedDecoder:
     """What both fused decoders share: the C structs kept alive with the tensors they point into, the step's
     integer inputs coerced once, the scratch grown on demand, and the check that the caches are the ones the
@@ -636,32 +642,14 @@ class DenseDecoder(_FusedDecoder):
                  eps: float, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
                  weights_bf16: bool = False):
         cache = layers[0]["cache"]
-        step = _DenseStep(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate,
-                          block_size=cache.shape[1], eps=eps, scale=scale, cache_half=int(cache.dtype == torch.float16),
-                          interleaved=int(interleaved), weights_bf16=int(weights_bf16),
-                          cos_table=cos.data_ptr(), sin_table=sin.data_ptr())
+        step = _struct("dsserve_dense_step")(
+            hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate,
+            block_size=cache.shape[1], eps=eps, scale=scale, cache_half=int(cache.dtype == torch.float16),
+            interleaved=int(interleaved), weights_bf16=int(weights_bf16), cos_table=cos.data_ptr(),
+            sin_table=sin.data_ptr())
         dims = (hidden, heads, kv_heads, head_dim, intermediate)
         super().__init__("dsserve_dense_decode", lambda lib, batch: lib.dsserve_dense_workspace(batch, *dims),
-                         _DenseLayer, layers, step, heads, (cos, sin))
-
-
-class _MLALayer(ctypes.Structure):
-    _fields_ = [*((name, ctypes.c_void_p) for name in (
-        "input_norm", "post_norm", "q_a_norm", "kv_a_norm", "q_a", "q_b", "kv_a", "o", "q_a_bias", "kv_a_bias",
-        "o_bias", "absorb_k", "absorb_v", "gate_up", "down", "router", "router_bias", "w13", "w2", "cache")),
-                ("ffn_intermediate", ctypes.c_int64)]
-
-
-class _MLAStep(ctypes.Structure):
-    _fields_ = [*((name, ctypes.c_int64) for name in (
-        "tokens", "hidden", "heads", "nope", "rope", "v_dim", "q_rank", "kv_rank", "experts", "top_k", "n_group",
-        "topk_group", "moe_intermediate", "max_intermediate", "block_size", "table_stride", "heads_per_task",
-        "absorb_k_stride", "absorb_v_stride")),
-                *((name, ctypes.c_float) for name in ("eps", "lora_eps", "scale", "routed_scale")),
-                *((name, ctypes.c_int32) for name in ("cache_half", "interleaved", "weights_bf16", "normalize",
-                                                       "experts_f16_table", "router_kind")),
-                *((name, ctypes.c_void_p) for name in ("positions", "slots", "tables", "lens", "cos_table", "sin_table",
-                                                       "x", "work"))]
+                         _struct("dsserve_dense_layer"), layers, step, heads, (cos, sin))
 
 
 class MLADecoder(_FusedDecoder):
@@ -671,12 +659,174 @@ class MLADecoder(_FusedDecoder):
     dense MLP or the router, the routed experts and the shared experts. The module path's kernels in its order:
     the same bits.
 
-    `layers`: per layer a dict of the `_MLALayer` fields (tensors, C pointer arrays for w13 / w2, None for NULL,
-    the int ffn_intermediate); `dims`: the `_MLAStep` integer and float fields that do not change per step."""
+    `layers`: per layer a dict of the `dsserve_mla_layer` fields (dsserve_kernels.h: tensors, C pointer arrays for
+    w13 / w2, None for NULL, the int ffn_intermediate); `dims`: the `dsserve_mla_step` integer and float fields that
+    do not change per step."""
 
     def __init__(self, layers: list[dict], *, cos: torch.Tensor, sin: torch.Tensor, **dims):
         cache = layers[0]["cache"]
-        step = _MLAStep(block_size=cache.shape[1], cache_half=int(cache.dtype == torch.float16),
-                        cos_table=cos.data_ptr(), sin_table=sin.data_ptr(), **dims)
+        step = _struct("dsserve_mla_step")(block_size=cache.shape[1], cache_half=int(cache.dtype == torch.float16),
+                                           cos_table=cos.data_ptr(), sin_table=sin.data_ptr(), **dims)
         super().__init__("dsserve_mla_decode", lambda lib, batch: lib.dsserve_mla_workspace(ctypes.byref(step)),
-                         _MLALayer, layers, step, dims["heads"], (cos, sin))
+                         _struct("dsserve_mla_layer"), layers, step, dims["heads"], (cos, sin))
+
+
+# ---- the C interface, read from csrc/dsserve_kernels.h ------------------------------------------------------------
+#
+# The header is the one statement of it: each function's ctypes restype/argtypes and each struct's ctypes fields are
+# built from its declarations (pycparser, at the first library load: ~30 ms with the import), and the structs'
+# layouts are checked against the compiler's own sizeof/offsetof (a table generated into the build) before any
+# kernel runs. tests/backends/test_c_interface.py checks the .c definitions against the header.
+
+# The types the header may use, as ctypes. A pointer is c_void_p (a tensor's data_ptr(), a C array, None for
+# NULL), except a function argument pointing at a header struct: POINTER(that struct), so ctypes rejects another.
+_SCALARS = {"void": None, "bool": ctypes.c_bool, "_Bool": ctypes.c_bool, "int": ctypes.c_int, "float": ctypes.c_float,
+            "double": ctypes.c_double, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64,
+            "uint8_t": ctypes.c_uint8, "uint16_t": ctypes.c_uint16, "uint32_t": ctypes.c_uint32,
+            "uint64_t": ctypes.c_uint64, "size_t": ctypes.c_size_t}
+# pycparser does not preprocess: the header's #includes are dropped and the typedefs they would bring declared
+_PRELUDE = ("typedef _Bool bool; typedef int int32_t; typedef long long int64_t; typedef unsigned char uint8_t; "
+            "typedef unsigned short uint16_t; typedef unsigned int uint32_t; typedef unsigned long long uint64_t; "
+            "typedef unsigned long size_t;\n")
+_PRELUDE_NAMES = frozenset(re.findall(r"(\w+);", _PRELUDE))
+
+
+class CInterfaceError(RuntimeError):
+    """The header does not parse, uses what the binder does not read, or disagrees with the built library."""
+
+
+@dataclass(frozen=True)
+class CInterface:
+    """What a header declares, each type spelled as C with the qualifiers normalized ("const uint16_t *const *")."""
+
+    functions: dict[str, tuple[str, tuple[tuple[str, str], ...]]]  # name -> (return type, ((arg name, type), ...))
+    structs: dict[str, tuple[tuple[str, str], ...]]                # typedef name -> ((field name, type), ...)
+
+
+def parse_header(text: str, filename: str = "dsserve_kernels.h") -> CInterface:
+    """The functions and typedef'd structs `text` declares (a CInterfaceError where it declares anything else or
+    does not parse). Comments and preprocessor lines are dropped (line numbers kept for the errors)."""
+    try:
+        from pycparser import c_ast, c_parser
+    except ImportError as e:
+        raise CInterfaceError(f"pycparser is not installed ({e}): pip install 'pycparser>=2.21'") from e
+    code = re.sub(r"/\*.*?\*/|//[^\n]*", lambda m: "\n" * m.group().count("\n"), text, flags=re.S)
+    code = re.sub(r"^[ \t]*#[^\n]*", "", code, flags=re.M)
+    try:
+        ast = c_parser.CParser().parse(f'{_PRELUDE}# 1 "{filename}"\n{code}', filename)
+    except c_parser.ParseError as e:
+        raise CInterfaceError(f"{filename} does not parse: {e}") from e
+    functions, structs = {}, {}
+    for node in ast.ext:
+        if isinstance(node, c_ast.Typedef) and (node.name in _PRELUDE_NAMES or isinstance(
+                node.type.type, c_ast.Struct) and node.type.type.decls is None):  # the prelude, an opaque struct
+            continue
+        if isinstance(node, c_ast.Typedef) and isinstance(node.type, c_ast.TypeDecl) and isinstance(
+                node.type.type, c_ast.Struct) and node.type.type.decls:
+            structs[node.name] = tuple((field.name, _spell(field.type, node.coord)) for field in node.type.type.decls)
+        elif isinstance(node, c_ast.Decl) and isinstance(node.type, c_ast.FuncDecl):
+            params = node.type.args.params if node.type.args is not None else []
+            args = tuple((param.name, _spell(param.type, param.coord)) for param in params)
+            if args == ((None, "void"),):
+                args = ()
+            functions[node.name] = (_spell(node.type.type, node.coord), args)
+        else:
+            raise CInterfaceError(f"{node.coord}: the binder reads only function declarations and typedef'd structs")
+    return CInterface(functions, structs)
+
+
+def _spell(node, where) -> str:
+    """A declarator's type as C: "const float *", "const uint16_t *const *", "int64_t"."""
+    from pycparser import c_ast
+
+    if isinstance(node, c_ast.PtrDecl):
+        return f"{_spell(node.type, where)} *{' '.join(node.quals)}".rstrip()
+    if isinstance(node, c_ast.TypeDecl) and isinstance(node.type, c_ast.IdentifierType):
+        return " ".join([*node.quals, *node.type.names])
+    raise CInterfaceError(f"{where}: {type(node).__name__} is not a type the binder reads (scalars, pointers)")
+
+
+def ctype(spelled: str, structs: dict[str, type[ctypes.Structure]] | None = None):
+    """The ctypes type of a C type `_spell` wrote; with `structs`, a pointer to one of them is POINTER(it)."""
+    base = spelled.replace("const", " ").split()
+    if "*" in base:
+        named = [word for word in base if word != "*"]
+        if structs is not None and len(named) == 1 and base.count("*") == 1 and named[0] in structs:
+            return ctypes.POINTER(structs[named[0]])
+        return ctypes.c_void_p
+    if len(base) != 1 or base[0] not in _SCALARS:
+        raise CInterfaceError(f"the binder has no ctypes type for C type {spelled!r}")
+    return _SCALARS[base[0]]
+
+
+def make_structs(interface: CInterface) -> dict[str, type[ctypes.Structure]]:
+    """A ctypes.Structure per header struct, its fields in the header's order (callers fill them by name)."""
+    return {name: type(name, (ctypes.Structure,), {"_fields_": [(field, ctype(spelled)) for field, spelled in fields]})
+            for name, fields in interface.structs.items()}
+
+
+def bind(lib: ctypes.CDLL, interface: CInterface, structs: dict[str, type[ctypes.Structure]]) -> None:
+    """Set every declared function's restype and argtypes on `lib` (a CInterfaceError for one it lacks)."""
+    for name, (restype, args) in interface.functions.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise CInterfaceError(f"the kernel library has no {name} (declared in dsserve_kernels.h): "
+                                  "a stale or foreign build") from None
+        fn.restype = ctype(restype, structs)
+        fn.argtypes = [ctype(spelled, structs) for _, spelled in args]
+
+
+def layout_mismatches(table, interface: CInterface, structs: dict[str, type[ctypes.Structure]]) -> list[str]:
+    """Where the ctypes structs disagree with the compiler's layout: `table(i)` is dsserve_struct_layout (each
+    struct's sizeof, then its fields' offsetof, in the header's order; -1 past the end)."""
+    problems, i = [], 0
+    for name, fields in interface.structs.items():
+        cls = structs[name]
+        expected = [("sizeof", ctypes.sizeof(cls)), *((field, getattr(cls, field).offset) for field, _ in fields)]
+        for what, value in expected:
+            compiled = table(i)
+            if compiled != value:
+                problems.append(f"{name} {what}: {value} in ctypes, {compiled} in C")
+            i += 1
+    if table(i) != -1:
+        problems.append(f"the library's layout table has more than the header's {i} entries (a stale build)")
+    return problems
+
+
+@functools.cache
+def c_interface() -> CInterface:
+    """dsserve_kernels.h's declarations, parsed once per process."""
+    return parse_header(HEADER.read_text())
+
+
+@functools.cache
+def _structs() -> dict[str, type[ctypes.Structure]]:
+    return make_structs(c_interface())
+
+
+def _struct(name: str) -> type[ctypes.Structure]:
+    return _structs()[name]
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    """The header's bindings set on a freshly loaded library, its struct layouts checked against the compiler's."""
+    interface, structs = c_interface(), _structs()
+    bind(lib, interface, structs)
+    problems = layout_mismatches(lib.dsserve_struct_layout, interface, structs)
+    if problems:
+        raise CInterfaceError("the ctypes structs built from dsserve_kernels.h disagree with the compiled library: "
+                              + "; ".join(problems))
+
+
+def _layout_source() -> str:
+    """struct_layout.c, compiled into the library: dsserve_struct_layout over every header struct's sizeof and its
+    fields' offsetof (the order layout_mismatches reads)."""
+    entries = [f"sizeof({name}), " + "".join(f"offsetof({name}, {field}), " for field, _ in fields)
+               for name, fields in c_interface().structs.items()]
+    body = "\n    ".join(entries) or "0"
+    count = sum(1 + len(fields) for fields in c_interface().structs.values())
+    return ("#include <stddef.h>\n#include \"dsserve_kernels.h\"\n\n"
+            f"static const int64_t layout[] = {{\n    {body}\n}};\n\n"
+            "int64_t dsserve_struct_layout(int64_t i) {\n"
+            f"    return i >= 0 && i < {count} ? layout[i] : -1;\n}}\n")

@@ -14,55 +14,7 @@
 #include <stddef.h>
 #include <string.h>
 
-int dsserve_rms_norm(const float *x, int64_t ldx, const float *w, float *out, int64_t rows, int64_t dim, float eps);
-int dsserve_rotary(const float *x, int64_t token_stride, int64_t head_stride, float *out, int64_t tokens,
-                   int64_t heads, int64_t dim, const int64_t *positions, const float *cos_table,
-                   const float *sin_table, _Bool interleaved);
-int dsserve_silu_mul(const float *gu, float *out, int64_t rows, int64_t inner);
-int dsserve_cache_write(void *cache, int64_t entry, _Bool half, const int64_t *slots, int64_t tokens, const float *a,
-                        int64_t lda, int64_t na, const float *b, int64_t ldb, int64_t nb);
-int dsserve_linear_f16(const float *x, const uint16_t *packed, const float *bias, float *y, int64_t M, int64_t N,
-                       int64_t K);
-int dsserve_linear_bf16(const float *x, const uint16_t *packed, const float *bias, float *y, int64_t M, int64_t N,
-                        int64_t K);
-int dsserve_heads_f16(const float *x, const uint16_t *packed, int64_t head_stride, float *y, int64_t T, int64_t H,
-                      int64_t N, int64_t K);
-int dsserve_moe_f16(const float *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t k,
-                    const uint16_t *const *w13, const uint16_t *const *w2, int64_t num_experts, int64_t I,
-                    float *out, float *scratch);
-int dsserve_router_noaux(const float *x, int64_t T, int64_t D, const float *W, int64_t E, const float *bias,
-                         int64_t n_group, int64_t topk_group, int64_t k, int normalize, float scale,
-                         float *out_weights, int64_t *out_ids);
-int dsserve_router_softmax(const float *x, int64_t T, int64_t D, const float *W, int64_t E, int64_t n_group,
-                           int64_t topk_group, int64_t k, int group_limited, int normalize, float scale,
-                           float *out_weights, int64_t *out_ids);
-int dsserve_paged_decode(const float *q, const void *cache, const int64_t *tables, const int64_t *lens, float *out,
-                         int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t k_dim, int64_t v_dim,
-                         int64_t block_size, int64_t table_stride, int64_t token_stride, int64_t head_stride,
-                         int64_t k_offset, int64_t v_offset, int64_t heads_per_task, float scale, int half);
-
-/* One layer's weights: RMSNorm weights (hidden,), the four linears packed for linear_f16.c or linear_bf16.c
- * (q/k/v stacked, o, gate/up stacked, down; which one: the step's weights_bf16), their biases or NULL, and the layer's KV cache (blocks, block_size, 2, kv_heads,
- * head_dim) in float32 or float16. */
-typedef struct {
-    const float *input_norm, *post_norm;
-    const uint16_t *qkv, *o, *gate_up, *down;
-    const float *qkv_bias, *o_bias;
-    void *cache;
-} dsserve_dense_layer;
-
-/* What the step shares across layers. x (tokens, hidden) float32 contiguous is the residual stream; work holds
- * dsserve_dense_workspace(...) floats. positions, slots (tokens,), tables (tokens, table_stride) and lens (tokens,)
- * are int64: one new token per sequence. */
-typedef struct {
-    int64_t tokens, hidden, heads, kv_heads, head_dim, intermediate;
-    int64_t block_size, table_stride, heads_per_task;
-    float eps, scale;
-    int32_t cache_half, interleaved, weights_bf16, reserved;
-    const int64_t *positions, *slots, *tables, *lens;
-    const float *cos_table, *sin_table;
-    float *x, *work;
-} dsserve_dense_step;
+#include "dsserve_kernels.h"
 
 int64_t dsserve_dense_workspace(int64_t tokens, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
                                 int64_t intermediate) {
@@ -125,31 +77,7 @@ int dsserve_dense_decode(const dsserve_dense_layer *layers, int64_t num_layers, 
  * W_UV) before o_proj. The MLP half is a dense SwiGLU MLP (the first_k_dense_replace layers) or the MoE: the
  * router (V3's sigmoid noaux_tc, or V2's softmax greedy / group-limited), the routed experts (a few tokens:
  * every (token, slot) pair in one call of moe_f16 over fp16 weights; more: tokens sorted by expert, one GEMM pair per active expert, summed per token in sorted order,
- * as the module path's index_add_), plus the shared experts. */
-
-typedef struct {
-    const float *input_norm, *post_norm, *q_a_norm, *kv_a_norm;
-    const uint16_t *q_a, *q_b, *kv_a, *o;  /* q_a NULL: no q LoRA, q_b is q_proj (hidden -> heads x (nope + rope)) */
-    const float *q_a_bias, *kv_a_bias, *o_bias;
-    const uint16_t *absorb_k, *absorb_v;   /* per head, fp16 (linear_f16.c: heads_f16): W_UK^T (C x nope), W_UV (v x C) */
-    const uint16_t *gate_up, *down;        /* the dense MLP, or the shared experts (NULL: none) */
-    const float *router, *router_bias;     /* (experts, hidden) float32 and V3's (experts,): NULL in a dense layer */
-    const uint16_t *const *w13, *const *w2; /* each routed expert's [gate; up] (2 I, hidden) and down (hidden, I) */
-    void *cache;                           /* (blocks, block_size, C + rope) float32 or float16, contiguous */
-    int64_t ffn_intermediate;              /* of gate_up / down */
-} dsserve_mla_layer;
-
-typedef struct {
-    int64_t tokens, hidden, heads, nope, rope, v_dim, q_rank, kv_rank;
-    int64_t experts, top_k, n_group, topk_group, moe_intermediate, max_intermediate;
-    int64_t block_size, table_stride, heads_per_task, absorb_k_stride, absorb_v_stride;
-    float eps, lora_eps, scale, routed_scale;
-    int32_t cache_half, interleaved, weights_bf16, normalize, experts_f16_table;
-    int32_t router_kind;  /* 0: V3's sigmoid noaux_tc; V2's softmax: 1 greedy, 2 group-limited greedy */
-    const int64_t *positions, *slots, *tables, *lens;
-    const float *cos_table, *sin_table;
-    float *x, *work;
-} dsserve_mla_step;
+ * as the module path's index_add_), plus the shared experts. The layer and step structs: dsserve_kernels.h. */
 
 /* Floats of scratch a step of s->tokens tokens needs (int64 arrays first: the buffer is 8-byte aligned). */
 int64_t dsserve_mla_workspace(const dsserve_mla_step *s) {

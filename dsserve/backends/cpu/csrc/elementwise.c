@@ -10,6 +10,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "dsserve_kernels.h"
+
 #if defined(__F16C__) && defined(__AVX__)
 #include <immintrin.h>
 #endif
@@ -51,7 +54,7 @@ int dsserve_rms_norm(const float *x, int64_t ldx, const float *w, float *out, in
  * DeepSeek code leaves them in. */
 int dsserve_rotary(const float *x, int64_t token_stride, int64_t head_stride, float *out, int64_t tokens,
                    int64_t heads, int64_t dim, const int64_t *positions, const float *cos_table,
-                   const float *sin_table, _Bool interleaved) {
+                   const float *sin_table, bool interleaved) {
     const int64_t half = dim / 2;
 #pragma omp parallel for schedule(static) if (tokens * heads * dim >= PARALLEL_MIN)
     for (int64_t t = 0; t < tokens; t++) {
@@ -92,7 +95,7 @@ int dsserve_silu_mul(const float *gu, float *out, int64_t rows, int64_t inner) {
  * a[t] (na values, rows `lda` apart) followed by b[t] (nb values, rows `ldb` apart), each row contiguous: K then V
  * (GQA, entry (2, Hkv, D)) or the latent then the rope key (MLA). A float16 cache (`half`) gets them rounded to
  * nearest even, as torch's .to(float16); that needs the F16C build (returns -1 without it). */
-int dsserve_cache_write(void *cache, int64_t entry, _Bool half, const int64_t *slots, int64_t tokens, const float *a,
+int dsserve_cache_write(void *cache, int64_t entry, bool half, const int64_t *slots, int64_t tokens, const float *a,
                         int64_t lda, int64_t na, const float *b, int64_t ldb, int64_t nb) {
 #if !(defined(__F16C__) && defined(__AVX__))
     if (half) return -1;

@@ -23,6 +23,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "dsserve_kernels.h"
 #include "vec_math.h"
 
 #define NR 16

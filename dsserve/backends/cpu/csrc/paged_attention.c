@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "dsserve_kernels.h"
 #include "vec_math.h"
 
 /* The two inner products of a block, for a group of at most 8 query heads: scores s[h][j] = q_h . k_j * scale

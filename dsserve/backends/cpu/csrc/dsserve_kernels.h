@@ -1,0 +1,125 @@
+/* The C interface of dsserve's CPU kernel library: every function Python calls and every struct passed across.
+ *
+ * The one place the interface is written. Every .c file includes it, so the compiler checks each definition
+ * against its declaration here (and -Werror=missing-prototypes rejects an exported function missing from it);
+ * kernels.py reads this file with pycparser to build each function's ctypes argtypes/restype and each struct's
+ * ctypes fields, and checks the structs' layouts against the library's own sizeof/offsetof table
+ * (dsserve_struct_layout) when it loads it. tests/backends/test_c_interface.py checks all of it.
+ *
+ * Kept to what kernels.py's parser reads: stdint/stdbool types, plain pointers, typedef'd structs of scalar and
+ * pointer fields, no macros in declarations. Status returns: 0 ok, negative a failure the caller names.
+ */
+#ifndef DSSERVE_KERNELS_H
+#define DSSERVE_KERNELS_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* ---- what this build has (paged_attention.c, linear_f16.c, linear_bf16.c) ---------------------------------- */
+
+int dsserve_vector_width(void);          /* floats per vector: head sizes must be multiples of it */
+int dsserve_half_supported(void);        /* the attention kernel reads a float16 cache (AVX2 + F16C) */
+int dsserve_linear_f16_supported(void);  /* the float16-weight linear is built (AVX2 + FMA + F16C) */
+int dsserve_linear_bf16_supported(void); /* the bf16 AMX linear is built and Linux lets this process use the tiles */
+
+/* ---- decode attention over the paged cache (paged_attention.c) ---------------------------------------------- */
+
+int dsserve_paged_decode(const float *q, const void *cache, const int64_t *tables, const int64_t *lens, float *out,
+                         int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t k_dim, int64_t v_dim,
+                         int64_t block_size, int64_t table_stride, int64_t token_stride, int64_t head_stride,
+                         int64_t k_offset, int64_t v_offset, int64_t heads_per_task, float scale, int half);
+
+/* ---- linears over packed weights (linear_f16.c, linear_bf16.c) ---------------------------------------------- */
+
+int dsserve_pack_f16(const float *w, int64_t N, int64_t K, uint16_t *packed);
+int dsserve_linear_f16(const float *x, const uint16_t *packed, const float *bias, float *y, int64_t M, int64_t N,
+                       int64_t K);
+int dsserve_heads_f16(const float *x, const uint16_t *packed, int64_t head_stride, float *y, int64_t T, int64_t H,
+                      int64_t N, int64_t K);
+int dsserve_moe_f16(const float *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t k,
+                    const uint16_t *const *w13, const uint16_t *const *w2, int64_t num_experts, int64_t I,
+                    float *out, float *scratch);
+int dsserve_linear_bf16(const float *x, const uint16_t *packed, const float *bias, float *y, int64_t M, int64_t N,
+                        int64_t K);
+
+/* ---- a decoder layer's small ops (elementwise.c) ------------------------------------------------------------ */
+
+int dsserve_rms_norm(const float *x, int64_t ldx, const float *w, float *out, int64_t rows, int64_t dim, float eps);
+int dsserve_rotary(const float *x, int64_t token_stride, int64_t head_stride, float *out, int64_t tokens,
+                   int64_t heads, int64_t dim, const int64_t *positions, const float *cos_table,
+                   const float *sin_table, bool interleaved);
+int dsserve_silu_mul(const float *gu, float *out, int64_t rows, int64_t inner);
+int dsserve_cache_write(void *cache, int64_t entry, bool half, const int64_t *slots, int64_t tokens, const float *a,
+                        int64_t lda, int64_t na, const float *b, int64_t ldb, int64_t nb);
+int dsserve_router_noaux(const float *x, int64_t T, int64_t D, const float *W, int64_t E, const float *bias,
+                         int64_t n_group, int64_t topk_group, int64_t k, int normalize, float scale,
+                         float *out_weights, int64_t *out_ids);
+int dsserve_router_softmax(const float *x, int64_t T, int64_t D, const float *W, int64_t E, int64_t n_group,
+                           int64_t topk_group, int64_t k, int group_limited, int normalize, float scale,
+                           float *out_weights, int64_t *out_ids);
+
+/* ---- a dense (Llama / Qwen2) decode step through every layer (decode_layers.c) ------------------------------ */
+
+/* One layer's weights: RMSNorm weights (hidden,), the four linears packed for linear_f16.c or linear_bf16.c
+ * (q/k/v stacked, o, gate/up stacked, down; which one: the step's weights_bf16), their biases or NULL, and the
+ * layer's KV cache (blocks, block_size, 2, kv_heads, head_dim) in float32 or float16. */
+typedef struct {
+    const float *input_norm, *post_norm;
+    const uint16_t *qkv, *o, *gate_up, *down;
+    const float *qkv_bias, *o_bias;
+    void *cache;
+} dsserve_dense_layer;
+
+/* What the step shares across layers. x (tokens, hidden) float32 contiguous is the residual stream; work holds
+ * dsserve_dense_workspace(...) floats. positions, slots (tokens,), tables (tokens, table_stride) and lens (tokens,)
+ * are int64: one new token per sequence. */
+typedef struct {
+    int64_t tokens, hidden, heads, kv_heads, head_dim, intermediate;
+    int64_t block_size, table_stride, heads_per_task;
+    float eps, scale;
+    int32_t cache_half, interleaved, weights_bf16, reserved;
+    const int64_t *positions, *slots, *tables, *lens;
+    const float *cos_table, *sin_table;
+    float *x, *work;
+} dsserve_dense_step;
+
+int64_t dsserve_dense_workspace(int64_t tokens, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                int64_t intermediate);
+int dsserve_dense_decode(const dsserve_dense_layer *layers, int64_t num_layers, const dsserve_dense_step *s);
+
+/* ---- a DeepSeek (MLA + DeepSeekMoE) decode step through every layer (decode_layers.c) ----------------------- */
+
+typedef struct {
+    const float *input_norm, *post_norm, *q_a_norm, *kv_a_norm;
+    const uint16_t *q_a, *q_b, *kv_a, *o;  /* q_a NULL: no q LoRA, q_b is q_proj (hidden -> heads x (nope + rope)) */
+    const float *q_a_bias, *kv_a_bias, *o_bias;
+    const uint16_t *absorb_k, *absorb_v;   /* per head, fp16 (linear_f16.c: heads_f16): W_UK^T (C x nope), W_UV (v x C) */
+    const uint16_t *gate_up, *down;        /* the dense MLP, or the shared experts (NULL: none) */
+    const float *router, *router_bias;     /* (experts, hidden) float32 and V3's (experts,): NULL in a dense layer */
+    const uint16_t *const *w13, *const *w2; /* each routed expert's [gate; up] (2 I, hidden) and down (hidden, I) */
+    void *cache;                           /* (blocks, block_size, C + rope) float32 or float16, contiguous */
+    int64_t ffn_intermediate;              /* of gate_up / down */
+} dsserve_mla_layer;
+
+typedef struct {
+    int64_t tokens, hidden, heads, nope, rope, v_dim, q_rank, kv_rank;
+    int64_t experts, top_k, n_group, topk_group, moe_intermediate, max_intermediate;
+    int64_t block_size, table_stride, heads_per_task, absorb_k_stride, absorb_v_stride;
+    float eps, lora_eps, scale, routed_scale;
+    int32_t cache_half, interleaved, weights_bf16, normalize, experts_f16_table;
+    int32_t router_kind;  /* 0: V3's sigmoid noaux_tc; V2's softmax: 1 greedy, 2 group-limited greedy */
+    const int64_t *positions, *slots, *tables, *lens;
+    const float *cos_table, *sin_table;
+    float *x, *work;
+} dsserve_mla_step;
+
+int64_t dsserve_mla_workspace(const dsserve_mla_step *s);
+int dsserve_mla_decode(const dsserve_mla_layer *layers, int64_t num_layers, const dsserve_mla_step *s);
+
+/* ---- the structs' layouts as this compiler laid them out (generated at build time by kernels.py) ------------ */
+
+/* The i-th entry of the table: for each struct above in order, its sizeof, then each field's offsetof in order;
+ * -1 past the end. */
+int64_t dsserve_struct_layout(int64_t i);
+
+#endif
