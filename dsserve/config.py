@@ -357,12 +357,14 @@ class EngineConfig:
     tokenizer_path: str | None = None  # folder with tokenizer.json; default the model folder
     extra: dict[str, Any] = field(default_factory=dict)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    backend: str = "cpu"  # the kernels: "cpu" (packed weights, dsserve's C kernels) or "torch" (the reference)
 
     def to_json(self) -> str:
         """The resolved settings as JSON: how a node's first process hands them to the ranks it starts."""
         from dataclasses import asdict
 
-        d = {f: getattr(self, f) for f in ("dtype", "weight_dtype", "kv_cache_dtype", "device", "num_threads", "seed", "tokenizer_path", "extra")}
+        d = {f: getattr(self, f) for f in ("dtype", "weight_dtype", "kv_cache_dtype", "device", "num_threads", "seed", "tokenizer_path", "extra",
+                                         "backend")}
         d.update(model=self.model.path, cache=asdict(self.cache), scheduler=asdict(self.scheduler),
                  parallel=asdict(self.parallel))
         return json.dumps(d)

@@ -386,8 +386,9 @@ def build_engine_config(
         num_threads=num_threads or max(1, default_num_threads() // len(parallel.node_ranks)),
         seed=seed,
         tokenizer_path=tokenizer,
-        extra={"max_model_len_explicit": explicit_max_len, "cpu_prepack": cpu_prepack},
+        extra={"max_model_len_explicit": explicit_max_len},
         parallel=parallel,
+        backend="cpu" if cpu_prepack and device == "cpu" else "torch",
     )
 
 

@@ -8,20 +8,18 @@ so each rank reads only its part of the checkpoint.
 Column-parallel: the output rows are split over the ranks, no communication. Row-parallel: the input
 columns are split, each rank computes a partial sum, one all-reduce makes it whole (the bias is added
 by rank 0 only, before the reduce).
+
+The products themselves are the backend's (`self.backend`, bound to every module by the runner:
+dsserve/backends/base.py), so that a backend may keep the weight in its own layout.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.layers.parallel import SINGLE, TensorParallel
-
-logger = logging.getLogger(__name__)
 
 Selector = tuple  # index into a parameter: () whole, (slice,) rows, (expert, slice) one expert's rows
 Part = tuple  # (checkpoint prefix, rows) or (checkpoint prefix, rows, slice of the checkpoint tensor's rows)
@@ -79,14 +77,8 @@ class Linear(nn.Module):
                 bind(self.bias, f"{prefix}.bias", (dst,), (rows,) if rows != slice(None) else ())
             offset += size
 
-    packed: "PackedLinear | None" = None  # the weight in a CPU kernel's own layout (see `prepack_for_cpu`)
-    packable = True  # False where the weight is read directly (MLA's kv_b_proj)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            y = self.packed(x)
-        else:
-            y = F.linear(x, self.weight, self.bias)
+        y = self.backend.linear(self, x)
         if self.row_parallel and self.reduce:
             self.tp.all_reduce(y)
         return y
@@ -109,15 +101,7 @@ class MLP(nn.Module):
                                 in_shard=own if tp.size > 1 else None, tp=tp, reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """(N, 2 I) -> silu(gate) * up (N, I): one C call on CPU in float32 (kernels/elementwise.c), else torch."""
-    if gate_up.dim() == 2 and cpu_kernels.fused_ops_usable(gate_up):
-        return cpu_kernels.silu_mul(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+        return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
 
 
 class VocabParallel(nn.Module):
@@ -147,145 +131,10 @@ class VocabParallel(nn.Module):
         out.mul_(mine.unsqueeze(-1).to(out.dtype))
         return self.tp.all_reduce(out)
 
-    packed: "PackedLinear | None" = None  # the LM head's weight packed for a CPU kernel (see `prepack_for_cpu`)
+    bias = None  # as the LM head: a linear without bias
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """(N, D) -> (N, V) float32 on rank 0; None on the other ranks."""
-        local = self.packed(hidden) if self.packed is not None else F.linear(hidden, self.weight)
+        local = self.backend.linear(self, hidden)
         full = self.tp.gather_last_dim(local.float())
         return None if full is None else full[:, : self.vocab_size]
-
-
-# ---- CPU: weights pre-packed for oneDNN (float32) or FBGEMM (float16) --------------------------------------------
-
-_PACK_BATCH_HINT = 64  # the layout oneDNN picks for this M is the fastest here from M = 1 to several hundred
-_FP16_MAX = 65504.0
-
-
-class PackedLinear:
-    """One linear layer's weight (and bias) in a CPU kernel's own layout: `packed(x)` = x W^T + b, float32.
-
-    float32: oneDNN's reordered weight (`_linear_pointwise`), 1.3-2.3x faster than F.linear at decode sizes.
-    float16: the weight stored in fp16, widened to fp32 inside the kernel; activations and accumulation stay fp32,
-    half the bytes per decode step. The kernel is dsserve's own (kernels/linear_f16.c: panel-packed, AVX2 + F16C;
-    a Qwen2-shaped model's linears and LM head 3.6 ms at batch 1 vs 5.0 for FBGEMM, 35 vs 44 ms at batch 64 on a
-    2-core EPYC), else FBGEMM's packed fp16 GEMM (`linear_dynamic_fp16`) where the library could not be built.
-    """
-
-    __slots__ = ("weight_dtype", "kind", "data", "bias", "out_features")
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype):
-        self.weight_dtype, self.out_features = weight_dtype, weight.shape[0]
-        self.bias = None if bias is None else bias.detach().float().contiguous()
-        if weight_dtype == torch.float16 and cpu_kernels.linear_f16_usable():
-            self.kind, self.data = "dsserve", cpu_kernels.pack_f16(weight)
-        elif weight_dtype == torch.float16:
-            self.kind = "fbgemm"
-            self.data = torch.ops.quantized.linear_prepack_fp16(weight.detach(), self.bias)
-        elif weight_dtype == torch.bfloat16 and cpu_kernels.linear_bf16_usable():
-            self.kind, self.data = "dsserve-bf16", cpu_kernels.pack_bf16(weight)
-        elif weight_dtype == torch.bfloat16:
-            self.kind = "onednn-bf16"
-            self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), _PACK_BATCH_HINT)
-        else:
-            self.kind = "onednn"
-            self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "dsserve":
-            return cpu_kernels.linear_f16(x, self.data, self.out_features, self.bias)
-        if self.kind == "dsserve-bf16":
-            return cpu_kernels.linear_bf16(x, self.data, self.out_features, self.bias)
-        if self.kind == "fbgemm":
-            return torch.ops.quantized.linear_dynamic_fp16(x, self.data)
-        if self.kind == "onednn-bf16":
-            y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.data, None, "none", [], "").float()
-            return y if self.bias is None else y.add_(self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.data, self.bias, "none", [], "")
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes if isinstance(self.data, torch.Tensor) else 0
-
-
-def prepack_for_cpu(model: nn.Module, weight_dtype: torch.dtype = torch.float32) -> int:
-    """Give every float32 Linear, every routed expert and the LM head on CPU a packed weight (`PackedLinear`).
-
-    `weight_dtype` float16 stores them as FBGEMM fp16 (a layer whose weights exceed fp16's range stays float32,
-    logged); float32 as oneDNN's layout. The plain weights are dropped where nothing else reads them (a tied
-    LM head keeps its weight: the embedding reads it). Each layer's packed result is checked against F.linear
-    on the same (fp16-rounded) weight before it is used; a kernel that disagrees or fails stops the packing
-    and the remaining layers stay on F.linear (slower, correct). Returns the number of matrices packed.
-    """
-    reason = cpu_kernels.packed_weights_unavailable(weight_dtype)
-    if reason is not None and weight_dtype == torch.bfloat16:
-        logger.warning("bfloat16 weights unavailable (%s): packing float16 weights instead", reason)
-        weight_dtype, reason = torch.float16, cpu_kernels.packed_weights_unavailable(torch.float16)
-    if reason is not None and weight_dtype == torch.float16:
-        logger.warning("float16 weights unavailable (%s): packing float32 weights for oneDNN instead", reason)
-        weight_dtype, reason = torch.float32, cpu_kernels.packed_weights_unavailable(torch.float32)
-    if reason is not None:
-        logger.warning("weight packing unavailable (%s): linear layers stay on F.linear (slower; correct)", reason)
-        return 0
-    from dsserve.layers.moe import Experts  # layers/moe imports this module
-
-    embedding = getattr(model, "embed_tokens", None)
-    count = 0
-    try:
-        for module in model.modules():
-            if isinstance(module, Linear) and module.packable and _is_cpu_fp32(module.weight):
-                module.packed = _pack_checked(module.weight, module.bias, weight_dtype)
-                module.weight = None
-                count += 1
-            elif isinstance(module, Experts) and _is_cpu_fp32(module.w13):
-                module.packed = [(_pack_checked(module.w13[e], None, weight_dtype),
-                                  _pack_checked(module.w2[e], None, weight_dtype)) for e in range(module.num_local)]
-                if all(w13.kind == w2.kind == "dsserve" for w13, w2 in module.packed):
-                    module.table = cpu_kernels.ExpertTable([w13.data for w13, _ in module.packed],
-                                                           [w2.data for _, w2 in module.packed],
-                                                           module.intermediate_size, module.w2.shape[1])
-                module.w13 = module.w2 = None
-                count += 2 * module.num_local
-            elif hasattr(module, "pack_for_cpu"):  # a module with its own packed forms (MLA's absorbed projections)
-                count += module.pack_for_cpu(weight_dtype)
-        head = getattr(model, "lm_head", None)
-        if isinstance(head, VocabParallel) and _is_cpu_fp32(head.weight):
-            head.packed = _pack_checked(head.weight, None, weight_dtype)
-            if head is not embedding:
-                head.weight = None
-            count += 1
-    except _PackingFailed as e:
-        logger.warning("%s: the remaining linear layers stay on F.linear (slower; correct)", e)
-    return count
-
-
-class _PackingFailed(Exception):
-    pass
-
-
-def _is_cpu_fp32(weight: torch.Tensor | None) -> bool:
-    return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
-
-
-def _pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype) -> PackedLinear:
-    if weight_dtype == torch.float16 and weight.abs().amax().item() > _FP16_MAX:
-        logger.warning("a %s weight exceeds float16's range: that layer keeps float32 weights", tuple(weight.shape))
-        weight_dtype = torch.float32
-    try:
-        packed = PackedLinear(weight, bias, weight_dtype)
-        rows = slice(None, None, max(1, weight.shape[0] // 64))  # a sample of the outputs: no copy of a big weight
-        probe = torch.randn(3, weight.shape[1])
-        rounded = weight[rows].to(weight_dtype).float()
-        if weight_dtype == torch.bfloat16:  # the activations are rounded to bf16 too, and so is each output
-            expected = F.linear(probe.bfloat16().float(), rounded)
-            tolerance = 2**-7 * (expected.abs() + 1e-3 * expected.abs().amax())
-            agrees = bool(((packed(probe)[:, rows] - (expected if bias is None else expected + bias[rows])).abs()
-                           <= tolerance).all())
-        else:
-            expected = F.linear(probe, rounded, None if bias is None else bias[rows])
-            agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4, atol=1e-4)
-    except (RuntimeError, NotImplementedError) as e:  # this torch build cannot pack it
-        raise _PackingFailed(f"packing a {tuple(weight.shape)} weight as {weight_dtype} failed ({e})") from e
-    if not agrees:  # never trust a kernel that disagrees
-        raise _PackingFailed(f"the packed {weight_dtype} linear disagrees with F.linear for a {tuple(weight.shape)} weight")
-    return packed

@@ -1,12 +1,10 @@
-"""RMSNorm, computed in float32 as transformers does (one C call on CPU: kernels/elementwise.c)."""
+"""RMSNorm, computed in float32 as transformers does."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.layers.linear import bind, empty_param
 
 
@@ -17,10 +15,5 @@ class RMSNorm(nn.Module):
         self.weight = bind(empty_param(size, dtype=dtype), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.fused_ops_usable(x):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
-        if x.dtype == torch.float32:  # one fused call, the same products in the same order
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        """x / sqrt(mean(x^2) + eps) * weight."""
+        return self.backend.rms_norm(self, x)

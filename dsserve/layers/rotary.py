@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from dsserve.config import RopeConfig
-from dsserve.backends.cpu import kernels as cpu_kernels
 
 
 class RotaryEmbedding(nn.Module):
@@ -23,34 +22,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (freqs.cos() * scale).to(dtype), persistent=False)
         self.register_buffer("sin", (freqs.sin() * scale).to(dtype), persistent=False)
 
-    _positions: torch.Tensor | None = None  # the step's positions tensor the cached tables belong to
-    _tables: tuple[torch.Tensor, ...] = ()
-
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each x is (T, heads, dim); the output keeps DeepSeek's pairs as [evens | odds] (as transformers does)."""
-        if self.cos.dtype == torch.float32 and cpu_kernels.fused_ops_usable(xs[0]):  # one C call per x, no tables
-            return tuple(cpu_kernels.rotary(x, positions, self.cos, self.sin, self.interleaved) for x in xs)
-        cos, sin, cos_full, sin_signed = self._step_tables(positions)
-        out = []
-        for x in xs:
-            if self.interleaved:
-                x1, x2 = x[..., 0::2], x[..., 1::2]
-                out.append(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
-            else:
-                # x * [cos|cos] + [x2|x1] * [-sin|sin]: the split form's products and sums (a sign moved), three ops
-                x1, x2 = x.chunk(2, dim=-1)
-                out.append(torch.addcmul(x * cos_full, torch.cat((x2, x1), dim=-1), sin_signed))
-        return tuple(out)
-
-    def _step_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """cos/sin of this step's positions, computed once per step: every layer passes the same tensor."""
-        if positions is not self._positions:
-            cos = self.cos[positions].unsqueeze(1)  # (T, 1, dim/2)
-            sin = self.sin[positions].unsqueeze(1)
-            full = (torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)) if not self.interleaved else (None, None)
-            self._tables = (cos, sin, *full)
-            self._positions = positions
-        return self._tables
+        """Each x is (T, heads, dim), rotated at `positions` (T,). Half-split (NeoX) pairs (i, i + dim/2), or
+        interleaved pairs (2i, 2i + 1) whose output is kept as [evens | odds] (as transformers does for DeepSeek)."""
+        return self.backend.rotary(self, positions, xs)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -10,11 +10,9 @@ from torch import nn
 
 from dsserve.config import ModelConfig
 from dsserve.errors import WeightsError
-from dsserve.layers.attention import AttentionMetadata
 from dsserve.layers.linear import VocabParallel
 from dsserve.layers.norm import RMSNorm
 from dsserve.layers.parallel import SINGLE, TensorParallel
-from dsserve.profiling import PROFILER
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +40,6 @@ class CausalLM(nn.Module):
     `kv_cache_entry_shape` (one token's cache entry on this rank)."""
 
     kv_cache_entry_shape: tuple[int, ...]
-    fused_decode = None  # CPU: a callable running every layer of a decode step at once (see fuse_decode_for_cpu)
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
@@ -57,14 +54,10 @@ class CausalLM(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta, kv_caches: list[torch.Tensor]
     ) -> torch.Tensor:
-        """input_ids, positions (T,) -> final hidden states (T, D)."""
+        """input_ids, positions (T,) -> final hidden states (T, D); `meta` is the backend's attention metadata."""
         hidden = self.embed_tokens.embed(input_ids)
-        if self.fused_decode is not None and meta.is_decode and meta.parts is None and meta.context_lens is not None:
-            with PROFILER.section("fused_layers"):  # attention included: it has no section of its own here
-                self.fused_decode(hidden, positions, meta.slot_mapping, meta.block_tables, meta.context_lens, kv_caches)
-            return self.norm(hidden)
         for layer, cache in zip(self.layers, kv_caches):
             hidden = layer(positions, hidden, meta, cache)
         return self.norm(hidden)

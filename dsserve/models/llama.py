@@ -7,8 +7,6 @@ from torch import nn
 
 from dsserve.config import ModelConfig
 from dsserve.errors import ConfigError
-from dsserve.backends.cpu import kernels as cpu_kernels
-from dsserve.layers.attention import AttentionMetadata, paged_attention
 from dsserve.layers.linear import MLP, Linear
 from dsserve.layers.parallel import SINGLE, TensorParallel
 from dsserve.layers.rotary import RotaryEmbedding
@@ -55,14 +53,14 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.split = [q_size, kv_size, kv_size]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata, cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta, cache: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
         # q and k are adjacent columns: rotate them as one (T, H + Hkv, D) tensor
         qk = qkv[:, : self.split[0] + self.split[1]].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, qk)[0].split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.split[0] + self.split[1] :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, cache, meta, self.scale)  # (T, H, D)
+        out = self.backend.attention(self, q, k, v, cache, meta)  # (T, H, D)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
@@ -77,37 +75,3 @@ class LlamaForCausalLM(CausalLM):
             self.layers.append(DecoderLayer(config, i, attn, mlp, dtype))
         kv_heads = kv_heads_of_rank(config.num_key_value_heads, tp)
         self.kv_cache_entry_shape = (2, kv_heads.stop - kv_heads.start, config.head_dim)
-
-    def fuse_decode_for_cpu(self, kv_caches: list[torch.Tensor]) -> bool:
-        """Where every layer can run in dsserve's C kernels (one device, float32 activations, float16 or bfloat16
-        weights in dsserve's own packing, a cache the attention kernel reads), decode steps run all layers in one call
-        (kernels/decode_layers.c). Returns whether it does; the module path stays for prefill and the rest."""
-        attn0 = self.layers[0].self_attn
-        rotary = attn0.rotary
-        if (self.tp.size != 1 or rotary.cos.dtype != torch.float32
-                or rotary.cos.shape[1] * 2 != attn0.head_dim
-                or not cpu_kernels.usable(attn0.head_dim, attn0.head_dim, kv_caches[0].dtype)):
-            return False
-        layers, kinds = [], set()
-        for layer, cache in zip(self.layers, kv_caches):
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if (not all(lin.packed is not None and lin.packed.kind in ("dsserve", "dsserve-bf16") for lin in linears)
-                    or len({lin.packed.kind for lin in linears} | kinds) != 1
-                    or mlp.down_proj.packed.bias is not None or mlp.gate_up_proj.packed.bias is not None
-                    or not cache.is_contiguous()):
-                return False
-            layers.append(dict(input_norm=layer.input_layernorm.weight, post_norm=layer.post_attention_layernorm.weight,
-                               qkv=attn.qkv_proj.packed.data, o=attn.o_proj.packed.data,
-                               gate_up=mlp.gate_up_proj.packed.data, down=mlp.down_proj.packed.data,
-                               qkv_bias=attn.qkv_proj.packed.bias, o_bias=attn.o_proj.packed.bias, cache=cache))
-            kinds.add(attn.qkv_proj.packed.kind)
-        norms = [m.weight for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
-        if not all(w.dtype == torch.float32 and w.is_contiguous() for w in norms):
-            return False
-        self.fused_decode = cpu_kernels.DenseDecoder(
-            layers, hidden=self.config.hidden_size, heads=attn0.num_heads, kv_heads=attn0.num_kv_heads,
-            head_dim=attn0.head_dim, intermediate=self.layers[0].mlp.intermediate_size,
-            eps=self.layers[0].input_layernorm.eps, scale=attn0.scale, cos=rotary.cos, sin=rotary.sin,
-            interleaved=rotary.interleaved, weights_bf16=kinds == {"dsserve-bf16"})
-        return True

@@ -17,9 +17,7 @@ import torch.distributed as dist
 
 from dsserve.config import CacheConfig, EngineConfig, ParallelConfig
 from dsserve.errors import ConfigError, DistributedError, EngineDeadError
-from dsserve.backends.cpu import kernels as cpu_attention
-from dsserve.layers.attention import Workspace
-from dsserve.layers.linear import prepack_for_cpu
+from dsserve.backends import select as select_backend
 from dsserve.layers.parallel import SINGLE
 from dsserve.models.loader import iter_checkpoint
 from dsserve.models.registry import model_class
@@ -82,12 +80,8 @@ class ModelRunner:
             self.model = model_class(model_config)(model_config, config.scheduler.max_model_len, self.dtype, tp)
         self.model.load_weights(iter_checkpoint(model_config, self.dtype, self.model.checkpoint_slices()))
         self.model.eval()
-        if self.device.type == "cpu" and config.extra.get("cpu_prepack", True):
-            weight_dtype = getattr(torch, config.weight_dtype)
-            logger.info("packed %d weight matrices (%s) for the CPU kernels", prepack_for_cpu(self.model, weight_dtype),
-                        config.weight_dtype)
-            if config.dtype == "float32" and cpu_attention.library() is not None:  # built now, not in the first step
-                logger.info("decode attention: the CPU kernel (dsserve/backends/cpu/csrc/paged_attention.c)")
+        self.backend = select_backend(config.backend, self.device, getattr(torch, config.weight_dtype))
+        self.backend.prepare(self.model)
         logger.info("loaded %s (%s%s) in %.1fs", model_config.path, config.dtype,
                     f", rank {tp.rank} of {tp.size}" if self.group else "", time.perf_counter() - started)
         self.num_blocks = self._num_blocks(cache_config, config.scheduler.max_model_len, config.scheduler.max_num_seqs)
@@ -96,13 +90,10 @@ class ModelRunner:
         shape = (self.num_blocks, self.block_size, *self.model.kv_cache_entry_shape)
         self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
                           for _ in range(model_config.num_hidden_layers)]
-        fuse = getattr(self.model, "fuse_decode_for_cpu", None)
-        if self.device.type == "cpu" and fuse is not None and fuse(self.kv_caches):
-            logger.info("decode steps: every decoder layer in one C call (dsserve/backends/cpu/csrc/decode_layers.c)")
+        self.backend.set_kv_caches(self.model, self.kv_caches)
+        logger.info("backend: %s", self.backend.describe())
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
-        # CPU: one reused buffer for the attention context gathered from the paged cache (device allocators cache)
-        self.workspace = Workspace() if self.device.type == "cpu" else None
         self.heartbeat = (
             Heartbeat(self.group, self._lock, config.parallel.step_timeout_s / 4)
             if self.group and self.group.rank == 0 else None
@@ -233,9 +224,9 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor | None:
         with PROFILER.section("prepare"):
-            batch = build_forward_batch(inputs, self.block_size, self.device, self.workspace)
+            batch = build_forward_batch(inputs, self.block_size, self.device, self.backend)
         with PROFILER.section("model"):
-            hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)  # (T, D)
+            hidden = self.backend.forward(self.model, batch.input_ids, batch.positions, batch.attn, self.kv_caches)
         if inputs.logit_rows.numel() == 0:
             return None
         with PROFILER.section("logits"):

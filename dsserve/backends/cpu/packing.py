@@ -1,0 +1,206 @@
+"""Weights packed for the CPU kernels: each linear layer, routed expert and LM head in a kernel's own layout.
+
+float32: oneDNN's reordered weight (`_linear_pointwise`), 1.3-2.3x faster than F.linear at decode sizes.
+float16: dsserve's panel-packed fp16 layout (csrc/linear_f16.c, AVX2 + F16C), widened to fp32 inside the kernel:
+activations and accumulation stay fp32, half the bytes per decode step; FBGEMM's packed fp16 GEMM where the library
+could not be built. bfloat16: csrc/linear_bf16.c's AMX tiles (activations rounded to bf16), else oneDNN's bf16 GEMM.
+MLA's kv_b_proj is read by attention itself: its two halves are packed per head in fp16 for the absorbed decode.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsserve.backends.cpu import kernels
+from dsserve.layers.linear import Linear, VocabParallel
+from dsserve.layers.moe import Experts
+from dsserve.models.deepseek import MultiHeadLatentAttention
+
+logger = logging.getLogger(__name__)
+
+_PACK_BATCH_HINT = 64  # the layout oneDNN picks for this M is the fastest here from M = 1 to several hundred
+_FP16_MAX = 65504.0
+
+
+class Kind(enum.Enum):
+    F16 = "dsserve fp16"  # csrc/linear_f16.c
+    BF16 = "dsserve bf16"  # csrc/linear_bf16.c
+    FBGEMM_F16 = "fbgemm fp16"
+    ONEDNN_BF16 = "onednn bf16"
+    ONEDNN_F32 = "onednn fp32"
+
+    @property
+    def own(self) -> bool:
+        """In dsserve's own packing: the fused decoders can read it."""
+        return self in (Kind.F16, Kind.BF16)
+
+
+class PackedLinear:
+    """One linear layer's weight (and bias) in a CPU kernel's layout: `packed(x)` = x W^T + b, float32."""
+
+    __slots__ = ("kind", "data", "bias", "out_features")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype):
+        self.out_features = weight.shape[0]
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        if weight_dtype == torch.float16 and kernels.linear_f16_usable():
+            self.kind, self.data = Kind.F16, kernels.pack_f16(weight)
+        elif weight_dtype == torch.float16:
+            self.kind = Kind.FBGEMM_F16
+            self.data = torch.ops.quantized.linear_prepack_fp16(weight.detach(), self.bias)
+        elif weight_dtype == torch.bfloat16 and kernels.linear_bf16_usable():
+            self.kind, self.data = Kind.BF16, kernels.pack_bf16(weight)
+        elif weight_dtype == torch.bfloat16:
+            self.kind = Kind.ONEDNN_BF16
+            self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), _PACK_BATCH_HINT)
+        else:
+            self.kind = Kind.ONEDNN_F32
+            self.data = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_BATCH_HINT)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        kind = self.kind
+        if kind is Kind.F16:
+            return kernels.linear_f16(x, self.data, self.out_features, self.bias)
+        if kind is Kind.BF16:
+            return kernels.linear_bf16(x, self.data, self.out_features, self.bias)
+        if kind is Kind.FBGEMM_F16:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.data)
+        if kind is Kind.ONEDNN_BF16:
+            y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.data, None, "none", [], "").float()
+            return y if self.bias is None else y.add_(self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.data, self.bias, "none", [], "")
+
+    @property
+    def own_data(self) -> torch.Tensor | None:
+        """The packed tensor where it is in dsserve's own layout (what a fused decoder reads), else None."""
+        return self.data if self.kind.own else None
+
+
+@dataclass
+class Packs:
+    """What `pack_model` made, keyed by the layer it belongs to."""
+
+    linears: dict[nn.Module, PackedLinear] = field(default_factory=dict)  # Linear and the LM head
+    experts: dict[Experts, list[tuple[PackedLinear, PackedLinear]]] = field(default_factory=dict)  # (w13, w2) each
+    expert_tables: dict[Experts, kernels.ExpertTable] = field(default_factory=dict)  # all fp16: the few-token kernel
+    absorbed: dict[MultiHeadLatentAttention, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        """Matrices packed."""
+        return (len(self.linears) + sum(2 * len(pairs) for pairs in self.experts.values())
+                + sum(a.shape[0] + b.shape[0] for a, b in self.absorbed.values()))
+
+
+def resolve_weight_dtype(weight_dtype: torch.dtype) -> torch.dtype | None:
+    """The weight dtype packing can honour on this machine (bf16 -> fp16 -> fp32 with a warning each), or None."""
+    reason = kernels.packed_weights_unavailable(weight_dtype)
+    if reason is not None and weight_dtype == torch.bfloat16:
+        logger.warning("bfloat16 weights unavailable (%s): packing float16 weights instead", reason)
+        weight_dtype, reason = torch.float16, kernels.packed_weights_unavailable(torch.float16)
+    if reason is not None and weight_dtype == torch.float16:
+        logger.warning("float16 weights unavailable (%s): packing float32 weights for oneDNN instead", reason)
+        weight_dtype, reason = torch.float32, kernels.packed_weights_unavailable(torch.float32)
+    if reason is not None:
+        logger.warning("weight packing unavailable (%s): linear layers stay on F.linear (slower; correct)", reason)
+        return None
+    return weight_dtype
+
+
+def pack_model(model: nn.Module, weight_dtype: torch.dtype) -> Packs:
+    """Pack every float32 Linear, every routed expert and the LM head on CPU, and MLA's absorbed projections.
+
+    `weight_dtype` float16 stores them as fp16 (a layer whose weights exceed fp16's range stays float32, logged);
+    float32 as oneDNN's layout. The plain weights are dropped where nothing else reads them (a tied LM head keeps its
+    weight: the embedding reads it). Each layer's packed result is checked against F.linear on the same (rounded)
+    weight before it is used; a kernel that disagrees or fails stops the packing and the remaining layers stay on
+    F.linear (slower, correct).
+    """
+    packs = Packs()
+    weight_dtype = resolve_weight_dtype(weight_dtype)
+    if weight_dtype is None:
+        return packs
+    embedding = getattr(model, "embed_tokens", None)
+    read_by_attention = {m.kv_b_proj for m in model.modules() if isinstance(m, MultiHeadLatentAttention)}
+    try:
+        for module in model.modules():
+            if isinstance(module, Linear) and module not in read_by_attention and _is_cpu_fp32(module.weight):
+                packs.linears[module] = pack_checked(module.weight, module.bias, weight_dtype)
+                module.weight = None
+            elif isinstance(module, Experts) and _is_cpu_fp32(module.w13):
+                pairs = [(pack_checked(module.w13[e], None, weight_dtype), pack_checked(module.w2[e], None, weight_dtype))
+                         for e in range(module.num_local)]
+                packs.experts[module] = pairs
+                if all(w13.kind is w2.kind is Kind.F16 for w13, w2 in pairs):
+                    packs.expert_tables[module] = kernels.ExpertTable(
+                        [w13.data for w13, _ in pairs], [w2.data for _, w2 in pairs], module.intermediate_size,
+                        module.w2.shape[1])
+                module.w13 = module.w2 = None
+            elif isinstance(module, MultiHeadLatentAttention):
+                absorbed = _pack_absorbed(module, weight_dtype)
+                if absorbed is not None:
+                    packs.absorbed[module] = absorbed
+        head = getattr(model, "lm_head", None)
+        if isinstance(head, VocabParallel) and _is_cpu_fp32(head.weight):
+            packs.linears[head] = pack_checked(head.weight, None, weight_dtype)
+            if head is not embedding:
+                head.weight = None
+    except PackingFailed as e:
+        logger.warning("%s: the remaining linear layers stay on F.linear (slower; correct)", e)
+    return packs
+
+
+def _pack_absorbed(attn: MultiHeadLatentAttention, weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """With 16-bit weights, kv_b_proj's two halves packed per head in float16 (W_UK^T and W_UV) for the absorbed
+    decode; the plain weight stays (prefill expands the latents with it). With bfloat16 weights too: a bf16
+    checkpoint's values are exact in fp16's normal range, and the per-head fp16 GEMVs replace two float32 einsums
+    over the whole weight at every decode step."""
+    if (weight_dtype not in (torch.float16, torch.bfloat16) or not kernels.linear_f16_usable()
+            or attn.kv_lora_rank % kernels.PANEL or attn.v_dim % kernels.PANEL):
+        return None
+    w = attn.kv_b_proj.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32 or w.abs().amax().item() > _FP16_MAX:
+        return None
+    w = w.view(attn.num_heads, attn.nope_dim + attn.v_dim, attn.kv_lora_rank)
+    return (kernels.pack_heads_f16(w[:, : attn.nope_dim].transpose(1, 2)),
+            kernels.pack_heads_f16(w[:, attn.nope_dim :]))
+
+
+class PackingFailed(Exception):
+    pass
+
+
+def _is_cpu_fp32(weight: torch.Tensor | None) -> bool:
+    return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype) -> PackedLinear:
+    """`PackedLinear(weight, bias, weight_dtype)` checked against F.linear on a sample of its outputs; float32 for a
+    weight beyond float16's range (logged). Raises PackingFailed where the kernel fails or disagrees."""
+    if weight_dtype == torch.float16 and weight.abs().amax().item() > _FP16_MAX:
+        logger.warning("a %s weight exceeds float16's range: that layer keeps float32 weights", tuple(weight.shape))
+        weight_dtype = torch.float32
+    try:
+        packed = PackedLinear(weight, bias, weight_dtype)
+        rows = slice(None, None, max(1, weight.shape[0] // 64))  # a sample of the outputs: no copy of a big weight
+        probe = torch.randn(3, weight.shape[1])
+        rounded = weight[rows].to(weight_dtype).float()
+        if weight_dtype == torch.bfloat16:  # the activations are rounded to bf16 too, and so is each output
+            expected = F.linear(probe.bfloat16().float(), rounded)
+            tolerance = 2**-7 * (expected.abs() + 1e-3 * expected.abs().amax())
+            agrees = bool(((packed(probe)[:, rows] - (expected if bias is None else expected + bias[rows])).abs()
+                           <= tolerance).all())
+        else:
+            expected = F.linear(probe, rounded, None if bias is None else bias[rows])
+            agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4, atol=1e-4)
+    except (RuntimeError, NotImplementedError) as e:  # this torch build cannot pack it
+        raise PackingFailed(f"packing a {tuple(weight.shape)} weight as {weight_dtype} failed ({e})") from e
+    if not agrees:  # never trust a kernel that disagrees
+        raise PackingFailed(f"the packed {weight_dtype} linear disagrees with F.linear for a {tuple(weight.shape)} weight")
+    return packed
