@@ -327,7 +327,7 @@ def build_engine_config(
     connect_timeout: float = 120.0,
     step_timeout: float = 60.0,
     from_env: bool = False,
-    cpu_prepack: bool = True,
+    backend: str = "auto",
 ) -> EngineConfig:
     """Resolve every 'auto' value and check the options against each other; the result is frozen.
 
@@ -388,7 +388,7 @@ def build_engine_config(
         tokenizer_path=tokenizer,
         extra={"max_model_len_explicit": explicit_max_len},
         parallel=parallel,
-        backend="cpu" if cpu_prepack and device == "cpu" else "torch",
+        backend=("cpu" if device == "cpu" else "torch") if backend == "auto" else backend,
     )
 
 

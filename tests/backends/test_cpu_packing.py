@@ -1,12 +1,14 @@
-"""Pre-packed CPU weights (oneDNN float32, FBGEMM float16): the same greedy tokens and logprobs as plain F.linear
-on the same weights, and clean fallbacks."""
+"""The CPU backend's packed weights (dsserve fp16 / bf16, oneDNN, FBGEMM): the same greedy tokens and logprobs as the
+torch reference backend on the same weights, and clean fallbacks."""
 
 import pytest
 import torch
 
 from dsserve import LLM, SamplingParams
 from dsserve.errors import ConfigError
-from dsserve.layers.linear import Linear, VocabParallel, _pack_checked
+from dsserve.backends.cpu.packing import Kind, pack_checked
+from dsserve.backends.torch import TorchBackend
+from dsserve.layers.linear import Linear
 from dsserve.layers.moe import Experts
 
 PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18]]
@@ -16,11 +18,12 @@ PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18]
 def test_packed_equals_plain(model_dir, name):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
     packed = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256)
-    plain = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
-    model = packed.engine.runner.model
+    plain = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, backend="torch")
+    model, packs = packed.engine.runner.model, packed.engine.runner.backend.packs
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert any(m.packed is not None and m.weight is None for m in linears)
-    assert all(m.packed is None for m in plain.engine.runner.model.modules() if isinstance(m, (Linear, VocabParallel)))
+    assert any(m in packs.linears and m.weight is None for m in linears)
+    assert type(plain.engine.runner.backend) is TorchBackend
+    assert all(m.weight is not None for m in plain.engine.runner.model.modules() if isinstance(m, Linear))
     if name == "deepseek_v3":  # attention reads kv_b_proj's weight: it must stay a plain weight
         assert all(layer.self_attn.kv_b_proj.weight is not None for layer in model.layers)
     for a, b in zip(packed.generate(PROMPTS, params), plain.generate(PROMPTS, params)):
@@ -29,7 +32,7 @@ def test_packed_equals_plain(model_dir, name):
             assert x == pytest.approx(y, abs=1e-4)
 
 
-def _representable_copy(src, dst, dtype=torch.float16):
+def representable_copy(src, dst, dtype=torch.float16):
     """The checkpoint with every tensor rounded to `dtype` (still stored as float32): packing it as that is exact."""
     import shutil
 
@@ -49,21 +52,23 @@ def test_fp16_weights_equal_plain_on_fp16_exact_weights(model_dir, tmp_path, mon
     few_token_calls = []
     real_moe = cpu_kernels.moe_f16
     monkeypatch.setattr(cpu_kernels, "moe_f16", lambda *a: few_token_calls.append(1) or real_moe(*a))
-    path = _representable_copy(model_dir(name), tmp_path / name)
+    path = representable_copy(model_dir(name), tmp_path / name)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
     half = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
-    plain = LLM(path, num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
+    plain = LLM(path, num_kv_blocks=64, max_model_len=256, backend="torch")
     assert half.engine.config.weight_dtype == "float16"
-    model = half.engine.runner.model
-    model.fused_decode = None  # the module path's kernels here (test_fused_decode.py: the one-call decode)
-    packed = [m.packed for m in model.modules() if isinstance(m, Linear) and m.packed is not None]
-    assert packed and all(p.weight_dtype == torch.float16 for p in packed)
-    assert model.lm_head.packed.weight_dtype == torch.float16
+    model, backend = half.engine.runner.model, half.engine.runner.backend
+    backend.fused = None  # the module path's kernels here (test_cpu_fused_decode.py: the one-call decode)
+    fp16 = {Kind.F16, Kind.FBGEMM_F16}
+    assert backend.packs.linears and all(p.kind in fp16 for p in backend.packs.linears.values())
+    assert backend.packs.linears[model.lm_head].kind in fp16
     if name == "deepseek_v3":  # routed experts: one packed pair per expert, the stacked weights dropped
         experts = [m for m in model.modules() if isinstance(m, Experts)]
-        assert experts and all(e.packed is not None and e.w13 is None and e.w2 is None for e in experts)
-        assert all(e.table is not None for e in experts) == cpu_kernels.linear_f16_usable()
-        assert all(layer.self_attn.absorbed is not None for layer in model.layers) == cpu_kernels.linear_f16_usable()  # an untied LM head's plain weight is dropped; the embedding keeps its own
+        assert experts and all(e in backend.packs.experts and e.w13 is None and e.w2 is None for e in experts)
+        assert all(e in backend.packs.expert_tables for e in experts) == cpu_kernels.linear_f16_usable()
+        absorbed = all(layer.self_attn in backend.packs.absorbed for layer in model.layers)
+        assert absorbed == cpu_kernels.linear_f16_usable()
+        # an untied LM head's plain weight is dropped; the embedding keeps its own
         assert model.lm_head.weight is None and model.embed_tokens.weight is not None
     batches = [PROMPTS, PROMPTS[:1]]  # one sequence: its decode steps take the few-token experts kernel
     for prompts in batches:
@@ -78,8 +83,8 @@ def test_fp16_weights_equal_plain_on_fp16_exact_weights(model_dir, tmp_path, mon
 def test_weight_beyond_fp16_range_keeps_fp32(caplog):
     weight, bias = torch.randn(32, 16), torch.randn(32)
     weight[3, 5] = 1e6  # fp16 would saturate it to 65504
-    packed = _pack_checked(weight, bias, torch.float16)
-    assert packed.weight_dtype == torch.float32
+    packed = pack_checked(weight, bias, torch.float16)
+    assert packed.kind is Kind.ONEDNN_F32
     assert "exceeds float16's range" in caplog.text
     x = torch.randn(4, 16)
     assert torch.allclose(packed(x), torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-3)
@@ -92,8 +97,9 @@ def test_no_fbgemm_falls_back_to_fp32_packing(model_dir, monkeypatch, caplog):
     monkeypatch.setattr(cpu_kernels_module, "packed_weights_unavailable",
                         lambda dtype: "no FBGEMM here" if dtype == torch.float16 else real(dtype))
     llm = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, weight_dtype="float16")
-    packed = [m.packed for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
-    assert packed and all(p is not None and p.weight_dtype == torch.float32 for p in packed)
+    packs = llm.engine.runner.backend.packs.linears
+    linears = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
+    assert linears and all(packs[m].kind is Kind.ONEDNN_F32 for m in linears)
     assert "float16 weights unavailable (no FBGEMM here)" in caplog.text
     out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
@@ -150,25 +156,25 @@ def test_kv_cache_dtype_resolution():
 @pytest.mark.skipif(not __import__("dsserve.backends.cpu.kernels", fromlist=["x"]).native_bf16(),
                     reason="needs a CPU with native bf16 (AMX or AVX512-BF16)")
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen2_untied"])
-@pytest.mark.parametrize("kernel", ["dsserve-bf16", "onednn-bf16"])
+@pytest.mark.parametrize("kernel", [Kind.BF16, Kind.ONEDNN_BF16])
 def test_bf16_weights_track_float32(model_dir, tmp_path, monkeypatch, name, kernel):
     """bfloat16 weights through dsserve's AMX kernel or oneDNN's bf16 GEMM (activations rounded to bf16 for the
     matmul, fp32 elsewhere): the prompt's log-probabilities within bf16 rounding of the float32 model's on the
     same bf16 weights."""
     from dsserve.backends.cpu import kernels as cpu_kernels
 
-    if kernel == "dsserve-bf16" and not cpu_kernels.linear_bf16_usable():
+    if kernel is Kind.BF16 and not cpu_kernels.linear_bf16_usable():
         pytest.skip("needs the bf16 linear kernel (AMX + AVX512-BF16)")
-    if kernel == "onednn-bf16":
+    if kernel is Kind.ONEDNN_BF16:
         monkeypatch.setattr(cpu_kernels, "linear_bf16_usable", lambda: False)
-    path = _representable_copy(model_dir(name), tmp_path / name, torch.bfloat16)
+    path = representable_copy(model_dir(name), tmp_path / name, torch.bfloat16)
     bf16 = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="bfloat16")
-    full = LLM(path, num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
-    packed = [m.packed for m in bf16.engine.runner.model.modules() if isinstance(m, Linear) and m.packed is not None]
-    assert packed and all(p.kind == kernel for p in packed)
+    full = LLM(path, num_kv_blocks=64, max_model_len=256, backend="torch")
+    packs = bf16.engine.runner.backend.packs
+    assert packs.linears and all(p.kind is kernel for p in packs.linears.values())
     if name == "deepseek_v3":  # MLA's absorbed projections: per-head fp16 GEMVs with bf16 weights too
         layers = bf16.engine.runner.model.layers
-        assert all(layer.self_attn.absorbed is not None for layer in layers) == cpu_kernels.linear_f16_usable()
+        assert all(layer.self_attn in packs.absorbed for layer in layers) == cpu_kernels.linear_f16_usable()
     params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
     prompt = PROMPTS[2] + PROMPTS[0] + PROMPTS[2]
     a, b = bf16.generate([prompt], params)[0], full.generate([prompt], params)[0]
@@ -188,6 +194,6 @@ def test_bf16_weights_without_native_bf16_fall_back_to_fp16(model_dir, monkeypat
 
     monkeypatch.setattr(cpu_kernels_module, "native_bf16", lambda: False)
     llm = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, weight_dtype="bfloat16")
-    packed = [m.packed for m in llm.engine.runner.model.modules() if isinstance(m, Linear)]
-    assert packed and all(p is not None and p.weight_dtype == torch.float16 for p in packed)
+    packs = llm.engine.runner.backend.packs.linears
+    assert packs and all(p.kind in (Kind.F16, Kind.FBGEMM_F16) for p in packs.values())
     assert "bfloat16 weights unavailable (this CPU has no native bf16 matmul" in caplog.text

@@ -1,4 +1,4 @@
-"""Decode steps through every layer in one C call (kernels/decode_layers.c: dense Llama / Qwen2 layers, DeepSeek's
+"""Decode steps through every layer in one C call (backends/cpu/csrc/decode_layers.c: dense Llama / Qwen2 layers, DeepSeek's
 MLA + MoE layers): the same kernels as the module path in the same order, so the same bits; prefill and mixed steps
 keep the module path."""
 
@@ -30,19 +30,19 @@ def test_fused_decode_gives_the_module_paths_bits(model_dir, monkeypatch, name, 
     # no prefix caching: the second run's prompts must be computed as the first's were
     llm = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, weight_dtype=weight_dtype,
               kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)
-    model = llm.engine.runner.model
-    fused = model.fused_decode
+    backend = llm.engine.runner.backend
+    fused = backend.fused
     assert fused is not None
     calls = []
-    monkeypatch.setattr(model, "fused_decode", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+    monkeypatch.setattr(backend, "fused", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=3)
     for prompts in (PROMPTS, PROMPTS[:1]):  # a batch, and one sequence (attention split over heads)
         calls.clear()
         with_fused = llm.generate(prompts, params)
         assert calls and max(calls) == len(prompts)  # decode steps took it (prefill steps do not)
-        monkeypatch.setattr(model, "fused_decode", None)
+        monkeypatch.setattr(backend, "fused", None)
         plain = llm.generate(prompts, params)
-        monkeypatch.setattr(model, "fused_decode", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+        monkeypatch.setattr(backend, "fused", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
         for a, b in zip(with_fused, plain):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             assert a.outputs[0].logprobs == b.outputs[0].logprobs  # bit for bit
@@ -51,9 +51,9 @@ def test_fused_decode_gives_the_module_paths_bits(model_dir, monkeypatch, name, 
 @pytest.mark.parametrize("name", ["qwen2_untied", "deepseek_v3_rope16"])
 def test_not_fused_where_a_layer_is_not_in_the_fp16_kernel(model_dir, name):
     """float32 weights (oneDNN-packed) or no packing at all: decode keeps the module path."""
-    assert LLM(model_dir(name), num_kv_blocks=16, max_model_len=64).engine.runner.model.fused_decode is None
-    plain = LLM(model_dir(name), num_kv_blocks=16, max_model_len=64, weight_dtype="float16", cpu_prepack=False)
-    assert plain.engine.runner.model.fused_decode is None
+    assert LLM(model_dir(name), num_kv_blocks=16, max_model_len=64).engine.runner.backend.fused is None
+    plain = LLM(model_dir(name), num_kv_blocks=16, max_model_len=64, weight_dtype="float16", backend="torch")
+    assert not hasattr(plain.engine.runner.backend, "fused")
 
 
 def test_not_fused_with_a_router_without_a_c_kernel(model_dir, tmp_path):
@@ -66,18 +66,18 @@ def test_not_fused_with_a_router_without_a_c_kernel(model_dir, tmp_path):
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "topk_method": "greedy"}))
     llm = LLM(path, num_kv_blocks=16, max_model_len=64, weight_dtype="float16")
-    assert llm.engine.runner.model.fused_decode is None
+    assert llm.engine.runner.backend.fused is None
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3_rope16", "deepseek_v2_rope16"])
 def test_fused_mla_decode_tracks_transformers(model_dir, tmp_path, name):
     """DeepSeek V3 and V2 on fp16-exact weights through the one-call decode: transformers' greedy tokens."""
     from tiny_models import hf_greedy
-    from test_cpu_prepack import _representable_copy
+    from test_cpu_packing import representable_copy
 
-    path = _representable_copy(model_dir(name), tmp_path / name)
+    path = representable_copy(model_dir(name), tmp_path / name)
     llm = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
-    assert isinstance(llm.engine.runner.model.fused_decode, cpu_kernels.MLADecoder)
+    assert isinstance(llm.engine.runner.backend.fused, cpu_kernels.MLADecoder)
     prompt = [7, 8, 9, 10, 11, 200, 3]
     expected, _ = hf_greedy(path, prompt, 24)
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
@@ -87,11 +87,11 @@ def test_fused_mla_decode_tracks_transformers(model_dir, tmp_path, name):
 def test_fused_decode_tracks_transformers(model_dir, tmp_path):
     """On fp16-exact weights the fused path is the float32 model: transformers' greedy tokens."""
     from tiny_models import hf_greedy
-    from test_cpu_prepack import _representable_copy
+    from test_cpu_packing import representable_copy
 
-    path = _representable_copy(model_dir("llama3"), tmp_path / "llama3")
+    path = representable_copy(model_dir("llama3"), tmp_path / "llama3")
     llm = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
-    assert llm.engine.runner.model.fused_decode is not None
+    assert llm.engine.runner.backend.fused is not None
     prompt = [7, 8, 9, 10, 11, 200, 3]
     expected, _ = hf_greedy(path, prompt, 24)
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
@@ -113,9 +113,35 @@ def test_profile_shows_the_fused_call(model_dir):
 
 def test_fused_decoder_refuses_caches_it_was_not_built_over(model_dir):
     llm = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, weight_dtype="float16")
-    fused = llm.engine.runner.model.fused_decode
+    fused = llm.engine.runner.backend.fused
     other = [cache.clone() for cache in llm.engine.runner.kv_caches]
     x = torch.zeros(1, llm.engine.runner.model.config.hidden_size)
     one = torch.zeros(1, dtype=torch.long)
     with pytest.raises(RuntimeError, match="built over other KV caches"):
         fused(x, one, one, one.view(1, 1), one + 1, other)
+
+
+@pytest.mark.parametrize("projection", ["kv_a_proj_with_mqa", "q_b_proj", "o_proj"])
+def test_a_linear_left_on_another_kernel_refuses_the_fused_decode(model_dir, tmp_path, caplog, projection):
+    """One linear of one DeepSeek layer kept in float32 (a weight beyond float16's range): the fused MLA decoder
+    would read a NULL pointer for it, so it is refused; decode takes the module path and gives the torch
+    reference's tokens."""
+    from safetensors.torch import load_file, save_file
+    from test_cpu_packing import representable_copy
+
+    path = representable_copy(model_dir("deepseek_v3_rope16"), tmp_path / "model")
+    name = f"model.layers.1.self_attn.{projection}.weight"
+    for shard in path.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if name in tensors:
+            tensors[name][0, 0] = 70000.0  # beyond float16's 65504: that linear keeps float32 (oneDNN)
+            save_file(tensors, shard, metadata={"format": "pt"})
+    llm = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
+    assert "exceeds float16's range" in caplog.text
+    assert llm.engine.runner.backend.fused is None
+    reference = LLM(path, num_kv_blocks=64, max_model_len=256, backend="torch")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    for a, b in zip(llm.generate(PROMPTS, params), reference.generate(PROMPTS, params)):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for (x, _), (y, _) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x == pytest.approx(y, abs=1e-3)
