@@ -8,19 +8,40 @@ from typing import Any
 
 from dsserve.engine.engine import LLMEngine, Prompt, RequestOutput
 from dsserve.engine.request import SamplingParams
-from dsserve.errors import InvalidRequestError
+from dsserve.errors import EngineDeadError, InvalidRequestError
 
 
 class LLM:
-    """`LLM(path, dtype=..., block_size=..., max_model_len=..., ...)`; options are those of `build_engine_config`."""
+    """`LLM(path, dtype=..., block_size=..., max_model_len=..., ...)`; options are those of `build_engine_config`.
+
+    `shutdown()` (or leaving `with LLM(...) as llm:`) stops a tensor-parallel deployment's other ranks and frees the
+    model and the KV cache at once; an LLM nobody holds any more does the same when it is garbage collected."""
 
     def __init__(self, model: str | Path, **engine_options: Any):
-        self.engine = LLMEngine.from_options(model, **engine_options)
+        self._engine: LLMEngine | None = LLMEngine.from_options(model, **engine_options)
         self._ids = itertools.count()
+
+    @property
+    def engine(self) -> LLMEngine:
+        if self._engine is None:
+            raise EngineDeadError("this LLM was shut down; create a new one")
+        return self._engine
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the other ranks, leave the process group, free the model and the KV cache; safe to call twice."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()
 
     def generate(
         self,
@@ -64,9 +85,15 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
+        engine = self.engine
         final: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    final[output.request_id] = output
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        final[output.request_id] = output
+        except BaseException:
+            for request_id in request_ids:  # a failed (or interrupted) call leaves nothing queued for the next one
+                engine.abort_request(request_id)
+            raise
         return [final[i] for i in request_ids]

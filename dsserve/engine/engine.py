@@ -137,7 +137,8 @@ class LLMEngine:
             raise heartbeat.error
 
     def shutdown(self) -> None:
-        """Stop the other ranks of a tensor-parallel deployment (no-op on one device)."""
+        """Stop the other ranks of a tensor-parallel deployment and free the model and the KV cache; later steps
+        raise EngineDeadError. Safe to call twice."""
         self.runner.shutdown()
 
     # ---- requests -----------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import gc
 import itertools
 import logging
@@ -10,6 +9,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +23,7 @@ from dsserve.models.loader import iter_checkpoint
 from dsserve.models.registry import model_class
 from dsserve.profiling import PROFILER
 from dsserve.runner.batch import StepInputs, build_forward_batch
-from dsserve.runner.parallel import STEP, STOP, Distributed, Heartbeat
+from dsserve.runner.parallel import STEP, STOP, Distributed, Heartbeat, release
 from dsserve.runner.sampler import SamplingMetadata, SamplingRow, sample
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,9 @@ class ModelRunner:
             Heartbeat(self.group, self._lock, config.parallel.step_timeout_s / 4)
             if self.group and self.group.rank == 0 else None
         )
-        if self.group is not None:
-            atexit.register(self.shutdown)  # an offline LLM nobody shut down still stops its ranks cleanly
+        # An offline LLM nobody shut down still stops its ranks when it is collected or at exit; the finalizer holds
+        # the group, never this runner, so dropping the LLM frees the weights and the cache.
+        self._release = weakref.finalize(self, release, self.group, self.heartbeat, self._lock) if self.group else None
 
     @property
     def bytes_per_block(self) -> int:
@@ -249,17 +250,15 @@ class ModelRunner:
                     raise self._step_failure(e) from e
 
     def shutdown(self) -> None:
-        """Stop the other ranks (rank 0) and the processes this one started; safe to call twice."""
-        if self.group is None:
-            return
-        atexit.unregister(self.shutdown)  # the registration held this runner (weights, cache) alive
-        if self.heartbeat:
-            self.heartbeat.stop()
-        with self._lock:
-            healthy = self.failure is None and not (self.heartbeat and self.heartbeat.error)
-            self.group.shutdown(graceful=healthy)
-        self.group = None
+        """Stop the other ranks (rank 0) and the processes this one started, leave the process group, drop the model
+        and the KV cache; later steps raise EngineDeadError. Safe to call twice."""
         self._closed = True
+        if self.group is not None and self.failure is not None:
+            self.group.failed = True  # the ranks' collective sequences no longer match: no STOP
+        if self._release is not None:
+            self._release()  # runs once, here or when collected
+        self.group = self.heartbeat = None
+        self.model = self.kv_caches = self.workspace = None
 
     def _num_blocks(self, cache: CacheConfig, max_model_len: int, max_num_seqs: int) -> int:
         if cache.num_blocks is not None:

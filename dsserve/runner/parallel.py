@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -71,6 +72,8 @@ class Distributed:
         self.store: dist.TCPStore | None = None
         self.control_group = None  # rank 0's commands: gloo (the default group, or its own on NCCL/HCCL)
         self._stopping = False
+        self._closed = False
+        self.failed = False  # a collective failed or a rank reported a failure: no STOP can be sent on the way out
         self._listen: socket.socket | None = None
         try:
             self._start()
@@ -84,9 +87,12 @@ class Distributed:
     def _start(self) -> None:
         c = self.config
         if dist.is_initialized():
+            gc.collect()  # an engine nobody holds any more, caught in a reference cycle, releases its group now
+        if dist.is_initialized():
             raise DistributedError(
                 "this process already belongs to a torch.distributed group (another tensor-parallel engine is "
-                "running in it); shut that engine down first: one tensor-parallel engine per process"
+                "running in it); shut that engine down first (`llm.shutdown()`, or `with LLM(...) as llm:`): one "
+                "tensor-parallel engine per process at a time"
             )
         _choose_interface(c.node_addr, self.backend)
         if self.rank == 0 and not _agent_store():
@@ -245,7 +251,8 @@ class Distributed:
         return _LoadingBeat(self.store, f"dsserve/alive/{self.rank}")
 
     def report_failure(self, error: BaseException) -> None:
-        """Tell every rank (through the store) that this one failed before the first step, and why."""
+        """Tell every rank (through the store) that this one failed, and why."""
+        self.failed = True
         try:
             self.store.set("dsserve/failed", f"rank {self.rank} on node {self.config.node_rank} failed: {error}")
         except Exception:  # noqa: BLE001 - the store may be gone too
@@ -278,13 +285,22 @@ class Distributed:
 
     def lost(self, error: BaseException) -> DistributedError:
         """The message for a failed collective: the cause a rank published, else what this rank knows."""
+        self.failed = True
         reported = None
         try:
             if self.store is not None and self.store.check(["dsserve/failed"]):
                 reported = self.store.get("dsserve/failed").decode()
         except Exception:  # noqa: BLE001 - rank 0's store may be gone with rank 0
             pass
-        dead = [f"rank {r} (pid {p.pid}) exited with code {p.returncode}" for r, p in self.children if p.poll() is not None]
+        # A dead peer's connection resets a moment before its process can be reaped: give a local rank that died
+        # a second to show up, so the message names it instead of "died or stalled".
+        deadline = time.monotonic() + 1.0
+        while True:
+            dead = [f"rank {r} (pid {p.pid}) exited with code {p.returncode}"
+                    for r, p in self.children if p.poll() is not None]
+            if dead or reported or not self.children or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         who = reported or "; ".join(dead) or f"a rank died or stalled for more than {self.config.step_timeout_s:.0f}s"
         return DistributedError(f"rank {self.rank}: lost the other ranks ({who}): {error}")
 
@@ -295,7 +311,13 @@ class Distributed:
     # ---- shutdown ------------------------------------------------------------------------------------
 
     def shutdown(self, graceful: bool) -> None:
-        """Rank 0: tell the others to stop (when the group is healthy), then make sure the local ranks exit."""
+        """Rank 0: tell the others to stop (when the group is healthy), then make sure the local ranks exit; every
+        rank: leave the process group and drop the store, so that another engine can start in this process.
+        Runs once: a second call returns at once (by then the process group may be another engine's)."""
+        if self._closed:
+            return
+        self._closed = True
+        graceful = graceful and not self.failed and not any(p.poll() is not None for _, p in self.children)
         self._stopping = True
         sent = False
         if graceful and self.rank == 0 and dist.is_initialized():
@@ -310,6 +332,8 @@ class Distributed:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
+        self.control_group = None
+        self.store = None  # rank 0's is the rendezvous server: its port is free once the store goes
 
     def shutdown_children(self, wait_s: float = 0.0) -> None:
         """Wait up to `wait_s` for the local ranks to exit on their own, then terminate (and kill) them."""
@@ -433,6 +457,9 @@ class Heartbeat:
     def touch(self) -> None:
         self.last = time.monotonic()
 
+    def is_current_thread(self) -> bool:
+        return self._thread is threading.current_thread()
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
@@ -459,3 +486,18 @@ class Heartbeat:
                 return
             finally:
                 self.lock.release()
+
+
+def release(group: Distributed, heartbeat: Heartbeat | None, lock: threading.Lock) -> None:
+    """Stop the heartbeat and the group (rank 0: the other ranks too). A runner's `shutdown` runs it, and so does the
+    runner's `weakref.finalize` when the runner is collected or the interpreter exits: it must hold no reference to
+    the runner (its weights and KV cache), only to these three."""
+    if heartbeat is not None and heartbeat.is_current_thread():
+        # The collection that found the runner ran on the heartbeat's own thread, which may hold `lock` mid-send:
+        # stopping from here would deadlock, so another thread does it once the heartbeat has let go.
+        threading.Thread(target=release, args=(group, heartbeat, lock), name="dsserve-release").start()
+        return
+    if heartbeat is not None:
+        heartbeat.stop()
+    with lock:
+        group.shutdown(graceful=heartbeat is None or heartbeat.error is None)
