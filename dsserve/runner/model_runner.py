@@ -82,7 +82,7 @@ class ModelRunner:
             self.model = model_class(model_config)(model_config, config.scheduler.max_model_len, self.dtype, tp)
         self.model.load_weights(iter_checkpoint(model_config, self.dtype, self.model.checkpoint_slices()))
         self.model.eval()
-        if self.device.type == "cpu" and config.extra.get("cpu_prepack", True):
+        if self.device.type == "cpu" and config.backend == "cpu":
             weight_dtype = getattr(torch, config.weight_dtype)
             logger.info("packed %d weight matrices (%s) for the CPU kernels", prepack_for_cpu(self.model, weight_dtype),
                         config.weight_dtype)

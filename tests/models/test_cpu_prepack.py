@@ -16,7 +16,7 @@ PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18]
 def test_packed_equals_plain(model_dir, name):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
     packed = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256)
-    plain = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
+    plain = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, backend="torch")
     model = packed.engine.runner.model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert any(m.packed is not None and m.weight is None for m in linears)
@@ -52,7 +52,7 @@ def test_fp16_weights_equal_plain_on_fp16_exact_weights(model_dir, tmp_path, mon
     path = _representable_copy(model_dir(name), tmp_path / name)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
     half = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="float16")
-    plain = LLM(path, num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
+    plain = LLM(path, num_kv_blocks=64, max_model_len=256, backend="torch")
     assert half.engine.config.weight_dtype == "float16"
     model = half.engine.runner.model
     model.fused_decode = None  # the module path's kernels here (test_fused_decode.py: the one-call decode)
@@ -163,7 +163,7 @@ def test_bf16_weights_track_float32(model_dir, tmp_path, monkeypatch, name, kern
         monkeypatch.setattr(cpu_kernels, "linear_bf16_usable", lambda: False)
     path = _representable_copy(model_dir(name), tmp_path / name, torch.bfloat16)
     bf16 = LLM(path, num_kv_blocks=64, max_model_len=256, weight_dtype="bfloat16")
-    full = LLM(path, num_kv_blocks=64, max_model_len=256, cpu_prepack=False)
+    full = LLM(path, num_kv_blocks=64, max_model_len=256, backend="torch")
     packed = [m.packed for m in bf16.engine.runner.model.modules() if isinstance(m, Linear) and m.packed is not None]
     assert packed and all(p.kind == kernel for p in packed)
     if name == "deepseek_v3":  # MLA's absorbed projections: per-head fp16 GEMVs with bf16 weights too

@@ -52,7 +52,7 @@ def test_fused_decode_gives_the_module_paths_bits(model_dir, monkeypatch, name, 
 def test_not_fused_where_a_layer_is_not_in_the_fp16_kernel(model_dir, name):
     """float32 weights (oneDNN-packed) or no packing at all: decode keeps the module path."""
     assert LLM(model_dir(name), num_kv_blocks=16, max_model_len=64).engine.runner.model.fused_decode is None
-    plain = LLM(model_dir(name), num_kv_blocks=16, max_model_len=64, weight_dtype="float16", cpu_prepack=False)
+    plain = LLM(model_dir(name), num_kv_blocks=16, max_model_len=64, weight_dtype="float16", backend="torch")
     assert plain.engine.runner.model.fused_decode is None
 
 
