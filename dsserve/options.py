@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsserve.config import DTYPE_NAMES, KV_CACHE_DTYPE_NAMES, WEIGHT_DTYPE_NAMES
+from dsserve.config import DTYPE_NAMES, WEIGHT_DTYPE_NAMES
 from dsserve.errors import ConfigError
 
 BACKEND_NAMES = ("auto", "cpu", "torch")

@@ -128,8 +128,6 @@ def bench_serve(
     seed: int = typer.Option(0),
 ):
     """Streaming load against any OpenAI-compatible server: TTFT, TPOT, ITL, E2E latency, throughput, goodput."""
-    import asyncio
-
     import httpx
     from rich.progress import Progress
 
