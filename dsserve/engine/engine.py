@@ -89,6 +89,8 @@ class LLMEngine:
             )
         self.tokenizer = _load_tokenizer(config)
         self.runner = ModelRunner(config)
+        # The runner reads max_model_len only while it builds (rotary table, cache budget) and keeps none; the KV
+        # cache it sized may lower a defaulted max_model_len, and from here on that fitted config is the only one.
         try:
             config = self.config = _fit_max_model_len(config, self.runner.num_blocks)
         except BaseException:
