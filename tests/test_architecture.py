@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dsserve"
 RANKS = {
     "cli": 0,
     "server": 1, "llm": 1, "bench": 1, "eval": 1, "chat": 1,
-    "plan": 1, "weights": 1, "ranktable": 1, "doctor": 1,
+    "plan": 1, "weights": 1, "mindie": 1, "doctor": 1,
     "engine": 2,
     "reasoning": 2,  # text-level parsing the server uses; imports no engine or HTTP types
     "runner": 3,
@@ -19,11 +19,12 @@ RANKS = {
     "models": 5,
     "layers": 6,
 }
-ANYWHERE = {"config", "errors", "assets", "profiling"}  # imported from any layer; they import nothing above themselves
+ANYWHERE = {"config", "options", "errors", "assets", "profiling"}  # imported from any layer; they import nothing above themselves
 # Operator tools read configs and checkpoints, never the engine or the device.
-TOOLS = {"plan", "weights", "ranktable", "doctor"}
+TOOLS = {"plan", "weights", "mindie", "doctor"}
 # backends.cpu.kernels: the doctor asks it which CPU kernels this machine can run.
-TOOL_ALLOWED = {"config", "errors", "models.loader", "models.registry", "plan", "weights", "ranktable", "backends.cpu.kernels"}
+TOOL_ALLOWED = {"config", "options", "errors", "models.loader", "models.registry", "plan", "weights", "mindie",
+                "backends.cpu.kernels"}
 
 
 def _layer(module: str) -> str:

@@ -3,7 +3,8 @@
 import pytest
 from typer.testing import CliRunner
 
-from dsserve.bench.timing import MINDIE_COLUMNS, MindieRow, mindie_csv, time_batch
+from dsserve.bench.timing import time_batch
+from dsserve.mindie.perf_csv import MINDIE_COLUMNS, MindieRow, mindie_csv
 from dsserve.cli import app
 
 HEADER = ("Model,Batchsize,In_seq,Out_seq,Total time(s),First token time(ms),Non-first token time(ms),"

@@ -1,1 +1,1 @@
-"""Benchmarks: offline throughput on the in-process engine (MindIE CSV and serving benchmarks come later)."""
+"""Benchmarks: the timing core of the in-process benchmarks, and the streaming load client against a server."""

@@ -1,26 +1,13 @@
 """One timing core for `bench perf`, `bench latency` and `bench throughput`: run a batch of exact-length requests
-through the in-process engine and time every step; and MindIE's performance CSV computed from those timings.
-
-MindIE's definitions (modeltest's model_test.py): first token time = the prefill forward of the batch; non-first
-token time = the mean decode step; non-first throughput = batch / decode step; E2E throughput =
-batch x Out_seq / total time; the two "Average" columns are means over all rows, written on the last row.
-"""
+through the in-process engine and time every step (mindie/perf_csv.py turns the timings into MindIE's CSV)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import random
 import time
 from dataclasses import dataclass
 
 from dsserve.profiling import PROFILER
-
-MINDIE_COLUMNS = [
-    "Model", "Batchsize", "In_seq", "Out_seq", "Total time(s)", "First token time(ms)", "Non-first token time(ms)",
-    "Non-first token Throughput(Tokens/s)", "E2E Throughput(Tokens/s)", "Non-first token Throughput Average(Tokens/s)",
-    "E2E Throughput Average(Tokens/s)",
-]
 
 
 @dataclass
@@ -81,44 +68,3 @@ def _synchronizer(engine):
 
         return lambda: torch.cuda.synchronize(device)
     return None
-
-
-@dataclass
-class MindieRow:
-    model: str
-    batch_size: int
-    input_len: int
-    output_len: int
-    total_s: float
-    first_token_ms: float
-    decode_ms: float
-
-    @property
-    def decode_throughput(self) -> float:
-        return self.batch_size / (self.decode_ms / 1000) if self.decode_ms else 0.0
-
-    @property
-    def e2e_throughput(self) -> float:
-        return self.batch_size * self.output_len / self.total_s
-
-    @classmethod
-    def from_timing(cls, model: str, t: BatchTiming) -> "MindieRow":
-        return cls(model, t.batch_size, t.input_len, t.output_len, t.total_s, t.first_token_s * 1000,
-                   t.decode_step_s * 1000)
-
-
-def mindie_csv(rows: list[MindieRow]) -> str:
-    """The CSV MindIE's performance test writes: its exact header, the averages on the last row."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(MINDIE_COLUMNS)
-    decode_avg = sum(r.decode_throughput for r in rows) / len(rows) if rows else 0.0
-    e2e_avg = sum(r.e2e_throughput for r in rows) / len(rows) if rows else 0.0
-    for i, r in enumerate(rows):
-        last = i == len(rows) - 1
-        writer.writerow([
-            r.model, r.batch_size, r.input_len, r.output_len, f"{r.total_s:.10f}", f"{r.first_token_ms:.2f}",
-            f"{r.decode_ms:.2f}", f"{r.decode_throughput:.2f}", f"{r.e2e_throughput:.2f}",
-            f"{decode_avg:.2f}" if last else "", f"{e2e_avg:.2f}" if last else "",
-        ])
-    return out.getvalue()

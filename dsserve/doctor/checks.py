@@ -10,7 +10,8 @@ import sys
 import tempfile
 from typing import Any
 
-from dsserve.config import load_toml, log_dir
+from dsserve.config import log_dir
+from dsserve.options import load_toml
 from dsserve.doctor.access import check_access
 from dsserve.doctor.files import Line
 from dsserve.doctor.tls import check_tls
@@ -155,7 +156,7 @@ def _port(host: str, port: int) -> Line:
 
 
 def _rank_table(path: str) -> list[Line]:
-    from dsserve.ranktable.ranktable import load, validate
+    from dsserve.mindie.ranktable import load, validate
 
     try:
         errors = validate(load(path))

@@ -19,6 +19,7 @@ from dsserve.config import (
     SchedulerConfig,
     parallel_from_env,
     parse_memory,
+    resolve_backend,
     resolve_dtype,
     resolve_kv_cache_dtype,
     resolve_weight_dtype,
@@ -29,6 +30,7 @@ from dsserve.engine.request import Request, RequestStatus, SamplingParams
 from dsserve.engine.scheduler import Scheduler, SchedulerOutput
 from dsserve.engine.tokenizer import Tokenizer
 from dsserve.errors import ConfigError, EngineDeadError, InvalidRequestError
+from dsserve.options import EngineArgs
 from dsserve.profiling import PROFILER
 from dsserve.runner.model_runner import ModelRunner, StepResult, default_num_threads
 
@@ -87,6 +89,8 @@ class LLMEngine:
             )
         self.tokenizer = _load_tokenizer(config)
         self.runner = ModelRunner(config)
+        # The runner reads max_model_len only while it builds (rotary table, cache budget) and keeps none; the KV
+        # cache it sized may lower a defaulted max_model_len, and from here on that fitted config is the only one.
         try:
             config = self.config = _fit_max_model_len(config, self.runner.num_blocks)
         except BaseException:
@@ -301,51 +305,29 @@ class LLMEngine:
         raise InvalidRequestError(f"a prompt is a string, a list of token ids or {{'prompt_token_ids': [...]}}; got {type(prompt).__name__}")
 
 
-def build_engine_config(
-    model: str | Path,
-    *,
-    dtype: str = "auto",
-    weight_dtype: str = "auto",
-    kv_cache_dtype: str = "auto",
-    device: str | None = None,
-    block_size: int = 16,
-    kv_cache_memory: str | int | None = None,
-    kv_cache_fraction: float = 0.5,
-    num_kv_blocks: int | None = None,
-    enable_prefix_caching: bool = True,
-    max_num_seqs: int = 256,
-    max_num_batched_tokens: int | None = None,
-    max_model_len: int | None = None,
-    enable_chunked_prefill: bool = True,
-    num_threads: int | None = None,
-    seed: int = 0,
-    tokenizer: str | None = None,
-    tensor_parallel_size: int | None = None,
-    enable_expert_parallel: bool = False,
-    topology: dict[str, Any] | None = None,
-    master_port: int | None = None,
-    dist_backend: str | None = None,
-    connect_timeout: float = 120.0,
-    step_timeout: float = 60.0,
-    from_env: bool = False,
-    backend: str = "auto",
-) -> EngineConfig:
+def build_engine_config(model: str | Path, **options: Any) -> EngineConfig:
+    """`LLM(model, **options)`'s options (the fields of options.EngineArgs) resolved into the frozen EngineConfig;
+    an unknown option is a ConfigError that lists the known ones."""
+    return resolve_engine_args(model, EngineArgs.from_options(options))
+
+
+def resolve_engine_args(model: str | Path, args: EngineArgs) -> EngineConfig:
     """Resolve every 'auto' value and check the options against each other; the result is frozen.
 
     Parallelism: `tensor_parallel_size` ranks on this node (this process is rank 0 and starts the others),
-    or a multi-node `topology` (the fields `ranktable.topology` derives from a rank table), or, when neither
+    or a multi-node `topology` (the fields `mindie.ranktable.topology` derives from a rank table), or, when neither
     says otherwise and `from_env` is set (`dsserve serve` sets it), torchrun's variables (RANK, WORLD_SIZE, ...):
     an offline `LLM` inside some other torchrun job stays a single-device engine.
     """
     model_config = ModelConfig.from_path(model)
-    parallel = _parallel_config(tensor_parallel_size, enable_expert_parallel, topology, master_port, dist_backend,
-                                connect_timeout, step_timeout, from_env)
+    parallel = _parallel_config(args.tensor_parallel_size, args.enable_expert_parallel, args.topology,
+                                args.master_port, args.dist_backend, args.connect_timeout, args.step_timeout,
+                                args.from_env)
     parallel.parallel_checks(model_config)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if block_size < 1 or block_size > 1024:
-        raise ConfigError(f"--block-size {block_size} must be in [1, 1024] (16 is the default, MindIE uses 128)")
-    explicit_max_len = max_model_len is not None
-    max_model_len = max_model_len or model_config.max_position_embeddings
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.block_size < 1 or args.block_size > 1024:
+        raise ConfigError(f"--block-size {args.block_size} must be in [1, 1024] (16 is the default, MindIE uses 128)")
+    max_model_len = args.max_model_len or model_config.max_position_embeddings
     if max_model_len < 2:
         raise ConfigError(f"--max-model-len {max_model_len} must be >= 2")
     if max_model_len > model_config.max_position_embeddings:
@@ -353,43 +335,44 @@ def build_engine_config(
             f"--max-model-len {max_model_len} exceeds the model's max_position_embeddings "
             f"({model_config.max_position_embeddings}); lower it"
         )
-    batched = max_num_batched_tokens or (2048 if enable_chunked_prefill else max(2048, max_model_len))
-    if not enable_chunked_prefill and batched < max_model_len:
+    chunked = args.enable_chunked_prefill
+    batched = args.max_num_batched_tokens or (2048 if chunked else max(2048, max_model_len))
+    if not chunked and batched < max_model_len:
         raise ConfigError(
             f"--max-num-batched-tokens {batched} is below --max-model-len {max_model_len} with chunked prefill off: "
             "long prompts could never be scheduled; raise it or enable chunked prefill"
         )
-    if max_num_seqs < 1:
-        raise ConfigError(f"--max-num-seqs {max_num_seqs} must be >= 1")
-    if not 0 < kv_cache_fraction <= 1:
-        raise ConfigError(f"kv_cache_fraction {kv_cache_fraction} must be in (0, 1]")
-    compute_dtype = resolve_dtype(dtype, model_config.checkpoint_dtype, device)
+    if args.max_num_seqs < 1:
+        raise ConfigError(f"--max-num-seqs {args.max_num_seqs} must be >= 1")
+    if not 0 < args.kv_cache_fraction <= 1:
+        raise ConfigError(f"kv_cache_fraction {args.kv_cache_fraction} must be in (0, 1]")
+    compute_dtype = resolve_dtype(args.dtype, model_config.checkpoint_dtype, device)
     return EngineConfig(
         model=model_config,
         cache=CacheConfig(
-            block_size=block_size,
-            kv_cache_memory=parse_memory(kv_cache_memory),
-            kv_cache_fraction=kv_cache_fraction,
-            num_blocks=num_kv_blocks,
-            enable_prefix_caching=enable_prefix_caching,
+            block_size=args.block_size,
+            kv_cache_memory=parse_memory(args.kv_cache_memory),
+            kv_cache_fraction=args.kv_cache_fraction,
+            num_blocks=args.num_kv_blocks,
+            enable_prefix_caching=args.enable_prefix_caching,
         ),
         scheduler=SchedulerConfig(
-            max_num_seqs=max_num_seqs,
+            max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=batched,
             max_model_len=max_model_len,
-            enable_chunked_prefill=enable_chunked_prefill,
+            enable_chunked_prefill=chunked,
+            fit_max_model_len=args.max_model_len is None,
         ),
         dtype=compute_dtype,
-        weight_dtype=resolve_weight_dtype(weight_dtype, model_config.checkpoint_dtype, device, compute_dtype,
+        weight_dtype=resolve_weight_dtype(args.weight_dtype, model_config.checkpoint_dtype, device, compute_dtype,
                                           native_bf16=device == "cpu" and _native_bf16()),
-        kv_cache_dtype=resolve_kv_cache_dtype(kv_cache_dtype, device, compute_dtype),
+        kv_cache_dtype=resolve_kv_cache_dtype(args.kv_cache_dtype, device, compute_dtype),
+        backend=resolve_backend(args.backend, device),
         device=device,
-        num_threads=num_threads or max(1, default_num_threads() // len(parallel.node_ranks)),
-        seed=seed,
-        tokenizer_path=tokenizer,
-        extra={"max_model_len_explicit": explicit_max_len},
+        num_threads=args.num_threads or max(1, default_num_threads() // len(parallel.node_ranks)),
+        seed=args.seed,
+        tokenizer_path=args.tokenizer,
         parallel=parallel,
-        backend=("cpu" if device == "cpu" else "torch") if backend == "auto" else backend,
     )
 
 
@@ -426,7 +409,7 @@ def _fit_max_model_len(config: EngineConfig, num_blocks: int) -> EngineConfig:
     max_len = config.scheduler.max_model_len
     if max_len <= capacity:
         return config
-    if config.extra.get("max_model_len_explicit"):
+    if not config.scheduler.fit_max_model_len:
         raise ConfigError(
             f"--max-model-len {max_len} does not fit the KV cache ({num_blocks} blocks x {config.cache.block_size} "
             f"= {capacity} tokens); raise --kv-cache-memory or lower --max-model-len"

@@ -37,6 +37,7 @@ class ServerConfig:
     max_body_bytes: int = 40 * 2**20  # MindIE's maxRequestLength
     max_queued_requests: int = 1024  # sequences beyond max_num_seqs + this get 503 (n counts n times)
     stream_interval: int = 1  # engine steps between a stream's chunks (vLLM's --stream-interval)
+    direct_writes: bool = True  # streamed chunks go straight to uvicorn's transport (False: plain ASGI)
     reasoning_parser: str = "none"  # "deepseek_r1" or "none" (resolved from "auto" before freezing)
     strict_reasoning_history: bool = False  # True: reasoning_content in input messages is a 400 (DeepSeek's API)
     max_input_len: int | None = None  # with truncate_input, prompts are cut to this many tokens (MindIE truncation)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import logging.handlers
 import os
@@ -13,16 +12,20 @@ from pathlib import Path
 
 import uvicorn
 
-from dsserve.config import is_loopback, log_dir
+from dsserve.assets import DEMO_SERVED_NAME, demo_model_dir
+from dsserve.config import ApiKey, is_loopback, log_dir, parse_memory
 from dsserve.engine.async_engine import AsyncEngine
 from dsserve.engine.engine import LLMEngine, build_engine_config
 from dsserve.errors import ConfigError, ShuttingDownError
+from dsserve.options import ServerArgs
 from dsserve.reasoning import r1
 from dsserve.runner.model_runner import freeze_startup_heap
 from dsserve.server.app import ServerConfig, create_app
 from dsserve.server.direct import expose_send
+from dsserve.server.keys import load_keys
 
 logger = logging.getLogger("dsserve")
+TLS_OPTIONS = ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs")  # uvicorn's names (and vLLM's flags)
 
 
 def setup_logging(port: int, level: str = "INFO") -> Path:
@@ -39,15 +42,16 @@ def setup_logging(port: int, level: str = "INFO") -> Path:
     return path
 
 
-def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_options: dict, log_level: str = "INFO",
-          tls: dict | None = None) -> int:
+def serve(model: str, args: ServerArgs, engine_options: dict) -> int:
     """Run until stopped; returns the process exit code (0 after a drain, 1 when the engine died).
 
-    `tls`: uvicorn's ssl_keyfile / ssl_certfile / ssl_ca_certs / ssl_cert_reqs (vLLM's flag names)."""
-    tls = _check_tls(tls or {})
-    log_path = setup_logging(port, log_level)
+    `engine_options`: options.EngineArgs fields as given (flags over the --config file)."""
+    tls = _check_tls({name: getattr(args, name) for name in TLS_OPTIONS})
+    api_keys = load_keys(args.api_key, args.api_key_file)  # before the model loads: a bad key file fails at once
+    chat_template = _read_template(args.chat_template)
+    log_path = setup_logging(args.port, args.log_level)
     logger.info("log file: %s", log_path)
-    config = build_engine_config(model, **engine_options)
+    config = build_engine_config(model, **engine_options, **_parallel_options(args))
     if config.parallel.rank != 0:
         # A rank table's other nodes and torchrun's other ranks: compute only; rank 0 serves HTTP.
         from dsserve.runner.worker import run_worker
@@ -56,11 +60,13 @@ def serve(model: str, host: str, port: int, server_config: ServerConfig, engine_
                     config.parallel.world_size, config.parallel.node_rank, config.parallel.master_addr,
                     config.parallel.master_port)
         return run_worker(config)
-    _print_config(config, server_config, host, port, log_path)
     engine = LLMEngine(config)
+    config = engine.config  # max_model_len fitted to the KV cache
+    server_config = server_config_from(args, model, api_keys, chat_template, engine.tokenizer,
+                                       config.parallel.step_timeout_s)
+    host, port = args.host, args.port
+    _print_config(config, server_config, host, port, log_path)
     _inject_fault(engine)
-    server_config = resolve_reasoning_parser(server_config, engine.tokenizer)
-    logger.info("config: reasoning parser: %s", server_config.reasoning_parser)
     server: uvicorn.Server | None = None
     died = threading.Event()
 
@@ -186,12 +192,63 @@ def asgi_app(async_engine: AsyncEngine, server_config: ServerConfig):
     return expose_send(create_app(async_engine, server_config))
 
 
-def resolve_reasoning_parser(server_config: ServerConfig, tokenizer) -> ServerConfig:
+def server_config_from(args: ServerArgs, model_path: str, api_keys: tuple[ApiKey, ...], chat_template: str | None,
+                       tokenizer, step_timeout_s: float) -> ServerConfig:
+    """The frozen ServerConfig of `dsserve serve`'s options, with "auto" resolved against the loaded tokenizer."""
+    return ServerConfig(
+        served_model_name=args.served_model_name or default_served_name(model_path),
+        api_keys=api_keys,
+        max_queued_requests=args.max_queued_requests,
+        stream_interval=args.stream_interval,
+        direct_writes=args.direct_writes,
+        reasoning_parser=resolve_reasoning_parser(args.reasoning_parser, tokenizer, chat_template),
+        strict_reasoning_history=args.strict_reasoning_history,
+        chat_template=chat_template,
+        max_input_len=args.max_input_len,
+        truncate_input=args.truncate_input,
+        audit_log=args.audit_log,
+        audit_log_content=bool(args.audit_log_content),
+        audit_log_max_bytes=parse_memory(args.audit_log_max_bytes),
+        shutdown_timeout_s=float(args.shutdown_timeout),
+        step_timeout_s=step_timeout_s,
+        max_messages=args.max_messages,
+        max_prompt_chars=args.max_prompt_chars,
+        max_stop=args.max_stop,
+        max_stop_chars=args.max_stop_chars,
+        max_prompts=args.max_prompts,
+        max_request_tokens=args.max_request_tokens,
+        max_tokens_default=args.max_tokens_default,
+    )
+
+
+def resolve_reasoning_parser(requested: str, tokenizer, chat_template: str | None = None) -> str:
     """`auto`: deepseek_r1 when the chat template or the vocabulary has R1's `</think>`, else none."""
-    if server_config.reasoning_parser != "auto":
-        return server_config
-    has_think = r1.uses_think(tokenizer, server_config.chat_template)
-    return dataclasses.replace(server_config, reasoning_parser="deepseek_r1" if has_think else "none")
+    if requested != "auto":
+        return requested
+    return "deepseek_r1" if r1.uses_think(tokenizer, chat_template) else "none"
+
+
+def default_served_name(model_path: str) -> str:
+    return DEMO_SERVED_NAME if Path(model_path) == demo_model_dir() else Path(model_path).name
+
+
+def _parallel_options(args: ServerArgs) -> dict:
+    """The engine's parallel options a server adds: a rank table's topology, and torchrun's RANK / WORLD_SIZE / ...
+    (`from_env`) starting a multi-rank deployment."""
+    if args.rank_table is None:
+        return {"from_env": True}
+    from dsserve.mindie.ranktable import load, topology
+
+    return {"from_env": True, "topology": topology(load(args.rank_table), args.node_rank or 0)}
+
+
+def _read_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"--chat-template {path} cannot be read ({e.strerror})") from None
 
 
 def _print_config(config, server_config: ServerConfig, host: str, port: int, log_path: Path) -> None:

@@ -11,7 +11,7 @@ from dsserve import LLM, SamplingParams
 from dsserve.config import ModelConfig, ParallelConfig, parallel_from_env
 from dsserve.engine.engine import build_engine_config
 from dsserve.errors import ConfigError, DistributedError
-from dsserve.ranktable.ranktable import generate, topology
+from dsserve.mindie.ranktable import generate, topology
 from dsserve.runner.batch import StepInputs
 
 # Mixed lengths, and a small token budget so that steps mix prompt chunks with decodes.

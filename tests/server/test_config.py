@@ -1,6 +1,6 @@
 import pytest
 
-from dsserve.config import load_toml
+from dsserve.options import load_toml
 from dsserve.errors import ConfigError
 
 
@@ -25,8 +25,8 @@ def test_serve_config_file_and_flag_override(tiny_r1, tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_serve(model, host, port, server_config, options, log_level, tls=None):
-        seen.update(model=model, host=host, port=port, server=server_config, options=options)
+    def fake_serve(model, server, options):
+        seen.update(model=model, server=server, options=options)
         return 0
 
     monkeypatch.setattr(launch, "serve", fake_serve)
@@ -34,8 +34,8 @@ def test_serve_config_file_and_flag_override(tiny_r1, tmp_path, monkeypatch):
     f.write_text(f'model = "{tiny_r1}"\nmax_model_len = 1024\nblock_size = 128\nport = 9000\napi_key = "k"\n')
     result = CliRunner().invoke(app, ["serve", "--config", str(f), "--max-model-len", "512"])
     assert result.exit_code == 0, result.output
-    assert seen["options"] == {"max_model_len": 512, "block_size": 128, "from_env": True}
-    assert seen["port"] == 9000 and [k.key for k in seen["server"].api_keys] == ["k"] and seen["server"].served_model_name == "tiny-r1"
+    assert seen["options"] == {"max_model_len": 512, "block_size": 128}
+    assert seen["model"] == str(tiny_r1) and seen["server"].port == 9000 and seen["server"].api_key == "k"
 
 
 def test_stream_interval_from_flag_or_file_and_refused_below_one(tiny_r1, tmp_path, monkeypatch):
@@ -45,7 +45,7 @@ def test_stream_interval_from_flag_or_file_and_refused_below_one(tiny_r1, tmp_pa
     from dsserve.cli import app
 
     seen = {}
-    monkeypatch.setattr(launch, "serve", lambda model, host, port, server, options, level, tls=None: seen.update(server=server))
+    monkeypatch.setattr(launch, "serve", lambda model, server, options: seen.update(server=server))
     f = tmp_path / "serve.toml"
     f.write_text(f'model = "{tiny_r1}"\nstream-interval = 3\n')
     assert CliRunner().invoke(app, ["serve", "--config", str(f)]).exit_code == 0

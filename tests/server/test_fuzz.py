@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
 import dsserve
-from dsserve.cli import DEMO_SERVED_NAME, demo_model_dir
+from dsserve.assets import DEMO_SERVED_NAME, demo_model_dir
 from dsserve.engine.async_engine import AsyncEngine
 from dsserve.engine.engine import LLMEngine, build_engine_config
 from dsserve.server.app import ServerConfig
@@ -170,8 +170,8 @@ class FuzzServer:
         config = build_engine_config(demo_model_dir(), kv_cache_memory="64MiB", max_model_len=MAX_MODEL_LEN,
                                      max_num_seqs=16)
         self.engine = AsyncEngine(LLMEngine(config))
-        server_config = resolve_reasoning_parser(
-            ServerConfig(served_model_name=self.served_name, reasoning_parser="auto"), self.engine.tokenizer)
+        server_config = ServerConfig(served_model_name=self.served_name,
+                                     reasoning_parser=resolve_reasoning_parser("auto", self.engine.tokenizer))
         self._app = asgi_app(self.engine, server_config)
         self.engine.start()
 

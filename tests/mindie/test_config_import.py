@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dsserve.cli import app
-from dsserve.config import import_mindie, load_toml
+from dsserve.mindie.config_import import import_mindie
+from dsserve.options import load_toml
 from dsserve.errors import ConfigError
 
 # The fields and defaults the guide lists (ServerConfig, BackendConfig with ModelDeployConfig and

@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from dsserve.cli import app
 from dsserve.errors import ConfigError
-from dsserve.ranktable.ranktable import environment, generate, validate
+from dsserve.mindie.ranktable import environment, generate, validate
 
 NODES = ["192.168.1.10", "192.168.1.11"]
 

@@ -1,0 +1,3 @@
+from dsserve.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""MindIE compatibility: its service config import, rank tables and performance CSV."""
