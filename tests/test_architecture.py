@@ -50,9 +50,21 @@ def _imports(module: str, path: Path):
             if node.level:
                 base = package.split(".")
                 base = base[: len(base) - node.level + 1]
-                yield ".".join(base + ([node.module] if node.module else [])), node.lineno
+                source = ".".join(base + ([node.module] if node.module else []))
             elif node.module:
-                yield node.module, node.lineno
+                source = node.module
+            else:
+                continue
+            for alias in node.names:  # `from package import module` imports that module
+                submodule = f"{source}.{alias.name}"
+                yield (submodule if _is_module(submodule) else source), node.lineno
+
+
+def _is_module(name: str) -> bool:
+    if not name.startswith("dsserve."):
+        return False
+    path = PACKAGE.joinpath(*name.split(".")[1:])
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
 def _violations():
@@ -114,3 +126,97 @@ def test_the_cli_and_the_benchmark_client_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def _import_graph(top_level_only: bool) -> dict[str, set[str]]:
+    """module -> the package modules it imports (at module level only, or anywhere in it)."""
+    modules = dict(_modules())
+    graph = {}
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        nodes = tree.body if top_level_only else list(ast.walk(tree))
+        lines = {n.lineno for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom))}
+        graph[module] = {target for target, line in _imports(module, path)
+                         if line in lines and target in modules and target != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or through others, even inside functions (a lazy import that
+    dodges a cycle is still one). A package's __init__ re-exporting its submodules is not an arrow back."""
+    graph = _import_graph(top_level_only=False)
+    for module in graph:  # a submodule importing its package's facade is the facade's business, not a cycle
+        graph[module] = {t for t in graph[module] if not module.startswith(t + ".")}
+    assert _cycles(graph) == []
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_models_and_layers_know_no_backend():
+    """The model files and layers are the maths: no backend, no kernel, no ctypes."""
+    found = []
+    for module, path in _modules():
+        if _layer(module) in ("models", "layers"):
+            found += [f"{module} -> {target}" for target, _ in _imports(module, path)
+                      if target.startswith(("dsserve.backends", "ctypes"))]
+    assert found == []
+
+
+ENGINE_CORE = ("engine", "runner", "models", "layers")
+
+
+def test_engine_core_stays_small():
+    """The engine, runner, models and layers of the four architectures (backends excluded) in at most 4,000 lines."""
+    lines = sum(len(path.read_text().splitlines()) for package in ENGINE_CORE
+                for path in (PACKAGE / package).rglob("*.py"))
+    assert lines <= 4000, f"the engine core has {lines} lines"
+
+
+def test_tests_use_no_other_package_private_names():
+    """A test imports a private (underscore) name only from the package it tests (tests/<package>/ mirrors it)."""
+    tests = PACKAGE.parent / "tests"
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        rel = path.relative_to(tests)
+        own = rel.parts[0] if len(rel.parts) > 1 else rel.stem.removeprefix("test_")
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dsserve"):
+                package = (node.module.split(".") + [""])[1]
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if private and package != own:
+                    found.append(f"{rel}:{node.lineno} imports {', '.join(private)} from {node.module}")
+    assert found == []
