@@ -1,24 +1,23 @@
-"""The step's flat batch: the decode-only fast path must describe exactly what the general path does."""
+"""The torch backend's step metadata: the decode-only fast path must describe exactly what the general path does."""
 
 from __future__ import annotations
 
 import torch
 
-from dsserve.layers.attention import AttentionMetadata, Workspace
-from dsserve.runner import batch as batch_module
-from dsserve.runner.batch import StepInputs, build_forward_batch
+from dsserve.backends.torch import AttentionMetadata, TorchBackend, Workspace, _rows_metadata
+from dsserve.runner.batch import ForwardBatch, StepInputs, build_forward_batch
 
 BLOCK = 4
 
 
-def _general(inputs: StepInputs) -> batch_module.ForwardBatch:
+def _general(inputs: StepInputs) -> ForwardBatch:
     """build_forward_batch without its decode shortcut."""
     query_lens = inputs.query_lens
-    meta = batch_module._attention_metadata(query_lens, inputs.starts, inputs.block_tables, BLOCK, torch.device("cpu"))
+    meta = _rows_metadata(query_lens, inputs.starts, inputs.block_tables, BLOCK, torch.device("cpu"))
     seq_of_token = torch.repeat_interleave(torch.arange(query_lens.numel()), query_lens)
     positions = inputs.starts[seq_of_token]
     meta.slot_mapping = inputs.block_tables[seq_of_token, positions // BLOCK] * BLOCK + positions % BLOCK
-    return batch_module.ForwardBatch(input_ids=inputs.input_ids, positions=positions, attn=meta)
+    return ForwardBatch(input_ids=inputs.input_ids, positions=positions, attn=meta)
 
 
 def test_decode_fast_path_matches_general_path():
@@ -26,11 +25,11 @@ def test_decode_fast_path_matches_general_path():
     tables = [[5, 2, 9], [7], [1, 3]]
     starts = [9, 2, 4]  # the new token's position: 9 -> block 2 (id 9), 2 -> block 0 (id 7), 4 -> block 1 (id 3)
     inputs = StepInputs.build([[11], [12], [13]], starts, tables)
-    workspace = Workspace()
-    fast = build_forward_batch(inputs, BLOCK, torch.device("cpu"), workspace)
+    backend = TorchBackend("cpu")
+    fast = build_forward_batch(inputs, BLOCK, torch.device("cpu"), backend)
     slow = _general(inputs)
     assert fast.attn.is_decode and slow.attn.is_decode
-    assert fast.attn.workspace is workspace
+    assert fast.attn.workspace is backend.workspace
     assert torch.equal(fast.input_ids, slow.input_ids)
     assert torch.equal(fast.positions, torch.tensor(starts))
     assert torch.equal(fast.attn.slot_mapping, torch.tensor([9 * BLOCK + 1, 7 * BLOCK + 2, 3 * BLOCK + 0]))
@@ -41,7 +40,7 @@ def test_decode_fast_path_matches_general_path():
 
 def test_mixed_step_keeps_general_path():
     inputs = StepInputs.build([[1, 2, 3], [4]], [0, 6], [[0], [1, 2]])
-    out = build_forward_batch(inputs, BLOCK, torch.device("cpu"))
+    out = build_forward_batch(inputs, BLOCK, torch.device("cpu"), TorchBackend("cpu"))
     assert out.attn.parts is not None  # decode rows and a prompt chunk: attention in two parts
     assert out.positions.tolist() == [0, 1, 2, 6]
 

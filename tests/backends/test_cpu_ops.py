@@ -1,0 +1,120 @@
+"""Every op the CPU backend overrides against the torch reference backend, called as the layers call them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dsserve.backends.cpu import kernels
+from dsserve.backends.cpu.backend import CpuBackend
+from dsserve.backends.torch import TorchBackend
+
+pytestmark = pytest.mark.skipif(kernels.library() is None, reason="needs the CPU kernel library")
+
+CPU, TORCH = CpuBackend(), TorchBackend("cpu")
+
+
+class Layer(SimpleNamespace):
+    """A stand-in for the calling layer: backends key per-layer state by the layer object itself."""
+
+    __hash__ = object.__hash__
+BLOCK = 16
+
+
+def _close(a, b, tol=1e-5):
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_rms_norm_silu_and_rotary():
+    torch.manual_seed(0)
+    norm = SimpleNamespace(weight=torch.randn(96), eps=1e-6)
+    x = torch.randn(7, 96)
+    _close(CPU.rms_norm(norm, x), TORCH.rms_norm(norm, x))
+    gate_up = torch.randn(5, 2 * 40)
+    _close(CPU.silu_and_mul(gate_up), TORCH.silu_and_mul(gate_up))
+    positions = torch.tensor([0, 3, 9, 100, 4])
+    for interleaved in (False, True):
+        angles = torch.randn(128, 16)
+        rotary = SimpleNamespace(cos=angles.cos(), sin=angles.sin(), interleaved=interleaved)
+        xs = (torch.randn(5, 4, 32), torch.randn(5, 1, 32))
+        for got, want in zip(CPU.rotary(rotary, positions, xs), TORCH.rotary(rotary, positions, xs)):
+            _close(got, want)
+
+
+@pytest.mark.parametrize("method, scoring, groups", [("noaux_tc", "sigmoid", 4), ("greedy", "softmax", 1),
+                                                     ("group_limited_greedy", "softmax", 4)])
+def test_routers(method, scoring, groups):
+    torch.manual_seed(1)
+    config = SimpleNamespace(topk_method=method, scoring_func=scoring, n_group=groups, topk_group=2,
+                             num_experts_per_tok=3, norm_topk_prob=True, routed_scaling_factor=2.5,
+                             n_routed_experts=16)
+    router = SimpleNamespace(config=config, weight=torch.randn(16, 64),
+                             e_score_correction_bias=torch.randn(16) * 0.1 if method == "noaux_tc" else None)
+    x = torch.randn(9, 64)
+    (w_cpu, ids_cpu), (w_ref, ids_ref) = CPU.route(router, x), TORCH.route(router, x)
+    order_cpu, order_ref = ids_cpu.argsort(dim=1), ids_ref.argsort(dim=1)  # the same experts, in any order
+    assert torch.equal(ids_cpu.gather(1, order_cpu), ids_ref.gather(1, order_ref))
+    _close(w_cpu.gather(1, order_cpu), w_ref.gather(1, order_ref))
+
+
+def _step(query_lens, starts, num_blocks=32):
+    """A step's inputs as the runner builds them: each row's blocks, positions and cache slots."""
+    tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in query_lens])
+    query_lens, starts = torch.tensor(query_lens), torch.tensor(starts)
+    seq = torch.repeat_interleave(torch.arange(len(query_lens)), query_lens)
+    first = torch.cumsum(query_lens, 0) - query_lens
+    positions = starts[seq] + torch.arange(int(query_lens.sum())) - first[seq]
+    slots = tables[seq, positions // BLOCK] * BLOCK + positions % BLOCK
+    return query_lens, starts, tables, positions, slots
+
+
+STEPS = {"decode": ([1, 1, 1], [5, 40, 17]), "prompts": ([6, 3], [0, 0]), "mixed": ([1, 9, 1], [30, 0, 2]),
+         "continued chunk": ([12], [50])}
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_paged_attention(step):
+    torch.manual_seed(2)
+    query_lens, starts, tables, positions, slots = _step(*STEPS[step])
+    tokens, heads, kv_heads, dim = positions.numel(), 4, 2, 32
+    layer = SimpleNamespace(scale=dim**-0.5)
+    q, k, v = torch.randn(tokens, heads, dim), torch.randn(tokens, kv_heads, dim), torch.randn(tokens, kv_heads, dim)
+    cache = torch.randn(32, BLOCK, 2, kv_heads, dim)
+    outs, caches = [], []
+    for backend in (CPU, TORCH):
+        meta = backend.attention_metadata(query_lens, starts, tables, positions, slots, BLOCK, torch.device("cpu"))
+        caches.append(cache.clone())
+        outs.append(backend.attention(layer, q, k, v, caches[-1], meta))
+    assert torch.equal(caches[0], caches[1])
+    _close(outs[0], outs[1], 1e-4)
+
+
+@pytest.mark.parametrize("step", ["decode", "mixed"])
+def test_mla_attention(step):
+    torch.manual_seed(3)
+    query_lens, starts, tables, positions, slots = _step(*STEPS[step])
+    tokens, heads, nope, rope, v_dim, rank = positions.numel(), 4, 16, 16, 16, 32
+    layer = Layer(scale=0.1, num_heads=heads, nope_dim=nope, v_dim=v_dim, kv_lora_rank=rank,
+                            kv_b_proj=SimpleNamespace(weight=torch.randn(heads * (nope + v_dim), rank) * 0.2))
+    q_nope, q_pe = torch.randn(tokens, heads, nope), torch.randn(tokens, heads, rope)
+    latent, k_pe = torch.randn(tokens, rank), torch.randn(tokens, rope)
+    cache = torch.randn(32, BLOCK, rank + rope)
+    outs, caches = [], []
+    for backend in (CPU, TORCH):
+        meta = backend.attention_metadata(query_lens, starts, tables, positions, slots, BLOCK, torch.device("cpu"))
+        caches.append(cache.clone())
+        outs.append(backend.mla_attention(layer, q_nope, q_pe, latent, k_pe, caches[-1], meta))
+    assert torch.equal(caches[0], caches[1])
+    _close(outs[0], outs[1], 1e-4)
+
+
+def test_unknown_backend_is_refused():
+    from dsserve.backends import select
+    from dsserve.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is not one of cpu, torch"):
+        select("triton", torch.device("cpu"))
+    assert isinstance(select("torch", torch.device("cpu")), TorchBackend)
