@@ -1,6 +1,6 @@
 """Decode attention on CPU: dsserve's kernel (dsserve/backends/cpu/csrc/paged_attention.c) against its torch twin (the
 context gathered from the paged cache into a workspace, then SDPA or, for MLA, two matmuls), on random caches
-with shuffled blocks, as layers/attention.py calls them.
+with shuffled blocks, as the CPU backend (dsserve/backends/cpu/backend.py) calls them.
 
     python benchmarks/cpu_attention.py                              # batch 64 and 1, 256 tokens of context
     python benchmarks/cpu_attention.py --batch 32 --context 1024 --heads 16 --kv-heads 2 --head-dim 128
@@ -18,7 +18,7 @@ import time
 import torch
 
 from dsserve.backends.cpu import kernels as kernels
-from dsserve.layers import attention as A
+from dsserve.backends import torch as A
 
 
 def _meta(batch: int, context: int, block_size: int, num_blocks: int) -> A.AttentionMetadata:

@@ -6,7 +6,7 @@ step reads them: from memory, not from cache).
 
 For each batch size (rows, M): one pass over every layer's q/k/v, o, gate/up and down weights and the LM head
 through F.linear (MKL, fp32), oneDNN's packed fp32 weights, FBGEMM's packed fp16 weights and dsserve's own
-fp16 kernel (kernels/linear_f16.c; what `layers/linear.py: PackedLinear` calls, FBGEMM where it cannot be built);
+fp16 kernel (backends/cpu/csrc/linear_f16.c; what `backends/cpu/packing.py: PackedLinear` calls, FBGEMM where it cannot be built);
 then DeepSeek-style routed experts, one matmul pair per expert.
 Prints ms per pass, best of --repeats.
 """

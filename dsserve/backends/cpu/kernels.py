@@ -596,7 +596,7 @@ class _FusedDecoder:
         positions, slots, context_lens (B,) and block_tables (B, max_blocks) int64 (rows may be strided);
         `caches` must be the caches this decoder was built over."""
         if len(caches) != len(self.caches) or any(a is not b for a, b in zip(caches, self.caches)):
-            raise RuntimeError("the fused decoder was built over other KV caches; rebuild it (fuse_decode_for_cpu)")
+            raise RuntimeError("the fused decoder was built over other KV caches; rebuild it (CpuBackend.set_kv_caches)")
         lib, step = _state["lib"], self.step
         batch = x.shape[0]
         if block_tables.dtype != torch.int64 or block_tables.stride(1) != 1:
