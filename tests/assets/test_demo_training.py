@@ -9,7 +9,7 @@ import pytest
 
 from dsserve.assets import demo_tasks
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "train_demo_model.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_demo_model.py"
 
 
 def test_problems_are_correct_and_seeded():
