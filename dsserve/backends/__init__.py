@@ -6,16 +6,21 @@ kernels and fused decode steps. The interface is backends/base.py's `Backend`.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from dsserve.backends.base import Backend
 from dsserve.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+# (no runtime `import torch` here: it would shadow the submodule dsserve.backends.torch)
+
 NAMES = ("cpu", "torch")
 
 
-def select(name: str, device: torch.device, weight_dtype: torch.dtype = torch.float32) -> Backend:
-    """The backend `name` for `device` ("cpu" needs a CPU device)."""
+def select(name: str, device: torch.device, weight_dtype: torch.dtype | None = None) -> Backend:
+    """The backend `name` for `device` ("cpu" needs a CPU device; `weight_dtype`: how it packs linear weights,
+    float32 by default)."""
     if name == "torch":
         from dsserve.backends.torch import TorchBackend
 
@@ -25,5 +30,5 @@ def select(name: str, device: torch.device, weight_dtype: torch.dtype = torch.fl
             raise ConfigError(f"the cpu backend runs on a CPU device, not {device}; use --backend torch")
         from dsserve.backends.cpu.backend import CpuBackend
 
-        return CpuBackend(weight_dtype)
+        return CpuBackend() if weight_dtype is None else CpuBackend(weight_dtype)
     raise ConfigError(f"--backend {name!r} is not one of {', '.join(NAMES)}")

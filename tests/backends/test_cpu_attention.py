@@ -1,11 +1,14 @@
-"""The CPU decode-attention kernel against its plain-torch twin (layers/attention.py's gather + SDPA path), on
+"""The CPU decode-attention kernel against its plain-torch twin (backends/torch.py's gather + SDPA path), on
 MHA, GQA and MLA layouts, ragged lengths, shuffled blocks and MindIE's block size; and the fallback."""
 
 import pytest
 import torch
 
 from dsserve.backends.cpu import kernels as cpu_kernels
-from dsserve.layers import attention as A
+from types import SimpleNamespace
+
+from dsserve.backends import torch as A
+from dsserve.backends.cpu.backend import CpuBackend, _kernel_reads
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: the kernel cannot be built")
 
@@ -73,7 +76,7 @@ def test_disabled_by_environment_takes_the_torch_path(monkeypatch, caplog):
     assert cpu_kernels.library() is None
     assert "DSSERVE_CPU_KERNELS=0" in caplog.text
     meta = _meta([20, 3], 16, num_blocks=8, seed=4)
-    assert not A._use_cpu_kernel(meta, torch.randn(2, 4, 8), torch.randn(8, 16, 2, 2, 8), 8, 8)
+    assert not _kernel_reads(torch.randn(2, 4, 8), torch.randn(8, 16, 2, 2, 8), 8, 8)
 
 
 def test_no_compiler_is_reported(monkeypatch, tmp_path, caplog):
@@ -97,9 +100,9 @@ def test_head_size_off_the_vector_width_takes_the_torch_path():
     if width == 1:
         pytest.skip("the generic build takes any head size")
     meta = _meta([20, 3], 16, num_blocks=8, seed=5)
-    assert A._use_cpu_kernel(meta, torch.randn(2, 4, 8 * width), torch.randn(8, 16, 2, 2, 8 * width), 8 * width,
+    assert _kernel_reads(torch.randn(2, 4, 8 * width), torch.randn(8, 16, 2, 2, 8 * width), 8 * width,
                              8 * width)
-    assert not A._use_cpu_kernel(meta, torch.randn(2, 4, 12), torch.randn(8, 16, 2, 2, 12), 12, 12)
+    assert not _kernel_reads(torch.randn(2, 4, 12), torch.randn(8, 16, 2, 2, 12), 12, 12)
 
 
 @pytest.mark.parametrize("lens", [[1], [37, 1, 16, 100, 255]])
@@ -159,7 +162,8 @@ def test_prompt_step_through_the_kernel_matches_the_masked_torch_path(cache_dtyp
         used += need
     chunks = [list(range(n)) for n in query_lens]
     inputs = StepInputs.build(chunks, starts, tables)
-    batch = build_forward_batch(inputs, block_size, torch.device("cpu"))
+    backend = CpuBackend()
+    batch = build_forward_batch(inputs, block_size, torch.device("cpu"), backend)
     meta = batch.attn
     assert meta.token_lens is not None and meta.token_lens.tolist() == (batch.positions + 1).tolist()
     calls = []
@@ -171,10 +175,11 @@ def test_prompt_step_through_the_kernel_matches_the_masked_torch_path(cache_dtyp
     base = torch.randn(num_blocks, block_size, 2, kv_heads, head_dim).to(cache_dtype)  # earlier chunks' K/V
     scale = head_dim**-0.5
     cache_kernel, cache_torch = base.clone(), base.clone()
-    got = A.paged_attention(q, k, v, cache_kernel, meta, scale)
+    layer = SimpleNamespace(scale=scale)
+    got = backend.attention(layer, q, k, v, cache_kernel, meta)
     assert calls == [(total, heads, head_dim)]  # the whole step in one kernel call
     meta.token_lens = None  # the gather + masked SDPA path (its decode row takes the kernel as a decode part)
-    want = A.paged_attention(q, k, v, cache_torch, meta, scale)
+    want = backend.attention(layer, q, k, v, cache_torch, meta)
     torch.testing.assert_close(cache_kernel, cache_torch, rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -187,7 +192,8 @@ def test_prompt_chunks_continuing_a_longer_context_keep_the_sdpa_path():
     def meta(starts, query_lens):
         tables = [list(range(i * 20, i * 20 + -(-(s + n) // 16))) for i, (s, n) in enumerate(zip(starts, query_lens))]
         chunks = [list(range(n)) for n in query_lens]
-        return build_forward_batch(StepInputs.build(chunks, starts, tables), 16, torch.device("cpu")).attn
+        return build_forward_batch(StepInputs.build(chunks, starts, tables), 16, torch.device("cpu"),
+                                   CpuBackend()).attn
 
     assert meta([0, 30, 200], [40, 30, 1]).token_lens is not None
     assert meta([0, 31], [40, 30]).token_lens is None

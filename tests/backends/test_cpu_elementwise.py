@@ -1,4 +1,4 @@
-"""RMSNorm, rotary and silu * up as C calls (kernels/elementwise.c) against the torch expressions they replace,
+"""RMSNorm, rotary and silu * up as C calls (csrc/elementwise.c) against the torch expressions they replace,
 on strided inputs, both rotary layouts, sizes off the vector width, batches large enough to go parallel."""
 
 import pytest
@@ -7,8 +7,11 @@ import torch.nn.functional as F
 
 from dsserve.config import RopeConfig
 from dsserve.backends.cpu import kernels as cpu_kernels
-from dsserve.layers.linear import silu_and_mul
+from dsserve.backends.cpu.backend import CpuBackend
+from dsserve.backends.torch import TorchBackend
 from dsserve.layers.rotary import RotaryEmbedding
+
+CPU, TORCH = CpuBackend(), TorchBackend("cpu")
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no C compiler: the kernels cannot be built")
 
@@ -27,7 +30,7 @@ def test_rms_norm_matches_torch(rows, dim):
 
 
 def _torch_rotary(rotary: RotaryEmbedding, positions, *xs):
-    cos, sin, cos_full, sin_signed = rotary._step_tables(positions)
+    cos, sin, cos_full, sin_signed = TORCH._step_tables(rotary, positions)
     out = []
     for x in xs:
         if rotary.interleaved:
@@ -50,7 +53,7 @@ def test_rotary_matches_torch(interleaved, tokens):
     qkv = torch.randn(tokens, 12 * 64)
     qk = qkv[:, : 10 * 64].view(tokens, 10, 64)  # rows strided (the v columns follow)
     k_pe = torch.randn(tokens, 64).unsqueeze(1)  # one head, as DeepSeek's shared k_pe
-    got = rotary(positions, qk, k_pe)
+    got = CPU.rotary(rotary, positions, (qk, k_pe))
     assert all(g.is_contiguous() for g in got)
     for g, expected in zip(got, _torch_rotary(rotary, positions, qk, k_pe)):
         torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-5)
@@ -63,24 +66,19 @@ def test_silu_mul_matches_torch(rows, inner):
     gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -1e-8])  # e^-|g| underflow, exact zero
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
-    torch.testing.assert_close(silu_and_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(CPU.silu_and_mul(gate_up), F.silu(gate) * up, rtol=2e-6, atol=1e-6)
 
 
 def test_other_dtypes_take_the_torch_path():
     assert not cpu_kernels.fused_ops_usable(torch.randn(2, 4, dtype=torch.bfloat16))
     gate_up = torch.randn(3, 8, dtype=torch.bfloat16)
     gate, up = gate_up.chunk(2, dim=-1)
-    assert torch.equal(silu_and_mul(gate_up), F.silu(gate) * up)
+    assert torch.equal(CPU.silu_and_mul(gate_up), F.silu(gate) * up)
 
 
 def _same_routing(router, x, weights, ids):
     """The C kernel's (weights, ids) for x are the torch path's, up to the order of the k picks."""
-    cpu_kernels_state = cpu_kernels._state.copy()
-    try:
-        cpu_kernels._state["lib"] = None  # the torch path
-        ref_weights, ref_ids = router(x)
-    finally:
-        cpu_kernels._state.update(cpu_kernels_state)
+    ref_weights, ref_ids = TORCH.route(router, x)
     order, ref_order = ids.argsort(dim=-1), ref_ids.argsort(dim=-1)
     assert torch.equal(ids.gather(1, order), ref_ids.gather(1, ref_order))
     torch.testing.assert_close(weights.gather(1, order), ref_weights.gather(1, ref_order), rtol=1e-5, atol=1e-6)
@@ -100,7 +98,7 @@ def test_noaux_router_matches_torch(tokens, experts, groups, topk_group, top_k):
     router.weight.data.normal_(0, 0.3)
     router.e_score_correction_bias.data.normal_(0, 0.1)
     x = torch.randn(tokens, 48)
-    weights, ids = router(x)  # the C kernel
+    weights, ids = CPU.route(router, x)  # the C kernel
     _same_routing(router, x, weights, ids)
 
 
@@ -124,7 +122,7 @@ def test_softmax_router_matches_torch(tokens, experts, method, groups, topk_grou
     real = cpu_kernels.router_softmax
     try:
         cpu_kernels.router_softmax = lambda *a: calls.append(1) or real(*a)
-        weights, ids = router(x)  # the C kernel
+        weights, ids = CPU.route(router, x)  # the C kernel
     finally:
         cpu_kernels.router_softmax = real
     assert calls
@@ -133,23 +131,19 @@ def test_softmax_router_matches_torch(tokens, experts, method, groups, topk_grou
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cache_write_matches_index_copy(dtype):
-    from dsserve.layers.attention import AttentionMetadata
-
     torch.manual_seed(0)
     qkv = torch.randn(5, 3 * 2 * 8)  # k and v: strided views of a wider buffer, as in a layer
     k, v = qkv[:, 16:32].view(5, 2, 8), qkv[:, 32:].view(5, 2, 8)
     slots = torch.tensor([17, 3, 40, 0, 22])
-    meta = AttentionMetadata(slot_mapping=slots, query_index=None, query_valid=None, block_tables=None,
-                             attn_mask=None, is_decode=True)
     got, expected = torch.zeros(6, 8, 2, 2, 8, dtype=dtype), torch.zeros(6, 8, 2, 2, 8, dtype=dtype)
     if dtype == torch.float16 and not cpu_kernels._state.get("half"):
         pytest.skip("this build writes no float16 cache")
     assert cpu_kernels.cache_write(got, slots, k, v)
-    meta.write(expected, torch.stack((k, v), dim=1))
+    TORCH.write_cache(expected, slots, k, v, stack=True)
     assert torch.equal(got, expected)
     latent, k_pe = torch.randn(5, 32), torch.randn(5, 1, 8)[:, 0]  # MLA: the latent then the rope key
     got, expected = torch.zeros(6, 8, 40, dtype=dtype), torch.zeros(6, 8, 40, dtype=dtype)
-    meta.write_pair(got, latent, k_pe, stack=False)
-    meta.write(expected, torch.cat((latent, k_pe), dim=-1))
+    CPU.write_cache(got, slots, latent, k_pe, stack=False)
+    TORCH.write_cache(expected, slots, latent, k_pe, stack=False)
     assert torch.equal(got, expected)
     assert not cpu_kernels.cache_write(got, slots, latent.double(), k_pe)  # not float32: the caller uses torch

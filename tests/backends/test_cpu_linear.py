@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dsserve.backends.cpu import kernels as cpu_kernels
-from dsserve.layers.linear import PackedLinear
+from dsserve.backends.cpu.packing import Kind, PackedLinear
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.linear_f16_usable(),
                                 reason="the float16 linear needs the kernel library built with AVX2 + FMA + F16C")
@@ -53,13 +53,13 @@ def test_packed_linear_uses_the_kernel_and_fbgemm_without_it(monkeypatch):
     x = torch.randn(3, 24)
     expected = F.linear(x, weight.half().float(), bias)
     own = PackedLinear(weight, bias, torch.float16)
-    assert own.kind == "dsserve"
+    assert own.kind is Kind.F16
     torch.testing.assert_close(own(x), expected, rtol=1e-5, atol=1e-5)
     if cpu_kernels.packed_weights_unavailable(torch.float16) is None:
         monkeypatch.setattr(cpu_kernels, "linear_f16_usable", lambda: False)
         if "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines:
             fallback = PackedLinear(weight, bias, torch.float16)
-            assert fallback.kind == "fbgemm"
+            assert fallback.kind is Kind.FBGEMM_F16
             torch.testing.assert_close(fallback(x), expected, rtol=1e-4, atol=1e-4)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dsserve.backends.cpu import kernels as cpu_kernels
-from dsserve.layers.linear import PackedLinear
+from dsserve.backends.cpu.packing import Kind, PackedLinear
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.linear_bf16_usable(),
                                   reason="the bfloat16 linear needs AMX tiles and AVX512-BF16")
@@ -54,17 +54,17 @@ def test_batch_shapes_and_empty_input():
         cpu_kernels.linear_bf16(x.double(), packed, 24)
 
 
-@pytest.mark.parametrize("kernel", ["dsserve-bf16", "onednn-bf16"])
+@pytest.mark.parametrize("kernel", [Kind.BF16, Kind.ONEDNN_BF16])
 def test_packed_linear_takes_the_kernel_there_is(monkeypatch, kernel):
     if not cpu_kernels.native_bf16():
         pytest.skip("needs a CPU with native bf16")
-    if kernel == "dsserve-bf16" and not cpu_kernels.linear_bf16_usable():
+    if kernel is Kind.BF16 and not cpu_kernels.linear_bf16_usable():
         pytest.skip("needs the bfloat16 linear kernel")
-    if kernel == "onednn-bf16":
+    if kernel is Kind.ONEDNN_BF16:
         monkeypatch.setattr(cpu_kernels, "linear_bf16_usable", lambda: False)
     weight, bias = torch.randn(40, 64) * 0.1, torch.randn(40)
     packed = PackedLinear(weight, bias, torch.bfloat16)
-    assert packed.kind == kernel
+    assert packed.kind is kernel
     x = torch.randn(5, 64)
     torch.testing.assert_close(packed(x), _reference(x, weight, bias, 5), rtol=1e-2, atol=1e-2)
 
