@@ -19,8 +19,9 @@ from dsserve.engine.engine import LLMEngine, build_engine_config
 from dsserve.errors import ConfigError, ShuttingDownError
 from dsserve.reasoning import r1
 from dsserve.runner.model_runner import freeze_startup_heap
-from dsserve.server.app import ServerConfig, create_app
+from dsserve.server.app import create_app
 from dsserve.server.direct import expose_send
+from dsserve.server.state import ServerConfig
 
 logger = logging.getLogger("dsserve")
 
