@@ -199,7 +199,7 @@ async def results(state, http: Request, rid: str, prompt: Any, params: SamplingP
     state.admit(params.n)
     state.in_flight += params.n
     state.metrics.arrived(rid, time.perf_counter())
-    stream = state.engine.generate(rid, prompt, params, direct)
+    stream = state.engine.generate(rid, prompt, params, direct.take if direct is not None else None)
     finished = rejected = False
     try:
         while not finished:

@@ -79,8 +79,8 @@ class ChunkWriter:
 
 
 class DirectWriter:
-    """The `on_output` of one streamed response (AsyncEngine.generate): renders an output with the handler's renderer
-    and writes it to the connection, or returns False to hand it to the handler.
+    """One streamed response's direct writes: `take` is its `on_output` (AsyncEngine.generate), which renders an
+    output with the handler's renderer and writes it to the connection, or returns False to hand it to the handler.
 
     It writes only while `is_parked`: the handler waits for its next output (common.results sets the flag around that
     wait), so everything it sent is on the wire, and no output has been handed to it since it parked. Once one is
@@ -100,7 +100,8 @@ class DirectWriter:
         writer = ChunkWriter.of(scope)
         return None if writer is None else cls(writer, render)
 
-    def __call__(self, output: RequestOutput) -> bool:
+    def take(self, output: RequestOutput) -> bool:
+        """The `on_output`: True when the output was written, False to hand it to the handler."""
         if not self.is_parked:
             return False
         if not self._writer.ready():

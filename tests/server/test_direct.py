@@ -90,7 +90,7 @@ def test_the_writer_writes_while_the_handler_is_parked_and_the_handler_gets_the_
     async def scenario():
         cycle = _cycle()
         writer = DirectWriter(ChunkWriter(cycle), lambda o: b"%d" % o.n)
-        stream = OutputStream(asyncio.get_running_loop(), writer)
+        stream = OutputStream(asyncio.get_running_loop(), writer.take)
         got = []
         handler = asyncio.create_task(_drain(stream, got, writer))
         await asyncio.sleep(0)  # the handler is now parked in get()
@@ -109,7 +109,7 @@ def test_the_handler_gets_outputs_when_it_is_busy_has_one_pending_or_the_connect
     async def scenario():
         cycle = _cycle()
         writer = DirectWriter(ChunkWriter(cycle), lambda o: b"%d" % o.n)
-        stream = OutputStream(asyncio.get_running_loop(), writer)
+        stream = OutputStream(asyncio.get_running_loop(), writer.take)
         stream.offer(_output(1))  # no handler parked yet: it must see this one
         got = []
         handler = asyncio.create_task(_drain(stream, got, writer))
@@ -160,13 +160,13 @@ def test_a_writer_leaves_outputs_to_the_handler_when_the_connection_cannot_take_
     cycle = _cycle(flow=SimpleNamespace(write_paused=True))
     rendered = []
     writer = DirectWriter.of({SEND_KEY: cycle.send}, lambda o: rendered.append(o) or b"x")
-    assert writer(_output(0)) is False  # not parked: the handler is busy
+    assert writer.take(_output(0)) is False  # not parked: the handler is busy
     writer.is_parked = True
-    assert writer(_output(1)) is False and rendered == [] and cycle.written == []
+    assert writer.take(_output(1)) is False and rendered == [] and cycle.written == []
     cycle.flow.write_paused = False
-    assert writer(_output(2)) is False and cycle.written == []  # 1 went to the handler: 2 must follow it
+    assert writer.take(_output(2)) is False and cycle.written == []  # 1 went to the handler: 2 must follow it
     writer.is_parked = True
-    assert writer(_output(3)) is True and cycle.written == [b"1\r\nx\r\n"]
+    assert writer.take(_output(3)) is True and cycle.written == [b"1\r\nx\r\n"]
 
 
 @contextlib.contextmanager
