@@ -15,9 +15,9 @@ by uvicorn's httptools protocol takes the usual way, output by output (and so do
 The ordering rule lives here, in `DirectWriter`: the engine offers it every unfinished output (AsyncEngine.generate's
 `on_output`), and it writes one only while the handler is parked and nothing has been handed to the handler since.
 
-The writer reads and writes uvicorn's private `RequestResponseCycle` state, so pyproject.toml pins uvicorn to the
-minor versions it is tested on (`uvicorn>=0.29,<0.56`; 0.55 at the time of writing). Raise the bound only after
-tests/server/test_direct.py passes on the new one. The check in `ChunkWriter.of` stays: a uvicorn whose protocol no
+The writer reads and writes uvicorn's private `RequestResponseCycle` state, so pyproject.toml caps uvicorn below the
+next minor version after the one it is tested on (`uvicorn>=0.29,<0.56`, tested on 0.55.0). Raise the cap only after
+tests/server/test_direct.py passes on the new version. The check in `ChunkWriter.of` stays: a uvicorn whose protocol no
 longer keeps that state gets every chunk the ASGI way.
 """
 
