@@ -220,7 +220,9 @@ class Client:
             self._idle.pop().close()
 
 
-async def _one(client: Client, model: str, work: Workload) -> RequestResult:
+async def send_request(client: Client, model: str, work: Workload) -> RequestResult:
+    """One streamed request of the workload; its chunks are stored with their arrival times (`read_stream` reads
+    them after the run)."""
     chat = isinstance(work.prompt, list) and work.prompt and isinstance(work.prompt[0], dict)
     body: dict[str, Any] = {"model": model, "max_tokens": work.output_len, "stream": True, "ignore_eos": True,
                             "temperature": 0, "stream_options": {"include_usage": True}}
@@ -295,7 +297,7 @@ async def run(base_url: str, model: str, workload: list[Workload], request_rate:
 
     async def guarded(work: Workload) -> RequestResult:
         async with limit:
-            r = await _one(client, model, work)
+            r = await send_request(client, model, work)
         if progress:
             progress()
         return r

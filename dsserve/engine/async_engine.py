@@ -11,9 +11,9 @@ larger chunks instead of working through a backlog. `stream_interval` (vLLM's `-
 request's output every that many of the steps that gave it tokens, plus its first output and its end: fewer, larger
 chunks by choice, each one costing the HTTP thread and the client the same however many tokens it carries.
 
-A handler may pass a `sink`: while it waits for its next output, the step's delivery hands unfinished outputs to the
-sink instead of waking it, and the sink writes them out on the spot (server/direct.py); the handler sees only what
-the sink turns down, and the last output.
+A consumer may pass an `on_output` callback: the step's delivery hands it each unfinished output first, on the event
+loop, and the iteration gets only the outputs it turns down, and the last one. What the callback does with them (the
+server writes some straight to the connection: server/direct.py) is the consumer's business.
 """
 
 from __future__ import annotations
@@ -43,15 +43,16 @@ class RequestStats:
     token_times_s: list[float] = field(default_factory=list)
 
 
-class _Stream:
-    """One request's way from the engine thread to its handler: the newest output (or the error that ended it)."""
+class OutputStream:
+    """One request's way from the engine thread to its consumer: the newest output (or the error that ended it), and
+    the consumer's `on_output` callback, which sees each unfinished output before the iteration does."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sink: Callable[[RequestOutput], bool] | None = None):
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 on_output: Callable[[RequestOutput], bool] | None = None):
         self.loop = loop
         self.item: RequestOutput | BaseException | None = None
         self.ready = asyncio.Event()
-        self.sink = sink
-        self.waiting = False  # event loop: the handler is parked in `get` (all it has sent is written)
+        self.on_output = on_output
         self.held = 0  # engine thread: outputs (steps that gave this request tokens) not sent yet (stream_interval)
         self.started = False  # engine thread: the first output has been sent
 
@@ -60,37 +61,35 @@ class _Stream:
         self.loop.call_soon_threadsafe(self.set, item)
 
     def set(self, item: RequestOutput | BaseException) -> None:
-        """On the event loop. An error stays: nothing after it may hide it. A finished output stays too: an engine
-        failure after the request completed does not turn its answer into an error."""
+        """On the event loop. An error stays: nothing after it may hide it (nor reach `on_output`). A finished output
+        stays too: an engine failure after the request completed does not turn its answer into an error."""
         if isinstance(self.item, BaseException):
             return
-        if isinstance(item, BaseException) and self.item is not None and self.item.finished:
-            return
+        if isinstance(item, BaseException):
+            if self.item is not None and self.item.finished:
+                return
+            self.on_output = None
         self.item = item
         self.ready.set()
 
     def offer(self, output: RequestOutput) -> None:
-        """On the event loop: the sink's when the handler is waiting with nothing pending (so the sink's writes come
-        after everything the handler sent), else the handler's. A sink that raises ends the stream with its error,
-        as the handler's own rendering would have."""
-        if self.sink is not None and self.waiting and self.item is None and not output.finished:
+        """On the event loop, once per delivered output: `on_output`'s when it takes it (True), else the iteration's.
+        The last output always goes to the iteration, which ends with it. A callback that raises ends the stream with
+        its error; the step's other streams still get theirs."""
+        on_output = self.on_output
+        if on_output is not None and not output.finished:
             try:
-                if self.sink(output):
+                if on_output(output):
                     return
             except Exception as e:  # noqa: BLE001 - one stream's failure must not stop the step's other deliveries
-                logger.exception("streaming an output failed")
-                self.sink = None
+                logger.exception("a stream's on_output failed")
                 self.set(e)
                 return
         self.set(output)
 
     async def get(self) -> RequestOutput:
         while self.item is None:
-            self.waiting = True
-            try:
-                await self.ready.wait()
-            finally:
-                self.waiting = False
+            await self.ready.wait()
         item, self.item = self.item, None
         self.ready.clear()
         if isinstance(item, BaseException):
@@ -109,7 +108,7 @@ class AsyncEngine:
         self.on_death = on_death
         self.dead: BaseException | None = None
         self._inbox: queue.Queue = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -148,15 +147,16 @@ class AsyncEngine:
         return self.engine.tokenizer
 
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                       sink: Callable[[RequestOutput], bool] | None = None) -> AsyncIterator[RequestOutput]:
+                       on_output: Callable[[RequestOutput], bool] | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative outputs until it finishes. Validation errors raise before the first yield;
         leaving the iteration early (client gone) aborts the request and frees its blocks.
 
-        `sink(output)`, called on the event loop with unfinished outputs that arrive while this iteration waits,
-        returns True when it has dealt with the output (which is then not yielded) and False to have it yielded."""
+        `on_output(output)` is called on the event loop with each unfinished output as its step delivers it, whether
+        or not this iteration is waiting; it returns True when it has dealt with the output (which is then not
+        yielded) and False to have it yielded. An exception it raises ends this iteration with that exception."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine stopped after an internal error: {self.dead}")
-        stream = _Stream(asyncio.get_running_loop(), sink)
+        stream = OutputStream(asyncio.get_running_loop(), on_output)
         self._streams[request_id] = stream
         done = asyncio.get_running_loop().create_future()
         self._inbox.put(("add", request_id, prompt, params, done))
@@ -270,7 +270,7 @@ class AsyncEngine:
         self.kv_cache_usage = self.engine.kv_cache.usage
 
 
-def _deliver(items: list[tuple[_Stream, RequestOutput]]) -> None:
+def _deliver(items: list[tuple[OutputStream, RequestOutput]]) -> None:
     for stream, output in items:
         stream.offer(output)
 

@@ -15,13 +15,11 @@ from dsserve.server.common import (
     EventWriter, check_chars, check_stop, engine_request_id, final_output, json_string, max_tokens_for, note,
     note_output, results, sampling_params, stream_error, token_text, truncate, usage,
 )
-from dsserve.server.direct import direct_sink
 from dsserve.server.protocol import APIError, ChatCompletionRequest
+from dsserve.server.state import read_request
 
 
 async def create_chat_completion(http: Request):
-    from dsserve.server.app import read_request
-
     state = http.app.state.dsserve
     req = await read_request(http, state, ChatCompletionRequest)
     state.check_model(req.model)
@@ -192,7 +190,7 @@ async def _stream(state, http, rid, prompt, params, model, reasoning, end_id, in
     try:
         yield b"".join(events.event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None}) for i in range(params.n))
-        async for output in results(state, http, rid, prompt, params, direct_sink(http.scope, render)):
+        async for output in results(state, http, rid, prompt, params, render):
             last = output
             chunk = render(output)
             if chunk:

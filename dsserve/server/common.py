@@ -15,10 +15,11 @@ from fastapi import Request
 from dsserve.engine.engine import RequestOutput
 from dsserve.engine.request import SamplingParams
 from dsserve.errors import DsserveError, EngineDeadError, InvalidRequestError, RequestFailedError, ShuttingDownError
+from dsserve.server.direct import DirectWriter
 from dsserve.server.protocol import APIError, SamplingFields
+from dsserve.server.state import RECORD_KEY, internal_error, note, request_id_of
 
 logger = logging.getLogger(__name__)
-RECORD_KEY = "dsserve.request"  # the scope's per-request record (server/app.py's Guard makes it)
 
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # one encoder, not one per call
@@ -111,13 +112,6 @@ def check_chars(num_chars: int, config, param: str) -> None:
                        code="context_length_exceeded")
 
 
-def note(http: Request, **fields) -> None:
-    """Add to the request's record (request id, key name, ...): what the audit line and the logs say of it."""
-    record = http.scope.get(RECORD_KEY)
-    if record is not None:
-        record.update(fields)
-
-
 def note_output(http: Request, state, output: RequestOutput | None, prompt_text=None) -> None:
     """Tokens and finish reasons of a finished (or abandoned) request, and its text when the audit log keeps it."""
     if output is None:
@@ -193,17 +187,30 @@ def engine_request_id(state, prefix: str, http: Request) -> str:
 
 
 async def results(state, http: Request, rid: str, prompt: Any, params: SamplingParams,
-                  sink: Callable[[RequestOutput], bool] | None = None) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one request (but those `sink` takes: AsyncEngine.generate); the request is aborted
-    when the client disconnects. A failure inside the engine that belongs to this request alone (RequestFailedError)
-    is a 500 for this request, without its cause (logged under the request id)."""
+                  render: Callable[[RequestOutput], bytes] | None = None) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs for one request; the request is aborted when the client disconnects. A failure inside the
+    engine that belongs to this request alone (RequestFailedError) is a 500 for this request, without its cause
+    (logged under the request id).
+
+    `render`: the stream's renderer, which the caller applies to every output it gets and sends the bytes of. Then
+    the outputs that arrive while the caller waits here are rendered and written straight to the connection instead
+    of being yielded (server/direct.py), unless --no-direct-writes or the connection is not uvicorn's."""
+    direct = DirectWriter.of(http.scope, render) if render is not None and state.config.direct_writes else None
     state.admit(params.n)
     state.in_flight += params.n
     state.metrics.arrived(rid, time.perf_counter())
-    stream = state.engine.generate(rid, prompt, params, sink)
+    stream = state.engine.generate(rid, prompt, params, direct.take if direct is not None else None)
     finished = rejected = False
     try:
-        async for output in stream:
+        while not finished:
+            if direct is None:
+                output = await anext(stream)
+            else:
+                direct.is_parked = True  # all the caller sent is on the wire: the writer may write until it wakes
+                try:
+                    output = await anext(stream)
+                finally:
+                    direct.is_parked = False
             finished = output.finished
             yield output
     except InvalidRequestError as e:
@@ -242,8 +249,6 @@ async def final_output(state, http: Request, rid: str, prompt: Any, params: Samp
 
 def stream_error(http: Request, error: DsserveError) -> APIError:
     """The error event that ends a stream the engine could not finish: no exception text, the request id."""
-    from dsserve.server.app import internal_error, request_id_of
-
     if isinstance(error, ShuttingDownError):
         return APIError(503, str(error), type="server_overloaded", code="server_shutting_down")
     logger.error("request %s: stream ended by %r", request_id_of(http), error)

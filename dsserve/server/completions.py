@@ -15,13 +15,11 @@ from dsserve.server.common import (
     EventWriter, check_chars, check_stop, engine_request_id, final_output, json_string, max_tokens_for, note,
     note_output, results, sampling_params, stream_error, token_text, truncate, usage,
 )
-from dsserve.server.direct import direct_sink
 from dsserve.server.protocol import APIError, CompletionRequest
+from dsserve.server.state import read_request
 
 
 async def create_completion(http: Request):
-    from dsserve.server.app import read_request
-
     state = http.app.state.dsserve
     req = await read_request(http, state, CompletionRequest)
     state.check_model(req.model)
@@ -218,8 +216,7 @@ async def _stream(state, http, rid, ids, params, req, include_usage, tokenizer, 
     render = _Render(events, params, req, tokenizer)
     last = None
     try:
-        async for output in results(state, http, rid, {"prompt_token_ids": ids}, params,
-                                    direct_sink(http.scope, render)):
+        async for output in results(state, http, rid, {"prompt_token_ids": ids}, params, render):
             last = output
             chunk = render(output)
             if chunk:

@@ -9,7 +9,16 @@ can be rendered by the handler's own (synchronous) renderer and framed straight 
 callback that delivers the step: one callback per step for every stream. The handler still sends, through ASGI,
 the response's start, what it has before its first wait (chat's role chunk), any output that arrives while it is
 busy, the final output, usage and the end; a stream whose connection is paused (a slow reader), closed or not served
-by uvicorn's httptools protocol takes the usual way, output by output.
+by uvicorn's httptools protocol takes the usual way, output by output (and so does every stream under
+--no-direct-writes).
+
+The ordering rule lives here, in `DirectWriter`: the engine offers it every unfinished output (AsyncEngine.generate's
+`on_output`), and it writes one only while the handler is parked and nothing has been handed to the handler since.
+
+The writer reads and writes uvicorn's private `RequestResponseCycle` state, so pyproject.toml caps uvicorn below the
+next minor version after the one it is tested on (`uvicorn>=0.29,<0.56`, tested on 0.55.0). Raise the cap only after
+tests/server/test_direct.py passes on the new version. The check in `ChunkWriter.of` stays: a uvicorn whose protocol no
+longer keeps that state gets every chunk the ASGI way.
 """
 
 from __future__ import annotations
@@ -25,8 +34,8 @@ except ImportError:  # pragma: no cover - httptools is a dependency; other serve
     _Cycle = None
 
 SEND_KEY = "dsserve.send"  # the server's own ASGI `send`, put in the scope by `expose_send`
-# What the writer reads of uvicorn's RequestResponseCycle (the same since well before uvicorn 0.29; checked per
-# request, so that a uvicorn that changes them falls back to the ASGI way rather than failing streams)
+# What the writer reads of uvicorn's RequestResponseCycle (the same since well before uvicorn 0.29; tested on 0.55;
+# checked per request, so that a uvicorn that changes them falls back to the ASGI way rather than failing streams)
 _STATE = ("response_started", "chunked_encoding", "response_complete", "disconnected", "flow", "transport")
 
 
@@ -69,20 +78,36 @@ class ChunkWriter:
         self._cycle.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
 
 
-def direct_sink(scope: dict, render: Callable[[RequestOutput], bytes]) -> Callable[[RequestOutput], bool] | None:
-    """The `sink` for `AsyncEngine.generate`: renders an output with the handler's renderer and writes it to the
-    connection; False (the handler gets the output) when the connection cannot take it now. None when the
-    response is not served by uvicorn's httptools protocol (tests' ASGI clients, other servers)."""
-    writer = ChunkWriter.of(scope)
-    if writer is None:
-        return None
+class DirectWriter:
+    """One streamed response's direct writes: `take` is its `on_output` (AsyncEngine.generate), which renders an
+    output with the handler's renderer and writes it to the connection, or returns False to hand it to the handler.
 
-    def sink(output: RequestOutput) -> bool:
-        if not writer.ready():
+    It writes only while `is_parked`: the handler waits for its next output (common.results sets the flag around that
+    wait), so everything it sent is on the wire, and no output has been handed to it since it parked. Once one is
+    (the connection could not take it), every later output goes the same way until the handler has taken it and
+    parked again: a direct write must never overtake a chunk the handler has still to send."""
+
+    __slots__ = ("_writer", "_render", "is_parked")
+
+    def __init__(self, writer: ChunkWriter, render: Callable[[RequestOutput], bytes]):
+        self._writer = writer
+        self._render = render
+        self.is_parked = False
+
+    @classmethod
+    def of(cls, scope: dict, render: Callable[[RequestOutput], bytes]) -> DirectWriter | None:
+        """None when the response is not served by uvicorn's httptools protocol (tests' ASGI clients, other servers)."""
+        writer = ChunkWriter.of(scope)
+        return None if writer is None else cls(writer, render)
+
+    def take(self, output: RequestOutput) -> bool:
+        """The `on_output`: True when the output was written, False to hand it to the handler."""
+        if not self.is_parked:
             return False
-        data = render(output)
+        if not self._writer.ready():
+            self.is_parked = False  # the handler gets this one: nothing may be written before it sends it
+            return False
+        data = self._render(output)
         if data:
-            writer.write(data)
+            self._writer.write(data)
         return True
-
-    return sink

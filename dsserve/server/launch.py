@@ -20,9 +20,10 @@ from dsserve.errors import ConfigError, ShuttingDownError
 from dsserve.options import ServerArgs
 from dsserve.reasoning import r1
 from dsserve.runner.model_runner import freeze_startup_heap
-from dsserve.server.app import ServerConfig, create_app
+from dsserve.server.app import create_app
 from dsserve.server.direct import expose_send
 from dsserve.server.keys import load_keys
+from dsserve.server.state import ServerConfig
 
 logger = logging.getLogger("dsserve")
 TLS_OPTIONS = ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs")  # uvicorn's names (and vLLM's flags)

@@ -7,11 +7,10 @@ from fastapi import Request
 from dsserve.errors import DsserveError
 from dsserve.server.common import check_chars
 from dsserve.server.protocol import APIError, DetokenizeRequest, TokenizeRequest
+from dsserve.server.state import read_request
 
 
 async def tokenize(http: Request):
-    from dsserve.server.app import read_request
-
     state = http.app.state.dsserve
     req = await read_request(http, state, TokenizeRequest)
     state.check_model(req.model)
@@ -40,8 +39,6 @@ def _encode(state, tokenizer, req: TokenizeRequest) -> list[int]:
 
 
 async def detokenize(http: Request):
-    from dsserve.server.app import read_request
-
     state = http.app.state.dsserve
     req = await read_request(http, state, DetokenizeRequest)
     state.check_model(req.model)

@@ -99,7 +99,8 @@ def test_stream_interval_through_the_endpoints_adds_up_to_the_whole_answer(tiny_
     and add up to exactly the non-streamed answer and usage."""
     from fastapi.testclient import TestClient
 
-    from dsserve.server.app import ServerConfig, create_app
+    from dsserve.server.app import create_app
+    from dsserve.server.state import ServerConfig
 
     engine = AsyncEngine(LLMEngine(build_engine_config(tiny_r1, num_kv_blocks=64, max_model_len=128)),
                          stream_interval=4)
@@ -149,7 +150,7 @@ def test_stream_interval_through_the_endpoints_adds_up_to_the_whole_answer(tiny_
 def test_an_engine_failure_after_the_end_does_not_replace_a_finished_answer():
     """The finished output is waiting for its handler when the engine dies: the handler still gets the answer.
     An error that arrives first stays, and a later output does not hide it."""
-    from dsserve.engine.async_engine import _Stream
+    from dsserve.engine.async_engine import OutputStream
     from dsserve.engine.engine import CompletionOutput, RequestOutput
 
     def output(finished: bool) -> RequestOutput:
@@ -158,7 +159,7 @@ def test_an_engine_failure_after_the_end_does_not_replace_a_finished_answer():
         return RequestOutput(request_id="r", prompt=None, prompt_token_ids=[0], outputs=[completion], finished=finished)
 
     async def scenario():
-        stream = _Stream(asyncio.get_running_loop())
+        stream = OutputStream(asyncio.get_running_loop())
         stream.set(output(finished=True))
         stream.set(RuntimeError("engine died"))
         got = await stream.get()

@@ -54,7 +54,7 @@ def test_client_streams_over_kept_alive_connections(server):
     async def go():
         client = online.Client(server.url)
         try:
-            results = [online.read_stream(await online._one(client, "DeepSeek-R1", work))
+            results = [online.read_stream(await online.send_request(client, "DeepSeek-R1", work))
                        for work in online.random_workload(3, 8, 5, 256, seed=1)]
         finally:
             await client.close()

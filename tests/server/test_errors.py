@@ -141,7 +141,8 @@ def test_health_is_503_once_the_engine_is_dead(tiny_r1):
 
     from dsserve.engine.async_engine import AsyncEngine
     from dsserve.engine.engine import LLMEngine, build_engine_config
-    from dsserve.server.app import ServerConfig, create_app
+    from dsserve.server.app import create_app
+    from dsserve.server.state import ServerConfig
 
     engine = AsyncEngine(LLMEngine(build_engine_config(tiny_r1, num_kv_blocks=8, max_model_len=64)))
     client = TestClient(create_app(engine, ServerConfig(served_model_name="m")))

@@ -35,9 +35,9 @@ import dsserve
 from dsserve.assets import DEMO_SERVED_NAME, demo_model_dir
 from dsserve.engine.async_engine import AsyncEngine
 from dsserve.engine.engine import LLMEngine, build_engine_config
-from dsserve.server.app import ServerConfig
 from dsserve.server.launch import asgi_app, resolve_reasoning_parser
 from dsserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from dsserve.server.state import ServerConfig
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
