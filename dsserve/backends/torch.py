@@ -88,6 +88,7 @@ class Workspace:
 
 class TorchBackend(Backend):
     name = "torch"
+    metadata_class = AttentionMetadata  # what attention_metadata builds (a backend may add fields)
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -104,7 +105,7 @@ class TorchBackend(Backend):
 
     def attention_metadata(self, query_lens, starts, tables, positions, slot_mapping, block_size, device):
         num_seqs = query_lens.numel()
-        if positions.numel() == num_seqs and bool((query_lens == 1).all()):  # one token per row: fewer ops
+        if positions.numel() == num_seqs:  # every row computes at least one token, so exactly one each: fewer ops
             num_context_blocks = int(starts.max()) // block_size + 1
             key_pos = torch.arange(num_context_blocks * block_size)
             mask = key_pos.view(1, 1, 1, -1) <= starts.view(-1, 1, 1, 1)  # (B, 1, 1, L)
@@ -272,8 +273,6 @@ class TorchBackend(Backend):
         concatenated) at its slot of cache (num_blocks, block_size, ...)."""
         values = torch.stack((first, second), dim=1) if stack else torch.cat((first, second), dim=-1)
         cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, values.to(cache.dtype))
-
-    metadata_class = AttentionMetadata
 
     @staticmethod
     def _by_part(meta, out_shape, queries, attend):

@@ -62,7 +62,7 @@ def build_forward_batch(inputs: StepInputs, block_size: int, device: torch.devic
     the backend describes the step to its attention (`Backend.attention_metadata`)."""
     query_lens, starts, tables = inputs.query_lens, inputs.starts, inputs.block_tables
     num_seqs = query_lens.numel()
-    if inputs.input_ids.numel() == num_seqs and bool((query_lens == 1).all()):  # one token per row: it sits at position starts[i]
+    if inputs.input_ids.numel() == num_seqs:  # every row has a token, so one each: it sits at position starts[i]
         positions = starts
         slot_mapping = tables[torch.arange(num_seqs), starts // block_size] * block_size + starts % block_size
     else:

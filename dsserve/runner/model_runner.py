@@ -258,7 +258,7 @@ class ModelRunner:
         if self._release is not None:
             self._release()  # runs once, here or when collected
         self.group = self.heartbeat = None
-        self.model = self.kv_caches = self.workspace = None
+        self.model = self.kv_caches = self.backend = None
 
     def _num_blocks(self, cache: CacheConfig, max_model_len: int, max_num_seqs: int) -> int:
         if cache.num_blocks is not None:
