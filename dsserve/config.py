@@ -231,24 +231,24 @@ def _rope_config(raw: dict[str, Any]) -> RopeConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache."""
+    """Paged KV cache, resolved (the options and their defaults: options.EngineArgs)."""
 
-    block_size: int = 16  # tokens per block (MindIE uses 128)
-    kv_cache_memory: int | None = None  # bytes for the cache; None: a fraction of free memory
-    kv_cache_fraction: float = 0.5  # share of free memory taken when kv_cache_memory is None
-    num_blocks: int | None = None  # exact block count (tests force preemption with a tiny cache)
-    enable_prefix_caching: bool = True  # share full blocks by chained hash
+    block_size: int  # tokens per block (MindIE uses 128)
+    kv_cache_memory: int | None  # bytes for the cache; None: a fraction of free memory
+    kv_cache_fraction: float  # share of free memory taken when kv_cache_memory is None
+    num_blocks: int | None  # exact block count (tests force preemption with a tiny cache)
+    enable_prefix_caching: bool  # share full blocks by chained hash
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Per-step budgets."""
+    """Per-step budgets, resolved (the options and their defaults: options.EngineArgs)."""
 
-    max_num_seqs: int = 256  # requests in one step
-    max_num_batched_tokens: int = 2048  # tokens computed in one step
-    max_model_len: int = 4096  # prompt + output tokens per request
-    enable_chunked_prefill: bool = True  # split long prompts over steps
-    fit_max_model_len: bool = False  # the engine lowers max_model_len to what the KV cache holds (it was defaulted)
+    max_num_seqs: int  # requests in one step
+    max_num_batched_tokens: int  # tokens computed in one step
+    max_model_len: int  # prompt + output tokens per request
+    enable_chunked_prefill: bool  # split long prompts over steps
+    fit_max_model_len: bool  # the engine lowers max_model_len to what the KV cache holds (it was defaulted)
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ def test_random_mix_returns_every_block(seed):
     block_size = rng.choice([1, 4, 16])
     cache = KVCacheManager(num_blocks=rng.randint(12, 40), block_size=block_size, enable_prefix_caching=seed % 2 == 0)
     sched = Scheduler(SchedulerConfig(max_num_seqs=rng.randint(2, 8), max_num_batched_tokens=rng.randint(8, 64),
-                                      max_model_len=1 << 20), cache)
+                                      max_model_len=1 << 20, enable_chunked_prefill=True, fit_max_model_len=False),
+                      cache)
     shared = [rng.randrange(1000) for _ in range(rng.randint(0, 40))]
     live: list[Request] = []
     for i in range(40):
