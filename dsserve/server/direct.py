@@ -16,9 +16,8 @@ The ordering rule lives here, in `DirectWriter`: the engine offers it every unfi
 `on_output`), and it writes one only while the handler is parked and nothing has been handed to the handler since.
 
 The writer reads and writes uvicorn's private `RequestResponseCycle` state, so pyproject.toml caps uvicorn below the
-next minor version after the ones it is tested on (`uvicorn>=0.29,<0.56`: tests/server/test_direct.py passes on 0.29.0 and
-0.55.0). Raise the cap only after
-tests/server/test_direct.py passes on the new version. The check in `ChunkWriter.of` stays: a uvicorn whose protocol no
+next minor version after the ones it is tested on (`uvicorn>=0.29,<0.56`: tests/server/test_direct.py passes on
+0.29.0 and 0.55.0). Raise the cap only after tests/server/test_direct.py passes on the new version. The check in `ChunkWriter.of` stays: a uvicorn whose protocol no
 longer keeps that state gets every chunk the ASGI way.
 """
 
