@@ -70,19 +70,43 @@ SHAPES = {
                      topk_method="noaux_tc", scoring_func="sigmoid",
                      rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 1024,
                                    "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    # Real model shapes (random weights, stored in bfloat16 as the published checkpoints are): real per-layer sizes
+    # and vocabularies; `--layers N` cuts the layer count to fit a machine's memory.
+    "r1-distill-qwen-1.5b": dict(kind="qwen2", dtype="bfloat16", vocab_size=151936, hidden_size=1536,
+                                 intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                                 num_key_value_heads=2, max_position_embeddings=131072, rope_theta=10000.0,
+                                 rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "deepseek-v2-lite": dict(kind="deepseek_v2", dtype="bfloat16", vocab_size=102400, hidden_size=2048,
+                             intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+                             num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64,
+                             num_experts_per_tok=6, n_group=1, topk_group=1, topk_method="greedy",
+                             scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
+                             q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                             v_head_dim=128, first_k_dense_replace=1, max_position_embeddings=163840,
+                             rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                           "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}),
 }
 
 
-def build(name: str, folder: Path) -> Path:
+def build(name: str, folder: Path, layers: int | None = None) -> Path:
+    """The shape's checkpoint with seeded random weights, written by transformers' save_pretrained (the real
+    layout); `layers` cuts the number of decoder layers."""
     import transformers
 
     shape = dict(SHAPES[name])
-    kind = shape.pop("kind")
+    kind, dtype = shape.pop("kind"), getattr(torch, shape.pop("dtype", "float32"))
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
     torch.manual_seed(0)  # the same weights in every run
-    if kind == "qwen2":
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape))
-    else:
-        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**shape))
+    config_class, model_class = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                                 "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+                                 "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM)}[kind]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # a bf16 shape is made in bf16: no float32 copy of a large model
+    try:
+        model = model_class(config_class(**shape, torch_dtype=dtype))
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(folder)
     return folder
 

@@ -27,7 +27,11 @@ class Backend(ABC):
 
     @abstractmethod
     def prepare(self, model: nn.Module) -> None:
-        """After the weights are loaded, before the KV cache is sized: bind to the model's modules, pack weights."""
+        """After the model is built, before its weights load: bind to the model's modules."""
+
+    def module_loaded(self, module: nn.Module) -> None:
+        """Each module as soon as its own weights are loaded (the loader calls it): a backend may move them into
+        its own layout now, so that loading never holds the whole model twice."""
 
     def set_kv_caches(self, model: nn.Module, kv_caches: list[torch.Tensor]) -> None:
         """After the KV cache is allocated: whatever depends on it (the CPU backend's fused decoders)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -75,14 +75,24 @@ class CausalLM(nn.Module):
             for name, selector, source in getattr(param, "sources", ()):
                 yield param, name, selector, source
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     on_loaded: Callable[[nn.Module], None] | None = None) -> None:
         """Copy every checkpoint tensor (already sliced to this rank's part) into the parameter slice bound to its
-        name; name what is missing."""
+        name; name what is missing. `on_loaded(module)` is called as soon as a module's own parameters are
+        complete (a backend moves them into its layout then, one module at a time)."""
         targets = {name: (param, selector) for param, name, selector, _ in self._targets()}
+        required = set(targets)
+        owner: dict[int, nn.Module] = {}  # parameter -> the module holding it
+        pending: dict[nn.Module, int] = {}  # module -> checkpoint tensors it still waits for
+        for module in self.modules():
+            for param in module.parameters(recurse=False):
+                if id(param) not in owner and getattr(param, "sources", None):
+                    owner[id(param)] = module
+                    pending[module] = pending.get(module, 0) + len(param.sources)
         loaded: set[str] = set()
         ignored: list[str] = []
         for name, tensor in weights:
-            target = targets.get(name)
+            target = targets.pop(name, None)  # no reference is kept: a backend may free the parameter once packed
             if target is None:
                 ignored.append(name)
                 continue
@@ -95,7 +105,12 @@ class CausalLM(nn.Module):
                 )
             view.copy_(tensor)
             loaded.add(name)
-        missing = sorted(set(targets) - loaded)
+            module = owner[id(param)]
+            del tensor, view, param, target
+            pending[module] -= 1
+            if pending[module] == 0 and on_loaded is not None:
+                on_loaded(module)
+        missing = sorted(required - loaded)
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise WeightsError(

@@ -18,6 +18,10 @@ from dsserve.errors import WeightsError
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+# safetensors maps a whole shard; every page read through the mapping stays in this process's resident set until the
+# file is closed, so a 5 GB shard read to the end would add 5 GB to the peak while the weights are being copied out.
+# Reopening the shard after this many bytes bounds that to about this much (the tensors are copies, not views).
+_REMAP_BYTES = 256 * 2**20
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -97,6 +101,7 @@ def iter_checkpoint(
         for shard in sorted(shards):
             handle = _open_shard(folder / shard)
             open_files[shard] = handle
+            mapped = 0  # bytes read through this mapping of the shard
             present = set(handle.keys())
             expected = shards[shard] or sorted(present)
             for name in expected:
@@ -112,6 +117,10 @@ def iter_checkpoint(
                     continue
                 index = slices.get(name, ()) if slices is not None else ()
                 tensor = _get_tensor(handle, name, folder / shard, index)
+                mapped += tensor.nbytes
+                if mapped > _REMAP_BYTES:  # let go of the pages read so far (see _REMAP_BYTES)
+                    handle = open_files[shard] = _open_shard(folder / shard)
+                    mapped = 0
                 if tensor.dtype == torch.float8_e4m3fn:
                     scale_name = name + "_scale_inv"
                     scale_shard = scale_locations.get(scale_name, shard if scale_name in present else None)

@@ -78,10 +78,11 @@ class ModelRunner:
         started = time.perf_counter()
         with torch.device(self.device):
             self.model = model_class(model_config)(model_config, config.scheduler.max_model_len, self.dtype, tp)
-        self.model.load_weights(iter_checkpoint(model_config, self.dtype, self.model.checkpoint_slices()))
-        self.model.eval()
         self.backend = select_backend(config.backend, self.device, getattr(torch, config.weight_dtype))
         self.backend.prepare(self.model)
+        self.model.load_weights(iter_checkpoint(model_config, self.dtype, self.model.checkpoint_slices()),
+                                on_loaded=self.backend.module_loaded)
+        self.model.eval()
         logger.info("loaded %s (%s%s) in %.1fs", model_config.path, config.dtype,
                     f", rank {tp.rank} of {tp.size}" if self.group else "", time.perf_counter() - started)
         self.num_blocks = self._num_blocks(cache_config, config.scheduler.max_model_len, config.scheduler.max_num_seqs)

@@ -287,3 +287,39 @@ def test_index_plain_names_through_symlinks_still_load(tmp_path):
     (real / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
     (tmp_path / "linked").symlink_to(real)
     assert checkpoint_files(tmp_path / "linked") == {"model-1.safetensors": ["w"]}
+
+
+def test_each_module_is_reported_once_when_its_weights_are_complete(model_dir):
+    """load_weights calls on_loaded(module) once per module holding weights, right after its last tensor: a backend
+    packs it then, so loading holds one layer's float32 weights at a time."""
+    from dsserve.models.loader import iter_checkpoint
+    from dsserve.models.registry import model_class
+
+    config = ModelConfig.from_path(model_dir("deepseek_v3"))
+    model = model_class(config)(config, 64, torch.float32)
+    seen, complete = [], []
+
+    def on_loaded(module):
+        params = [p for p in module.parameters(recurse=False) if getattr(p, "sources", None)]
+        complete.append(all(not torch.equal(p, torch.full_like(p, -7.0)) for p in params))
+        seen.append(module)
+
+    for p in model.parameters():
+        p.data.fill_(-7.0)  # what a parameter holds until its tensors arrive
+    model.load_weights(iter_checkpoint(config, torch.float32, model.checkpoint_slices()), on_loaded=on_loaded)
+    holders = [m for m in model.modules() if any(getattr(p, "sources", None) for p in m.parameters(recurse=False))]
+    assert len(seen) == len(set(seen)) == len(holders) and set(seen) == set(holders)
+    assert all(complete)
+
+
+def test_reading_in_small_mappings_gives_the_same_model(model_dir, monkeypatch):
+    """The loader reopens a shard every few hundred MB so that the pages it read leave the resident set; with a
+    reopen after every tensor the model is the same."""
+    from dsserve.models import loader
+
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    prompt = [[5, 17, 33, 9, 100, 7]]
+    want = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64).generate(prompt, params)[0].outputs[0]
+    monkeypatch.setattr(loader, "_REMAP_BYTES", 1)
+    got = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64).generate(prompt, params)[0].outputs[0]
+    assert got.token_ids == want.token_ids and got.logprobs == want.logprobs

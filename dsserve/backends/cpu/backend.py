@@ -17,7 +17,7 @@ import torch
 
 from dsserve.backends.cpu import kernels
 from dsserve.backends.cpu.fused import build_fused_decoder
-from dsserve.backends.cpu.packing import Packs, pack_model
+from dsserve.backends.cpu.packing import Packer, Packs
 from dsserve.backends.torch import AttentionMetadata, TorchBackend
 from dsserve.profiling import PROFILER
 
@@ -53,11 +53,15 @@ class CpuBackend(TorchBackend):
 
     def prepare(self, model):
         super().prepare(model)
-        self.packs = pack_model(model, self.weight_dtype)
-        logger.info("packed %d weight matrices (%s) for the CPU kernels", self.packs.count,
-                    str(self.weight_dtype).removeprefix("torch."))
+        self._packer = Packer(model, self.weight_dtype)
+        self.packs = self._packer.packs
+
+    def module_loaded(self, module):
+        self._packer.module_loaded(module)  # packed as it arrives: loading holds one layer in float32 at a time
 
     def set_kv_caches(self, model, kv_caches):
+        logger.info("packed %d weight matrices (%s) for the CPU kernels", self.packs.count,
+                    str(self._packer.weight_dtype or torch.float32).removeprefix("torch."))
         self.fused = build_fused_decoder(model, self.packs, kv_caches) if kernels.library() is not None else None
 
     def describe(self) -> str:

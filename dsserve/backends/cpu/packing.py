@@ -113,47 +113,65 @@ def resolve_weight_dtype(weight_dtype: torch.dtype) -> torch.dtype | None:
     return weight_dtype
 
 
-def pack_model(model: nn.Module, weight_dtype: torch.dtype) -> Packs:
-    """Pack every float32 Linear, every routed expert and the LM head on CPU, and MLA's absorbed projections.
+class Packer:
+    """Packs a model's layers one at a time, each as soon as its weights are loaded (`module_loaded`, called by the
+    model's loader), so that loading holds the float32 weights of one layer at a time, not of the whole model.
 
-    `weight_dtype` float16 stores them as fp16 (a layer whose weights exceed fp16's range stays float32, logged);
-    float32 as oneDNN's layout. The plain weights are dropped where nothing else reads them (a tied LM head keeps its
-    weight: the embedding reads it). Each layer's packed result is checked against F.linear on the same (rounded)
-    weight before it is used; a kernel that disagrees or fails stops the packing and the remaining layers stay on
-    F.linear (slower, correct).
+    Every float32 Linear, every routed expert and the LM head on CPU get a `PackedLinear`; MLA's kv_b_proj keeps its
+    weight (attention reads it) and gets the absorbed per-head packing. `weight_dtype` float16 stores fp16 (a layer
+    whose weights exceed fp16's range stays float32, logged); float32 oneDNN's layout. The plain weights are dropped
+    where nothing else reads them (a tied LM head keeps its weight: the embedding reads it). Each packed layer is
+    checked against F.linear on the same (rounded) weight before it is used; a kernel that disagrees or fails stops
+    the packing and the remaining layers stay on F.linear (slower, correct).
     """
-    packs = Packs()
-    weight_dtype = resolve_weight_dtype(weight_dtype)
-    if weight_dtype is None:
-        return packs
-    embedding = getattr(model, "embed_tokens", None)
-    read_by_attention = {m.kv_b_proj for m in model.modules() if isinstance(m, MultiHeadLatentAttention)}
-    try:
-        for module in model.modules():
-            if isinstance(module, Linear) and module not in read_by_attention and _is_cpu_fp32(module.weight):
-                packs.linears[module] = pack_checked(module.weight, module.bias, weight_dtype)
+
+    def __init__(self, model: nn.Module, weight_dtype: torch.dtype):
+        self.packs = Packs()
+        self.weight_dtype = resolve_weight_dtype(weight_dtype)
+        self.failed: PackingFailed | None = None
+        self.mla_of = {m.kv_b_proj: m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)}
+        self.embedding, self.head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
+
+    def module_loaded(self, module: nn.Module) -> None:
+        """`module`'s own weights are all loaded: pack them now."""
+        if self.weight_dtype is None or self.failed is not None:
+            return
+        try:
+            self._pack(module, self.weight_dtype)
+        except PackingFailed as e:
+            self.failed = e
+            logger.warning("%s: the remaining linear layers stay on F.linear (slower; correct)", e)
+
+    def _pack(self, module: nn.Module, weight_dtype: torch.dtype) -> None:
+        packs = self.packs
+        if module in self.mla_of:
+            absorbed = _pack_absorbed(self.mla_of[module], weight_dtype)
+            if absorbed is not None:
+                packs.absorbed[self.mla_of[module]] = absorbed
+        elif isinstance(module, Linear) and _is_cpu_fp32(module.weight):
+            packs.linears[module] = pack_checked(module.weight, module.bias, weight_dtype)
+            module.weight = None
+        elif isinstance(module, Experts) and _is_cpu_fp32(module.w13):
+            pairs = [(pack_checked(module.w13[e], None, weight_dtype), pack_checked(module.w2[e], None, weight_dtype))
+                     for e in range(module.num_local)]
+            packs.experts[module] = pairs
+            if all(w13.kind is w2.kind is Kind.F16 for w13, w2 in pairs):
+                packs.expert_tables[module] = kernels.ExpertTable(
+                    [w13.data for w13, _ in pairs], [w2.data for _, w2 in pairs], module.intermediate_size,
+                    module.w2.shape[1])
+            module.w13 = module.w2 = None
+        elif module is self.head and isinstance(module, VocabParallel) and _is_cpu_fp32(module.weight):
+            packs.linears[module] = pack_checked(module.weight, None, weight_dtype)
+            if module is not self.embedding:
                 module.weight = None
-            elif isinstance(module, Experts) and _is_cpu_fp32(module.w13):
-                pairs = [(pack_checked(module.w13[e], None, weight_dtype), pack_checked(module.w2[e], None, weight_dtype))
-                         for e in range(module.num_local)]
-                packs.experts[module] = pairs
-                if all(w13.kind is w2.kind is Kind.F16 for w13, w2 in pairs):
-                    packs.expert_tables[module] = kernels.ExpertTable(
-                        [w13.data for w13, _ in pairs], [w2.data for _, w2 in pairs], module.intermediate_size,
-                        module.w2.shape[1])
-                module.w13 = module.w2 = None
-            elif isinstance(module, MultiHeadLatentAttention):
-                absorbed = _pack_absorbed(module, weight_dtype)
-                if absorbed is not None:
-                    packs.absorbed[module] = absorbed
-        head = getattr(model, "lm_head", None)
-        if isinstance(head, VocabParallel) and _is_cpu_fp32(head.weight):
-            packs.linears[head] = pack_checked(head.weight, None, weight_dtype)
-            if head is not embedding:
-                head.weight = None
-    except PackingFailed as e:
-        logger.warning("%s: the remaining linear layers stay on F.linear (slower; correct)", e)
-    return packs
+
+
+def pack_model(model: nn.Module, weight_dtype: torch.dtype) -> Packs:
+    """Every layer of a loaded model packed at once (`Packer`)."""
+    packer = Packer(model, weight_dtype)
+    for module in model.modules():
+        packer.module_loaded(module)
+    return packer.packs
 
 
 def _pack_absorbed(attn: MultiHeadLatentAttention, weight_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
