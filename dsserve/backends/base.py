@@ -33,6 +33,9 @@ class Backend(ABC):
         """Each module as soon as its own weights are loaded (the loader calls it): a backend may move them into
         its own layout now, so that loading never holds the whole model twice."""
 
+    def weights_loaded(self, model: nn.Module) -> None:
+        """Every weight is in, before the KV cache is sized."""
+
     def set_kv_caches(self, model: nn.Module, kv_caches: list[torch.Tensor]) -> None:
         """After the KV cache is allocated: whatever depends on it (the CPU backend's fused decoders)."""
 

@@ -220,7 +220,8 @@ class TorchBackend(Backend):
 
     def expert(self, layer, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One local expert's SwiGLU over its tokens x (n, D)."""
-        return F.linear(self.silu_and_mul(F.linear(x, layer.w13[expert])), layer.w2[expert])
+        mlp = layer.mlps[expert]
+        return F.linear(self.silu_and_mul(F.linear(x, mlp.w13)), mlp.w2)
 
     # ---- attention -------------------------------------------------------------------------------------------------
 

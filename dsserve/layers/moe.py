@@ -31,8 +31,22 @@ class Router(nn.Module):
         return self.backend.route(self, x)
 
 
+class ExpertMLP(nn.Module):
+    """One routed expert's SwiGLU weights: w13 (2I, D) = [gate; up], w2 (D, I). A module of its own, so that loading
+    reports each expert as soon as its three tensors are in (a backend packs it then)."""
+
+    def __init__(self, prefix: str, hidden: int, inter: int, cols: slice, sliced: bool, dtype: torch.dtype):
+        super().__init__()
+        rows = (cols,) if sliced else ()
+        self.w13 = empty_param(2 * inter, hidden, dtype=dtype)
+        self.w2 = empty_param(hidden, inter, dtype=dtype)
+        bind(self.w13, f"{prefix}.gate_proj.weight", (slice(0, inter),), rows)
+        bind(self.w13, f"{prefix}.up_proj.weight", (slice(inter, 2 * inter),), rows)
+        bind(self.w2, f"{prefix}.down_proj.weight", (), (slice(None), cols) if sliced else ())
+
+
 class Experts(nn.Module):
-    """The routed experts this rank holds, SwiGLU weights stacked: w13 (E_local, 2I_local, D) = [gate; up], w2 (E_local, D, I_local).
+    """The routed experts this rank holds (`mlps[e]`: local expert e, checkpoint expert first_expert + e).
 
     Tensor parallel: every expert, a 1/size slice of its intermediate dimension. Expert parallel: whole
     experts [first, first + E/size). Either way the output is this rank's partial sum; the caller all-reduces.
@@ -46,15 +60,11 @@ class Experts(nn.Module):
         else:
             experts, cols = slice(0, num), tp.shard(inter, "moe_intermediate_size")
         self.first_expert, self.num_local = experts.start, experts.stop - experts.start
-        self.intermediate_size = local_inter = cols.stop - cols.start
-        self.w13 = empty_param(self.num_local, 2 * local_inter, hidden, dtype=dtype)
-        self.w2 = empty_param(self.num_local, hidden, local_inter, dtype=dtype)
+        self.intermediate_size = cols.stop - cols.start
+        self.hidden_size = hidden
         sliced = not tp.expert_parallel and tp.size > 1
-        for local, j in enumerate(range(experts.start, experts.stop)):
-            rows = (cols,) if sliced else ()
-            bind(self.w13, f"{prefix}.{j}.gate_proj.weight", (local, slice(0, local_inter)), rows)
-            bind(self.w13, f"{prefix}.{j}.up_proj.weight", (local, slice(local_inter, 2 * local_inter)), rows)
-            bind(self.w2, f"{prefix}.{j}.down_proj.weight", (local,), (slice(None), cols) if sliced else ())
+        self.mlps = nn.ModuleList(ExpertMLP(f"{prefix}.{j}", hidden, self.intermediate_size, cols, sliced, dtype)
+                                  for j in range(experts.start, experts.stop))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x (T, D), weights/ids (T, k) -> (T, D), the weighted sum over this rank's experts of their SwiGLU."""

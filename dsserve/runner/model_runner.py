@@ -82,6 +82,7 @@ class ModelRunner:
         self.backend.prepare(self.model)
         self.model.load_weights(iter_checkpoint(model_config, self.dtype, self.model.checkpoint_slices()),
                                 on_loaded=self.backend.module_loaded)
+        self.backend.weights_loaded(self.model)
         self.model.eval()
         logger.info("loaded %s (%s%s) in %.1fs", model_config.path, config.dtype,
                     f", rank {tp.rank} of {tp.size}" if self.group else "", time.perf_counter() - started)

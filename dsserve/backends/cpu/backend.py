@@ -10,6 +10,7 @@ the reference path: slower, the same results.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 
@@ -59,9 +60,12 @@ class CpuBackend(TorchBackend):
     def module_loaded(self, module):
         self._packer.module_loaded(module)  # packed as it arrives: loading holds one layer in float32 at a time
 
-    def set_kv_caches(self, model, kv_caches):
+    def weights_loaded(self, model):
         logger.info("packed %d weight matrices (%s) for the CPU kernels", self.packs.count,
                     str(self._packer.weight_dtype or torch.float32).removeprefix("torch."))
+        _return_freed_memory()
+
+    def set_kv_caches(self, model, kv_caches):
         self.fused = build_fused_decoder(model, self.packs, kv_caches) if kernels.library() is not None else None
 
     def describe(self) -> str:
@@ -185,6 +189,19 @@ class CpuBackend(TorchBackend):
         if absorbed is not None:
             return kernels.heads_f16(out_latent, absorbed[1])
         return torch.einsum("thc,hvc->thv", out_latent, w_kv_b[:, layer.nope_dim :])
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). Packing frees each layer's float32 weights
+    as it goes; pieces of them left in the heap between live allocations would otherwise stay resident (0.3 GiB on
+    the R1-Distill-Qwen-1.5B shape) and be counted as used when the KV cache is sized from free memory."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
 
 
 def _kernel_reads(q: torch.Tensor, cache: torch.Tensor, k_dim: int, v_dim: int) -> bool:

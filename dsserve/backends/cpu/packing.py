@@ -19,7 +19,7 @@ from torch import nn
 
 from dsserve.backends.cpu import kernels
 from dsserve.layers.linear import Linear, VocabParallel
-from dsserve.layers.moe import Experts
+from dsserve.layers.moe import ExpertMLP, Experts
 from dsserve.models.deepseek import MultiHeadLatentAttention
 
 logger = logging.getLogger(__name__)
@@ -130,6 +130,9 @@ class Packer:
         self.weight_dtype = resolve_weight_dtype(weight_dtype)
         self.failed: PackingFailed | None = None
         self.mla_of = {m.kv_b_proj: m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)}
+        self.experts_of = {mlp: (experts, e) for experts in model.modules() if isinstance(experts, Experts)
+                           for e, mlp in enumerate(experts.mlps)}  # an expert -> its Experts and local index
+        self.expert_pairs: dict[Experts, dict[int, tuple[PackedLinear, PackedLinear]]] = {}
         self.embedding, self.head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
 
     def module_loaded(self, module: nn.Module) -> None:
@@ -151,15 +154,18 @@ class Packer:
         elif isinstance(module, Linear) and _is_cpu_fp32(module.weight):
             packs.linears[module] = pack_checked(module.weight, module.bias, weight_dtype)
             module.weight = None
-        elif isinstance(module, Experts) and _is_cpu_fp32(module.w13):
-            pairs = [(pack_checked(module.w13[e], None, weight_dtype), pack_checked(module.w2[e], None, weight_dtype))
-                     for e in range(module.num_local)]
-            packs.experts[module] = pairs
-            if all(w13.kind is w2.kind is Kind.F16 for w13, w2 in pairs):
-                packs.expert_tables[module] = kernels.ExpertTable(
-                    [w13.data for w13, _ in pairs], [w2.data for _, w2 in pairs], module.intermediate_size,
-                    module.w2.shape[1])
+        elif isinstance(module, ExpertMLP) and _is_cpu_fp32(module.w13):
+            experts, index = self.experts_of[module]
+            pairs = self.expert_pairs.setdefault(experts, {})
+            pairs[index] = (pack_checked(module.w13, None, weight_dtype), pack_checked(module.w2, None, weight_dtype))
             module.w13 = module.w2 = None
+            if len(pairs) == experts.num_local:  # the layer's last expert: the routed experts run packed from now
+                packs.experts[experts] = ordered = [pairs[e] for e in range(experts.num_local)]
+                del self.expert_pairs[experts]
+                if all(w13.kind is w2.kind is Kind.F16 for w13, w2 in ordered):
+                    packs.expert_tables[experts] = kernels.ExpertTable(
+                        [w13.data for w13, _ in ordered], [w2.data for _, w2 in ordered], experts.intermediate_size,
+                        experts.hidden_size)
         elif module is self.head and isinstance(module, VocabParallel) and _is_cpu_fp32(module.weight):
             packs.linears[module] = pack_checked(module.weight, None, weight_dtype)
             if module is not self.embedding:

@@ -1,0 +1,79 @@
+"""Peak and final resident memory while dsserve loads a real-shape checkpoint (random bf16 weights, built once).
+
+    python benchmarks/load_memory.py --shape r1-distill-qwen-1.5b
+    python benchmarks/load_memory.py --shape deepseek-v2-lite --layers 4 --before 565534a
+
+Each load runs in a fresh process (its peak is the process's ru_maxrss) with a 64 MiB KV cache, so the figures are
+the weights' and the loading's own. `--before REV` also loads with that commit (from a temporary git worktree),
+alternated with this tree, for a before / after table. Prints the checkpoint's size, each run's peak and final RSS,
+the load time and the first generated tokens (which must agree between commits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import compare
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = r"""
+import json, resource, sys, time
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+start = time.perf_counter()
+from dsserve import LLM, SamplingParams
+llm = LLM(sys.argv[1], max_model_len=1024, kv_cache_memory="64MiB")
+loaded = time.perf_counter() - start
+out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "final": rss(),
+                  "load_s": round(loaded, 1), "tokens": out[0].outputs[0].token_ids}))
+"""
+
+
+def measure(tree: Path, checkpoint: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE, str(checkpoint)], cwd=tree, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tree)}, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="r1-distill-qwen-1.5b", choices=list(compare.SHAPES))
+    ap.add_argument("--layers", type=int, help="decoder layers (default: the shape's own)")
+    ap.add_argument("--checkpoint", type=Path, help="where the checkpoint is kept (built there when absent)")
+    ap.add_argument("--before", help="also load with this commit, alternated")
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    checkpoint = args.checkpoint or Path(tempfile.gettempdir()) / f"dsserve-{args.shape}-{args.layers or 'all'}"
+    if not (checkpoint / "config.json").exists():
+        compare.build(args.shape, checkpoint, layers=args.layers)
+    size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    print(f"# {args.shape}, {args.layers or 'all'} layers: {size / 2**30:.2f} GiB of safetensors")
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"this tree": REPO}
+        if args.before:
+            before = Path(tmp) / "before"
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(before), args.before],
+                           check=True)
+            trees = {args.before: before, **trees}
+        try:
+            for _ in range(args.rounds):
+                for name, tree in trees.items():
+                    r = measure(tree, checkpoint)
+                    print(f"| {name} | {r['peak'] / 2**30:.2f} GiB | {r['final'] / 2**30:.2f} GiB | {r['load_s']} s | "
+                          f"{r['tokens']} |", flush=True)
+        finally:
+            if args.before:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False)
+
+
+if __name__ == "__main__":
+    main()
