@@ -135,3 +135,17 @@ def test_the_plan_says_how_to_launch():
     assert "--enable-expert-parallel" in plan("deepseek-r1", "910b-64g", dtype="bf16").launch
     assert plan("deepseek-r1", "910b-64g", dtype="int4").launch == "dsserve serve MODEL -tp 8 --enable-expert-parallel"
     assert plan("r1-distill-qwen-32b", "a100-80g", max_model_len=32768, concurrency=8).launch == "dsserve serve MODEL -tp 2"
+
+
+def test_cpu_plan_states_the_load_peak(tmp_path):
+    """On CPU the plan says what loading peaks at: the weights, the embedding in float32 and the LM head staged in
+    float32 (benchmarks/load_memory.py measured 4.5 GiB above the interpreter for this shape)."""
+    import json
+
+    config = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
+                  tie_word_embeddings=False, torch_dtype="bfloat16")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = plan(str(tmp_path), device="cpu", devices_per_node=1)
+    assert result.fits and 4.3 <= result.load_peak_gib <= 4.8
+    assert plan(str(tmp_path), device="910b-64g").load_peak_gib == 0.0  # only the CPU path packs while loading
