@@ -118,3 +118,35 @@ def test_unknown_backend_is_refused():
     with pytest.raises(ConfigError, match="is not one of cpu, torch"):
         select("triton", torch.device("cpu"))
     assert isinstance(select("torch", torch.device("cpu")), TorchBackend)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fresh_prompts_take_one_flash_attention_per_row(bf16, monkeypatch):
+    """Fresh prompts (and decode rows beside them): each prompt row is one causal SDPA over its own keys, in bf16
+    when the backend's linears round activations to bf16, and equals the reference within that rounding."""
+    torch.manual_seed(4)
+    query_lens, starts, tables, positions, slots = _step([1, 40, 1, 25], [30, 0, 7, 0])
+    tokens, heads, kv_heads, dim = positions.numel(), 8, 2, 64
+    layer = SimpleNamespace(scale=dim**-0.5)
+    q, k, v = torch.randn(tokens, heads, dim), torch.randn(tokens, kv_heads, dim), torch.randn(tokens, kv_heads, dim)
+    cache = torch.randn(32, BLOCK, 2, kv_heads, dim)
+    backend = CpuBackend()
+    backend.bf16_activations = bf16
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append((q.shape, q.dtype)) or real(q, *a, **kw))
+    meta = backend.attention_metadata(query_lens, starts, tables, positions, slots, BLOCK, torch.device("cpu"))
+    assert meta.fresh_rows == [(1, 40), (42, 25)] and meta.single_tokens.tolist() == [0, 41]
+    got_cache = cache.clone()
+    got = backend.attention(layer, q, k, v, got_cache, meta)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    assert calls == [((1, heads, 40, dim), dtype), ((1, heads, 25, dim), dtype)]
+    want_cache = cache.clone()
+    ref_meta = TORCH.attention_metadata(query_lens, starts, tables, positions, slots, BLOCK, torch.device("cpu"))
+    want = TORCH.attention(layer, q, k, v, want_cache, ref_meta)
+    assert torch.equal(got_cache, want_cache)
+    _close(got, want, 2e-2 if bf16 else 1e-4)
+    # a chunk continuing its prompt is not fresh: the per-token kernel
+    continued = _step([12, 1], [20, 5])
+    assert CPU.attention_metadata(*continued, BLOCK, torch.device("cpu")).fresh_rows is None

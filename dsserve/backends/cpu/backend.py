@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dsserve.backends.cpu import kernels
 from dsserve.backends.cpu.fused import build_fused_decoder
@@ -33,6 +34,12 @@ class CpuAttentionMetadata(AttentionMetadata):
     token_lens: torch.Tensor | None = None
     token_seq: torch.Tensor | None = None
     step_tables: torch.Tensor | None = None
+    # Steps whose prompt rows all start at position 0 (fresh prompts, a long prompt's first chunk): each such row's
+    # (first flat token, token count), and the flat tokens of the step's one-token rows. A fresh prompt's keys and
+    # values are this step's own, so its attention is one causal flash SDPA over them (no cache read); the one-token
+    # rows take the kernel.
+    fresh_rows: list[tuple[int, int]] | None = None
+    single_tokens: torch.Tensor | None = None
     _token_tables: torch.Tensor | None = None
 
     def token_tables(self) -> torch.Tensor:
@@ -51,18 +58,21 @@ class CpuBackend(TorchBackend):
         self.weight_dtype = weight_dtype
         self.packs = Packs()
         self.fused = None  # a callable running every decoder layer of a decode step (fused.py), or None
+        self.bf16_activations = False
 
     def prepare(self, model):
         super().prepare(model)
         self._packer = Packer(model, self.weight_dtype)
         self.packs = self._packer.packs
+        # AMX bf16 weights round the linear layers' activations to bf16: prompt attention's q, k, v are rounded too
+        self.bf16_activations = self._packer.weight_dtype == torch.bfloat16
 
     def module_loaded(self, module):
         self._packer.module_loaded(module)  # packed as it arrives: loading holds one layer in float32 at a time
 
     def weights_loaded(self, model):
         logger.info("packed %d weight matrices (%s) for the CPU kernels", self.packs.count,
-                    str(self._packer.weight_dtype or torch.float32).removeprefix("torch."))
+                    str(self._packer.weight_dtype or "none").removeprefix("torch."))
         _return_freed_memory()
 
     def set_kv_caches(self, model, kv_caches):
@@ -92,6 +102,13 @@ class CpuBackend(TorchBackend):
         if not meta.is_decode and bool((starts <= query_lens).logical_or(query_lens == 1).all()):
             meta.token_lens, meta.step_tables = positions + 1, tables
             meta.token_seq = torch.repeat_interleave(torch.arange(query_lens.numel()), query_lens)
+            prompt_rows = query_lens > 1
+            if not bool(starts[prompt_rows].any()):
+                firsts = (torch.cumsum(query_lens, 0) - query_lens).tolist()
+                meta.fresh_rows = [(first, n) for first, n, prompt in zip(firsts, query_lens.tolist(),
+                                                                          prompt_rows.tolist()) if prompt]
+                meta.single_tokens = torch.tensor([first for first, prompt in zip(firsts, prompt_rows.tolist())
+                                                   if not prompt], dtype=torch.long)
         return meta
 
     # ---- dense ops -------------------------------------------------------------------------------------------------
@@ -152,6 +169,39 @@ class CpuBackend(TorchBackend):
     def write_cache(self, cache, slots, first, second, stack):
         if not (first.is_cpu and kernels.cache_write(cache, slots, first, second)):
             super().write_cache(cache, slots, first, second, stack)
+
+    def attention(self, layer, q, k, v, cache, meta):
+        head_dim = cache.shape[4]
+        if (meta.fresh_rows is None or q.dtype != torch.float32 or q.device.type != "cpu"
+                or (meta.single_tokens.numel() and not _kernel_reads(q, cache, head_dim, head_dim))):
+            return super().attention(layer, q, k, v, cache, meta)
+        with PROFILER.section("attention"):
+            self.write_cache(cache, meta.slot_mapping, k, v, stack=True)
+            return self._fresh_attention(layer, q, k, v, cache, meta)
+
+    def _fresh_attention(self, layer, q, k, v, cache, meta):
+        """Fresh prompts: per row, causal flash SDPA over the row's own keys and values (query heads grouped over
+        the KV heads), in bfloat16 where the linear layers' activations are (bf16 weights on AMX) and in float32
+        otherwise; the step's one-token rows through the paged kernel."""
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+        bf16 = self.bf16_activations
+        gqa = q.shape[1] != k.shape[1]
+        for first, n in meta.fresh_rows:
+            rows = slice(first, first + n)
+            # (1, heads, n, D) views: with a batch dimension torch takes its flash kernel (without: the math path, 6x slower)
+            qs, ks, vs = (x[rows].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+            if bf16:
+                qs, ks, vs = qs.bfloat16(), ks.bfloat16(), vs.bfloat16()
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=layer.scale, enable_gqa=gqa)
+            out[rows] = o[0].transpose(0, 1)
+        if meta.single_tokens.numel():  # decode rows (and one-token prompts) over their cache
+            tokens = meta.single_tokens
+            num_kv_heads, head_dim = cache.shape[3], cache.shape[4]
+            out[tokens] = kernels.paged_decode(
+                q[tokens], cache, meta.token_tables()[tokens], meta.token_lens[tokens], layer.scale,
+                num_kv_heads=num_kv_heads, v_dim=head_dim, token_stride=2 * num_kv_heads * head_dim,
+                head_stride=head_dim, v_offset=num_kv_heads * head_dim)
+        return out
 
     def attend_step(self, layer, q, v_dim, cache, meta):
         num_kv_heads, head_dim = cache.shape[3], cache.shape[4]
