@@ -62,7 +62,7 @@ def test_routers(method, scoring, groups):
 
 def _step(query_lens, starts, num_blocks=32):
     """A step's inputs as the runner builds them: each row's blocks, positions and cache slots."""
-    tables = torch.stack([torch.randperm(num_blocks)[:8] for _ in query_lens])
+    tables = torch.randperm(num_blocks)[: 8 * len(query_lens)].view(len(query_lens), 8)  # no block shared by two rows
     query_lens, starts = torch.tensor(query_lens), torch.tensor(starts)
     seq = torch.repeat_interleave(torch.arange(len(query_lens)), query_lens)
     first = torch.cumsum(query_lens, 0) - query_lens
@@ -150,3 +150,27 @@ def test_fresh_prompts_take_one_flash_attention_per_row(bf16, monkeypatch):
     # a chunk continuing its prompt is not fresh: the per-token kernel
     continued = _step([12, 1], [20, 5])
     assert CPU.attention_metadata(*continued, BLOCK, torch.device("cpu")).fresh_rows is None
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fresh_prompts_under_mla(bf16):
+    """MLA's fresh prompts: the row's own latents expanded, one causal flash SDPA per row; decode rows beside them
+    in the absorbed form over the cache: the reference's output within bf16 (or float32) rounding."""
+    torch.manual_seed(5)
+    query_lens, starts, tables, positions, slots = _step([1, 33, 1, 20], [30, 0, 7, 0])
+    tokens, heads, nope, rope, v_dim, rank = positions.numel(), 4, 32, 16, 32, 64
+    layer = Layer(scale=0.1, num_heads=heads, nope_dim=nope, v_dim=v_dim, kv_lora_rank=rank,
+                  kv_b_proj=SimpleNamespace(weight=torch.randn(heads * (nope + v_dim), rank) * 0.2))
+    q_nope, q_pe = torch.randn(tokens, heads, nope), torch.randn(tokens, heads, rope)
+    latent, k_pe = torch.randn(tokens, rank), torch.randn(tokens, rope)
+    cache = torch.randn(32, BLOCK, rank + rope)
+    backend = CpuBackend()
+    backend.bf16_activations = bf16
+    meta = backend.attention_metadata(query_lens, starts, tables, positions, slots, BLOCK, torch.device("cpu"))
+    assert meta.fresh_rows == [(1, 33), (35, 20)]
+    got_cache, want_cache = cache.clone(), cache.clone()
+    got = backend.mla_attention(layer, q_nope, q_pe, latent, k_pe, got_cache, meta)
+    ref_meta = TORCH.attention_metadata(query_lens, starts, tables, positions, slots, BLOCK, torch.device("cpu"))
+    want = TORCH.mla_attention(layer, q_nope, q_pe, latent, k_pe, want_cache, ref_meta)
+    assert torch.equal(got_cache, want_cache)
+    _close(got, want, 5e-2 if bf16 else 1e-4)

@@ -227,18 +227,54 @@ class CpuBackend(TorchBackend):
         num_latent, entry = layer.kv_lora_rank, cache.shape[-1]  # entry C + R: the key; its first C values the value
         if not (meta.is_decode and meta.context_lens is not None and _kernel_reads(q_nope, cache, entry, num_latent)):
             return super().mla_attend(layer, q_nope, q_pe, cache, meta)
+        return self._mla_decode(layer, q_nope, q_pe, cache, meta.block_tables, meta.context_lens)
+
+    def _mla_decode(self, layer, q_nope, q_pe, cache, tables, lens):
+        """One query per row over its first lens[i] cached latents, in the absorbed form: MQA over C + R dims."""
+        num_latent, entry = layer.kv_lora_rank, cache.shape[-1]
         absorbed = self.packs.absorbed.get(layer)
         if absorbed is not None:  # 16-bit weights: both absorbed projections as per-head fp16 GEMVs
             q_latent = kernels.heads_f16(q_nope, absorbed[0])
         else:
             w_kv_b = layer.kv_b_proj.weight.view(layer.num_heads, layer.nope_dim + layer.v_dim, num_latent)
             q_latent = torch.einsum("thn,hnc->thc", q_nope, w_kv_b[:, : layer.nope_dim])  # (T, H, C)
-        out_latent = kernels.paged_decode(torch.cat((q_latent, q_pe), dim=-1), cache, meta.block_tables,
-                                          meta.context_lens, layer.scale, num_kv_heads=1, v_dim=num_latent,
-                                          token_stride=entry, head_stride=0, v_offset=0)
+        out_latent = kernels.paged_decode(torch.cat((q_latent, q_pe), dim=-1), cache, tables, lens, layer.scale,
+                                          num_kv_heads=1, v_dim=num_latent, token_stride=entry, head_stride=0,
+                                          v_offset=0)
         if absorbed is not None:
             return kernels.heads_f16(out_latent, absorbed[1])
         return torch.einsum("thc,hvc->thv", out_latent, w_kv_b[:, layer.nope_dim :])
+
+    def mla_attention(self, layer, q_nope, q_pe, latent, k_pe, cache, meta):
+        entry = cache.shape[-1]
+        if (meta.fresh_rows is None or q_nope.dtype != torch.float32 or q_nope.device.type != "cpu"
+                or (meta.single_tokens.numel() and not _kernel_reads(q_nope, cache, entry, layer.kv_lora_rank))):
+            return super().mla_attention(layer, q_nope, q_pe, latent, k_pe, cache, meta)
+        with PROFILER.section("attention"):
+            self.write_cache(cache, meta.slot_mapping, latent, k_pe, stack=False)
+            return self._fresh_mla(layer, q_nope, q_pe, latent, k_pe, cache, meta)
+
+    def _fresh_mla(self, layer, q_nope, q_pe, latent, k_pe, cache, meta):
+        """Fresh prompts under MLA: per row, the row's own latents expanded into per-head keys and values (no cache
+        read), then one causal flash SDPA (values zero-padded to the keys' width: torch's flash kernel takes equal
+        widths, and without it the math path is 10x slower); bf16 where the linears' activations are."""
+        heads, nope, v_dim, rope = layer.num_heads, layer.nope_dim, layer.v_dim, q_pe.shape[-1]
+        dtype = torch.bfloat16 if self.bf16_activations else torch.float32
+        out = q_nope.new_empty(q_nope.shape[0], heads, v_dim)
+        for first, n in meta.fresh_rows:
+            rows = slice(first, first + n)
+            kv = F.linear(latent[rows], layer.kv_b_proj.weight).view(n, heads, nope + v_dim)
+            keys = torch.cat((kv[..., :nope], k_pe[rows].unsqueeze(1).expand(n, heads, rope)), dim=-1)
+            values = F.pad(kv[..., nope:], (0, nope + rope - v_dim))
+            queries = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
+            o = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0).to(dtype) for x in (queries, keys, values)),
+                                               is_causal=True, scale=layer.scale)
+            out[rows] = o[0, :, :, :v_dim].transpose(0, 1)
+        if meta.single_tokens.numel():  # decode rows (and one-token prompts) over their cache
+            tokens = meta.single_tokens
+            out[tokens] = self._mla_decode(layer, q_nope[tokens], q_pe[tokens], cache, meta.token_tables()[tokens],
+                                           meta.token_lens[tokens])
+        return out
 
 
 def _return_freed_memory() -> None:
