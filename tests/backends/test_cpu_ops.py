@@ -60,9 +60,10 @@ def test_routers(method, scoring, groups):
     _close(w_cpu.gather(1, order_cpu), w_ref.gather(1, order_ref))
 
 
-def _step(query_lens, starts, num_blocks=32):
+def _step(query_lens, starts, num_blocks=32, per_row=8):
     """A step's inputs as the runner builds them: each row's blocks, positions and cache slots."""
-    tables = torch.randperm(num_blocks)[: 8 * len(query_lens)].view(len(query_lens), 8)  # no block shared by two rows
+    rows = len(query_lens)
+    tables = torch.randperm(num_blocks)[: per_row * rows].view(rows, per_row)  # no block shared by two rows
     query_lens, starts = torch.tensor(query_lens), torch.tensor(starts)
     seq = torch.repeat_interleave(torch.arange(len(query_lens)), query_lens)
     first = torch.cumsum(query_lens, 0) - query_lens
@@ -120,16 +121,18 @@ def test_unknown_backend_is_refused():
     assert isinstance(select("torch", torch.device("cpu")), TorchBackend)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_fresh_prompts_take_one_flash_attention_per_row(bf16, monkeypatch):
-    """Fresh prompts (and decode rows beside them): each prompt row is one causal SDPA over its own keys, in bf16
-    when the backend's linears round activations to bf16, and equals the reference within that rounding."""
+@pytest.mark.parametrize("bf16, long_row", [(False, 40), (False, 1100), (True, 40)])
+def test_fresh_prompts_take_one_flash_attention_per_row(bf16, long_row, monkeypatch):
+    """Fresh prompts (and decode rows beside them): a prompt row is one causal SDPA over its own keys, in bf16 when
+    the backend's linears round activations to bf16, in float32 only from 1024 tokens (shorter rows are faster
+    through the per-token kernel); every way equals the reference within its rounding."""
     torch.manual_seed(4)
-    query_lens, starts, tables, positions, slots = _step([1, 40, 1, 25], [30, 0, 7, 0])
+    query_lens, starts, tables, positions, slots = _step([1, long_row, 1, 25], [30, 0, 7, 0], num_blocks=320,
+                                                         per_row=80)
     tokens, heads, kv_heads, dim = positions.numel(), 8, 2, 64
     layer = SimpleNamespace(scale=dim**-0.5)
     q, k, v = torch.randn(tokens, heads, dim), torch.randn(tokens, kv_heads, dim), torch.randn(tokens, kv_heads, dim)
-    cache = torch.randn(32, BLOCK, 2, kv_heads, dim)
+    cache = torch.randn(320, BLOCK, 2, kv_heads, dim)
     backend = CpuBackend()
     backend.bf16_activations = bf16
     calls = []
@@ -137,11 +140,13 @@ def test_fresh_prompts_take_one_flash_attention_per_row(bf16, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda q, *a, **kw: calls.append((q.shape, q.dtype)) or real(q, *a, **kw))
     meta = backend.attention_metadata(query_lens, starts, tables, positions, slots, BLOCK, torch.device("cpu"))
-    assert meta.fresh_rows == [(1, 40), (42, 25)] and meta.single_tokens.tolist() == [0, 41]
+    assert meta.fresh_rows == [(1, long_row), (long_row + 2, 25)] and meta.single_tokens.tolist() == [0, long_row + 1]
     got_cache = cache.clone()
     got = backend.attention(layer, q, k, v, got_cache, meta)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    assert calls == [((1, heads, 40, dim), dtype), ((1, heads, 25, dim), dtype)]
+    expected = {(True, 40): [((1, heads, 40, dim), dtype), ((1, heads, 25, dim), dtype)],
+                (False, 40): [], (False, 1100): [((1, heads, 1100, dim), dtype)]}[bf16, long_row]
+    assert calls == expected
     want_cache = cache.clone()
     ref_meta = TORCH.attention_metadata(query_lens, starts, tables, positions, slots, BLOCK, torch.device("cpu"))
     want = TORCH.attention(layer, q, k, v, want_cache, ref_meta)
