@@ -59,6 +59,10 @@ class Backend(ABC):
     # ---- the layers' side: each op takes the calling layer first --------------------------------------------------
 
     @abstractmethod
+    def embed(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of an embedding table (`layer.weight`), in the table's compute dtype."""
+
+    @abstractmethod
     def linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x W^T (+ b) for a layer with `weight` (N, K) and `bias` (N,) or None; this rank's part, not reduced."""
 

@@ -132,6 +132,9 @@ class TorchBackend(Backend):
 
     # ---- dense ops -------------------------------------------------------------------------------------------------
 
+    def embed(self, layer, ids):
+        return F.embedding(ids, layer.weight)
+
     def linear(self, layer, x):
         return F.linear(x, layer.weight, layer.bias)
 

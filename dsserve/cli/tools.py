@@ -48,8 +48,8 @@ def plan(
                   f"{p.device_memory_gib:.1f} GiB; up to {p.max_concurrent_sequences} concurrent sequences of "
                   f"{p.max_model_len} tokens")
         if p.load_peak_gib:
-            out.print(f"loading peaks at about {p.load_peak_gib:.1f} GiB per rank (the weights, the embedding in "
-                      "float32, and the LM head in float32 until it is packed)")
+            out.print(f"loading peaks at about {p.load_peak_gib:.1f} GiB per rank (the weights, and the LM head "
+                      "in float32 until it is packed)")
         out.print(f"launch: {p.launch}")
     if p.dtype != "bf16":
         out.print(f"[yellow]note[/yellow]: dsserve's engine dequantizes {p.dtype} weights to BF16 when it loads them; "

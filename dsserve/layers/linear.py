@@ -125,9 +125,9 @@ class VocabParallel(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
+            return self.backend.embed(self, ids)
         mine = (ids >= self.start) & (ids < self.end)
-        out = F.embedding(torch.where(mine, ids - self.start, 0), self.weight)
+        out = self.backend.embed(self, torch.where(mine, ids - self.start, 0))
         out.mul_(mine.unsqueeze(-1).to(out.dtype))
         return self.tp.all_reduce(out)
 

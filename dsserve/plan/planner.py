@@ -133,9 +133,8 @@ class Plan:
     max_concurrent_sequences: int = 0
     reasons: list[str] = field(default_factory=list)  # why each smaller device count fails
     launch: str = ""  # the dsserve serve flags that deploy it
-    # CPU: the resident peak while loading, per rank. Layers are packed as they load, so the peak is the weights as
-    # held (the input embedding in float32: float32 compute looks it up) plus the largest layer staged in float32
-    # before packing (the LM head: vocab / ranks x hidden x 4 bytes).
+    # CPU: the resident peak while loading, per rank. Layers are packed as they load, so the peak is the weights plus
+    # the largest layer staged in float32 before packing (the LM head: vocab / ranks x hidden x 4 bytes).
     load_peak_gib: float = 0.0
 
     def to_json(self) -> str:
@@ -212,7 +211,7 @@ def plan(source: str, device: str = "910b-64g", devices_per_node: int = 8, dtype
         result.launch = _launch_hint(c, n, devices_per_node)
         if device == "cpu":
             vocab_rows = -(-c.vocab_size // n) * c.hidden_size
-            result.load_peak_gib = round((per_device + vocab_rows * 2 + vocab_rows * 4) / GiB, 1)
+            result.load_peak_gib = round((per_device + vocab_rows * 4) / GiB, 1)
         return result
     return result
 

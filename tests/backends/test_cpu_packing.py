@@ -198,3 +198,21 @@ def test_bf16_weights_without_native_bf16_fall_back_to_fp16(model_dir, monkeypat
     packs = llm.engine.runner.backend.packs.linears
     assert packs and all(p.kind in (Kind.F16, Kind.FBGEMM_F16) for p in packs.values())
     assert "bfloat16 weights unavailable (this CPU has no native bf16 matmul" in caplog.text
+
+
+def test_a_bf16_exact_embedding_is_kept_in_bf16(model_dir, tmp_path):
+    """An untied input embedding whose values are exactly bf16 (a bf16 checkpoint) is held in bf16, half its float32
+    bytes, and every row looked up is the float32 row bit for bit; other tables stay float32."""
+    from safetensors.torch import load_file
+
+    path = representable_copy(model_dir("qwen2_untied"), tmp_path / "bf16", torch.bfloat16)
+    llm = LLM(path, num_kv_blocks=16, max_model_len=64)
+    backend, model = llm.engine.runner.backend, llm.engine.runner.model
+    table = backend.packs.embeddings[model.embed_tokens]
+    assert table.dtype == torch.bfloat16 and model.embed_tokens.weight is None
+    weights = {k: v for shard in path.glob("*.safetensors") for k, v in load_file(shard).items()}
+    ids = torch.tensor([0, 5, 17, model.config.vocab_size - 1])
+    want = torch.nn.functional.embedding(ids, weights["model.embed_tokens.weight"].float())
+    assert torch.equal(model.embed_tokens.embed(ids), want)
+    plain = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64)  # float32 values: kept as they are
+    assert not plain.engine.runner.backend.packs.embeddings and plain.engine.runner.model.embed_tokens.weight is not None

@@ -125,6 +125,10 @@ class CpuBackend(TorchBackend):
 
     # ---- dense ops -------------------------------------------------------------------------------------------------
 
+    def embed(self, layer, ids):
+        table = self.packs.embeddings.get(layer)
+        return F.embedding(ids, table).float() if table is not None else super().embed(layer, ids)
+
     def linear(self, layer, x):
         packed = self.packs.linears.get(layer)
         return packed(x) if packed is not None else super().linear(layer, x)

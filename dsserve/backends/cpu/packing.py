@@ -90,6 +90,7 @@ class Packs:
     experts: dict[Experts, list[tuple[PackedLinear, PackedLinear]]] = field(default_factory=dict)  # (w13, w2) each
     expert_tables: dict[Experts, kernels.ExpertTable] = field(default_factory=dict)  # all fp16: the few-token kernel
     absorbed: dict[MultiHeadLatentAttention, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    embeddings: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # a bf16-exact input embedding, in bf16
 
     @property
     def count(self) -> int:
@@ -169,6 +170,13 @@ class Packer:
         elif module is self.head and isinstance(module, VocabParallel) and _is_cpu_fp32(module.weight):
             packs.linears[module] = pack_checked(module.weight, None, weight_dtype)
             if module is not self.embedding:
+                module.weight = None
+        elif module is self.embedding and _is_cpu_fp32(module.weight):
+            # An untied input embedding is only looked up: a bf16 checkpoint's table (its values exactly bf16) is
+            # kept in bf16, half its float32 bytes, and widened row by row as it is read (the same values).
+            table = module.weight.bfloat16()
+            if torch.equal(table.float(), module.weight):
+                packs.embeddings[module] = table
                 module.weight = None
 
 
