@@ -20,12 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def checkout(rev: str, folder: Path) -> Path:
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(folder), rev], check=True)
-    return folder
+from worktrees import checked_out
 
 
 def run(tree: Path, script: str, args: list[str], out: Path) -> None:
@@ -62,25 +57,20 @@ def main() -> None:
     ap.add_argument("--online", action="store_true", help="also online_vs_offline.py's ratio, one per round")
     args = ap.parse_args()
     rows: dict[tuple, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        trees = {name: checkout(rev, Path(tmp) / name) for name, rev in (("before", args.before), ("after", args.after))}
-        try:
-            for round_ in range(args.rounds):
-                for name, tree in trees.items():
-                    out = Path(tmp) / f"{name}-{round_}.json"
-                    run(tree, "compare.py", ["--models", *args.models, "--engines", *args.engines, "--repeats", "1",
-                                             "--num-prompts", str(args.num_prompts), "--json", str(out)], out)
-                    for r in json.loads(out.read_text()):
-                        rows.setdefault((r["model"], r["engine"], "output tok/s", name), []).append(r["best_tok_s"])
-                        rows.setdefault((r["model"], r["engine"], "batch-1 ms/token", name), []).append(
-                            r["batch1_ms_per_token"])
-                    if args.online:
-                        for model, ratio in online_ratio(tree, args, Path(tmp) / f"{name}-{round_}.log").items():
-                            rows.setdefault((model, "online/offline", "ratio", name), []).append(ratio)
-                    print(f"# round {round_ + 1}, {name} done", flush=True)
-        finally:
-            for tree in trees.values():
-                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+    with tempfile.TemporaryDirectory() as tmp, checked_out({"before": args.before, "after": args.after}) as trees:
+        for round_ in range(args.rounds):
+            for name, tree in trees.items():
+                out = Path(tmp) / f"{name}-{round_}.json"
+                run(tree, "compare.py", ["--models", *args.models, "--engines", *args.engines, "--repeats", "1",
+                                         "--num-prompts", str(args.num_prompts), "--json", str(out)], out)
+                for r in json.loads(out.read_text()):
+                    rows.setdefault((r["model"], r["engine"], "output tok/s", name), []).append(r["best_tok_s"])
+                    rows.setdefault((r["model"], r["engine"], "batch-1 ms/token", name), []).append(
+                        r["batch1_ms_per_token"])
+                if args.online:
+                    for model, ratio in online_ratio(tree, args, Path(tmp) / f"{name}-{round_}.log").items():
+                        rows.setdefault((model, "online/offline", "ratio", name), []).append(ratio)
+                print(f"# round {round_ + 1}, {name} done", flush=True)
     print(f"\n{args.before} (before) vs {args.after} (after), {args.rounds} rounds alternated\n")
     print("| model | engine | metric | before best | before median | after best | after median | after / before (median) |")
     print("|---|---|---|---|---|---|---|---|")

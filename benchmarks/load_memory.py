@@ -12,16 +12,12 @@ the load time and the first generated tokens (which must agree between commits).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import compare
+from worktrees import checked_out, run_probe
 
-REPO = Path(__file__).resolve().parent.parent
 PROBE = r"""
 import json, resource, sys, time
 def rss():
@@ -38,12 +34,6 @@ print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1
 """
 
 
-def measure(tree: Path, checkpoint: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE, str(checkpoint)], cwd=tree, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(tree)}, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="r1-distill-qwen-1.5b", choices=list(compare.SHAPES))
@@ -57,23 +47,13 @@ def main() -> None:
         compare.build(args.shape, checkpoint, layers=args.layers)
     size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     print(f"# {args.shape}, {args.layers or 'all'} layers: {size / 2**30:.2f} GiB of safetensors")
-    with tempfile.TemporaryDirectory() as tmp:
-        trees = {"this tree": REPO}
-        if args.before:
-            before = Path(tmp) / "before"
-            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(before), args.before],
-                           check=True)
-            trees = {args.before: before, **trees}
-        try:
-            for _ in range(args.rounds):
-                for name, tree in trees.items():
-                    r = measure(tree, checkpoint)
-                    print(f"| {name} | {r['peak'] / 2**30:.2f} GiB | {r['final'] / 2**30:.2f} GiB | {r['load_s']} s | "
-                          f"{r['tokens']} |", flush=True)
-        finally:
-            if args.before:
-                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False)
-
+    commits = {args.before: args.before} if args.before else {}
+    with checked_out({**commits, "this tree": None}) as trees:
+        for _ in range(args.rounds):
+            for name, tree in trees.items():
+                r = run_probe(tree, PROBE, str(checkpoint))
+                print(f"| {name} | {r['peak'] / 2**30:.2f} GiB | {r['final'] / 2**30:.2f} GiB | {r['load_s']} s | "
+                      f"{r['tokens']} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -12,16 +12,12 @@ between commits). `--before REV` alternates with that commit, from a temporary g
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import compare
+from worktrees import checked_out, run_probe
 
-REPO = Path(__file__).resolve().parent.parent
 PROBE = r"""
 import json, sys, time
 import torch
@@ -30,7 +26,7 @@ from dsserve.profiling import PROFILER, profile_rows
 length = int(sys.argv[2])
 llm = LLM(sys.argv[1], max_model_len=length + 64, kv_cache_memory="1GiB", max_num_batched_tokens=length,
           enable_prefix_caching=False)
-prompt = torch.randint(10, 100000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+prompt = torch.randint(10, int(sys.argv[3]), (length,), generator=torch.Generator().manual_seed(0)).tolist()
 params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 llm.generate([prompt[:64]], params)
 times = []
@@ -61,26 +57,13 @@ def main() -> None:
         compare.build(args.shape, checkpoint, layers=args.layers)
     print(f"# {args.shape}, {args.layers or 'all'} layers, one {args.length}-token prompt")
     print("| commit | prefill tok/s | seconds | of which attention | token |\n|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
-        trees = {"this tree": REPO}
-        if args.before:
-            before = Path(tmp) / "before"
-            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(before), args.before],
-                           check=True)
-            trees = {args.before: before, **trees}
-        try:
-            for _ in range(args.rounds):
-                for name, tree in trees.items():
-                    done = subprocess.run([sys.executable, "-c", PROBE, str(checkpoint), str(args.length)], cwd=tree,
-                                          env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True,
-                                          text=True, check=True)
-                    r = json.loads(done.stdout.strip().splitlines()[-1])
-                    print(f"| {name} | {args.length / r['seconds']:.0f} | {r['seconds']:.2f} | "
-                          f"{r['attention_s']:.2f} s | {r['token']} |", flush=True)
-        finally:
-            if args.before:
-                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False)
-
+    commits = {args.before: args.before} if args.before else {}
+    with checked_out({**commits, "this tree": None}) as trees:
+        for _ in range(args.rounds):
+            for name, tree in trees.items():
+                r = run_probe(tree, PROBE, str(checkpoint), str(args.length), str(min(100_000, compare.SHAPES[args.shape]["vocab_size"])))
+                print(f"| {name} | {args.length / r['seconds']:.0f} | {r['seconds']:.2f} | {r['attention_s']:.2f} s | "
+                      f"{r['token']} |", flush=True)
 
 if __name__ == "__main__":
     main()
