@@ -61,7 +61,8 @@ def main() -> None:
     with checked_out({**commits, "this tree": None}) as trees:
         for _ in range(args.rounds):
             for name, tree in trees.items():
-                r = run_probe(tree, PROBE, str(checkpoint), str(args.length), str(min(100_000, compare.SHAPES[args.shape]["vocab_size"])))
+                vocab = min(100_000, compare.SHAPES[args.shape]["vocab_size"])  # prompt ids drawn below it
+                r = run_probe(tree, PROBE, str(checkpoint), str(args.length), str(vocab))
                 print(f"| {name} | {args.length / r['seconds']:.0f} | {r['seconds']:.2f} | {r['attention_s']:.2f} s | "
                       f"{r['token']} |", flush=True)
 
