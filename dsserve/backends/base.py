@@ -70,6 +70,11 @@ class Backend(ABC):
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """(N, 2 I) -> silu(gate) * up (N, I)."""
 
+    def gated_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU's first half: silu(gate) * up of the gate_up Linear `layer` (gate rows, then up rows), (N, I).
+        A backend whose kernel applies the activation to the product as it leaves overrides it."""
+        return self.silu_and_mul(self.linear(layer, x))
+
     @abstractmethod
     def rms_norm(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x / sqrt(mean(x^2) + layer.eps) * layer.weight, in float32 as transformers computes it."""

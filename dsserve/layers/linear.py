@@ -101,7 +101,7 @@ class MLP(nn.Module):
                                 in_shard=own if tp.size > 1 else None, tp=tp, reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.backend.gated_linear(self.gate_up_proj, x))
 
 
 class VocabParallel(nn.Module):

@@ -1,6 +1,6 @@
 """The bfloat16-weight linear (kernels/linear_bf16.c): one row as an fp32 GEMV over the bf16-rounded weight,
 several rows on AMX tiles with the activations rounded to bf16 too; every row-block and panel-pair edge, K not a
-multiple of 32, odd K, bias; the packed layout; PackedLinear's choice of kernel."""
+multiple of 32, odd K, a depth summed in several ranges (K > 2048), bias; the packed layout; PackedLinear's choice of kernel."""
 
 import pytest
 import torch
@@ -21,7 +21,8 @@ def _reference(x, weight, bias, rows):
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 31, 32, 33, 64, 100])
-@pytest.mark.parametrize("out_features,in_features", [(16, 32), (37, 33), (768, 512), (100, 1408), (48, 7)])
+@pytest.mark.parametrize("out_features,in_features",
+                         [(16, 32), (37, 33), (768, 512), (100, 1408), (48, 7), (40, 4133), (64, 2080)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_f_linear_on_the_rounded_operands(rows, out_features, in_features, bias):
     torch.manual_seed(rows * 1000 + out_features)
@@ -77,3 +78,23 @@ def test_a_file_whose_extra_flags_fail_builds_as_its_stub(monkeypatch, tmp_path,
     assert cpu_kernels.library() is not None
     assert not cpu_kernels.linear_bf16_usable()
     assert "linear_bf16.c did not build with -mno-such-flag-in-any-compiler" in caplog.text
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 31, 33, 300])
+@pytest.mark.parametrize("intermediate,in_features", [(16, 32), (48, 33), (160, 1408), (32, 2100)])
+def test_swiglu_matches_silu_of_gate_times_up(rows, intermediate, in_features):
+    torch.manual_seed(rows + intermediate)
+    weight = torch.randn(2 * intermediate, in_features) * 0.05
+    x = torch.randn(rows, in_features)
+    got = cpu_kernels.linear_bf16_swiglu(x, cpu_kernels.pack_bf16(weight), intermediate)
+    gate, up = _reference(x, weight, None, rows).double().chunk(2, dim=-1)
+    torch.testing.assert_close(got, (F.silu(gate) * up).float(), rtol=1e-5, atol=3e-5)
+
+
+@needs_kernel
+def test_swiglu_refuses_a_partial_panel():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_kernels.linear_bf16_swiglu(torch.randn(2, 32), cpu_kernels.pack_bf16(torch.randn(40, 32)), 20)
+    assert not PackedLinear(torch.randn(40, 32), None, torch.bfloat16).fuses_swiglu
+    assert not PackedLinear(torch.randn(64, 32), torch.randn(64), torch.bfloat16).fuses_swiglu

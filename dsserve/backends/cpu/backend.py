@@ -133,6 +133,12 @@ class CpuBackend(TorchBackend):
         packed = self.packs.linears.get(layer)
         return packed(x) if packed is not None else super().linear(layer, x)
 
+    def gated_linear(self, layer, x):
+        packed = self.packs.linears.get(layer)
+        if packed is not None and packed.fuses_swiglu and x.dim() == 2 and x.dtype == torch.float32:
+            return kernels.linear_bf16_swiglu(x, packed.data, packed.out_features // 2)
+        return super().gated_linear(layer, x)
+
     def silu_and_mul(self, gate_up):
         if gate_up.dim() == 2 and kernels.fused_ops_usable(gate_up):
             return kernels.silu_mul(gate_up)
@@ -178,6 +184,8 @@ class CpuBackend(TorchBackend):
         if pairs is None:
             return super().expert(layer, expert, x)
         w13, w2 = pairs[expert]
+        if w13.fuses_swiglu and x.dtype == torch.float32:
+            return w2(kernels.linear_bf16_swiglu(x, w13.data, w13.out_features // 2))
         return w2(self.silu_and_mul(w13(x)))
 
     # ---- attention -------------------------------------------------------------------------------------------------

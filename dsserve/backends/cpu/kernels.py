@@ -358,6 +358,22 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     return _linear("dsserve_linear_bf16", "bfloat16", x, packed, out_features, bias)
 
 
+def linear_bf16_swiglu(x: torch.Tensor, packed: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """silu(x Wg^T) * (x Wu^T) for a (2 I, K) gate_up weight (gate rows first) packed by `pack_bf16`, I a multiple
+    of 16: x (T, K) float32 -> (T, I) float32, without the (T, 2 I) product in memory."""
+    if intermediate % PANEL:
+        raise ValueError(f"the fused SwiGLU needs an intermediate size that is a multiple of {PANEL}, got {intermediate}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"the bfloat16 linear takes float32 activations, got {x.dtype}")
+    x = x if x.is_contiguous() else x.contiguous()
+    out = torch.empty(x.shape[0], intermediate, dtype=torch.float32)
+    if x.shape[0]:
+        _check_linear(_state["lib"].dsserve_linear_bf16_swiglu(x.data_ptr(), packed.data_ptr(), out.data_ptr(),
+                                                               x.shape[0], intermediate, x.shape[1]),
+                      "bfloat16", x.shape)
+    return out
+
+
 def pack_f16(weight: torch.Tensor) -> torch.Tensor:
     """A float32 (N, K) weight in linear_f16.c's packed float16 layout: (ceil(N / 16), K, 16) halves, rows past N
     zero. Rounds to nearest even (the same values as weight.half())."""
@@ -387,17 +403,22 @@ def _linear(kernel: str, weights: str, x: torch.Tensor, packed: torch.Tensor, ou
     rows = x.shape[0]
     out = torch.empty(rows, out_features, dtype=torch.float32)
     if rows:
-        status = getattr(_state["lib"], kernel)(x.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                                                out.data_ptr(), rows, out_features, x.shape[1])
-        if status == -3:
-            raise MemoryError(f"the {weights} linear could not allocate its scratch buffer ({rows} x {x.shape[1]})")
-        if status == -4:
-            raise RuntimeError("Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM); "
-                               "run with --weight-dtype float16")
-        if status != 0:
-            raise RuntimeError(f"the {weights} linear kernel is not in this build (status {status}); "
-                               "run with --weight-dtype float16 or float32")
+        _check_linear(getattr(_state["lib"], kernel)(x.data_ptr(), packed.data_ptr(),
+                                                     0 if bias is None else bias.data_ptr(), out.data_ptr(), rows,
+                                                     out_features, x.shape[1]),
+                      weights, x.shape)
     return out
+
+
+def _check_linear(status: int, weights: str, shape: torch.Size) -> None:
+    if status == -3:
+        raise MemoryError(f"the {weights} linear could not allocate its scratch buffer ({shape[0]} x {shape[1]})")
+    if status == -4:
+        raise RuntimeError("Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM); "
+                           "run with --weight-dtype float16")
+    if status != 0:
+        raise RuntimeError(f"the {weights} linear kernel is not in this build (status {status}); "
+                           "run with --weight-dtype float16 or float32")
 
 
 def pack_heads_f16(weights: torch.Tensor) -> torch.Tensor:

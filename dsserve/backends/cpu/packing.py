@@ -77,6 +77,12 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.data, self.bias, "none", [], "")
 
     @property
+    def fuses_swiglu(self) -> bool:
+        """As a gate_up weight (gate rows, then as many up rows), the kernel can apply SwiGLU to its product on the
+        way out (`kernels.linear_bf16_swiglu`): bf16 on AMX, no bias, whole panels of each half."""
+        return self.kind is Kind.BF16 and self.bias is None and self.out_features % (2 * kernels.PANEL) == 0
+
+    @property
     def own_data(self) -> torch.Tensor | None:
         """The packed tensor where it is in dsserve's own layout (what a fused decoder reads), else None."""
         return self.data if self.kind.own else None

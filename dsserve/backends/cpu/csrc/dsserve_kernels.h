@@ -41,6 +41,8 @@ int dsserve_moe_f16(const float *x, int64_t T, int64_t D, const int64_t *ids, co
                     float *out, float *scratch);
 int dsserve_linear_bf16(const float *x, const uint16_t *packed, const float *bias, float *y, int64_t M, int64_t N,
                         int64_t K);
+/* y (M, I) = silu(x Wg^T) * (x Wu^T), packed the (2 I, K) gate_up weight for linear_bf16; -2 when I % 16 != 0 */
+int dsserve_linear_bf16_swiglu(const float *x, const uint16_t *packed, float *y, int64_t M, int64_t I, int64_t K);
 
 /* ---- a decoder layer's small ops (elementwise.c) ------------------------------------------------------------ */
 
