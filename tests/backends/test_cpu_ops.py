@@ -44,6 +44,24 @@ def test_rms_norm_silu_and_rotary():
             _close(got, want)
 
 
+@pytest.mark.skipif(not kernels.linear_bf16_usable(), reason="needs the bf16 AMX linear")
+@pytest.mark.parametrize("rows", [1, 40])
+def test_gated_linear_fuses_swiglu_into_the_bf16_kernel(rows, monkeypatch):
+    """The gate_up product never materialises (silu_and_mul is not called) and the result is the torch backend's
+    on the same bf16-rounded weight, its activations rounded to bf16 where the tiles take them."""
+    from dsserve.backends.cpu.packing import PackedLinear
+
+    torch.manual_seed(rows)
+    weight = (torch.randn(2 * 48, 64) * 0.1).bfloat16().float()
+    layer = Layer(weight=weight, bias=None)
+    cpu = CpuBackend()
+    cpu.packs.linears[layer] = PackedLinear(weight, None, torch.bfloat16)
+    x = torch.randn(rows, 64)
+    monkeypatch.setattr(CpuBackend, "silu_and_mul", lambda *a: pytest.fail("the product left the kernel"))
+    want = TORCH.gated_linear(layer, x if rows == 1 else x.bfloat16().float())
+    _close(cpu.gated_linear(layer, x), want, tol=1e-4)
+
+
 @pytest.mark.parametrize("method, scoring, groups", [("noaux_tc", "sigmoid", 4), ("greedy", "softmax", 1),
                                                      ("group_limited_greedy", "softmax", 4)])
 def test_routers(method, scoring, groups):
