@@ -49,7 +49,8 @@ def plan(
                   f"{p.max_model_len} tokens")
         if p.load_peak_gib:
             out.print(f"loading peaks at about {p.load_peak_gib:.1f} GiB per rank (the weights, and the LM head "
-                      "in float32 until it is packed)")
+                      "staged in bf16 until it is packed; on a CPU without native bf16 it is staged in float32: "
+                      "twice that part)")
         out.print(f"launch: {p.launch}")
     if p.dtype != "bf16":
         out.print(f"[yellow]note[/yellow]: dsserve's engine dequantizes {p.dtype} weights to BF16 when it loads them; "

@@ -134,7 +134,8 @@ class Plan:
     reasons: list[str] = field(default_factory=list)  # why each smaller device count fails
     launch: str = ""  # the dsserve serve flags that deploy it
     # CPU: the resident peak while loading, per rank. Layers are packed as they load, so the peak is the weights plus
-    # the largest layer staged in float32 before packing (the LM head: vocab / ranks x hidden x 4 bytes).
+    # the largest layer staged before packing: the LM head, vocab / ranks x hidden values, in bf16 where the CPU has
+    # native bf16 (AMX / AVX512-BF16: 2 bytes each; elsewhere weights pack as fp16 from float32 staging: 4 bytes).
     load_peak_gib: float = 0.0
 
     def to_json(self) -> str:
@@ -211,7 +212,7 @@ def plan(source: str, device: str = "910b-64g", devices_per_node: int = 8, dtype
         result.launch = _launch_hint(c, n, devices_per_node)
         if device == "cpu":
             vocab_rows = -(-c.vocab_size // n) * c.hidden_size
-            result.load_peak_gib = round((per_device + vocab_rows * 4) / GiB, 1)
+            result.load_peak_gib = round((per_device + vocab_rows * 2) / GiB, 1)
         return result
     return result
 

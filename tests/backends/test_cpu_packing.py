@@ -216,3 +216,50 @@ def test_a_bf16_exact_embedding_is_kept_in_bf16(model_dir, tmp_path):
     assert torch.equal(model.embed_tokens.embed(ids), want)
     plain = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64)  # float32 values: kept as they are
     assert not plain.engine.runner.backend.packs.embeddings and plain.engine.runner.model.embed_tokens.weight is not None
+
+
+@pytest.mark.skipif(not __import__("dsserve.backends.cpu.kernels", fromlist=["x"]).native_bf16(),
+                    reason="needs a CPU with native bf16 (AMX or AVX512-BF16)")
+def test_bf16_packed_weights_are_loaded_straight_into_bf16(model_dir, monkeypatch):
+    """With bf16 weights, every weight that is packed is staged in bf16 while it loads (half its float32 bytes):
+    the packed layers equal those packed from the float32 staging, and MLA's kv_b_proj stays float32."""
+    from dsserve.backends.cpu.packing import Packer
+
+    seen = []
+    real_pack = Packer._pack
+
+    def pack(self, module, weight_dtype):
+        seen.extend(p.dtype for p in module.parameters(recurse=False) if id(p) in self.staged)
+        real_pack(self, module, weight_dtype)
+
+    monkeypatch.setattr(Packer, "_pack", pack)
+    staged = LLM(model_dir("deepseek_v3"), num_kv_blocks=16, max_model_len=64, weight_dtype="bfloat16")
+    assert seen and set(seen) == {torch.bfloat16}
+    model = staged.engine.runner.model
+    assert all(layer.self_attn.kv_b_proj.weight.dtype == torch.float32 for layer in model.layers)
+    monkeypatch.setattr(Packer, "_stage_in_bf16", lambda self, model: None)
+    plain = LLM(model_dir("deepseek_v3"), num_kv_blocks=16, max_model_len=64, weight_dtype="bfloat16")
+    for (la, a), (lb, b) in zip(staged.engine.runner.backend.packs.linears.items(),
+                                plain.engine.runner.backend.packs.linears.items()):
+        assert a.kind is b.kind and torch.equal(a.data, b.data)
+
+
+@pytest.mark.skipif(not __import__("dsserve.backends.cpu.kernels", fromlist=["x"]).native_bf16(),
+                    reason="needs a CPU with native bf16 (AMX or AVX512-BF16)")
+def test_a_packing_failure_widens_the_staged_weights_back_to_float32(model_dir, monkeypatch, caplog):
+    from dsserve.backends.cpu import packing
+
+    calls = []
+
+    def failing(weight, bias, weight_dtype):
+        calls.append(1)
+        raise packing.PackingFailed("a kernel that disagrees")
+
+    monkeypatch.setattr(packing, "pack_checked", failing)
+    llm = LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, weight_dtype="bfloat16")
+    assert calls and "the remaining linear layers stay on F.linear" in caplog.text
+    model = llm.engine.runner.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight.dtype == torch.float32 for m in linears + [model.lm_head])
+    out = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4  # on F.linear, over the bf16-rounded weights

@@ -138,8 +138,8 @@ def test_the_plan_says_how_to_launch():
 
 
 def test_cpu_plan_states_the_load_peak(tmp_path):
-    """On CPU the plan says what loading peaks at: the weights and the LM head staged in float32
-    (benchmarks/load_memory.py measured 4.07 GiB above the interpreter for this shape)."""
+    """On CPU the plan says what loading peaks at: the weights and the LM head staged in bf16
+    (benchmarks/load_memory.py measured 3.59 GiB above the interpreter for this shape)."""
     import json
 
     config = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
@@ -147,5 +147,5 @@ def test_cpu_plan_states_the_load_peak(tmp_path):
                   tie_word_embeddings=False, torch_dtype="bfloat16")
     (tmp_path / "config.json").write_text(json.dumps(config))
     result = plan(str(tmp_path), device="cpu", devices_per_node=1)
-    assert result.fits and 3.9 <= result.load_peak_gib <= 4.4
+    assert result.fits and 3.5 <= result.load_peak_gib <= 3.9
     assert plan(str(tmp_path), device="910b-64g").load_peak_gib == 0.0  # only the CPU path packs while loading

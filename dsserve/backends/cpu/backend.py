@@ -80,7 +80,10 @@ class CpuBackend(TorchBackend):
         self.bf16_activations = self._packer.weight_dtype == torch.bfloat16
 
     def module_loaded(self, module):
-        self._packer.module_loaded(module)  # packed as it arrives: loading holds one layer in float32 at a time
+        self._packer.module_loaded(module)  # packed as it arrives: loading holds one layer's plain weights at a time
+        if self._packer.freed_bytes >= _TRIM_EVERY:  # the freed staging, scattered in the heap, would stay resident
+            self._packer.freed_bytes = 0
+            _return_freed_memory()
 
     def weights_loaded(self, model):
         logger.info("packed %d weight matrices (%s) for the CPU kernels", self.packs.count,
@@ -307,6 +310,9 @@ class CpuBackend(TorchBackend):
 # float32 flash SDPA (16 x 128 tokens, 8 heads of 64: 4.2 against 5.8 ms a layer; 4 x 512: 11.5 against 13.3), at
 # 2048 it takes twice as long (162 against 82 ms, 12 heads of 128). In bf16 the flash kernel wins at every length.
 _FP32_FLASH_MIN = 1024
+
+
+_TRIM_EVERY = 256 << 20  # bytes of plain weights freed between two returns of the heap's free pages while loading
 
 
 def _return_freed_memory() -> None:

@@ -342,15 +342,22 @@ def linear_bf16_usable() -> bool:
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """A float32 (N, K) weight in linear_bf16.c's layout: an even number of 16-row panels, K (padded to 32) in
-    pairs, packed[p, k // 2, n, k % 2] = W[16 p + n, k] in bfloat16 (rounded to nearest even); zero padding."""
+    """A float32 or bfloat16 (N, K) weight in linear_bf16.c's layout: an even number of 16-row panels, K (padded to
+    32) in pairs, packed[p, k // 2, n, k % 2] = W[16 p + n, k] in bfloat16 (rounded to nearest even); zero padding.
+    Filled 256 panels at a time: beside the weight, it needs the packed bytes and one chunk's staging."""
     rows, cols = weight.shape
     panels = -(-rows // PANEL)
     panels += panels % 2
     depth = -(-cols // 32) * 32
-    padded = torch.zeros(panels * PANEL, depth, dtype=torch.bfloat16)
-    padded[:rows, :cols] = weight.detach()
-    return padded.view(panels, PANEL, depth // 2, 2).permute(0, 2, 1, 3).contiguous()
+    packed = torch.empty(panels, depth // 2, PANEL, 2, dtype=torch.bfloat16)
+    chunk = 256
+    for first in range(0, panels, chunk):
+        count = min(chunk, panels - first)
+        staging = torch.zeros(count * PANEL, depth, dtype=torch.bfloat16)
+        part = weight[first * PANEL : min(rows, (first + count) * PANEL)]
+        staging[: part.shape[0], :cols] = part.detach()
+        packed[first : first + count] = staging.view(count, PANEL, depth // 2, 2).permute(0, 2, 1, 3)
+    return packed
 
 
 def linear_bf16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:

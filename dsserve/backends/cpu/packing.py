@@ -141,16 +141,46 @@ class Packer:
                            for e, mlp in enumerate(experts.mlps)}  # an expert -> its Experts and local index
         self.expert_pairs: dict[Experts, dict[int, tuple[PackedLinear, PackedLinear]]] = {}
         self.embedding, self.head = getattr(model, "embed_tokens", None), getattr(model, "lm_head", None)
+        self.staged: set[int] = set()  # ids of the parameters loaded straight into bf16
+        self.freed_bytes = 0  # plain weights dropped after packing (the backend returns the heap's pages now and then)
+        if self.weight_dtype == torch.bfloat16:
+            self._stage_in_bf16(model)
+
+    def _stage_in_bf16(self, model: nn.Module) -> None:
+        """With bf16 weights, every weight that is packed and then dropped is loaded straight into bf16 (its float32
+        storage is not touched yet, so nothing is freed or copied): a layer waits for packing at half its float32
+        bytes. The packing rounds to the same bf16 values either way."""
+        for module in model.modules():
+            if isinstance(module, Linear) and module not in self.mla_of:
+                names = ("weight",)  # (kv_b_proj keeps its float32 weight: MLA prefill reads it)
+            elif isinstance(module, ExpertMLP):
+                names = ("w13", "w2")
+            elif module is self.head and module is not self.embedding and isinstance(module, VocabParallel):
+                names = ("weight",)
+            else:
+                continue
+            for name in names:
+                param = getattr(module, name)
+                if _is_cpu_fp32(param):
+                    staged = nn.Parameter(torch.empty(param.shape, dtype=torch.bfloat16), requires_grad=False)
+                    staged.sources = getattr(param, "sources", [])
+                    setattr(module, name, staged)
+                    self.staged.add(id(staged))
 
     def module_loaded(self, module: nn.Module) -> None:
         """`module`'s own weights are all loaded: pack them now."""
-        if self.weight_dtype is None or self.failed is not None:
+        if self.weight_dtype is None:
             return
-        try:
-            self._pack(module, self.weight_dtype)
-        except PackingFailed as e:
-            self.failed = e
-            logger.warning("%s: the remaining linear layers stay on F.linear (slower; correct)", e)
+        if self.failed is None:
+            try:
+                self._pack(module, self.weight_dtype)
+            except PackingFailed as e:
+                self.failed = e
+                logger.warning("%s: the remaining linear layers stay on F.linear (slower; correct)", e)
+        if self.failed is not None:  # unpacked: F.linear takes float32 weights
+            for name, param in list(module.named_parameters(recurse=False)):
+                if id(param) in self.staged:
+                    setattr(module, name, nn.Parameter(param.float(), requires_grad=False))
 
     def _pack(self, module: nn.Module, weight_dtype: torch.dtype) -> None:
         packs = self.packs
@@ -158,14 +188,14 @@ class Packer:
             absorbed = _pack_absorbed(self.mla_of[module], weight_dtype)
             if absorbed is not None:
                 packs.absorbed[self.mla_of[module]] = absorbed
-        elif isinstance(module, Linear) and _is_cpu_fp32(module.weight):
+        elif isinstance(module, Linear) and _is_packable(module.weight):
             packs.linears[module] = pack_checked(module.weight, module.bias, weight_dtype)
-            module.weight = None
-        elif isinstance(module, ExpertMLP) and _is_cpu_fp32(module.w13):
+            self._drop(module, "weight")
+        elif isinstance(module, ExpertMLP) and _is_packable(module.w13):
             experts, index = self.experts_of[module]
             pairs = self.expert_pairs.setdefault(experts, {})
             pairs[index] = (pack_checked(module.w13, None, weight_dtype), pack_checked(module.w2, None, weight_dtype))
-            module.w13 = module.w2 = None
+            self._drop(module, "w13", "w2")
             if len(pairs) == experts.num_local:  # the layer's last expert: the routed experts run packed from now
                 packs.experts[experts] = ordered = [pairs[e] for e in range(experts.num_local)]
                 del self.expert_pairs[experts]
@@ -173,17 +203,24 @@ class Packer:
                     packs.expert_tables[experts] = kernels.ExpertTable(
                         [w13.data for w13, _ in ordered], [w2.data for _, w2 in ordered], experts.intermediate_size,
                         experts.hidden_size)
-        elif module is self.head and isinstance(module, VocabParallel) and _is_cpu_fp32(module.weight):
+        elif module is self.head and isinstance(module, VocabParallel) and _is_packable(module.weight):
             packs.linears[module] = pack_checked(module.weight, None, weight_dtype)
             if module is not self.embedding:
-                module.weight = None
+                self._drop(module, "weight")
         elif module is self.embedding and _is_cpu_fp32(module.weight):
             # An untied input embedding is only looked up: a bf16 checkpoint's table (its values exactly bf16) is
             # kept in bf16, half its float32 bytes, and widened row by row as it is read (the same values).
             table = module.weight.bfloat16()
             if torch.equal(table.float(), module.weight):
                 packs.embeddings[module] = table
-                module.weight = None
+                self._drop(module, "weight")
+
+
+    def _drop(self, module: nn.Module, *names: str) -> None:
+        """The plain weights `names` of `module` are packed: nothing reads them any more."""
+        for name in names:
+            self.freed_bytes += getattr(module, name).nbytes
+            setattr(module, name, None)
 
 
 def pack_model(model: nn.Module, weight_dtype: torch.dtype) -> Packs:
@@ -216,6 +253,11 @@ class PackingFailed(Exception):
 
 def _is_cpu_fp32(weight: torch.Tensor | None) -> bool:
     return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+def _is_packable(weight: torch.Tensor | None) -> bool:
+    """A CPU weight in float32, or staged in bf16 for bf16 packing (`Packer._stage_in_bf16`)."""
+    return weight is not None and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
 
 
 def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype) -> PackedLinear:
