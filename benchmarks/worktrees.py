@@ -36,10 +36,11 @@ def checked_out(commits: dict[str, str | None]) -> Iterator[dict[str, Path]]:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)], check=False)
 
 
-def run_probe(tree: Path, code: str, *args: str) -> dict:
-    """Run `python -c code args` in `tree` with its package, and return the JSON object of its last output line."""
+def run_probe(tree: Path, code: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run `python -c code args` in `tree` with its package (and `env` added to the environment), and return the
+    JSON object of its last output line."""
     done = subprocess.run([sys.executable, "-c", code, *args], cwd=tree, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(tree)})
+                          env={**os.environ, **(env or {}), "PYTHONPATH": str(tree)})
     if done.returncode != 0:
         raise SystemExit(f"the probe failed in {tree} (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
