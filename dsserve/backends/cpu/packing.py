@@ -188,10 +188,10 @@ class Packer:
             absorbed = _pack_absorbed(self.mla_of[module], weight_dtype)
             if absorbed is not None:
                 packs.absorbed[self.mla_of[module]] = absorbed
-        elif isinstance(module, Linear) and _is_packable(module.weight):
+        elif isinstance(module, Linear) and self._packable(module.weight):
             packs.linears[module] = pack_checked(module.weight, module.bias, weight_dtype)
             self._drop(module, "weight")
-        elif isinstance(module, ExpertMLP) and _is_packable(module.w13):
+        elif isinstance(module, ExpertMLP) and self._packable(module.w13):
             experts, index = self.experts_of[module]
             pairs = self.expert_pairs.setdefault(experts, {})
             pairs[index] = (pack_checked(module.w13, None, weight_dtype), pack_checked(module.w2, None, weight_dtype))
@@ -203,7 +203,7 @@ class Packer:
                     packs.expert_tables[experts] = kernels.ExpertTable(
                         [w13.data for w13, _ in ordered], [w2.data for _, w2 in ordered], experts.intermediate_size,
                         experts.hidden_size)
-        elif module is self.head and isinstance(module, VocabParallel) and _is_packable(module.weight):
+        elif module is self.head and isinstance(module, VocabParallel) and self._packable(module.weight):
             packs.linears[module] = pack_checked(module.weight, None, weight_dtype)
             if module is not self.embedding:
                 self._drop(module, "weight")
@@ -215,6 +215,10 @@ class Packer:
                 packs.embeddings[module] = table
                 self._drop(module, "weight")
 
+
+    def _packable(self, weight: torch.Tensor | None) -> bool:
+        """A CPU weight in float32, or one this packer staged in bf16 (a model computing in bf16 keeps its own)."""
+        return _is_cpu_fp32(weight) or (weight is not None and id(weight) in self.staged)
 
     def _drop(self, module: nn.Module, *names: str) -> None:
         """The plain weights `names` of `module` are packed: nothing reads them any more."""
@@ -255,9 +259,6 @@ def _is_cpu_fp32(weight: torch.Tensor | None) -> bool:
     return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-def _is_packable(weight: torch.Tensor | None) -> bool:
-    """A CPU weight in float32, or staged in bf16 for bf16 packing (`Packer._stage_in_bf16`)."""
-    return weight is not None and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
 
 
 def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype) -> PackedLinear:
