@@ -337,6 +337,8 @@ def main() -> None:
     legs.add_argument("--batch1", type=int, nargs=2, default=[128, 128], metavar=("IN", "OUT"))
     legs.add_argument("--batched", type=int, nargs=3, default=[16, 256, 128], metavar=("NUM", "IN", "OUT"))
     legs.add_argument("--prefill-len", type=int, default=2048)
+    legs.add_argument("--quiet-wait", type=float, default=0, metavar="SECONDS",
+                      help="before each run, wait up to this long until other processes leave the CPUs idle")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)

@@ -13,6 +13,9 @@ fewer than the others, because its prefill's logits already give the first token
 for the same number of tokens (the largest leg's, with a tenth more), and no prefix caching (no leg shares a
 prompt with another; the cache would only add hashing).
 
+Each run also notes the CPU that other processes took meanwhile (`others_cores`, cores on average): on a shared
+machine that is the noise to read the figures against.
+
 Peak RSS is the sum over the engine's processes of each one's peak (VmHWM; vLLM's engine core is a second
 process), read while they are alive: after the first token (the load peak), then reset and read again after the
 last leg (the run's own peak). A llama.cpp leg is a whole process: its load peak is the start-up run's, its run
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -100,7 +104,9 @@ def run(args) -> None:
     runs = []
     for round_index in range(args.rounds):
         for engine in engines:
-            load_avg = os.getloadavg()[0]
+            if args.quiet_wait:
+                _wait_for_quiet(args.quiet_wait)
+            cpu_before, started = _cpu_seconds(), time.perf_counter()
             try:
                 if _kind(engine) == "llamacpp":
                     result = _run_llamacpp(args.llamacpp_bin, ggufs[engine], workload, args.llamacpp_args)
@@ -109,12 +115,16 @@ def run(args) -> None:
             except RuntimeError as e:  # a peer that cannot run this model here: say so, go on with the rest
                 result = {"error": str(e).strip()[-3000:]}
                 print(f"# {engine} failed in round {round_index + 1}:\n{result['error']}", flush=True)
-            result = {"engine": engine, "round": round_index + 1, "load_avg_1m": round(load_avg, 2), **result}
+            busy, ours = (after - before for after, before in zip(_cpu_seconds(), cpu_before))
+            others_cores = (busy - ours) / (time.perf_counter() - started)
+            result = {"engine": engine, "round": round_index + 1, "others_cores": round(others_cores, 2), **result}
             runs.append(result)
             print(json.dumps(result), flush=True)
 
     summary = _summarize(runs, workload)
     print("\n" + _table(summary, engines, workload))
+    print("\nCPU taken by other processes during each run, cores of " + str(_num_cpus()) + " (noise): "
+          + ", ".join(f"{r['engine']} #{r['round']} {r['others_cores']}" for r in runs))
     if args.json:
         args.json.write_text(json.dumps({"shape": args.shape, "layers": args.layers, "workload": asdict(workload),
                                          "runs": runs, "summary": summary}, indent=1))
@@ -345,6 +355,31 @@ def _run_measured(cmd: list[str], cwd: Path) -> tuple[subprocess.CompletedProces
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return subprocess.CompletedProcess(cmd, proc.returncode, output), usage.ru_maxrss * 1024
+
+
+def _wait_for_quiet(max_wait_s: float, window_s: float = 3.0, max_busy_cores: float = 0.25) -> None:
+    """Wait (at most max_wait_s) until other processes take under max_busy_cores over a window: a run then starts on
+    a machine at rest, as far as the other users of a shared one allow."""
+    started = time.perf_counter()
+    while True:
+        before = _cpu_seconds()[0]
+        time.sleep(window_s)
+        busy_cores = (_cpu_seconds()[0] - before) / window_s
+        waited = time.perf_counter() - started
+        if busy_cores < max_busy_cores or waited >= max_wait_s:
+            if waited > window_s:
+                print(f"# waited {waited:.0f} s for a quiet machine ({busy_cores:.2f} cores busy now)", flush=True)
+            return
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its reaped children) so far: over a
+    run, the first less the second is what other processes took (and the hypervisor's steal)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    ours = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return busy, ours
 
 
 def _available_memory() -> int:
