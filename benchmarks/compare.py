@@ -1,4 +1,4 @@
-"""dsserve against transformers (and vLLM's CPU build and llama.cpp, when installed) on the same random-weight
+r"""dsserve against transformers (and vLLM's CPU build and llama.cpp, when installed) on the same random-weight
 models and the same inputs, in one run, on one machine: tiny models (--models), or one real model shape through
 every leg (--shape).
 
