@@ -2,11 +2,14 @@
 
     python benchmarks/prefill.py --shape r1-distill-qwen-1.5b
     python benchmarks/prefill.py --shape deepseek-v2-lite --layers 4 --before 565534a --rounds 2
+    python benchmarks/prefill.py --shape r1-distill-qwen-1.5b --ops     # where the prompt's time goes, by op
 
 Each run loads the model in a fresh process with defaults (bf16 weights on AMX, float32 compute) and
 `max_num_batched_tokens` = the prompt, so the whole prompt is one step; it prints the best of two prompts after a
 warm-up (tokens/s and seconds), the profiler's attention time of one more, and the sampled token (which must agree
-between commits). `--before REV` alternates with that commit, from a temporary git worktree.
+between commits). `--before REV` alternates with that commit, from a temporary git worktree. `--ops` also times
+every CPU backend op of one more prompt (wall time inside the op, the linears with their TFLOP/s) and prints the
+table for this tree.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import compare
 from worktrees import checked_out, run_probe
 
 PROBE = r"""
-import json, sys, time
+import collections, json, sys, time
 import torch
 from dsserve import LLM, SamplingParams
 from dsserve.profiling import PROFILER, profile_rows
@@ -38,8 +41,33 @@ PROFILER.start()
 llm.generate([prompt], params)
 PROFILER.stop()
 rows = {label.strip(): ms for label, ms, _ in profile_rows()}
+ops = {}
+if sys.argv[4] == "ops":  # every op CpuBackend defines, timed around the call; linears keyed by shape, with FLOPs
+    from dsserve.backends.cpu.backend import CpuBackend
+    seconds, flops = collections.defaultdict(float), collections.defaultdict(float)
+    def timed(name, method):
+        def call(self, layer, x, *rest):
+            start = time.perf_counter()
+            out = method(self, layer, x, *rest)
+            key = name
+            if name in ("linear", "gated_linear") and x.dim() == 2:
+                n = out.shape[-1] * (2 if name == "gated_linear" else 1)
+                key = f"{name} {x.shape[1]} -> {n}"
+                flops[key] += 2 * x.shape[0] * x.shape[1] * n
+            seconds[key] += time.perf_counter() - start
+            return out
+        return call
+    for name, method in list(vars(CpuBackend).items()):
+        if name in ("linear", "gated_linear", "silu_and_mul", "rms_norm", "rotary", "attention", "mla_attention",
+                    "experts", "route", "embed"):
+            setattr(CpuBackend, name, timed(name, method))
+    start = time.perf_counter()
+    llm.generate([prompt], params)
+    total = time.perf_counter() - start
+    ops = {"total_s": total, "ops": {k: [v, flops.get(k, 0.0) / v / 1e12 if k in flops else None]
+                                     for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}}
 print(json.dumps({"seconds": min(times), "attention_s": rows.get("of which attention", 0) / 1000,
-                  "token": out[0].outputs[0].token_ids}))
+                  "token": out[0].outputs[0].token_ids, **ops}))
 """
 
 
@@ -51,6 +79,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--before", help="also run this commit, alternated")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--ops", action="store_true", help="also time each backend op of one prompt (this tree)")
     args = ap.parse_args()
     checkpoint = args.checkpoint or Path(tempfile.gettempdir()) / f"dsserve-{args.shape}-{args.layers or 'all'}"
     if not (checkpoint / "config.json").exists():
@@ -58,13 +87,23 @@ def main() -> None:
     print(f"# {args.shape}, {args.layers or 'all'} layers, one {args.length}-token prompt")
     print("| commit | prefill tok/s | seconds | of which attention | token |\n|---|---|---|---|---|")
     commits = {args.before: args.before} if args.before else {}
+    profile = None
     with checked_out({**commits, "this tree": None}) as trees:
         for _ in range(args.rounds):
             for name, tree in trees.items():
                 vocab = min(100_000, compare.SHAPES[args.shape]["vocab_size"])  # prompt ids drawn below it
-                r = run_probe(tree, PROBE, str(checkpoint), str(args.length), str(vocab))
+                ops = "ops" if args.ops and name == "this tree" else "-"
+                r = run_probe(tree, PROBE, str(checkpoint), str(args.length), str(vocab), ops)
                 print(f"| {name} | {args.length / r['seconds']:.0f} | {r['seconds']:.2f} | {r['attention_s']:.2f} s | "
                       f"{r['token']} |", flush=True)
+                profile = r.get("ops") and r or profile
+    if profile:
+        print(f"\n# by op, one more prompt: {profile['total_s']:.2f} s\n| op | seconds | share | TFLOP/s |\n|---|---|---|---|")
+        for key, (seconds, tflops) in profile["ops"].items():
+            rate = f"{tflops:.2f}" if tflops is not None else ""
+            print(f"| {key} | {seconds:.2f} | {seconds / profile['total_s']:.0%} | {rate} |")
+        rest = profile["total_s"] - sum(seconds for seconds, _ in profile["ops"].values())
+        print(f"| everything else | {rest:.2f} | {rest / profile['total_s']:.0%} | |")
 
 if __name__ == "__main__":
     main()

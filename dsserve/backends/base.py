@@ -72,7 +72,8 @@ class Backend(ABC):
 
     def gated_linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """SwiGLU's first half: silu(gate) * up of the gate_up Linear `layer` (gate rows, then up rows), (N, I).
-        A backend whose kernel applies the activation to the product as it leaves overrides it."""
+        A backend whose kernel applies the activation to the product as it leaves overrides it; the result is read
+        once, by down_proj, and may be a buffer the backend reuses at the next call."""
         return self.silu_and_mul(self.linear(layer, x))
 
     @abstractmethod

@@ -98,3 +98,14 @@ def test_swiglu_refuses_a_partial_panel():
         cpu_kernels.linear_bf16_swiglu(torch.randn(2, 32), cpu_kernels.pack_bf16(torch.randn(40, 32)), 20)
     assert not PackedLinear(torch.randn(40, 32), None, torch.bfloat16).fuses_swiglu
     assert not PackedLinear(torch.randn(64, 32), torch.randn(64), torch.bfloat16).fuses_swiglu
+
+
+@needs_kernel
+def test_swiglu_writes_into_a_given_buffer():
+    weight, x = torch.randn(64, 32) * 0.1, torch.randn(3, 32)
+    packed = cpu_kernels.pack_bf16(weight)
+    out = torch.empty(3, 32)
+    assert cpu_kernels.linear_bf16_swiglu(x, packed, 32, out=out) is out
+    torch.testing.assert_close(out, cpu_kernels.linear_bf16_swiglu(x, packed, 32))
+    with pytest.raises(ValueError, match="contiguous float32 \\(3, 32\\)"):
+        cpu_kernels.linear_bf16_swiglu(x, packed, 32, out=torch.empty(3, 16))

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from dsserve.backends.cpu import kernels
 from dsserve.backends.cpu.fused import build_fused_decoder
 from dsserve.backends.cpu.packing import Packer, Packs
-from dsserve.backends.torch import AttentionMetadata, TorchBackend
+from dsserve.backends.torch import AttentionMetadata, TorchBackend, Workspace
 from dsserve.profiling import PROFILER
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,9 @@ class CpuBackend(TorchBackend):
         self.packs = Packs()
         self.fused = None  # a callable running every decoder layer of a decode step (fused.py), or None
         self.bf16_activations = False
+        # SwiGLU's (T, I) activation lives only until down_proj reads it: one buffer for every layer, since a fresh
+        # tensor of a long prompt's size (73 MB at 2048 tokens of the 1.5B shape) is mapped and faulted in each time
+        self.swiglu_workspace = Workspace()
 
     def prepare(self, model):
         super().prepare(model)
@@ -139,7 +142,9 @@ class CpuBackend(TorchBackend):
     def gated_linear(self, layer, x):
         packed = self.packs.linears.get(layer)
         if packed is not None and packed.fuses_swiglu and x.dim() == 2 and x.dtype == torch.float32:
-            return kernels.linear_bf16_swiglu(x, packed.data, packed.out_features // 2)
+            inner = packed.out_features // 2
+            out = self.swiglu_workspace.take((x.shape[0], inner), torch.float32)
+            return kernels.linear_bf16_swiglu(x, packed.data, inner, out=out)
         return super().gated_linear(layer, x)
 
     def silu_and_mul(self, gate_up):

@@ -365,15 +365,20 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     return _linear("dsserve_linear_bf16", "bfloat16", x, packed, out_features, bias)
 
 
-def linear_bf16_swiglu(x: torch.Tensor, packed: torch.Tensor, intermediate: int) -> torch.Tensor:
+def linear_bf16_swiglu(x: torch.Tensor, packed: torch.Tensor, intermediate: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(x Wg^T) * (x Wu^T) for a (2 I, K) gate_up weight (gate rows first) packed by `pack_bf16`, I a multiple
-    of 16: x (T, K) float32 -> (T, I) float32, without the (T, 2 I) product in memory."""
+    of 16: x (T, K) float32 -> (T, I) float32, without the (T, 2 I) product in memory; into `out` (T, I) float32
+    contiguous where given."""
     if intermediate % PANEL:
         raise ValueError(f"the fused SwiGLU needs an intermediate size that is a multiple of {PANEL}, got {intermediate}")
     if x.dtype != torch.float32:
         raise TypeError(f"the bfloat16 linear takes float32 activations, got {x.dtype}")
     x = x if x.is_contiguous() else x.contiguous()
-    out = torch.empty(x.shape[0], intermediate, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(x.shape[0], intermediate, dtype=torch.float32)
+    elif out.shape != (x.shape[0], intermediate) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 ({x.shape[0]}, {intermediate}) tensor")
     if x.shape[0]:
         _check_linear(_state["lib"].dsserve_linear_bf16_swiglu(x.data_ptr(), packed.data_ptr(), out.data_ptr(),
                                                                x.shape[0], intermediate, x.shape[1]),
