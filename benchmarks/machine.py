@@ -84,8 +84,8 @@ def gemm(rows: int, shape: str, repeats: int) -> list[dict]:
         if tiles_ok:
             packed = cpu_kernels.pack_bf16(weight)
             if name == "gate_up":
-                out = torch.empty(rows, n // 2)
-                run = lambda: cpu_kernels.linear_bf16_swiglu(x, packed, n // 2, out=out)  # noqa: E731
+                into = torch.empty(rows, n // 2)
+                run = lambda: cpu_kernels.linear_bf16_swiglu(x, packed, n // 2, out=into)  # noqa: E731
             else:
                 run = lambda: cpu_kernels.linear_bf16(x, packed, n)  # noqa: E731
             row["dsserve TFLOP/s"] = flops / _best(run, repeats) / 1e12
