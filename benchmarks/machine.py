@@ -18,22 +18,12 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import compare
+from cpu_linears import _best
 from dsserve.backends.cpu import kernels as cpu_kernels
-
-
-def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def bandwidth(repeats: int) -> dict[str, float]:
