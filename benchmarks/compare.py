@@ -130,16 +130,22 @@ def build(name: str, folder: Path, layers: int | None = None) -> Path:
         model = model_class(config)
     finally:
         torch.set_default_dtype(default)
+    # transformers holds the routed experts fused (per layer, one gate_up and one down tensor for all experts) and
+    # splits them back into the checkpoint's per-expert tensors when it saves, all at once: a MoE shape's build
+    # peaks at its weights plus about the experts' gate and up projections once more.
     model.save_pretrained(folder)
     return folder
 
 
-def weight_bytes(name: str, layers: int | None = None) -> int:
-    """Bytes of the shape's weights in its dtype, counted on the meta device (nothing allocated)."""
+def weight_bytes(name: str, layers: int | None = None) -> tuple[int, int]:
+    """Bytes of the shape's weights in its dtype, all of them and the routed experts' share, counted on the meta
+    device (nothing allocated)."""
     model_class, config, dtype = _model_class_and_config(name, layers)
     with torch.device("meta"):
         model = model_class(config)
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    params = dict(model.named_parameters())
+    experts = sum(p.numel() for n, p in params.items() if ".experts." in n)
+    return sum(p.numel() for p in params.values()) * dtype.itemsize, experts * dtype.itemsize
 
 
 def _model_class_and_config(name: str, layers: int | None):
