@@ -22,8 +22,8 @@ dependency versions; it gets the same checkpoint folder and the same token ids. 
 `--vllm-compile` (its default torch.compile mode; eager otherwise) and `--vllm-env VLLM_CPU_OMP_THREADS_BIND=0-1`
 (all cores bound). docs/benchmarks.md has the full four-engine command.
 
-llama.cpp runs as its C++ batched runner, llama-batched-bench, on an f16 GGUF of the same checkpoint (`llamacpp`)
-or a bf16 one (`llamacpp-bf16`). Build it
+llama.cpp runs as its C++ batched runner, llama-batched-bench, on an f16 GGUF of the same checkpoint (`llamacpp`),
+a bf16 one (`llamacpp-bf16`) or a Q8_0 one (`llamacpp-q8_0`, the converter's own quantization). Build it
 from the llama.cpp that llama-cpp-python's PyPI source vendors (CPU only, tuned to this machine):
 
     pip download --no-binary :all: --no-deps llama-cpp-python -d /tmp/llamacpp
@@ -326,7 +326,8 @@ def run_vllm_bf16(path: Path, batch: list[list[int]], output_len: int) -> float:
 
 ENGINES = {**{name: functools.partial(run_dsserve, **options) for name, options in DSSERVE_OPTIONS.items()},
            "transformers": run_transformers, "vllm": run_vllm, "vllm-bf16": run_vllm_bf16, "llamacpp": run_llamacpp,
-           "llamacpp-bf16": functools.partial(run_llamacpp, outtype="bf16")}
+           "llamacpp-bf16": functools.partial(run_llamacpp, outtype="bf16"),
+           "llamacpp-q8_0": functools.partial(run_llamacpp, outtype="q8_0")}
 
 
 def main() -> None:
