@@ -22,8 +22,8 @@ dependency versions; it gets the same checkpoint folder and the same token ids. 
 `--vllm-compile` (its default torch.compile mode; eager otherwise) and `--vllm-env VLLM_CPU_OMP_THREADS_BIND=0-1`
 (all cores bound). docs/benchmarks.md has the full four-engine command.
 
-llama.cpp runs as its C++ batched runner, llama-batched-bench, on an f16 GGUF of the same checkpoint (`llamacpp`)
-or a bf16 one (`llamacpp-bf16`). Build it
+llama.cpp runs as its C++ batched runner, llama-batched-bench, on an f16 GGUF of the same checkpoint (`llamacpp`),
+a bf16 one (`llamacpp-bf16`) or a Q8_0 one (`llamacpp-q8_0`, the converter's own quantization). Build it
 from the llama.cpp that llama-cpp-python's PyPI source vendors (CPU only, tuned to this machine):
 
     pip download --no-binary :all: --no-deps llama-cpp-python -d /tmp/llamacpp
@@ -130,16 +130,22 @@ def build(name: str, folder: Path, layers: int | None = None) -> Path:
         model = model_class(config)
     finally:
         torch.set_default_dtype(default)
+    # transformers holds the routed experts fused (per layer, one gate_up and one down tensor for all experts) and
+    # splits them back into the checkpoint's per-expert tensors when it saves, all at once: a MoE shape's build
+    # peaks at its weights plus about the experts' gate and up projections once more.
     model.save_pretrained(folder)
     return folder
 
 
-def weight_bytes(name: str, layers: int | None = None) -> int:
-    """Bytes of the shape's weights in its dtype, counted on the meta device (nothing allocated)."""
+def weight_bytes(name: str, layers: int | None = None) -> tuple[int, int]:
+    """Bytes of the shape's weights in its dtype, all of them and the routed experts' share, counted on the meta
+    device (nothing allocated)."""
     model_class, config, dtype = _model_class_and_config(name, layers)
     with torch.device("meta"):
         model = model_class(config)
-    return sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    params = dict(model.named_parameters())
+    experts = sum(p.numel() for n, p in params.items() if ".experts." in n)
+    return sum(p.numel() for p in params.values()) * dtype.itemsize, experts * dtype.itemsize
 
 
 def _model_class_and_config(name: str, layers: int | None):
@@ -320,7 +326,8 @@ def run_vllm_bf16(path: Path, batch: list[list[int]], output_len: int) -> float:
 
 ENGINES = {**{name: functools.partial(run_dsserve, **options) for name, options in DSSERVE_OPTIONS.items()},
            "transformers": run_transformers, "vllm": run_vllm, "vllm-bf16": run_vllm_bf16, "llamacpp": run_llamacpp,
-           "llamacpp-bf16": functools.partial(run_llamacpp, outtype="bf16")}
+           "llamacpp-bf16": functools.partial(run_llamacpp, outtype="bf16"),
+           "llamacpp-q8_0": functools.partial(run_llamacpp, outtype="q8_0")}
 
 
 def main() -> None:

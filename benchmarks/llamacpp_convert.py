@@ -40,11 +40,25 @@ def main() -> None:
     def get_model_class_without_vocab(*a, **kw):
         cls = get_model_class(*a, **kw)
         cls.set_vocab = set_vocab_none
+        cls.set_gguf_parameters = _with_q_lora_rank(cls.set_gguf_parameters)
         return cls
 
     convert.get_model_class = get_model_class_without_vocab
     sys.argv = [convert.__file__, str(args.model), "--outfile", str(args.outfile), "--outtype", args.outtype]
     convert.main()
+
+
+def _with_q_lora_rank(set_gguf_parameters):
+    """An MLA model without a query LoRA (DeepSeek-V2-Lite) gets q_lora_rank 0 written out: llama.cpp knows such a
+    model by its layer count (26 or 27) and otherwise requires the key, so a checkpoint cut by --layers would not
+    load. With 0 it creates the plain query projection, as for the whole model."""
+
+    def set_parameters(self) -> None:
+        set_gguf_parameters(self)
+        if "kv_lora_rank" in self.hparams and self.hparams.get("q_lora_rank") is None:
+            self.gguf_writer.add_q_lora_rank(0)
+
+    return set_parameters
 
 
 if __name__ == "__main__":
