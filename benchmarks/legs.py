@@ -19,7 +19,7 @@ machine that is the noise to read the figures against.
 Peak RSS is the sum over the engine's processes of each one's peak (VmHWM; vLLM's engine core is a second
 process), read while they are alive: after the first token (the load peak), then reset and read again after the
 last leg (the run's own peak). A llama.cpp leg is a whole process: its load peak is the start-up run's, its run
-peak the largest of its leg runs' (each loads the model again, mapped from the GGUF).
+peak the largest of its leg runs' (each reads the model in again from the GGUF, not mapped: `-lm none`).
 """
 
 from __future__ import annotations
@@ -277,8 +277,12 @@ def _run_llamacpp(bin_dir: str, gguf: Path, workload: Workload, extra_args: str)
     """The legs through llama-batched-bench, one process each: 8 prompt tokens and one more (start-up), batch 1,
     the batch, the long prefill."""
     context = max(workload.num_kv_tokens, 4096)  # llama.cpp printed nothing after a smaller one (compare.py)
+    # -lm none: the weights are read in while loading, as the other engines do. Mapped (its default), a MoE
+    # model's experts that no earlier token touched are read from disk in the middle of a leg when the page cache
+    # no longer holds the GGUF (likely why deepseek-v2-lite with 8 layers once took 7.9 s, not 2.0 s, for the
+    # batch-1 prompt, with the machine otherwise idle).
     base = [str(Path(bin_dir) / "llama-batched-bench"), "-m", str(gguf), "-c", str(context), "-t", str(_num_cpus()),
-            "-fit", "off", "--output-format", "jsonl", *extra_args.split()]
+            "-fit", "off", "-lm", "none", "--output-format", "jsonl", *extra_args.split()]
     w = workload
     startup = _batched_bench(base, 8, 1, 1)
     one = _batched_bench(base, w.batch1_input, w.batch1_output - 1, 1)
