@@ -182,9 +182,12 @@ class CpuBackend(TorchBackend):
 
     def experts(self, layer, x, weights, ids):
         table = self.packs.expert_tables.get(layer)
-        if table is not None and ids.numel() <= layer.num_local and x.dtype == torch.float32:
-            # Few tokens (decode at small batch): one C call over the (token, slot) pairs, no sort, no per-expert ops
-            return kernels.moe_f16(x, weights, ids - layer.first_expert, table)
+        if table is not None and x.dtype == torch.float32:
+            if ids.numel() <= layer.num_local and not table.bf16:
+                # Few tokens (decode at small batch): one C call over the (token, slot) pairs, no sort
+                return kernels.moe_f16(x, weights, ids - layer.first_expert, table)
+            # More (prompt steps, large batches): one C call, each active expert's tokens through one GEMM pair
+            return kernels.moe_grouped(x, weights, ids - layer.first_expert, table)
         return super().experts(layer, x, weights, ids)
 
     def expert(self, layer, expert, x):

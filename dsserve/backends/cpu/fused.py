@@ -132,7 +132,8 @@ class _MLABuilder(_Builder):
             weights_bf16=self.weights_bf16, router_kind=router_kind(c) if moe else 0,
             normalize=int(bool(c.norm_topk_prob) and c.num_experts_per_tok > 1),
             # one flag for every layer, as the module path decides per layer
-            experts_f16_table=int(bool(moe) and all(m.experts in self.packs.expert_tables for m in moe)))
+            experts_f16_table=int(bool(moe) and all(
+                m.experts in self.packs.expert_tables and not self.packs.expert_tables[m.experts].bf16 for m in moe)))
 
     def attention(self, attn: MultiHeadLatentAttention) -> dict:
         absorbed = self.packs.absorbed.get(attn)

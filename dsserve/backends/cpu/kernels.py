@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name
-           for name in ("paged_attention.c", "linear_f16.c", "linear_bf16.c", "elementwise.c", "decode_layers.c")]
+           for name in ("paged_attention.c", "linear_f16.c", "linear_bf16.c", "elementwise.c", "moe.c", "decode_layers.c")]
 HEADER = CSRC / "dsserve_kernels.h"  # the C interface: kernels.py binds it (pycparser), every .c includes it
 HEADERS = [HEADER, CSRC / "vec_math.h"]
 _lock = threading.Lock()
@@ -83,7 +83,9 @@ def _amx_flags() -> list[str]:
     return ["-mamx-tile", "-mamx-bf16", "-mavx512bf16", "-mavx512f", "-mavx512bw", "-mavx512vl"]
 
 
-_FILE_FLAGS = {"linear_bf16.c": _amx_flags}
+# moe.c scales each expert row and adds it in one loop, where an FMA would round once instead of the module path's
+# twice (`*=`, then index_add_): no contraction there, so both paths give the same bits.
+_FILE_FLAGS = {"linear_bf16.c": _amx_flags, "moe.c": lambda: ["-ffp-contract=off"]}
 
 
 def _compiler() -> str | None:
@@ -454,19 +456,22 @@ def heads_f16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertTable:
-    """Every local expert's packed float16 (w13, w2) as two C arrays of pointers, for `moe_f16`. Holds the
-    tensors so the pointers stay valid."""
+    """Every local expert's packed (w13, w2), all float16 (linear_f16's layout) or all bfloat16 (linear_bf16's), as
+    two C arrays of pointers for `moe_f16` (fp16 only) and `moe_grouped`. Holds the tensors so the pointers stay
+    valid."""
 
-    def __init__(self, w13: list[torch.Tensor], w2: list[torch.Tensor], intermediate: int, hidden: int):
+    def __init__(self, w13: list[torch.Tensor], w2: list[torch.Tensor], intermediate: int, hidden: int,
+                 bf16: bool = False):
         self.tensors = (w13, w2)
         self.w13 = (ctypes.c_void_p * len(w13))(*(t.data_ptr() for t in w13))
         self.w2 = (ctypes.c_void_p * len(w2))(*(t.data_ptr() for t in w2))
-        self.num, self.intermediate, self.hidden = len(w13), intermediate, hidden
+        self.num, self.intermediate, self.hidden, self.bf16 = len(w13), intermediate, hidden, bf16
 
 
 def moe_f16(x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor, table: ExpertTable) -> torch.Tensor:
     """sum over slots s of weights[t, s] * expert local_ids[t, s](x[t]) (SwiGLU), (T, D) float32; ids outside
     [0, table.num) contribute nothing. For a few tokens: every weight is read once per (token, slot)."""
+    assert not table.bf16, "moe_f16 reads float16 experts"
     x = x if x.is_contiguous() else x.contiguous()
     weights = weights.float().contiguous()
     local_ids = local_ids.long().contiguous()
@@ -477,6 +482,26 @@ def moe_f16(x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor, tab
     _state["lib"].dsserve_moe_f16(x.data_ptr(), tokens, table.hidden, local_ids.data_ptr(), weights.data_ptr(),
                                   top_k, table.w13, table.w2, table.num, table.intermediate, out.data_ptr(),
                                   scratch.data_ptr())
+    return out
+
+
+def moe_grouped(x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor, table: ExpertTable) -> torch.Tensor:
+    """The same sum as `moe_f16` for any number of tokens, grouped by expert (csrc/moe.c): each active expert's
+    tokens through one GEMM pair, the same values as the module path (`TorchBackend.experts` over the packed
+    experts). (T, D) float32."""
+    x = x if x.is_contiguous() else x.contiguous()
+    weights = weights.float().contiguous()
+    local_ids = local_ids.long().contiguous()
+    tokens, top_k = local_ids.shape
+    lib = _state["lib"]
+    out = torch.empty(tokens, table.hidden, dtype=torch.float32)
+    scratch = torch.empty(lib.dsserve_moe_grouped_workspace(tokens, table.hidden, top_k, table.intermediate),
+                          dtype=torch.float32)
+    status = lib.dsserve_moe_grouped(x.data_ptr(), tokens, table.hidden, local_ids.data_ptr(), weights.data_ptr(),
+                                     top_k, table.w13, table.w2, table.num, table.intermediate, int(table.bf16),
+                                     out.data_ptr(), scratch.data_ptr())
+    if status:
+        raise RuntimeError(f"dsserve_moe_grouped failed ({status}) for {tokens} tokens x {top_k} of {table.num} experts")
     return out
 
 

@@ -94,7 +94,7 @@ class Packs:
 
     linears: dict[nn.Module, PackedLinear] = field(default_factory=dict)  # Linear and the LM head
     experts: dict[Experts, list[tuple[PackedLinear, PackedLinear]]] = field(default_factory=dict)  # (w13, w2) each
-    expert_tables: dict[Experts, kernels.ExpertTable] = field(default_factory=dict)  # all fp16: the few-token kernel
+    expert_tables: dict[Experts, kernels.ExpertTable] = field(default_factory=dict)  # all fp16 or all bf16: moe.c
     absorbed: dict[MultiHeadLatentAttention, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     embeddings: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # a bf16-exact input embedding, in bf16
 
@@ -199,10 +199,11 @@ class Packer:
             if len(pairs) == experts.num_local:  # the layer's last expert: the routed experts run packed from now
                 packs.experts[experts] = ordered = [pairs[e] for e in range(experts.num_local)]
                 del self.expert_pairs[experts]
-                if all(w13.kind is w2.kind is Kind.F16 for w13, w2 in ordered):
+                kinds = {p.kind for pair in ordered for p in pair}
+                if kinds == {Kind.F16} or kinds == {Kind.BF16}:
                     packs.expert_tables[experts] = kernels.ExpertTable(
                         [w13.data for w13, _ in ordered], [w2.data for _, w2 in ordered], experts.intermediate_size,
-                        experts.hidden_size)
+                        experts.hidden_size, bf16=kinds == {Kind.BF16})
         elif module is self.head and isinstance(module, VocabParallel) and self._packable(module.weight):
             packs.linears[module] = pack_checked(module.weight, None, weight_dtype)
             if module is not self.embedding:

@@ -76,18 +76,19 @@ int dsserve_dense_decode(const dsserve_dense_layer *layers, int64_t num_layers, 
  * attend over the cache's normalized latents + rope keys as one shared KV head, and come back out per head (fp16
  * W_UV) before o_proj. The MLP half is a dense SwiGLU MLP (the first_k_dense_replace layers) or the MoE: the
  * router (V3's sigmoid noaux_tc, or V2's softmax greedy / group-limited), the routed experts (a few tokens:
- * every (token, slot) pair in one call of moe_f16 over fp16 weights; more: tokens sorted by expert, one GEMM pair per active expert, summed per token in sorted order,
- * as the module path's index_add_), plus the shared experts. The layer and step structs: dsserve_kernels.h. */
+ * every (token, slot) pair in one call of moe_f16 over fp16 weights; more: moe.c's moe_grouped, the module path's
+ * call too), plus the shared experts. The layer and step structs: dsserve_kernels.h. */
 
 /* Floats of scratch a step of s->tokens tokens needs (int64 arrays first: the buffer is 8-byte aligned). */
 int64_t dsserve_mla_workspace(const dsserve_mla_step *s) {
     const int64_t T = s->tokens, D = s->hidden, H = s->heads, C = s->kv_rank, R = s->rope;
     const int64_t pairs = T * s->top_k, Im = s->moe_intermediate;
-    return 4 * pairs + pairs                                            /* ids, order (int64); weights */
+    const int64_t few = pairs * (3 * Im + D), grouped = dsserve_moe_grouped_workspace(T, D, s->top_k, Im);
+    return 2 * pairs + pairs                                            /* ids (int64); weights */
            + T * (D + 2 * s->q_rank + H * (s->nope + R) + (C + R) + C + R) /* h, q_a, its norm, q, kv_a, latent, k_pe */
            + T * H * (R + s->nope + C + (C + R) + C + s->v_dim)          /* q_pe, q_nope, q_latent, q, out_latent, out */
            + 2 * T * D + 3 * T * s->max_intermediate                      /* branch, routed; gate/up and silu * up */
-           + pairs * (3 * Im + 2 * D);                                    /* the routed experts' rows */
+           + (few > grouped ? few : grouped);                              /* the routed experts' scratch */
 }
 
 static void mla_attention(const dsserve_mla_layer *L, const dsserve_mla_step *s, float *h, float *q_a, float *q_a_n,
@@ -124,47 +125,12 @@ static void mla_attention(const dsserve_mla_layer *L, const dsserve_mla_step *s,
 #undef TRY
 }
 
-/* The routed experts for more (token, slot) pairs than moe_f16 takes: pairs sorted by expert (stable), each
- * active expert's rows through w13, silu * up and w2, scaled by their weights, then added into out (zeroed) in
- * sorted order: the module path's argsort, per-expert GEMMs, `*=` and index_add_, value for value. */
-static int routed_grouped(const dsserve_mla_layer *L, const dsserve_mla_step *s, const float *h, const int64_t *ids,
-                          const float *weights, int64_t *order, float *rows, float *out) {
-    const int64_t T = s->tokens, D = s->hidden, k = s->top_k, E = s->experts, Im = s->moe_intermediate;
-    const int64_t pairs = T * k;
-    float *gate_up = rows + pairs * D, *act = gate_up + pairs * 2 * Im, *down = act + pairs * Im;
-    int64_t start[1025] = {0};  /* E <= 1024: the router's limit */
-    for (int64_t p = 0; p < pairs; p++) start[ids[p] + 1]++;
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    int64_t fill[1024];
-    memcpy(fill, start, E * sizeof(int64_t));
-    for (int64_t p = 0; p < pairs; p++) order[fill[ids[p]]++] = p;
-    for (int64_t i = 0; i < pairs; i++) memcpy(rows + i * D, h + order[i] / k * D, D * sizeof(float));
-    for (int64_t e = 0; e < E; e++) {
-        const int64_t first = start[e], count = start[e + 1] - first;
-        if (!count) continue;
-        int status;
-        if ((status = linear_any(s->weights_bf16, rows + first * D, L->w13[e], NULL, gate_up + first * 2 * Im, count,
-                                 2 * Im, D))) return status;
-        dsserve_silu_mul(gate_up + first * 2 * Im, act + first * Im, count, Im);
-        if ((status = linear_any(s->weights_bf16, act + first * Im, L->w2[e], NULL, down + first * D, count, D, Im)))
-            return status;
-    }
-    for (int64_t i = 0; i < pairs; i++) {  /* scale, then add: two roundings, as torch's `*=` then index_add_ */
-        const float w = weights[order[i]];
-        float *y = down + i * D;
-        for (int64_t j = 0; j < D; j++) y[j] *= w;
-    }
-    memset(out, 0, T * D * sizeof(float));
-    for (int64_t i = 0; i < pairs; i++) add_into(out + order[i] / k * D, down + i * D, D);
-    return 0;
-}
-
 /* 0, or the first failing kernel's status (as dsserve_dense_decode). */
 int dsserve_mla_decode(const dsserve_mla_layer *layers, int64_t num_layers, const dsserve_mla_step *s) {
     const int64_t T = s->tokens, D = s->hidden, H = s->heads, N = s->nope, R = s->rope, C = s->kv_rank;
     const int64_t pairs = T * s->top_k, Imax = s->max_intermediate;
-    int64_t *ids = (int64_t *)s->work, *order = ids + pairs;
-    float *weights = s->work + 4 * pairs, *h = weights + pairs;
+    int64_t *ids = (int64_t *)s->work;
+    float *weights = s->work + 2 * pairs, *h = weights + pairs;
     float *q_a = h + T * D, *q_a_n = q_a + T * s->q_rank, *q = q_a_n + T * s->q_rank, *kv = q + T * H * (N + R);
     float *latent = kv + T * (C + R), *k_pe = latent + T * C, *q_pe = k_pe + T * R, *q_nope = q_pe + T * H * R;
     float *q_lat = q_nope + T * H * N, *q_cat = q_lat + T * H * C, *o_lat = q_cat + T * H * (C + R);
@@ -190,7 +156,8 @@ int dsserve_mla_decode(const dsserve_mla_layer *layers, int64_t num_layers, cons
                 status = dsserve_moe_f16(h, T, D, ids, weights, s->top_k, L->w13, L->w2, s->experts,
                                          s->moe_intermediate, branch, rows);
             else
-                status = routed_grouped(L, s, h, ids, weights, order, rows, branch);
+                status = dsserve_moe_grouped(h, T, D, ids, weights, s->top_k, L->w13, L->w2, s->experts,
+                                             s->moe_intermediate, s->weights_bf16, branch, rows);
             if (status) return status;
         }
         if (L->gate_up) {

@@ -44,6 +44,13 @@ int dsserve_linear_bf16(const float *x, const uint16_t *packed, const float *bia
 /* y (M, I) = silu(x Wg^T) * (x Wu^T), packed the (2 I, K) gate_up weight for linear_bf16; -2 when I % 16 != 0 */
 int dsserve_linear_bf16_swiglu(const float *x, const uint16_t *packed, float *y, int64_t M, int64_t I, int64_t K);
 
+/* ---- routed experts over many tokens, grouped by expert (moe.c) --------------------------------------------- */
+
+int64_t dsserve_moe_grouped_workspace(int64_t T, int64_t D, int64_t k, int64_t I);
+int dsserve_moe_grouped(const float *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t k,
+                        const uint16_t *const *w13, const uint16_t *const *w2, int64_t E, int64_t I, int bf16,
+                        float *out, float *work);
+
 /* ---- a decoder layer's small ops (elementwise.c) ------------------------------------------------------------ */
 
 int dsserve_rms_norm(const float *x, int64_t ldx, const float *w, float *out, int64_t rows, int64_t dim, float eps);
