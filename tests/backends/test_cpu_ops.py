@@ -177,7 +177,7 @@ def test_fresh_prompts_take_one_flash_attention_per_row(bf16, long_row, monkeypa
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_fresh_prompts_under_mla(bf16):
-    """MLA's fresh prompts: the row's own latents expanded, one causal flash SDPA per row; decode rows beside them
+    """MLA's fresh prompts: the row's latents expanded tile by tile, flash SDPA per tile; decode rows beside them
     in the absorbed form over the cache: the reference's output within bf16 (or float32) rounding."""
     torch.manual_seed(5)
     query_lens, starts, tables, positions, slots = _step([1, 33, 1, 20], [30, 0, 7, 0])
@@ -193,6 +193,41 @@ def test_fresh_prompts_under_mla(bf16):
     assert meta.fresh_rows == [(1, 33), (35, 20)]
     got_cache, want_cache = cache.clone(), cache.clone()
     got = backend.mla_attention(layer, q_nope, q_pe, latent, k_pe, got_cache, meta)
+    ref_meta = TORCH.attention_metadata(query_lens, starts, tables, positions, slots, BLOCK, torch.device("cpu"))
+    want = TORCH.mla_attention(layer, q_nope, q_pe, latent, k_pe, want_cache, ref_meta)
+    assert torch.equal(got_cache, want_cache)
+    _close(got, want, 5e-2 if bf16 else 1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("half_cache", [False, True])
+def test_mla_prompts_in_tiles_of_keys(bf16, half_cache, monkeypatch):
+    """Prompt rows continuing a cached context and fresh ones, with tiles of 16 keys so that every row spans several
+    (cached tiles seen by every query, own tiles causal, tiles cut at the row's start): the tiles' outputs merged by
+    log-sum-exp equal the reference's one softmax over the whole context; at most a tile of keys is expanded."""
+    from dsserve.backends.cpu import backend as cpu_backend
+
+    monkeypatch.setattr(cpu_backend, "_mla_tile", lambda heads, width: 16)
+    torch.manual_seed(6)
+    query_lens, starts, tables, positions, slots = _step([37, 1, 20, 5], [45, 30, 0, 3], num_blocks=48, per_row=8)
+    tokens, heads, nope, rope, v_dim, rank = positions.numel(), 4, 32, 16, 32, 64
+    weight = torch.randn(heads * (nope + v_dim), rank) * 0.2
+    expanded = []
+    layer = Layer(scale=0.1, num_heads=heads, nope_dim=nope, v_dim=v_dim, kv_lora_rank=rank,
+                  kv_b_proj=SimpleNamespace(weight=weight))
+    q_nope, q_pe = torch.randn(tokens, heads, nope), torch.randn(tokens, heads, rope)
+    latent, k_pe = torch.randn(tokens, rank), torch.randn(tokens, rope)
+    cache = torch.randn(48, BLOCK, rank + rope).to(torch.float16 if half_cache else torch.float32)
+    backend = CpuBackend()
+    backend.bf16_activations = bf16
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(cpu_backend.F, "linear", lambda x, w, *a: expanded.append(x.shape[0]) or real_linear(x, w, *a))
+    meta = backend.attention_metadata(query_lens, starts, tables, positions, slots, BLOCK, torch.device("cpu"))
+    assert meta.fresh_rows is None and [r[:3] for r in meta.prompt_rows] == [(0, 37, 45), (38, 20, 0), (58, 5, 3)]
+    got_cache, want_cache = cache.clone(), cache.clone()
+    got = backend.mla_attention(layer, q_nope, q_pe, latent, k_pe, got_cache, meta)
+    assert expanded and max(expanded) <= 16
+    monkeypatch.setattr(cpu_backend.F, "linear", real_linear)
     ref_meta = TORCH.attention_metadata(query_lens, starts, tables, positions, slots, BLOCK, torch.device("cpu"))
     want = TORCH.mla_attention(layer, q_nope, q_pe, latent, k_pe, want_cache, ref_meta)
     assert torch.equal(got_cache, want_cache)

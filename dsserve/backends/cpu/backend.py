@@ -40,6 +40,13 @@ class CpuAttentionMetadata(AttentionMetadata):
     # rows take the kernel.
     fresh_rows: list[tuple[int, int]] | None = None
     single_tokens: torch.Tensor | None = None
+    # Steps with prompt tokens, for MLA: each prompt row's (first flat token, token count, start position, row), the
+    # flat tokens of the one-token rows and their rows, and the step's block tables (B, max_blocks).
+    prompt_rows: list[tuple[int, int, int, int]] | None = None
+    one_token: torch.Tensor | None = None
+    one_token_rows: torch.Tensor | None = None
+    row_tables: torch.Tensor | None = None
+    row_starts: torch.Tensor | None = None
     _token_tables: torch.Tensor | None = None
     _splits: dict = field(default_factory=dict, repr=False)
 
@@ -117,6 +124,14 @@ class CpuBackend(TorchBackend):
         # reuses each key across a block of queries but pays for the gather, the padding and the masked part of the
         # rectangle. Per token the kernel wins while a chunk's earlier context is at most its own length (fresh
         # prompts, a long prompt's first chunk); a chunk continuing a long context is faster on the SDPA path.
+        if not meta.is_decode:
+            firsts = (torch.cumsum(query_lens, 0) - query_lens).tolist()
+            meta.prompt_rows = [(first, n, start, row) for row, (first, n, start)
+                                in enumerate(zip(firsts, query_lens.tolist(), starts.tolist())) if n > 1]
+            single = query_lens == 1
+            meta.one_token_rows = torch.nonzero(single).squeeze(1)
+            meta.one_token = torch.tensor(firsts, dtype=torch.long)[meta.one_token_rows]
+            meta.row_tables, meta.row_starts = tables, starts
         if not meta.is_decode and bool((starts <= query_lens).logical_or(query_lens == 1).all()):
             meta.token_lens, meta.step_tables = positions + 1, tables
             meta.token_seq = torch.repeat_interleave(torch.arange(query_lens.numel()), query_lens)
@@ -284,34 +299,71 @@ class CpuBackend(TorchBackend):
 
     def mla_attention(self, layer, q_nope, q_pe, latent, k_pe, cache, meta):
         entry = cache.shape[-1]
-        if (meta.fresh_rows is None or q_nope.dtype != torch.float32 or q_nope.device.type != "cpu"
-                or (meta.single_tokens.numel() and not _kernel_reads(q_nope, cache, entry, layer.kv_lora_rank))):
+        if (meta.prompt_rows is None or q_nope.dtype != torch.float32 or q_nope.device.type != "cpu"
+                or (meta.one_token.numel() and not _kernel_reads(q_nope, cache, entry, layer.kv_lora_rank))):
             return super().mla_attention(layer, q_nope, q_pe, latent, k_pe, cache, meta)
         with PROFILER.section("attention"):
             self.write_cache(cache, meta.slot_mapping, latent, k_pe, stack=False)
-            return self._fresh_mla(layer, q_nope, q_pe, latent, k_pe, cache, meta)
+            out = q_nope.new_empty(q_nope.shape[0], layer.num_heads, layer.v_dim)
+            for first, n, start, row in meta.prompt_rows:
+                rows = slice(first, first + n)
+                out[rows] = self._mla_prompt(layer, q_nope[rows], q_pe[rows], cache, meta.row_tables[row], start)
+            if meta.one_token.numel():  # decode rows (and one-token prompts) in the absorbed form over the cache
+                tokens, seqs = meta.one_token, meta.one_token_rows
+                out[tokens] = self._mla_decode(layer, q_nope[tokens], q_pe[tokens], cache, meta.row_tables[seqs],
+                                               meta.row_starts[seqs] + 1)
+            return out
 
-    def _fresh_mla(self, layer, q_nope, q_pe, latent, k_pe, cache, meta):
-        """Fresh prompts under MLA: per row, the row's own latents expanded into per-head keys and values (no cache
-        read), then one causal flash SDPA (values zero-padded to the keys' width: torch's flash kernel takes equal
-        widths, and without it the math path is 10x slower); bf16 where the linears' activations are."""
-        heads, nope, v_dim, rope = layer.num_heads, layer.nope_dim, layer.v_dim, q_pe.shape[-1]
+    def _mla_prompt(self, layer, q_nope, q_pe, cache, table, start):
+        """One prompt row of n tokens at positions start.. under MLA, flash-style over its context in tiles of keys:
+        each tile's latents (read from the cache, this step's already in it) expanded into per-head keys and values
+        (at most `_mla_tile` positions at a time, never the whole context), one flash SDPA of the queries that see
+        the tile (causal where the tile holds this row's own tokens), and the tiles' outputs merged by their
+        log-sum-exp. bf16 where the linears' activations are (bf16 weights on AMX). Values are zero-padded to the
+        keys' width: torch's CPU flash kernel takes equal widths (the math path is 10x slower)."""
+        n, heads, nope, v_dim, rope = q_nope.shape[0], layer.num_heads, layer.nope_dim, layer.v_dim, q_pe.shape[-1]
+        num_latent, block_size, width = layer.kv_lora_rank, cache.shape[1], nope + rope
         dtype = torch.bfloat16 if self.bf16_activations else torch.float32
-        out = q_nope.new_empty(q_nope.shape[0], heads, v_dim)
-        for first, n in meta.fresh_rows:
-            rows = slice(first, first + n)
-            kv = F.linear(latent[rows], layer.kv_b_proj.weight).view(n, heads, nope + v_dim)
-            keys = torch.cat((kv[..., :nope], k_pe[rows].unsqueeze(1).expand(n, heads, rope)), dim=-1)
-            values = F.pad(kv[..., nope:], (0, nope + rope - v_dim))
-            queries = torch.cat((q_nope[rows], q_pe[rows]), dim=-1)
-            o = F.scaled_dot_product_attention(*(x.transpose(0, 1).unsqueeze(0).to(dtype) for x in (queries, keys, values)),
-                                               is_causal=True, scale=layer.scale)
-            out[rows] = o[0, :, :, :v_dim].transpose(0, 1)
-        if meta.single_tokens.numel():  # decode rows (and one-token prompts) over their cache
-            tokens = meta.single_tokens
-            out[tokens] = self._mla_decode(layer, q_nope[tokens], q_pe[tokens], cache, meta.token_tables()[tokens],
-                                           meta.token_lens[tokens])
-        return out
+        flat_cache = cache.view(-1, cache.shape[-1])
+        expand = self.packs.expanders.get(layer)
+        queries = torch.cat((q_nope, q_pe), dim=-1).to(dtype).transpose(0, 1).unsqueeze(0)  # (1, H, n, N + R)
+        tile = _mla_tile(heads, width)
+        keys = torch.empty(tile, heads, width, dtype=dtype)
+        values = torch.zeros(tile, heads, width, dtype=dtype)
+        acc = lse = None
+        # key tiles: the cached context [0, start) (every query sees all of it), then the row's own tokens (causal:
+        # the queries from the tile's first position on, top-left aligned, see exactly the keys at or before them)
+        spans = [(a, min(a + tile, start), False) for a in range(0, start, tile)]
+        spans += [(a, min(a + tile, start + n), True) for a in range(start, start + n, tile)]
+        for a, b, causal in spans:
+            m = b - a
+            positions = torch.arange(a, b)
+            context = flat_cache.index_select(0, table[positions // block_size] * block_size + positions % block_size)
+            context = context.float()
+            latents = context[:, :num_latent]
+            kv = (expand(latents) if expand is not None else F.linear(latents, layer.kv_b_proj.weight))
+            kv = kv.view(m, heads, nope + v_dim)
+            keys[:m, :, :nope] = kv[..., :nope]
+            keys[:m, :, nope:] = context[:, num_latent:].unsqueeze(1)
+            values[:m, :, :v_dim] = kv[..., nope:]
+            q0 = a - start if causal else 0  # the first query that sees this tile
+            o, tile_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                queries[:, :, q0:], keys[:m].transpose(0, 1).unsqueeze(0), values[:m].transpose(0, 1).unsqueeze(0),
+                0.0, causal, scale=layer.scale)
+            o = o[..., :v_dim].float()  # (1, H, n - q0, V)
+            if acc is None:  # the first tile is seen by every query
+                acc, lse = o, tile_lse
+                continue
+            seen, seen_lse = acc[:, :, q0:], lse[:, :, q0:]
+            merged = torch.logaddexp(seen_lse, tile_lse)
+            seen.mul_((seen_lse - merged).exp_().unsqueeze(-1)).add_(o.mul_((tile_lse - merged).exp_().unsqueeze(-1)))
+            seen_lse.copy_(merged)
+        return acc[0].transpose(0, 1)
+
+def _mla_tile(heads: int, width: int) -> int:
+    """Key positions per tile of MLA prompt attention: the tile's expanded keys and values in about 16 MiB (1344
+    positions at V2-Lite's 16 heads, 256 at V3's 128), in whole multiples of 64."""
+    return max(256, min(4096, (16 << 20) // (heads * width * 2 * 2) // 64 * 64))
 
 
 # Float32 prompt rows shorter than this attend through the per-token kernel: at 128-512 tokens it beats torch's

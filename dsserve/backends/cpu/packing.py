@@ -97,12 +97,15 @@ class Packs:
     expert_tables: dict[Experts, kernels.ExpertTable] = field(default_factory=dict)  # all fp16 or all bf16: moe.c
     absorbed: dict[MultiHeadLatentAttention, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     embeddings: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # a bf16-exact input embedding, in bf16
+    # MLA's kv_b_proj in bf16 for prompt attention's expansion of latents into keys and values (bf16 weights only;
+    # its float32 weight stays for the other paths)
+    expanders: dict[MultiHeadLatentAttention, PackedLinear] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
         """Matrices packed."""
         return (len(self.linears) + sum(2 * len(pairs) for pairs in self.experts.values())
-                + sum(a.shape[0] + b.shape[0] for a, b in self.absorbed.values()))
+                + sum(a.shape[0] + b.shape[0] for a, b in self.absorbed.values()) + len(self.expanders))
 
 
 def resolve_weight_dtype(weight_dtype: torch.dtype) -> torch.dtype | None:
@@ -188,6 +191,8 @@ class Packer:
             absorbed = _pack_absorbed(self.mla_of[module], weight_dtype)
             if absorbed is not None:
                 packs.absorbed[self.mla_of[module]] = absorbed
+            if weight_dtype == torch.bfloat16 and _is_cpu_fp32(module.weight):  # prompt attention's expansion
+                packs.expanders[self.mla_of[module]] = pack_checked(module.weight, None, weight_dtype)
         elif isinstance(module, Linear) and self._packable(module.weight):
             packs.linears[module] = pack_checked(module.weight, module.bias, weight_dtype)
             self._drop(module, "weight")
