@@ -59,41 +59,64 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's .
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-/* One row times one panel: its 16 outputs; the weights widen to fp32 by a shift (bf16 is fp32's top half). */
-static inline __m512 panel_dot(const float *x, const uint16_t *w, int64_t K) {
+/* One row times two panels (w0 and w1, read side by side): their 16 outputs each; the weights widen to fp32 by a
+ * shift (bf16 is fp32's top half). Two streams of loads in flight per thread: one panel at a time, the GEMV read
+ * 20.5 GB/s where the tile kernel reads 24.5; two at a time, 24. Each panel's sum runs in the same order either way
+ * (four partial sums, two pairs per step), so a panel's outputs do not depend on its neighbour. */
+#define PAIR_FMA(acc, pair, shifted, xv) \
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(shifted ? _mm512_slli_epi32(pair, 16) : _mm512_and_si512(pair, high)), \
+                          _mm512_set1_ps(xv), acc)
+static inline void two_panels_dot(const float *x, const uint16_t *w0, const uint16_t *w1, int64_t K, __m512 *out0,
+                                  __m512 *out1) {
     const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();
-    __m512 acc3 = _mm512_setzero_ps();
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps(), b3 = _mm512_setzero_ps();
     int64_t kk = 0;
-    for (; 2 * kk + 3 < K; kk += 2) { /* two pairs per iteration: four independent sums */
-        const __m512i p0 = _mm512_loadu_si512((const void *)(w + kk * 32));
-        const __m512i p1 = _mm512_loadu_si512((const void *)(w + kk * 32 + 32));
-        acc0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(p0, 16)), _mm512_set1_ps(x[2 * kk]), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(p0, high)), _mm512_set1_ps(x[2 * kk + 1]), acc1);
-        acc2 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(p1, 16)), _mm512_set1_ps(x[2 * kk + 2]), acc2);
-        acc3 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(p1, high)), _mm512_set1_ps(x[2 * kk + 3]), acc3);
+    for (; 2 * kk + 3 < K; kk += 2) { /* two pairs per iteration: four independent sums per panel */
+        const __m512i p0 = _mm512_loadu_si512((const void *)(w0 + kk * 32));
+        const __m512i q0 = _mm512_loadu_si512((const void *)(w1 + kk * 32));
+        const __m512i p1 = _mm512_loadu_si512((const void *)(w0 + kk * 32 + 32));
+        const __m512i q1 = _mm512_loadu_si512((const void *)(w1 + kk * 32 + 32));
+        PAIR_FMA(a0, p0, 1, x[2 * kk]);
+        PAIR_FMA(b0, q0, 1, x[2 * kk]);
+        PAIR_FMA(a1, p0, 0, x[2 * kk + 1]);
+        PAIR_FMA(b1, q0, 0, x[2 * kk + 1]);
+        PAIR_FMA(a2, p1, 1, x[2 * kk + 2]);
+        PAIR_FMA(b2, q1, 1, x[2 * kk + 2]);
+        PAIR_FMA(a3, p1, 0, x[2 * kk + 3]);
+        PAIR_FMA(b3, q1, 0, x[2 * kk + 3]);
     }
     for (; 2 * kk + 1 < K; kk++) {
-        const __m512i pair = _mm512_loadu_si512((const void *)(w + kk * 32));
-        acc0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)), _mm512_set1_ps(x[2 * kk]), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(pair, high)), _mm512_set1_ps(x[2 * kk + 1]), acc1);
+        const __m512i p0 = _mm512_loadu_si512((const void *)(w0 + kk * 32));
+        const __m512i q0 = _mm512_loadu_si512((const void *)(w1 + kk * 32));
+        PAIR_FMA(a0, p0, 1, x[2 * kk]);
+        PAIR_FMA(b0, q0, 1, x[2 * kk]);
+        PAIR_FMA(a1, p0, 0, x[2 * kk + 1]);
+        PAIR_FMA(b1, q0, 0, x[2 * kk + 1]);
     }
     if (2 * kk < K) { /* an odd K: the last input has no partner (its pair's second half is zero) */
-        const __m512i pair = _mm512_loadu_si512((const void *)(w + kk * 32));
-        acc0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pair, 16)), _mm512_set1_ps(x[2 * kk]), acc0);
+        const __m512i p0 = _mm512_loadu_si512((const void *)(w0 + kk * 32));
+        const __m512i q0 = _mm512_loadu_si512((const void *)(w1 + kk * 32));
+        PAIR_FMA(a0, p0, 1, x[2 * kk]);
+        PAIR_FMA(b0, q0, 1, x[2 * kk]);
     }
-    return _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3));
+    *out0 = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+    *out1 = _mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3));
 }
+#undef PAIR_FMA
 
-/* One row: each thread streams whole panels. */
+/* One row: each thread streams whole pairs of panels (the layout pads an odd count with a zero panel). */
 static void gemv(const float *x, const uint16_t *packed, const float *bias, float *y, int64_t N, int64_t K,
                  int64_t Kp) {
     const int64_t panels = (N + 15) / 16;
 #pragma omp parallel for schedule(static)
-    for (int64_t p = 0; p < panels; p++) {
-        float out[16];
-        _mm512_storeu_ps(out, panel_dot(x, packed + p * Kp * 16, K));
-        const int valid = N - p * 16 < 16 ? (int)(N - p * 16) : 16;
+    for (int64_t p = 0; p < panels; p += 2) {
+        float out[32];
+        __m512 first, second;
+        two_panels_dot(x, packed + p * Kp * 16, packed + (p + 1) * Kp * 16, K, &first, &second);
+        _mm512_storeu_ps(out, first);
+        _mm512_storeu_ps(out + 16, second);
+        const int valid = N - p * 16 < 32 ? (int)(N - p * 16) : 32;
         for (int n = 0; n < valid; n++) y[p * 16 + n] = out[n] + (bias ? bias[p * 16 + n] : 0.0f);
     }
 }
@@ -103,8 +126,10 @@ static void gemv_swiglu(const float *x, const uint16_t *packed, float *y, int64_
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < I / 16; p++) {
         float gate[16], up[16];
-        _mm512_storeu_ps(gate, panel_dot(x, packed + p * Kp * 16, K));
-        _mm512_storeu_ps(up, panel_dot(x, packed + (p + I / 16) * Kp * 16, K));
+        __m512 g, u;
+        two_panels_dot(x, packed + p * Kp * 16, packed + (p + I / 16) * Kp * 16, K, &g, &u);
+        _mm512_storeu_ps(gate, g);
+        _mm512_storeu_ps(up, u);
         for (int n = 0; n < 16; n++) y[p * 16 + n] = silu_times(gate[n], up[n]);
     }
 }
