@@ -81,6 +81,7 @@ class CpuBackend(TorchBackend):
         # SwiGLU's (T, I) activation lives only until down_proj reads it: one buffer for every layer, since a fresh
         # tensor of a long prompt's size (73 MB at 2048 tokens of the 1.5B shape) is mapped and faulted in each time
         self.swiglu_workspace = Workspace()
+        self.mla_keys, self.mla_values = Workspace(), Workspace()  # a tile of MLA prompt attention's keys and values
 
     def prepare(self, model):
         super().prepare(model)
@@ -327,9 +328,10 @@ class CpuBackend(TorchBackend):
         flat_cache = cache.view(-1, cache.shape[-1])
         expand = self.packs.expanders.get(layer)
         queries = torch.cat((q_nope, q_pe), dim=-1).to(dtype).transpose(0, 1).unsqueeze(0)  # (1, H, n, N + R)
-        tile = _mla_tile(heads, width)
-        keys = torch.empty(tile, heads, width, dtype=dtype)
-        values = torch.zeros(tile, heads, width, dtype=dtype)
+        tile = min(_mla_tile(heads, width), max(start, n))  # the longest span below
+        keys = self.mla_keys.take((tile, heads, width), dtype)  # reused: a fresh one is mapped and faulted in
+        values = self.mla_values.take((tile, heads, width), dtype)
+        values[..., v_dim:].zero_()
         acc = lse = None
         # key tiles: the cached context [0, start) (every query sees all of it), then the row's own tokens (causal:
         # the queries from the tile's first position on, top-left aligned, see exactly the keys at or before them)
