@@ -93,6 +93,18 @@ def test_swiglu_matches_silu_of_gate_times_up(rows, intermediate, in_features):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [2, 300])
+def test_deep_swiglu_is_the_linear_then_silu_mul(rows):
+    """Past 2048 inputs the fused kernel runs the linear's depth ranges, 256 rows at a time, then silu * up: the
+    same bits as the two calls."""
+    torch.manual_seed(rows)
+    weight, x = torch.randn(64, 2100) * 0.05, torch.randn(rows, 2100)
+    packed = cpu_kernels.pack_bf16(weight)
+    assert torch.equal(cpu_kernels.linear_bf16_swiglu(x, packed, 32),
+                       cpu_kernels.silu_mul(cpu_kernels.linear_bf16(x, packed, 64)))
+
+
+@needs_kernel
 def test_swiglu_refuses_a_partial_panel():
     with pytest.raises(ValueError, match="multiple of 16"):
         cpu_kernels.linear_bf16_swiglu(torch.randn(2, 32), cpu_kernels.pack_bf16(torch.randn(40, 32)), 20)

@@ -200,14 +200,27 @@ def test_bf16_weights_without_native_bf16_fall_back_to_fp16(model_dir, monkeypat
     assert "bfloat16 weights unavailable (this CPU has no native bf16 matmul" in caplog.text
 
 
-def test_a_bf16_exact_embedding_is_kept_in_bf16(model_dir, tmp_path):
+def test_a_bf16_exact_embedding_is_kept_in_bf16(model_dir, tmp_path, monkeypatch):
     """An untied input embedding whose values are exactly bf16 (a bf16 checkpoint) is held in bf16, half its float32
-    bytes, and every row looked up is the float32 row bit for bit; other tables stay float32."""
+    bytes, and every row looked up is the float32 row bit for bit; other tables stay float32. With bf16 weights it
+    is loaded straight into bf16 (never a float32 copy of the table)."""
     from safetensors.torch import load_file
 
+    from dsserve.backends.cpu.packing import Packer
+
+    arrived = []
+    real_pack = Packer._pack
+
+    def pack(self, module, weight_dtype):
+        if module is self.embedding:
+            arrived.append((module.weight.dtype, weight_dtype))
+        real_pack(self, module, weight_dtype)
+
+    monkeypatch.setattr(Packer, "_pack", pack)
     path = representable_copy(model_dir("qwen2_untied"), tmp_path / "bf16", torch.bfloat16)
     llm = LLM(path, num_kv_blocks=16, max_model_len=64)
     backend, model = llm.engine.runner.backend, llm.engine.runner.model
+    assert len(arrived) == 1 and (arrived[0][1] != torch.bfloat16 or arrived[0][0] == torch.bfloat16)
     table = backend.packs.embeddings[model.embed_tokens]
     assert table.dtype == torch.bfloat16 and model.embed_tokens.weight is None
     weights = {k: v for shard in path.glob("*.safetensors") for k, v in load_file(shard).items()}

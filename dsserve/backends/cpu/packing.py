@@ -152,7 +152,11 @@ class Packer:
     def _stage_in_bf16(self, model: nn.Module) -> None:
         """With bf16 weights, every weight that is packed and then dropped is loaded straight into bf16 (its float32
         storage is not touched yet, so nothing is freed or copied): a layer waits for packing at half its float32
-        bytes. The packing rounds to the same bf16 values either way."""
+        bytes. The packing rounds to the same bf16 values either way. An untied input embedding is staged too where
+        the checkpoint declares bf16 (its values are then exactly bf16, the table it is kept as): V3's 129280 x 7168
+        table would otherwise pass through 3.5 GiB of float32 while loading."""
+        config = getattr(model, "config", None)
+        bf16_checkpoint = getattr(config, "checkpoint_dtype", None) in ("bf16", "bfloat16")
         for module in model.modules():
             if isinstance(module, Linear) and module not in self.mla_of:
                 names = ("weight",)  # (kv_b_proj keeps its float32 weight: MLA prefill reads it)
@@ -160,6 +164,8 @@ class Packer:
                 names = ("w13", "w2")
             elif module is self.head and module is not self.embedding and isinstance(module, VocabParallel):
                 names = ("weight",)
+            elif module is self.embedding and module is not self.head and bf16_checkpoint:
+                names = ("weight",)  # looked up only: kept as the checkpoint's own bf16 values (no float32 copy)
             else:
                 continue
             for name in names:
@@ -213,6 +219,9 @@ class Packer:
             packs.linears[module] = pack_checked(module.weight, None, weight_dtype)
             if module is not self.embedding:
                 self._drop(module, "weight")
+        elif module is self.embedding and module.weight is not None and id(module.weight) in self.staged:
+            packs.embeddings[module] = module.weight.data  # the checkpoint's bf16 values, as loaded
+            module.weight = None
         elif module is self.embedding and _is_cpu_fp32(module.weight):
             # An untied input embedding is only looked up: a bf16 checkpoint's table (its values exactly bf16) is
             # kept in bf16, half its float32 bytes, and widened row by row as it is read (the same values).
