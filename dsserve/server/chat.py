@@ -15,7 +15,9 @@ from dsserve.server.common import (
     EventWriter, check_chars, check_stop, engine_request_id, final_output, json_string, max_tokens_for, note,
     note_output, results, sampling_params, stream_error, token_text, truncate, usage,
 )
-from dsserve.server.agent import AnswerStream, ChatPlan, finish_prompt, plan_chat, read_answer, template_messages
+from dsserve.server.agent import (
+    AnswerStream, ChatPlan, finish_prompt, plan_chat, read_answer, structured_output, template_messages,
+)
 from dsserve.server.protocol import APIError, ChatCompletionRequest
 from dsserve.server.state import read_request
 
@@ -53,6 +55,7 @@ async def create_chat_completion(http: Request):
     prompt = {"prompt_token_ids": prompt_ids}
     starts_in_reasoning = plan.reasoning and r1.prompt_opens_reasoning(prompt_text)
     end_id = tokenizer.token_to_id(r1.END) if plan.reasoning else None
+    params.structured = structured_output(req, plan, end_id if starts_in_reasoning else None)
     audit_text = messages if state.audit is not None and state.audit.content else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -161,6 +161,37 @@ def detect_format(chat_template: str | None, model_type: str | None = None) -> s
     return None
 
 
+def call_grammar(tools: list[dict], format_name: str, parallel: bool, style=lambda schema: schema) -> str | None:
+    """A Lark grammar (llguidance's dialect) that admits only a block of tool calls in `format_name`, each naming
+    one of `tools` with arguments valid for its `parameters` schema (passed through `style`); None for formats
+    without one (DSML)."""
+    if format_name == "deepseek_v32":
+        return None
+    headers = {
+        "deepseek_v3": lambda name: (f"{CALL_BEGIN}function{SEP}{name}\n```json\n", "\n```" + CALL_END),
+        "deepseek_v31": lambda name: (f"{CALL_BEGIN}{name}{SEP}", CALL_END),
+    }[format_name]
+    rules = []
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        schema = function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
+        opening, closing = headers(function["name"])
+        rules.append(f"call_{i}: {_lark_literal(opening)} args_{i} {_lark_literal(closing)}")
+        rules.append(f"args_{i}: %json {json.dumps(style(schema), ensure_ascii=False)}")
+    more = ' ("\\n"? call)*' if parallel else ""
+    return "\n".join([
+        "start: calls | BLANK calls",
+        "BLANK: /[ \\n]+/",
+        f"calls: {_lark_literal(CALLS_BEGIN)} call{more} {_lark_literal(CALLS_END)}",
+        "call: " + " | ".join(f"call_{i}" for i in range(len(tools))),
+        *rules,
+    ])
+
+
+def _lark_literal(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
 def tool_prompt(tools: list[dict], format_name: str) -> str:
     """The tools described for a chat template that does not render them itself: DeepSeek's tool system prompt
     (the V3.1 model card's), with the call format of `format_name` spelled out."""
