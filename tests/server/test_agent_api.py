@@ -245,8 +245,11 @@ def _assert_valid_calls(message, names):
 
 
 def test_tool_choice_required_gives_valid_calls_every_time(tools_server):
+    """Parallel calls allowed: the random model would go on calling; a bias on the "s" of <｜tool▁calls▁end｜>
+    (the grammar's only choice between another call and the end) makes it end its block of calls."""
     r = post(tools_server, {"messages": USER, "tools": TOOLS, "tool_choice": "required", "n": 12, "temperature": 1.0,
-                      "seed": 4, "max_tokens": 250, **NO_THINKING})
+                            "seed": 4, "max_tokens": 1000, "logit_bias": {str(token_id(tools_server, "s")): 10},
+                            **NO_THINKING})
     assert r.status_code == 200, r.text
     for choice in r.json()["choices"]:
         assert choice["finish_reason"] == "tool_calls", choice
@@ -280,7 +283,7 @@ def test_streamed_tool_calls_equal_non_streamed(tools_server, extra):
 def test_tool_history_renders_through_the_template(tools_server):
     """An assistant turn with tool_calls and the tool's result go through R1's own template."""
     messages = [{"role": "user", "content": "weather?"},
-                {"role": "assistant", "content": None, "tool_calls": [
+                {"role": "assistant", "content": "", "tool_calls": [
                     {"id": "call_1", "type": "function",
                      "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 1}'}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
@@ -289,6 +292,7 @@ def test_tool_history_renders_through_the_template(tools_server):
     text = httpx.post(tools_server.url + "/detokenize", json={"tokens": r.json()["tokens"]}).json()["prompt"]
     assert "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n" in text
     assert "<｜tool▁output▁begin｜>sunny<｜tool▁output▁end｜>" in text
+    messages[1]["content"] = None  # as the openai client sends it
     r = post(tools_server, {"messages": messages, "tools": TOOLS, "max_tokens": 4})
     assert r.status_code == 200, r.text
 
@@ -329,7 +333,7 @@ def test_thinking_switch_on_the_v31_template(v31_server):
 
 def test_v31_tool_calls(v31_server):
     r = post(v31_server, {"messages": USER, "tools": TOOLS, "tool_choice": "required", "n": 4, "temperature": 1.0,
-                          "seed": 8, "max_tokens": 200})
+                          "seed": 8, "max_tokens": 1000})
     assert r.status_code == 200, r.text
     for choice in r.json()["choices"]:
         _assert_valid_calls(choice["message"], {"get_weather", "get_time"})
