@@ -237,11 +237,6 @@ def structured_output(req: ChatCompletionRequest, plan: ChatPlan, after_token_id
         if isinstance(plan.tool_choice, dict):
             tools = [t for t in tools if t["function"]["name"] == plan.tool_choice["function"]["name"]]
         calls = call_grammar(tools, plan.tool_format.name, plan.parallel_tool_calls, with_json_style)
-        if calls is None:
-            raise APIError(400, f"The {plan.tool_format.name} tool-call format has no grammar in this server, so "
-                           "tool_choice 'required' or a named tool, and structured answers beside tools, cannot be "
-                           "enforced; send tool_choice 'auto' without response_format.", param="tool_choice",
-                           code="unsupported_parameter")
         if not forced:
             field_name, spec = answer
             if spec.json_schema is None:

@@ -56,6 +56,13 @@ async def create_chat_completion(http: Request):
     starts_in_reasoning = plan.reasoning and r1.prompt_opens_reasoning(prompt_text)
     end_id = tokenizer.token_to_id(r1.END) if plan.reasoning else None
     params.structured = structured_output(req, plan, end_id if starts_in_reasoning else None)
+    if params.structured is not None and starts_in_reasoning and end_id is None:
+        raise APIError(400, "This model's end of reasoning (</think>) is not one token, so a grammar cannot wait for "
+                       "it; turn the reasoning off with chat_template_kwargs {\"thinking\": false}.",
+                       param=params.structured.param, code="unsupported_parameter")
+    if params.structured is not None and params.min_tokens:
+        raise APIError(400, "min_tokens cannot be combined with a grammar: it would forbid the end of a complete "
+                       "answer.", param="min_tokens", code="invalid_value")
     audit_text = messages if state.audit is not None and state.audit.content else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

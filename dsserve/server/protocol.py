@@ -266,8 +266,8 @@ def _param(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "list[ContentPart]", "function-after"):
-            continue  # union branch names that pydantic inserts
+        elif part in ("str", "int", "float", "bool", "function-after") or "[" in part or part[:1].isupper():
+            continue  # union branch names that pydantic inserts: list[int], literal['a','b'], NamedToolChoice
         else:
             out += ("." if out else "") + str(part)
     return out

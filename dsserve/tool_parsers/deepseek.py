@@ -161,12 +161,11 @@ def detect_format(chat_template: str | None, model_type: str | None = None) -> s
     return None
 
 
-def call_grammar(tools: list[dict], format_name: str, parallel: bool, style=lambda schema: schema) -> str | None:
+def call_grammar(tools: list[dict], format_name: str, parallel: bool, style=lambda schema: schema) -> str:
     """A Lark grammar (llguidance's dialect) that admits only a block of tool calls in `format_name`, each naming
-    one of `tools` with arguments valid for its `parameters` schema (passed through `style`); None for formats
-    without one (DSML)."""
+    one of `tools` with arguments valid for its `parameters` schema (each schema passed through `style`)."""
     if format_name == "deepseek_v32":
-        return None
+        return _dsml_grammar(tools, parallel, style)
     headers = {
         "deepseek_v3": lambda name: (f"{CALL_BEGIN}function{SEP}{name}\n```json\n", "\n```" + CALL_END),
         "deepseek_v31": lambda name: (f"{CALL_BEGIN}{name}{SEP}", CALL_END),
@@ -174,18 +173,57 @@ def call_grammar(tools: list[dict], format_name: str, parallel: bool, style=lamb
     rules = []
     for i, tool in enumerate(tools):
         function = tool["function"]
-        schema = function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
         opening, closing = headers(function["name"])
         rules.append(f"call_{i}: {_lark_literal(opening)} args_{i} {_lark_literal(closing)}")
-        rules.append(f"args_{i}: %json {json.dumps(style(schema), ensure_ascii=False)}")
-    more = ' ("\\n"? call)*' if parallel else ""
+        rules.append(f"args_{i}: %json {json.dumps(style(_parameters(function)), ensure_ascii=False)}")
+    between = "\n" if format_name == "deepseek_v3" else ""  # R1's template puts a newline between calls, V3.1's none
+    return _block_grammar(CALLS_BEGIN, between, CALLS_END, len(tools), parallel, rules)
+
+
+def _dsml_grammar(tools: list[dict], parallel: bool, style) -> str:
+    """DSML: one parameter element per property, in the schema's order, the required ones always, the others
+    optional. String properties are raw text (an enum of strings: one of them), the others JSON for their schema.
+    Properties beyond `properties` are not written; constraints across properties (oneOf at the top) are not held."""
+    rules = []
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        schema = _parameters(function)
+        required = set(schema.get("required") or [])
+        params = []
+        for j, (key, prop) in enumerate((schema.get("properties") or {}).items()):
+            prop = prop if isinstance(prop, dict) else {}
+            enum = prop.get("enum")
+            is_string = prop.get("type") == "string" or (enum and all(isinstance(v, str) for v in enum))
+            opening = f'<{DSML}parameter name="{key}" string="{"true" if is_string else "false"}">'
+            if is_string and enum:
+                value = " | ".join(_lark_literal(v) for v in enum)
+            elif is_string:
+                value = "TEXT?"
+            else:
+                value = f"%json {json.dumps(style(prop), ensure_ascii=False)}"
+            rules.append(f"p_{i}_{j}: {_lark_literal(opening)} v_{i}_{j} {_lark_literal(f'</{DSML}parameter>' + chr(10))}")
+            rules.append(f"v_{i}_{j}: {value}")
+            params.append(f"p_{i}_{j}" + ("" if key in required else "?"))
+        opening = f'<{DSML}invoke name="{function["name"]}">\n'
+        rules.append(f"call_{i}: {_lark_literal(opening)} {' '.join(params)} {_lark_literal(f'</{DSML}invoke>')}")
+    rules.append("TEXT: /[^<]+/")
+    return _block_grammar(f"<{DSML}function_calls>\n", "\n", f"\n</{DSML}function_calls>", len(tools), parallel,
+                          rules)
+
+
+def _block_grammar(begin: str, between: str, end: str, num_tools: int, parallel: bool, rules: list[str]) -> str:
+    more = f" ({_lark_literal(between)} call)*" if parallel and between else (" call*" if parallel else "")
     return "\n".join([
         "start: calls | BLANK calls",
         "BLANK: /[ \\n]+/",
-        f"calls: {_lark_literal(CALLS_BEGIN)} call{more} {_lark_literal(CALLS_END)}",
-        "call: " + " | ".join(f"call_{i}" for i in range(len(tools))),
+        f"calls: {_lark_literal(begin)} call{more} {_lark_literal(end)}",
+        "call: " + " | ".join(f"call_{i}" for i in range(num_tools)),
         *rules,
     ])
+
+
+def _parameters(function: dict) -> dict:
+    return function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def _lark_literal(text: str) -> str:
