@@ -57,15 +57,18 @@ class GrammarCompiler:
         """The grammar of `spec`, checked: InvalidRequestError naming the request's field when it is not valid."""
         try:
             grammar = spec.grammar()
-        except (ValueError, TypeError, RuntimeError) as e:
+            error = llguidance.LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
+        except _GRAMMAR_ERRORS as e:  # e.g. text that is not UTF-8 (a lone surrogate from JSON)
             raise InvalidRequestError(f"Invalid '{spec.param}': {_first_line(e)}", param=spec.param) from None
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.ll_tokenizer)
         if error and not error.startswith("WARNING"):
             raise InvalidRequestError(f"Invalid '{spec.param}': {_first_line(error)}", param=spec.param)
         return grammar
 
     def matcher(self, grammar: str, spec: StructuredOutput) -> "Constraint":
-        matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        try:
+            matcher = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+        except _GRAMMAR_ERRORS as e:
+            raise InvalidRequestError(f"Invalid '{spec.param}': {_first_line(e)}", param=spec.param) from None
         if matcher.is_error():
             raise InvalidRequestError(f"Invalid '{spec.param}': {_first_line(matcher.get_error())}", param=spec.param)
         return Constraint(matcher, spec.after_token_id)
@@ -97,6 +100,9 @@ class Constraint:
 def with_json_style(schema: dict) -> dict:
     """A schema for a Lark grammar's %json rule, written in JSON_STYLE (a schema's own x-guidance wins)."""
     return {**schema, "x-guidance": {**JSON_STYLE, **(schema.get("x-guidance") or {})}}
+
+
+_GRAMMAR_ERRORS = (ValueError, TypeError, RuntimeError, RecursionError, UnicodeError)
 
 
 def _lark_string(text: str) -> str:

@@ -290,7 +290,7 @@ def _json_value(value: Any, param: str) -> Any:
         return value
     try:
         return json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise APIError(400, f"Invalid '{param}': not valid JSON.", param=param, code="invalid_value") from None
 
 
@@ -301,6 +301,9 @@ def _checked_schema(schema: Any, param: str) -> dict:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         raise APIError(400, f"Invalid '{param}': not a valid JSON schema ({e.message[:300]}).", param=param,
+                       code="invalid_value") from None
+    except RecursionError:
+        raise APIError(400, f"Invalid '{param}': the schema is nested too deeply.", param=param,
                        code="invalid_value") from None
     return schema
 
