@@ -93,7 +93,8 @@ class Constraint:
         if not self.is_active:
             self.is_active = token_id == self.after_token_id
             return
-        if not self.matcher.consume_token(token_id) and not self.matcher.is_stopped():
+        was_complete = self.matcher.is_stopped()  # then only EOS was allowed; past it (ignore_eos) anything goes
+        if not self.matcher.consume_token(token_id) and not was_complete:
             raise RuntimeError(f"the grammar rejected token {token_id}: {self.matcher.get_error()}")
 
 

@@ -26,9 +26,9 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER,
 def test_grammar_output_parses_to_valid_calls(tiny_llm, fmt, parallel):
     grammar = call_grammar([WEATHER, TIME], fmt, parallel, with_json_style)
     tokenizer = tiny_llm.tokenizer
-    # the random model's free text (DSML's string parameters) and its blocks of calls end when "<" and the "s" that
-    # closes <｜tool▁calls▁end｜> are likely
-    bias = {tokenizer.encode(c, add_special_tokens=False)[0]: 6.0 for c in "<s"}
+    # the random model's free strings end when '"' (JSON) and "<" (DSML's raw text) are likely, its blocks of calls
+    # when the "s" that closes <｜tool▁calls▁end｜> is
+    bias = {tokenizer.encode(c, add_special_tokens=False)[0]: 6.0 for c in '<s"'}
     params = SamplingParams(n=6, temperature=1.0, seed=3, max_tokens=400, logit_bias=bias,
                             structured=StructuredOutput(lark=grammar, param="tools"))
     for completion in tiny_llm.generate([[0, 12, 40, 7]], params)[0].outputs:
