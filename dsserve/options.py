@@ -21,6 +21,7 @@ from dsserve.errors import ConfigError
 
 BACKEND_NAMES = ("auto", "cpu", "torch")
 REASONING_PARSER_NAMES = ("auto", "deepseek_r1", "none")
+TOOL_CALL_PARSER_NAMES = ("auto", "deepseek_v3", "deepseek_v31", "deepseek_v32", "none")
 
 
 def option(default: Any, help: str = "", *, cli: bool = True, config: bool = True, short: str | None = None,
@@ -108,6 +109,8 @@ class ServerArgs:
         "plain ASGI")
     reasoning_parser: str = option("auto", "|".join(REASONING_PARSER_NAMES) + " (auto: deepseek_r1 when the "
                                    "tokenizer knows R1's </think>)")
+    tool_call_parser: str = option("auto", "|".join(TOOL_CALL_PARSER_NAMES) + " (auto: the format the chat template "
+                                   "writes tool calls in; none: requests with tools get 400)")
     strict_reasoning_history: bool = option(
         False, "reject reasoning_content in input messages with 400, as DeepSeek's API does (default: drop it)")
     chat_template: str | None = option(None, "a Jinja file replacing the tokenizer's chat template")
@@ -149,6 +152,9 @@ class ServerArgs:
         if self.reasoning_parser not in REASONING_PARSER_NAMES:
             raise ConfigError(f"--reasoning-parser must be one of {', '.join(REASONING_PARSER_NAMES)}, got "
                               f"{self.reasoning_parser!r}")
+        if self.tool_call_parser not in TOOL_CALL_PARSER_NAMES:
+            raise ConfigError(f"--tool-call-parser must be one of {', '.join(TOOL_CALL_PARSER_NAMES)}, got "
+                              f"{self.tool_call_parser!r}")
         if self.node_rank is not None and self.rank_table is None:
             raise ConfigError("--node-rank needs --rank-table (or start the ranks with torchrun)")
 

@@ -14,6 +14,7 @@ RANKS = {
     "plan": 1, "weights": 1, "mindie": 1, "doctor": 1,
     "engine": 2,
     "reasoning": 2,  # text-level parsing the server uses; imports no engine or HTTP types
+    "tool_parsers": 2,  # the same for tool calls
     "runner": 3,
     "backends": 4,  # the runner picks one; a backend knows the layers it accelerates
     "models": 5,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -47,12 +49,26 @@ def chat(
     temperature: Optional[float] = typer.Option(None, help="default: the model's generation_config.json"),
     system: Optional[str] = typer.Option(None, help="a system prompt (R1 recommends none)"),
     kv_cache_memory: Optional[str] = typer.Option(None),
+    tools: Optional[Path] = typer.Option(None, help="with --url: a JSON file of OpenAI tool definitions to offer; "
+                                         "the model's calls are shown and the next lines are their results"),
 ):
     """Chat in the terminal: the reasoning streams dimmed, then the answer. Pipe lines into it to script it."""
     from dsserve.chat import HTTPBackend, InProcessBackend, run_chat
 
+    if tools is not None and not url:
+        raise typer.BadParameter("--tools needs --url: the in-process chat does not parse tool calls", param_hint="--tools")
     if url:
-        backend = HTTPBackend(url, served_model, api_key)
+        backend = HTTPBackend(url, served_model, api_key, _read_tools(tools) if tools is not None else None)
     else:
         backend = InProcessBackend(resolve_model(model), kv_cache_memory=kv_cache_memory)
     run_chat(backend, show_reasoning=not hide_reasoning, max_tokens=max_tokens, temperature=temperature, system=system)
+
+
+def _read_tools(path: Path) -> list[dict]:
+    try:
+        tools = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"{path} is not a readable JSON file ({e})", param_hint="--tools") from None
+    if not isinstance(tools, list):
+        raise typer.BadParameter(f"{path} must hold a JSON list of tool definitions", param_hint="--tools")
+    return tools

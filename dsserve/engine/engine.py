@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +34,9 @@ from dsserve.errors import ConfigError, EngineDeadError, InvalidRequestError
 from dsserve.options import EngineArgs
 from dsserve.profiling import PROFILER
 from dsserve.runner.model_runner import ModelRunner, StepResult, default_num_threads
+
+if TYPE_CHECKING:
+    from dsserve.engine.structured import GrammarCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +108,8 @@ class LLMEngine:
         self.sampling_defaults = self.tokenizer.sampling_defaults() if self.tokenizer else {}
         self.groups: dict[str, _Group] = {}
         self._arrivals = itertools.count()
+        self._grammar_compiler: GrammarCompiler | None = None  # built by the first request with a grammar
+        self._mask_thread: ThreadPoolExecutor | None = None  # grammar masks, computed beside the forward pass
 
     @classmethod
     def from_options(cls, model: str | Path, **options: Any) -> "LLMEngine":
@@ -144,6 +150,8 @@ class LLMEngine:
         """Stop the other ranks of a tensor-parallel deployment and free the model and the KV cache; later steps
         raise EngineDeadError. Safe to call twice."""
         self.runner.shutdown()
+        if self._mask_thread is not None:
+            self._mask_thread.shutdown(wait=False)
 
     # ---- requests -----------------------------------------------------------------------------------
 
@@ -171,6 +179,7 @@ class LLMEngine:
                 f"the request may grow to {max_total} tokens but the KV cache holds only "
                 f"{self.kv_cache.num_blocks * self.kv_cache.block_size}; lower max_tokens or raise --kv-cache-memory"
             )
+        grammar = self._grammars().compile(params.structured) if params.structured is not None else None
         group = _Group(request_id, prompt_text, params)
         for i in range(params.n):
             sample = Request(
@@ -186,6 +195,8 @@ class LLMEngine:
                 generator=_generator(params.seed, i, self.runner.device),
                 wait_for=group.samples[0] if i > 0 and self.config.cache.enable_prefix_caching else None,
             )
+            if grammar is not None:
+                sample.constraint = self._grammars().matcher(grammar, params.structured)
             group.samples.append(sample)
             group.detokenizers.append(
                 IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens, params.stop,
@@ -209,7 +220,31 @@ class LLMEngine:
         with PROFILER.section("schedule"):
             tables = [self.kv_cache.block_ids(r.request_id) for r in plan.requests]
             computed = [r.num_computed_tokens for r in plan.requests]
-        return self.runner.execute(plan.requests, plan.num_new_tokens, tables, computed)
+            masks = self._grammar_masks(plan)
+        return self.runner.execute(plan.requests, plan.num_new_tokens, tables, computed, masks)
+
+    def _grammars(self) -> "GrammarCompiler":
+        if self._grammar_compiler is None:
+            from dsserve.engine.structured import GrammarCompiler  # llguidance: imported by the first grammar
+
+            if self.tokenizer is None:
+                raise InvalidRequestError("structured outputs need the model's tokenizer.json, which this model folder "
+                                          "lacks", param="response_format")
+            self._grammar_compiler = GrammarCompiler(self.tokenizer.to_json(), self.eos_token_ids,
+                                                     self.model_config.vocab_size)
+        return self._grammar_compiler
+
+    def _grammar_masks(self, plan: SchedulerOutput) -> Future | None:
+        """The token masks of this step's sampled rows that follow a grammar, computed on a thread while the forward
+        pass runs: a Future of (rows, bitmask), or None when no row needs one (then nothing is paid)."""
+        rows = [i for i, (r, n) in enumerate(zip(plan.requests, plan.num_new_tokens))
+                if r.constraint is not None and r.constraint.is_active and r.num_computed_tokens + n >= r.num_tokens]
+        if not rows:
+            return None
+        constraints = [plan.requests[i].constraint for i in rows]
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsserve-grammar")
+        return self._mask_thread.submit(lambda: (rows, self._grammar_compiler.fill_masks(constraints)))
 
     def _update(self, plan: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         for row, entries in result.prompt_logprobs.items():
@@ -231,6 +266,12 @@ class LLMEngine:
             row = row_of[id(request)]
             if result.logprobs[row] is not None:
                 request.logprobs.append(result.logprobs[row])
+            if request.constraint is not None:
+                try:
+                    request.constraint.advance(request.output_token_ids[-1])
+                except Exception as e:  # noqa: BLE001 - this request's own failure: it ends, the step goes on
+                    self._fail(request, "following its grammar", e, touched)
+                    continue
             detok = group.detokenizers[request.sample_index]
             try:
                 with PROFILER.section("detokenize"):

@@ -12,6 +12,8 @@ from dsserve.errors import InvalidRequestError
 if TYPE_CHECKING:  # `import dsserve` (every CLI command) stays free of torch's ~2 s import
     import torch
 
+    from dsserve.engine.structured import Constraint, StructuredOutput
+
 
 @dataclass
 class SamplingParams:
@@ -36,6 +38,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # token id -> value added to its logit before sampling, in [-100, 100]
+    structured: "StructuredOutput | None" = None  # a grammar the output must match (engine/structured.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -148,6 +151,7 @@ class Request:
     logprobs: list = field(default_factory=list)  # per output token: (logprob, {token: logprob})
     prompt_logprobs: list = field(default_factory=list)  # per prompt token after the first
     num_preemptions: int = 0
+    constraint: "Constraint | None" = None  # this sequence's grammar state, when its request has one
 
     @property
     def all_token_ids(self) -> list[int]:

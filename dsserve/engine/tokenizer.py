@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -50,6 +51,10 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def to_json(self) -> str:
+        """tokenizer.json as the `tokenizers` library serialises it (what llguidance reads)."""
+        return self._tok.to_str()
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -107,21 +112,39 @@ class Tokenizer:
             raise InvalidRequestError(f"the chat template failed on these messages ({type(e).__name__}); check "
                                       "chat_template_kwargs and the message fields") from e
 
+    def template_variables(self, chat_template: str | None = None) -> frozenset[str]:
+        """The variables the chat template reads besides the messages (`thinking`, `tools`, `reasoning_effort`...),
+        and "reasoning_content" when it reads that message field: what a request may pass to it."""
+        template = chat_template or self.chat_template
+        if template is None:
+            return frozenset()
+        if template not in _VARIABLES_CACHE:
+            names = set(jinja2.meta.find_undeclared_variables(_environment().parse(template)))
+            if "reasoning_content" in template:
+                names.add("reasoning_content")
+            _VARIABLES_CACHE[template] = frozenset(names)
+        return _VARIABLES_CACHE[template]
+
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
         """The rendered template already holds BOS: tokenize without adding special tokens (as transformers does)."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra), add_special_tokens=False)
 
 
 _TEMPLATE_CACHE: dict[str, jinja2.Template] = {}
+_VARIABLES_CACHE: dict[str, frozenset[str]] = {}
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    return env
 
 
 def _compile(source: str) -> jinja2.Template:
     if source not in _TEMPLATE_CACHE:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
-        _TEMPLATE_CACHE[source] = env.from_string(source)
+        _TEMPLATE_CACHE[source] = _environment().from_string(source)
     return _TEMPLATE_CACHE[source]
 
 

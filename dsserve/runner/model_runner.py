@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import gc
 import itertools
 import logging
@@ -111,16 +113,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, rows: list[SamplingRow], num_new_tokens: list[int], block_tables: list[list[int]],
-                num_computed: list[int]) -> StepResult:
-        """Compute `num_new_tokens[i]` tokens of each row after its `num_computed[i]`; sample rows that reach the end."""
+                num_computed: list[int], grammar_masks: Future | None = None) -> StepResult:
+        """Compute `num_new_tokens[i]` tokens of each row after its `num_computed[i]`; sample rows that reach the end.
+        `grammar_masks`: a Future of (rows, bitmask (len(rows), ceil(V/32)) int32), computed during the forward pass:
+        those rows may only sample the tokens whose bit is set."""
         with PROFILER.section("prepare"):
             inputs = self._inputs(rows, num_new_tokens, block_tables, num_computed)
         prompt_spans = inputs.prompt_spans
         due = inputs.due
         logits = self._run(inputs)
+        masks = None
+        if grammar_masks is not None:
+            with PROFILER.section("grammar"):
+                mask_rows, bitmask = grammar_masks.result()
+                masks = {row: bitmask[j] for j, row in enumerate(mask_rows)}
 
         with PROFILER.section("sample"):
-            return self._sample(rows, due, prompt_spans, logits)
+            return self._sample(rows, due, prompt_spans, logits, masks)
 
     def _inputs(self, rows, num_new_tokens, block_tables, num_computed) -> StepInputs:
         chunks = [row.all_token_ids[start : start + n] for row, start, n in zip(rows, num_computed, num_new_tokens)]
@@ -145,17 +154,17 @@ class ModelRunner:
         inputs.due, inputs.prompt_spans = due, prompt_spans
         return inputs
 
-    def _sample(self, rows, due, prompt_spans, logits) -> StepResult:
+    def _sample(self, rows, due, prompt_spans, logits, masks=None) -> StepResult:
         result = StepResult([-1] * len(rows), [None] * len(rows))
         if due:
             try:
-                self._sample_rows(rows, due, logits[: len(due)], result)
+                self._sample_rows(rows, due, logits[: len(due)], result, masks)
             except Exception as batch_error:  # noqa: BLE001 - narrowed to the rows that fail on their own below
                 # A value of one request that slipped past validation must fail that request, not the step: sample
                 # row by row to find which. If every row samples alone, the fault is the batch's: the step fails.
                 for j, i in enumerate(due):
                     try:
-                        self._sample_rows(rows, [i], logits[j : j + 1], result)
+                        self._sample_rows(rows, [i], logits[j : j + 1], result, masks)
                     except Exception as e:  # noqa: BLE001
                         result.failed[i] = e
                 if not result.failed:
@@ -168,9 +177,14 @@ class ModelRunner:
                 result.failed[i] = e
         return result
 
-    def _sample_rows(self, rows, due: list[int], logits: torch.Tensor, result: StepResult) -> None:
-        """Sample the `due` rows (logits (len(due), V)) into `result`."""
+    def _sample_rows(self, rows, due: list[int], logits: torch.Tensor, result: StepResult, masks=None) -> None:
+        """Sample the `due` rows (logits (len(due), V)) into `result`; `masks`: row -> its grammar bitmask."""
         meta = SamplingMetadata.from_requests([rows[i] for i in due], logits.shape[1], self.device)
+        if masks:
+            masked = [j for j, i in enumerate(due) if i in masks]
+            if masked:
+                meta.grammar = (torch.tensor(masked, dtype=torch.long, device=logits.device),
+                                torch.stack([masks[due[j]] for j in masked]))
         out = sample(logits, meta, self.generator)
         tokens = out.token_ids.tolist()
         for j, i in enumerate(due):

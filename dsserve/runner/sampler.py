@@ -38,6 +38,8 @@ class SamplingMetadata:
     generators: dict[int, torch.Generator]  # seeded rows
     num_logprobs: int  # max alternatives any row asked for; -1: none asked
     all_greedy: bool
+    # rows (N,) that follow a grammar, and their allowed tokens as a bitmask (N, ceil(V/32)) int32; None: no row
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_requests(cls, requests: list[SamplingRow], vocab_size: int, device: torch.device) -> "SamplingMetadata":
@@ -103,6 +105,8 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata, default_generator: torc
     for row, ids in meta.banned:
         if ids:
             logits[row, ids] = float("-inf")
+    if meta.grammar is not None:  # last: no bias or penalty may bring back a token the grammar forbids
+        logits = _apply_bitmask(logits, *meta.grammar)
     if meta.all_greedy:
         tokens = _greedy(logits)
     elif bool((meta.temperature == 0).any()):
@@ -180,6 +184,15 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.
         drop |= mass_before >= top_p.unsqueeze(1)  # the best token always stays
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits (B, V); the `rows` (N,) keep only the tokens whose bit is set in bitmask (N, ceil(V/32)). A copy."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().reshape(bitmask.shape[0], -1)[:, : logits.shape[1]]  # (N, V)
+    logits = logits.clone()
+    logits[rows] = logits[rows].masked_fill(~allowed.to(logits.device), float("-inf"))
+    return logits
 
 
 def _pad(rows: list[list[int]], device: torch.device) -> torch.Tensor:

@@ -24,9 +24,6 @@ async def create_completion(http: Request):
     req = await read_request(http, state, CompletionRequest)
     state.check_model(req.model)
     note(http, model=req.model)
-    if req.suffix is not None:
-        raise APIError(400, "suffix (fill-in-the-middle) is not supported by this server; leave it out.",
-                       param="suffix", code="unsupported_parameter")
     config = state.config
     raw = [req.prompt] if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) else req.prompt
     if len(raw) > config.max_prompts:

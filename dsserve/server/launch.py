@@ -24,6 +24,7 @@ from dsserve.server.app import create_app
 from dsserve.server.direct import expose_send
 from dsserve.server.keys import load_keys
 from dsserve.server.state import ServerConfig
+from dsserve.tool_parsers import detect_format
 
 logger = logging.getLogger("dsserve")
 TLS_OPTIONS = ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs")  # uvicorn's names (and vLLM's flags)
@@ -203,6 +204,7 @@ def server_config_from(args: ServerArgs, model_path: str, api_keys: tuple[ApiKey
         stream_interval=args.stream_interval,
         direct_writes=args.direct_writes,
         reasoning_parser=resolve_reasoning_parser(args.reasoning_parser, tokenizer, chat_template),
+        tool_call_parser=resolve_tool_call_parser(args.tool_call_parser, tokenizer, chat_template),
         strict_reasoning_history=args.strict_reasoning_history,
         chat_template=chat_template,
         max_input_len=args.max_input_len,
@@ -227,6 +229,14 @@ def resolve_reasoning_parser(requested: str, tokenizer, chat_template: str | Non
     if requested != "auto":
         return requested
     return "deepseek_r1" if r1.uses_think(tokenizer, chat_template) else "none"
+
+
+def resolve_tool_call_parser(requested: str, tokenizer, chat_template: str | None = None) -> str:
+    """`auto`: the DeepSeek format the chat template writes assistant tool calls in, else none."""
+    if requested != "auto":
+        return requested
+    template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
+    return detect_format(template) or "none"
 
 
 def default_served_name(model_path: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
@@ -50,6 +50,54 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: the function takes no arguments
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field("response", pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` object (the newer name of its guided_* fields): exactly one key is set."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+    json_object: StrictBool | None = None
+
+
 class SamplingFields(_Request):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -74,19 +122,34 @@ class SamplingFields(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
+    REFUSED: ClassVar[dict[str, tuple[tuple, str]]]  # set below the class
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high", "max"] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-output fields: the older guided_* ones and the newer structured_outputs object
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # Identifiers that do not change the answer (OpenAI's cache-routing key and abuse-tracking id), like `user`.
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class CompletionRequest(SamplingFields):
+    REFUSED: ClassVar[dict[str, tuple[tuple, str]]]  # set below the class
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=1)  # None: the server's --max-tokens-default, else OpenAI's 16
     echo: StrictBool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    suffix: str | None = None  # refused: no fill-in-the-middle
 
 
 class TokenizeRequest(_Request):
@@ -102,6 +165,65 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+# Fields of OpenAI's and vLLM's request bodies that this server does not implement. Sent with a value other than
+# the ones listed (their "off" values, which ask for nothing), each is refused with a 400 that names it: ignored, it
+# would give the client a different answer than the one it asked for, with status 200.
+_VLLM_REFUSED = {
+    "use_beam_search": ((False,), "beam search is not supported"),
+    "length_penalty": ((1, 1.0), "length_penalty applies to beam search, which is not supported"),
+    "logits_processors": ((), "custom logits processors are not supported"),
+    "allowed_token_ids": ((), "allowed_token_ids is not supported; use logit_bias"),
+    "bad_words": ((), "bad_words is not supported; use logit_bias on their tokens"),
+    "include_stop_str_in_output": ((False,), "stop strings are always cut from the output"),
+    "skip_special_tokens": ((True,), "special tokens are always skipped in the text"),
+    "spaces_between_special_tokens": ((True,), "the detokenizer does not put spaces between special tokens"),
+    "truncate_prompt_tokens": ((), "per-request truncation is not supported; the operator sets --max-input-len"),
+    "guided_decoding_backend": ((), "the server chooses the grammar backend"),
+    "guided_whitespace_pattern": ((), "guided_whitespace_pattern is not supported"),
+    "priority": ((0,), "request priorities are not supported; requests run first come, first served"),
+    "return_tokens_as_token_ids": ((False,), "return_tokens_as_token_ids is not supported"),
+    "kv_transfer_params": ((), "disaggregated prefill (KV transfer) is not supported"),
+    "vllm_xargs": ((), "vllm_xargs is not supported"),
+    "cache_salt": ((), "cache_salt is not supported"),
+    "mm_processor_kwargs": ((), "this server serves text models"),
+    "best_of": ((1,), "best_of is not supported; ask for n samples and pick among them"),
+    "prompt_embeds": ((), "prompt embeddings are not supported; send text or token ids"),
+}
+ChatCompletionRequest.REFUSED = {
+    **_VLLM_REFUSED,
+    "functions": ((), "the deprecated 'functions' field is not supported; send the same definitions as 'tools'"),
+    "function_call": ((), "the deprecated 'function_call' field is not supported; use 'tool_choice'"),
+    "audio": ((), "audio output is not supported; this server answers in text"),
+    "modalities": ((["text"],), "only the 'text' modality is supported"),
+    "prediction": ((), "predicted outputs are not supported"),
+    "web_search_options": ((), "web search is not supported"),
+    "store": ((False,), "this server does not store completions"),
+    "metadata": ((), "metadata is kept only with 'store', which this server does not offer"),
+    "service_tier": (("auto", "default"), "service tiers are not offered; leave service_tier out or send 'auto'"),
+    "verbosity": ((), "verbosity is not supported"),
+    "echo": ((False,), "echo is not supported on chat completions; use /v1/completions"),
+    "continue_final_message": ((False,), "continue_final_message is not supported"),
+    "add_generation_prompt": ((True,), "the chat template's generation prompt is always added"),
+    "add_special_tokens": ((False,), "the chat template writes the special tokens; add_special_tokens is not supported"),
+    "documents": ((), "documents (RAG templates) are not supported"),
+    "chat_template": ((), "a request cannot set the chat template; the operator sets it with --chat-template"),
+    "prompt_logprobs": ((), "prompt_logprobs is not supported on chat completions; use /v1/completions with echo"),
+    "min_tokens_ratio": ((), "min_tokens_ratio is not supported"),
+}
+CompletionRequest.REFUSED = {
+    **_VLLM_REFUSED,
+    "suffix": ((), "suffix (fill-in-the-middle) is not supported by this server; leave it out"),
+    "response_format": ((), "structured outputs are offered on /v1/chat/completions only"),
+    "guided_json": ((), "structured outputs are offered on /v1/chat/completions only"),
+    "guided_regex": ((), "structured outputs are offered on /v1/chat/completions only"),
+    "guided_choice": ((), "structured outputs are offered on /v1/chat/completions only"),
+    "guided_grammar": ((), "structured outputs are offered on /v1/chat/completions only"),
+    "structured_outputs": ((), "structured outputs are offered on /v1/chat/completions only"),
+    "prompt_logprobs": ((), "prompt_logprobs is not supported; send echo with logprobs"),
+    "stream_options_continuous_usage_stats": ((), "continuous usage stats are not supported"),
+}
+
+
 def parse(raw: bytes, schema: type[BaseModel]) -> BaseModel:
     """Body bytes -> a validated request, or an APIError worded as OpenAI words it."""
     try:
@@ -110,10 +232,21 @@ def parse(raw: bytes, schema: type[BaseModel]) -> BaseModel:
         raise APIError(400, _JSON_MESSAGE) from None
     if not isinstance(data, dict):
         raise APIError(400, _JSON_MESSAGE)
+    _refuse_unimplemented(data, getattr(schema, "REFUSED", {}))
     try:
         return schema.model_validate(data)
     except ValidationError as e:
         raise _from_validation(e.errors(include_url=False)[0], data) from None
+
+
+def _refuse_unimplemented(data: dict, refused: dict[str, tuple[tuple, str]]) -> None:
+    for name, (accepted, reason) in refused.items():
+        if name not in data or data[name] is None:
+            continue
+        value = data[name]
+        if any(type(value) is type(ok) and value == ok for ok in accepted):  # 1 is not True, [] is not False
+            continue
+        raise APIError(400, f"Unsupported parameter: '{name}': {reason}.", param=name, code="unsupported_parameter")
 
 
 _JSON_MESSAGE = (
@@ -133,8 +266,8 @@ def _param(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "list[ContentPart]", "function-after"):
-            continue  # union branch names that pydantic inserts
+        elif part in ("str", "int", "float", "bool", "function-after") or "[" in part or part[:1].isupper():
+            continue  # union branch names that pydantic inserts: list[int], literal['a','b'], NamedToolChoice
         else:
             out += ("." if out else "") + str(part)
     return out

@@ -29,6 +29,7 @@ class ServerConfig:
     max_queued_requests: int = 1024  # sequences beyond max_num_seqs + this get 503 (n counts n times)
     stream_interval: int = 1  # engine steps between a stream's chunks (vLLM's --stream-interval)
     reasoning_parser: str = "none"  # "deepseek_r1" or "none" (resolved from "auto" before freezing)
+    tool_call_parser: str = "none"  # "deepseek_v3", "deepseek_v31", "deepseek_v32" or "none" (resolved from "auto")
     strict_reasoning_history: bool = False  # True: reasoning_content in input messages is a 400 (DeepSeek's API)
     max_input_len: int | None = None  # with truncate_input, prompts are cut to this many tokens (MindIE truncation)
     truncate_input: bool = False

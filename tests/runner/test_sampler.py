@@ -137,3 +137,48 @@ def test_logit_bias_forces_and_bans(temperature):
     rows = _rows(2, temperature=temperature, logit_bias={4: 100.0}, logprobs=1)
     out = sample(PROBS.log().repeat(2, 1), SamplingMetadata.from_requests(rows, 5, torch.device("cpu")))
     torch.testing.assert_close(out.logprobs, PROBS.log()[[4, 4]])
+
+
+def _bitmask(allowed_per_row, vocab):
+    mask = torch.zeros(len(allowed_per_row), (vocab + 31) // 32, dtype=torch.int32)
+    for row, allowed in enumerate(allowed_per_row):
+        for token in allowed:
+            word, bit = divmod(token, 32)
+            mask[row, word] |= torch.tensor(1 << bit).to(torch.int32) if bit < 31 else torch.tensor(-2**31,
+                                                                                                     dtype=torch.int32)
+    return mask
+
+
+def test_grammar_mask_limits_its_rows_and_leaves_the_others_alone():
+    """Rows 1 and 3 follow a grammar (allowed tokens 33, 40 and 31 only, across 32-bit words); rows 0 and 2 sample
+    exactly as they do without any grammar in the batch."""
+    vocab, n = 70, 4
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(1))
+    rows = _rows(n)
+    meta = SamplingMetadata.from_requests(rows, vocab, torch.device("cpu"))
+    free = sample(logits.clone(), meta, torch.Generator().manual_seed(3)).token_ids
+    for seed in range(50):
+        meta = SamplingMetadata.from_requests(rows, vocab, torch.device("cpu"))
+        meta.grammar = (torch.tensor([1, 3]), _bitmask([[33, 40], [31]], vocab))
+        tokens = sample(logits.clone(), meta, torch.Generator().manual_seed(seed)).token_ids
+        assert int(tokens[1]) in (33, 40) and int(tokens[3]) == 31
+        if seed == 3:
+            assert tokens[0] == free[0] and tokens[2] == free[2]
+
+
+def test_grammar_mask_wins_over_logit_bias():
+    vocab = 40
+    rows = _rows(1, logit_bias={5: 100.0}, temperature=0.0)
+    meta = SamplingMetadata.from_requests(rows, vocab, torch.device("cpu"))
+    meta.grammar = (torch.tensor([0]), _bitmask([[7, 9]], vocab))
+    assert int(sample(torch.zeros(1, vocab), meta).token_ids[0]) in (7, 9)
+
+
+def test_logit_bias_forces_and_bans():
+    vocab = 50
+    logits = torch.randn(64, vocab, generator=torch.Generator().manual_seed(0))
+    forced = _draw(_rows(64, logit_bias={17: 100.0}), logits)
+    assert (forced == 17).all()
+    best = logits.argmax(dim=-1)
+    banned = _draw(_rows(64, temperature=0.0, logit_bias={int(t): -100.0 for t in best.unique()}), logits)
+    assert not torch.isin(banned, best.unique()).any()

@@ -59,3 +59,56 @@ def test_history_keeps_answers_not_reasoning(tiny_r1):
                                {"role": "user", "content": "two"}]
     printed = console.file.getvalue()
     assert "thinking hard" in printed and "answer 2" in printed
+
+
+def test_tool_calls_are_shown_and_results_go_back():
+    """A server's streamed tool calls are printed; the next lines are their results, sent as tool messages."""
+    import io
+
+    from rich.console import Console
+
+    from dsserve.chat import run_chat
+
+    class ToolCalling:
+        name = "scripted"
+
+        def __init__(self):
+            self.seen = []
+
+        def stream(self, messages, max_tokens, temperature):
+            self.seen.append([dict(m) for m in messages])
+            if len(self.seen) == 1:
+                yield "", "", [{"index": 0, "id": "call_a", "type": "function",
+                                "function": {"name": "get_weather", "arguments": ""}}]
+                yield "", "", [{"index": 0, "function": {"arguments": '{"city": '}}]
+                yield "", "", [{"index": 0, "function": {"arguments": '"Paris"}'}},
+                               {"index": 1, "id": "call_b", "type": "function",
+                                "function": {"name": "get_time", "arguments": "{}"}}]
+            else:
+                yield "", "It is sunny at noon.", []
+
+    backend = ToolCalling()
+    sys_stdin = sys.stdin
+    sys.stdin = io.StringIO("weather?\nsunny\n12:00\n")
+    try:
+        console = Console(file=io.StringIO(), width=200)
+        run_chat(backend, show_reasoning=True, max_tokens=5, temperature=0, console=console, interactive=False)
+    finally:
+        sys.stdin = sys_stdin
+    printed = console.file.getvalue()
+    assert 'tool call get_weather({"city": "Paris"})' in printed and "tool call get_time({})" in printed
+    assert len(backend.seen) == 2  # the first result alone does not go to the model
+    assert backend.seen[1][1:] == [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_b", "content": "12:00"}]
+    assert "It is sunny at noon." in printed
+
+
+def test_tools_flag_needs_a_server(tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text("[]")
+    out = _run(["--tools", str(tools)], "")
+    assert out.returncode != 0 and "--tools" in (out.stderr + out.stdout)
