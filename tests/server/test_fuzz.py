@@ -348,6 +348,8 @@ def _model_body(draw, required: dict, optional: dict) -> dict:
     """The required fields and up to five optional ones: an edge value is then seldom refused for another field's
     sake before it reaches the sampler."""
     body = {name: draw(field) for name, field in required.items()}
+    if not optional:  # a model of required fields only (e.g. a named tool_choice's function)
+        return body
     for name in draw(st.lists(st.sampled_from(sorted(optional)), max_size=5, unique=True)):
         body[name] = draw(optional[name])
     return body
