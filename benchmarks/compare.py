@@ -119,6 +119,23 @@ SHAPES = {
 REPO = Path(__file__).resolve().parent.parent
 
 
+def shape_arguments(ap) -> None:
+    """--shape, --layers and --checkpoint, as the real-shape scripts (prefill.py, decode.py, load_memory.py,
+    threads.py) take them."""
+    ap.add_argument("--shape", default="r1-distill-qwen-1.5b", choices=list(SHAPES))
+    ap.add_argument("--layers", type=int, help="decoder layers (default: the shape's own)")
+    ap.add_argument("--checkpoint", type=Path, help="where the checkpoint is kept (built there when absent)")
+
+
+def shape_checkpoint(args) -> Path:
+    """The checkpoint folder those arguments name (a temp folder per shape and layer count by default), built with
+    `build` when it holds none yet."""
+    checkpoint = args.checkpoint or Path(tempfile.gettempdir()) / f"dsserve-{args.shape}-{args.layers or 'all'}"
+    if not (checkpoint / "config.json").exists():
+        build(args.shape, checkpoint, layers=args.layers)
+    return checkpoint
+
+
 def build(name: str, folder: Path, layers: int | None = None) -> Path:
     """The shape's checkpoint with seeded random weights, written by transformers' save_pretrained (the real
     layout); `layers` cuts the number of decoder layers."""

@@ -12,8 +12,6 @@ builds it (compare.py's shapes) where the folder has none.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import compare
 from worktrees import checked_out, run_probe
@@ -45,16 +43,12 @@ print(json.dumps({"best": max(rates), "all": rates}))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="r1-distill-qwen-1.5b", choices=list(compare.SHAPES))
-    ap.add_argument("--layers", type=int, help="decoder layers (default: the shape's own)")
-    ap.add_argument("--checkpoint", type=Path, help="where the checkpoint is kept (built there when absent)")
+    compare.shape_arguments(ap)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--before", help="also run this commit, alternated")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    checkpoint = args.checkpoint or Path(tempfile.gettempdir()) / f"dsserve-{args.shape}-{args.layers or 'all'}"
-    if not (checkpoint / "config.json").exists():
-        compare.build(args.shape, checkpoint, layers=args.layers)
+    checkpoint = compare.shape_checkpoint(args)
     commits = {args.before: args.before} if args.before else {}
     commits["this tree"] = None
     print(f"# {args.shape}, {args.layers or 'all'} layers, batch {args.batch}: decode tok/s, best of 3 per run")

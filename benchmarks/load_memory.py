@@ -12,8 +12,6 @@ the load time and the first generated tokens (which must agree between commits).
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import compare
 from worktrees import checked_out, run_probe
@@ -36,15 +34,11 @@ print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="r1-distill-qwen-1.5b", choices=list(compare.SHAPES))
-    ap.add_argument("--layers", type=int, help="decoder layers (default: the shape's own)")
-    ap.add_argument("--checkpoint", type=Path, help="where the checkpoint is kept (built there when absent)")
+    compare.shape_arguments(ap)
     ap.add_argument("--before", help="also load with this commit, alternated")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    checkpoint = args.checkpoint or Path(tempfile.gettempdir()) / f"dsserve-{args.shape}-{args.layers or 'all'}"
-    if not (checkpoint / "config.json").exists():
-        compare.build(args.shape, checkpoint, layers=args.layers)
+    checkpoint = compare.shape_checkpoint(args)
     size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
     print(f"# {args.shape}, {args.layers or 'all'} layers: {size / 2**30:.2f} GiB of safetensors")
     commits = {args.before: args.before} if args.before else {}

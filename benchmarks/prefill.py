@@ -15,8 +15,6 @@ table for this tree.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import compare
 from worktrees import checked_out, run_probe
@@ -73,17 +71,13 @@ print(json.dumps({"seconds": min(times), "attention_s": rows.get("of which atten
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="r1-distill-qwen-1.5b", choices=list(compare.SHAPES))
-    ap.add_argument("--layers", type=int, help="decoder layers (default: the shape's own)")
-    ap.add_argument("--checkpoint", type=Path, help="where the checkpoint is kept (built there when absent)")
+    compare.shape_arguments(ap)
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--before", help="also run this commit, alternated")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--ops", action="store_true", help="also time each backend op of one prompt (this tree)")
     args = ap.parse_args()
-    checkpoint = args.checkpoint or Path(tempfile.gettempdir()) / f"dsserve-{args.shape}-{args.layers or 'all'}"
-    if not (checkpoint / "config.json").exists():
-        compare.build(args.shape, checkpoint, layers=args.layers)
+    checkpoint = compare.shape_checkpoint(args)
     print(f"# {args.shape}, {args.layers or 'all'} layers, one {args.length}-token prompt")
     print("| commit | prefill tok/s | seconds | of which attention | token |\n|---|---|---|---|---|")
     commits = {args.before: args.before} if args.before else {}

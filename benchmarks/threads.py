@@ -12,8 +12,6 @@ best of the rounds.
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import compare
 from worktrees import REPO, run_probe
@@ -53,14 +51,10 @@ CONFIGS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="r1-distill-qwen-1.5b", choices=list(compare.SHAPES))
-    ap.add_argument("--layers", type=int, help="decoder layers (default: the shape's own)")
-    ap.add_argument("--checkpoint", type=Path, help="where the checkpoint is kept (built there when absent)")
+    compare.shape_arguments(ap)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    checkpoint = args.checkpoint or Path(tempfile.gettempdir()) / f"dsserve-{args.shape}-{args.layers or 'all'}"
-    if not (checkpoint / "config.json").exists():
-        compare.build(args.shape, checkpoint, layers=args.layers)
+    checkpoint = compare.shape_checkpoint(args)
     vocab = str(min(100_000, compare.SHAPES[args.shape]["vocab_size"]))
     best: dict[str, dict[str, float]] = {}
     for _ in range(args.rounds):
