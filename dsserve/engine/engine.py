@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,13 @@ class LLMEngine:
         if not rows:
             return None
         constraints = [plan.requests[i].constraint for i in rows]
+        if not _spare_core():
+            # Every core runs the forward pass: a mask thread beside it preempts one of its OpenMP threads, and each
+            # parallel region waits for that one (64 json_schema rows on the demo model, 2 cores: 76% of the
+            # unconstrained throughput overlapped, 84% computed here, all rows in one vectorised call).
+            done: Future = Future()
+            done.set_result((rows, self._grammar_compiler.fill_masks(constraints)))
+            return done
         if self._mask_thread is None:
             self._mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dsserve-grammar")
         return self._mask_thread.submit(lambda: (rows, self._grammar_compiler.fill_masks(constraints)))
@@ -488,3 +496,12 @@ def _token_list(ids: Any) -> list[int]:
     if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
         raise InvalidRequestError("prompt_token_ids must be a list of integers")
     return list(ids)
+
+
+def _spare_core() -> bool:
+    """A core this process may run on that the forward pass's threads leave free (grammar masks can overlap it)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
