@@ -30,6 +30,25 @@ def test_invalid_grammar_names_the_field(compiler, spec):
     assert e.value.param == spec.param
 
 
+def test_a_grammar_is_checked_once_and_its_verdict_kept(compiler, monkeypatch):
+    """The same schema again (agents resend theirs) reuses llguidance's verdict; an invalid one stays refused."""
+    import llguidance
+
+    _, grammars = compiler
+    checks = []
+    real = llguidance.LLMatcher.validate_grammar
+    monkeypatch.setattr(llguidance.LLMatcher, "validate_grammar",
+                        staticmethod(lambda grammar, tokenizer: checks.append(grammar) or real(grammar, tokenizer)))
+    good = StructuredOutput(json_schema={"type": "object", "properties": {"n": {"type": "integer"}}},
+                            param="response_format")
+    bad = StructuredOutput(regex="(never closed", param="guided_regex")
+    for _ in range(3):
+        assert grammars.compile(good) == good.grammar()
+        with pytest.raises(InvalidRequestError, match="guided_regex"):
+            grammars.matcher(grammars.compile(bad), bad)
+    assert len(checks) == 2
+
+
 def test_constraint_is_free_until_the_end_of_the_reasoning(compiler):
     tokenizer, grammars = compiler
     end = tokenizer.token_to_id("</think>")
