@@ -3,7 +3,8 @@
 A request's `StructuredOutput` (a JSON schema, a regex, a list of choices or a Lark grammar) is compiled once when
 the request is added; each of its sequences gets its own matcher. Before each forward pass the runner has the
 matchers of the rows that need one write their allowed tokens into a bitmask (llguidance's executor, in parallel
-and with the GIL released, on a thread beside the forward); the sampler then sends the disallowed logits of those
+and with the GIL released: on a thread beside the forward pass on a GPU or where a CPU core is free, else in the
+step's own thread); the sampler then sends the disallowed logits of those
 rows to -inf. A sequence that reasons first (`after_token_id`, R1's `</think>`) is free until that token.
 """
 

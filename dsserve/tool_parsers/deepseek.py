@@ -12,6 +12,7 @@ exactly the non-streamed result, wherever the chunks were cut.
 
 from __future__ import annotations
 
+import abc
 import json
 from dataclasses import dataclass, field
 
@@ -41,7 +42,7 @@ class ToolCallDelta:
     arguments: str
 
 
-class ToolCallFormat:
+class ToolCallFormat(abc.ABC):
     """One format: `scan(text, is_final)` -> ParsedOutput. `is_final` False: the text may still grow, so anything
     that could still become part of a marker is kept back (neither content nor arguments yet)."""
 
@@ -60,8 +61,9 @@ class ToolCallFormat:
         rest = cursor.rest() if cursor.stopped_at is not None else ""
         return ParsedOutput(before + rest, calls)
 
+    @abc.abstractmethod
     def _calls(self, cursor: "_Cursor") -> list[ToolCall]:
-        raise NotImplementedError
+        """The calls between the begin marker and the cursor's stop (each format reads its own markup)."""
 
     def parse(self, text: str) -> ParsedOutput:
         return self.scan(text, is_final=True)
