@@ -354,6 +354,7 @@ class EngineConfig:
     device: str  # "cpu" or "cuda"
     num_threads: int  # torch intra-op threads on CPU
     backend: str  # kernels: "cpu" (dsserve's C kernels, packed weights) or "torch" (the plain-torch reference)
+    quantization: str | None = None  # int8 / int4 weights quantized at load (layers/quantization.py names), or None
     seed: int = 0  # default seed of unseeded sampling
     tokenizer_path: str | None = None  # folder with tokenizer.json; default the model folder
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -362,8 +363,8 @@ class EngineConfig:
         """The resolved settings as JSON: how a node's first process hands them to the ranks it starts."""
         from dataclasses import asdict
 
-        d = {f: getattr(self, f) for f in ("dtype", "weight_dtype", "kv_cache_dtype", "backend", "device", "num_threads", "seed",
-                                       "tokenizer_path")}
+        d = {f: getattr(self, f) for f in ("dtype", "weight_dtype", "kv_cache_dtype", "backend", "quantization",
+                                           "device", "num_threads", "seed", "tokenizer_path")}
         d.update(model=self.model.path, cache=asdict(self.cache), scheduler=asdict(self.scheduler),
                  parallel=asdict(self.parallel))
         return json.dumps(d)

@@ -45,6 +45,10 @@ class EngineArgs:
     kv_cache_dtype: str = option(
         "auto", "auto (the compute dtype) or, on CPU with float32 compute, float16: half the KV cache's memory and of "
         "the bytes decode attention reads (llama.cpp's default f16 cache)")
+    quantization: str | None = option(
+        None, "quantize the linear weights as they load (vLLM's flag): int8 (per output channel, W8A16) or int4 "
+        "(group 32, symmetric; int4-g64 / int4-g128 for larger groups, a -zp suffix for zero points); the LM head "
+        "goes int8 either way. CPU backend, float32 compute (docs/quantization.md)")
     backend: str = option(
         "auto", "kernels: cpu = dsserve's C kernels with packed weights, torch = the plain-torch reference (slower); "
         "auto = cpu on a CPU device")

@@ -18,9 +18,13 @@ if TYPE_CHECKING:
 NAMES = ("cpu", "torch")
 
 
-def select(name: str, device: torch.device, weight_dtype: torch.dtype | None = None) -> Backend:
+def select(name: str, device: torch.device, weight_dtype: torch.dtype | None = None,
+           quantization: str | None = None) -> Backend:
     """The backend `name` for `device` ("cpu" needs a CPU device; `weight_dtype`: how it packs linear weights,
-    float32 by default)."""
+    float32 by default; `quantization`: int8 / int4 weights, cpu only)."""
+    if quantization is not None and name != "cpu":
+        raise ConfigError(f"--quantization {quantization} runs on dsserve's CPU kernels (--backend cpu), not the "
+                          f"{name} backend")
     if name == "torch":
         from dsserve.backends.torch import TorchBackend
 
@@ -30,5 +34,5 @@ def select(name: str, device: torch.device, weight_dtype: torch.dtype | None = N
             raise ConfigError(f"the cpu backend runs on a CPU device, not {device}; use --backend torch")
         from dsserve.backends.cpu.backend import CpuBackend
 
-        return CpuBackend() if weight_dtype is None else CpuBackend(weight_dtype)
+        return CpuBackend(quantization=quantization) if weight_dtype is None else CpuBackend(weight_dtype, quantization)
     raise ConfigError(f"--backend {name!r} is not one of {', '.join(NAMES)}")

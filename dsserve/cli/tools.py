@@ -23,14 +23,16 @@ def plan(
                                           "qwen-32b,llama-8b,llama-70b}"),
     device: str = typer.Option("910b-64g", help="h100-80g|h800-80g|h200-141g|a100-40g|a100-80g|rtx4090-24g|910b-64g|cpu"),
     devices_per_node: int = typer.Option(8),
-    dtype: str = typer.Option("bf16", help="weights: bf16|fp8|w8a8|int4"),
+    dtype: str = typer.Option("bf16", help="weights: bf16|fp8|w8a8 as checkpoints hold them; int8|int4|int4-g64|"
+                                           "int4-g128 (a -zp suffix: zero points) as dsserve's --quantization holds "
+                                           "them on CPU"),
     max_model_len: int = typer.Option(4096, help="tokens per sequence (prompt + output)"),
     concurrency: int = typer.Option(1, help="sequences of max_model_len that must fit at once"),
     memory_fraction: float = typer.Option(0.9, help="share of each device's memory dsserve may use"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """How many devices and nodes a model needs, memory per device, and how many sequences fit."""
-    from dsserve.plan.planner import plan as make_plan
+    from dsserve.plan.planner import is_dsserve_quantization, plan as make_plan
 
     p = make_plan(model, device, devices_per_node, dtype, max_model_len, concurrency, memory_fraction)
     if as_json:
@@ -52,7 +54,10 @@ def plan(
                       "staged in bf16 until it is packed; on a CPU without native bf16 it is staged in float32: "
                       "twice that part)")
         out.print(f"launch: {p.launch}")
-    if p.dtype != "bf16":
+    if p.dtype != "bf16" and is_dsserve_quantization(p.dtype) and device != "cpu":
+        out.print(f"[yellow]note[/yellow]: dsserve holds {p.dtype} weights (--quantization {p.dtype}) on a CPU only; "
+                  "on this device plan with --dtype bf16.")
+    elif p.dtype != "bf16" and not is_dsserve_quantization(p.dtype):
         out.print(f"[yellow]note[/yellow]: dsserve's engine dequantizes {p.dtype} weights to BF16 when it loads them; "
                   "these figures are for an engine that keeps them quantized. For a dsserve deployment, plan with "
                   "--dtype bf16.")

@@ -32,6 +32,7 @@ from dsserve.engine.request import Request, RequestStatus, SamplingParams
 from dsserve.engine.scheduler import Scheduler, SchedulerOutput
 from dsserve.engine.tokenizer import Tokenizer
 from dsserve.errors import ConfigError, EngineDeadError, InvalidRequestError
+from dsserve.layers.quantization import QuantScheme
 from dsserve.options import EngineArgs
 from dsserve.profiling import PROFILER
 from dsserve.runner.model_runner import ModelRunner, StepResult, default_num_threads
@@ -397,6 +398,7 @@ def resolve_engine_args(model: str | Path, args: EngineArgs) -> EngineConfig:
     if not 0 < args.kv_cache_fraction <= 1:
         raise ConfigError(f"kv_cache_fraction {args.kv_cache_fraction} must be in (0, 1]")
     compute_dtype = resolve_dtype(args.dtype, model_config.checkpoint_dtype, device)
+    backend = resolve_backend(args.backend, device)
     return EngineConfig(
         model=model_config,
         cache=CacheConfig(
@@ -417,7 +419,8 @@ def resolve_engine_args(model: str | Path, args: EngineArgs) -> EngineConfig:
         weight_dtype=resolve_weight_dtype(args.weight_dtype, model_config.checkpoint_dtype, device, compute_dtype,
                                           native_bf16=device == "cpu" and _native_bf16()),
         kv_cache_dtype=resolve_kv_cache_dtype(args.kv_cache_dtype, device, compute_dtype),
-        backend=resolve_backend(args.backend, device),
+        backend=backend,
+        quantization=_resolve_quantization(args.quantization, device, backend, compute_dtype),
         device=device,
         num_threads=args.num_threads or max(1, default_num_threads() // len(parallel.node_ranks)),
         seed=args.seed,
@@ -506,3 +509,15 @@ def _spare_core() -> bool:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return cores > torch.get_num_threads()
+
+
+def _resolve_quantization(requested: str | None, device: str, backend: str, dtype: str) -> str | None:
+    """The --quantization scheme's canonical name (layers/quantization.py), checked against where it can run."""
+    if requested is None:
+        return None
+    name = QuantScheme.parse(requested).name
+    if device != "cpu" or backend != "cpu" or dtype != "float32":
+        raise ConfigError(f"--quantization {requested} runs on dsserve's CPU kernels with float32 compute (here device "
+                          f"{device}, backend {backend}, dtype {dtype}); drop --quantization or use --backend cpu "
+                          "--dtype float32 on a CPU")
+    return name

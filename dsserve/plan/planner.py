@@ -12,7 +12,10 @@ from dsserve.errors import ConfigError
 from dsserve.plan.presets import DEVICES, PRESETS
 
 GiB = 2**30
-WEIGHT_DTYPES = ("bf16", "fp8", "w8a8", "int4")
+# bf16 / fp8 / w8a8: the checkpoint formats as engines that keep them hold them; int8 / int4*: what dsserve's CPU
+# backend holds with `--quantization` of that name (docs/quantization.md)
+WEIGHT_DTYPES = ("bf16", "fp8", "w8a8", "int8", "int4", "int4-g64", "int4-g128", "int4-zp", "int4-g64-zp",
+                 "int4-g128-zp")
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,9 @@ class ParamCount:
     replicated_linear: int = 0  # linears every tensor-parallel rank holds whole (MLA's q_a / kv_a down-projections)
     replicated_other: int = 0  # norms, also held whole by every rank
     routers: int = 0  # MoE router weights and biases: whole on every rank, float32 in the engine
+    head: int = 0  # the LM head's parameters (vocab x hidden; the embedding's own when tied)
+    head_rows: int = 0  # its rows (the vocabulary)
+    tied: bool = False  # the LM head is the input embedding
 
 
 def count_params(c: ModelConfig) -> ParamCount:
@@ -78,28 +84,49 @@ def count_params(c: ModelConfig) -> ParamCount:
     rows = sum(o * n for o, _, n in linears)
     return ParamCount(total=linear + other, active=active_linear + other, linear=linear,
                       linear_blocks=blocks, linear_rows=rows, replicated_linear=replicated_linear,
-                      replicated_other=replicated_other, routers=routers)
+                      replicated_other=replicated_other, routers=routers, head=c.vocab_size * h, head_rows=c.vocab_size,
+                      tied=bool(c.tie_word_embeddings))
+
+
+def is_dsserve_quantization(dtype: str) -> bool:
+    """A form dsserve's CPU backend holds with `--quantization` (int8, int4...), not a checkpoint format."""
+    return dtype == "int8" or dtype.startswith("int4")
 
 
 def weight_bytes(p: ParamCount, dtype: str) -> int:
-    """Linears in `dtype` with their scales; embeddings, LM head, norms and routers stay BF16."""
-    other = 2 * (p.total - p.linear)
+    """Linears in `dtype` with their scales; embeddings, LM head, norms and routers stay BF16, except under dsserve's
+    int8 / int4, where the LM head is int8 with a float32 scale per row (a tied head: an int8 copy beside the bf16
+    embedding). MLA's kv_b_proj is counted with the linears; dsserve keeps it at 16 bits (0.15% of V3's weights)."""
+    return linear_bytes(p, dtype) + _other_bytes(p, dtype)
+
+
+def linear_bytes(p: ParamCount, dtype: str) -> int:
+    """The quantizable linears' bytes in `dtype`, scales (and zero points) included."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     if dtype == "bf16":
-        return 2 * p.total
+        return 2 * p.linear
     if dtype == "fp8":  # 1 byte + a float32 scale per 128x128 block
-        return p.linear + 4 * p.linear_blocks + other
-    if dtype == "w8a8":  # int8 + a float32 scale per output channel
-        return p.linear + 4 * p.linear_rows + other
-    if dtype == "int4":  # 4 bits + a bf16 scale per group of 128
-        return p.linear // 2 + 2 * (p.linear // 128) + other
-    raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        return p.linear + 4 * p.linear_blocks
+    if dtype in ("w8a8", "int8"):  # int8 + a float32 scale per output channel
+        return p.linear + 4 * p.linear_rows
+    # int4: 4 bits + a float16 scale (and a uint8 zero point with -zp) per group
+    group = int(dtype.split("-g")[1].split("-")[0]) if "-g" in dtype else 32
+    return p.linear // 2 + (3 if dtype.endswith("-zp") else 2) * (p.linear // group)
+
+
+def _other_bytes(p: ParamCount, dtype: str) -> int:
+    other = 2 * (p.total - p.linear)
+    if is_dsserve_quantization(dtype):
+        other += p.head + 4 * p.head_rows - (0 if p.tied else 2 * p.head)
+    return other
 
 
 def weight_bytes_per_device(p: ParamCount, dtype: str, n: int) -> float:
     """What one of `n` tensor-parallel ranks holds: its share of the split weights plus the parts every rank
     keeps whole (MLA's down-projections, norms, MoE routers in float32, as dsserve's engine loads them)."""
     total = weight_bytes(p, dtype)
-    per_linear = (total - 2 * (p.total - p.linear)) / max(p.linear, 1)  # bytes per linear weight, scales included
+    per_linear = linear_bytes(p, dtype) / max(p.linear, 1)  # bytes per linear weight, scales included
     replicated = p.replicated_linear * per_linear + 2 * (p.replicated_other + p.routers)  # as counted in `total`
     return (total - replicated) / n + replicated + 2 * p.routers  # + the routers' float32 upgrade
 
@@ -210,6 +237,8 @@ def plan(source: str, device: str = "910b-64g", devices_per_node: int = 8, dtype
         result.kv_gib_per_device = round(free / GiB, 1)
         result.max_concurrent_sequences = seqs
         result.launch = _launch_hint(c, n, devices_per_node)
+        if device == "cpu" and is_dsserve_quantization(dtype):  # dsserve holds these on CPU only
+            result.launch += f" --quantization {dtype}"
         if device == "cpu":
             vocab_rows = -(-c.vocab_size // n) * c.hidden_size
             result.load_peak_gib = round((per_device + vocab_rows * 2) / GiB, 1)

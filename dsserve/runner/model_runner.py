@@ -80,7 +80,8 @@ class ModelRunner:
         started = time.perf_counter()
         with torch.device(self.device):
             self.model = model_class(model_config)(model_config, config.scheduler.max_model_len, self.dtype, tp)
-        self.backend = select_backend(config.backend, self.device, getattr(torch, config.weight_dtype))
+        self.backend = select_backend(config.backend, self.device, getattr(torch, config.weight_dtype),
+                                      config.quantization)
         self.backend.prepare(self.model)
         self.model.load_weights(iter_checkpoint(model_config, self.dtype, self.model.checkpoint_slices()),
                                 on_loaded=self.backend.module_loaded)

@@ -264,7 +264,7 @@ def test_a_packing_failure_widens_the_staged_weights_back_to_float32(model_dir, 
 
     calls = []
 
-    def failing(weight, bias, weight_dtype):
+    def failing(weight, bias, weight_dtype, scheme=None):
         calls.append(1)
         raise packing.PackingFailed("a kernel that disagrees")
 

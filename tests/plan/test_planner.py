@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from dsserve.errors import ConfigError
 from dsserve.plan.planner import count_params, kv_bytes_per_token, load_model_config, plan, weight_bytes
 from dsserve.plan.presets import PRESETS
 
@@ -149,3 +150,19 @@ def test_cpu_plan_states_the_load_peak(tmp_path):
     result = plan(str(tmp_path), device="cpu", devices_per_node=1)
     assert result.fits and 3.5 <= result.load_peak_gib <= 3.9
     assert plan(str(tmp_path), device="910b-64g").load_peak_gib == 0.0  # only the CPU path packs while loading
+
+
+def test_dsserve_quantization_sizes():
+    """int8 / int4: the linears at 8 / 4.5 / 4.75 bits (per-row or per-group scales) and the LM head in int8; the
+    launch line carries the --quantization flag."""
+    p = count_params(load_model_config("r1-distill-qwen-1.5b")[1])
+    bf16, int8, int4 = (weight_bytes(p, d) for d in ("bf16", "int8", "int4"))
+    head_int8 = p.head + 4 * p.head_rows
+    assert int8 == p.linear + 4 * p.linear_rows + 2 * (p.total - p.linear - p.head) + head_int8
+    assert int4 == p.linear // 2 + 2 * (p.linear // 32) + 2 * (p.total - p.linear - p.head) + head_int8
+    assert weight_bytes(p, "int4-g128-zp") == int4 - 2 * (p.linear // 32) + 3 * (p.linear // 128)
+    assert int4 < weight_bytes(p, "w8a8") < bf16 and int8 < weight_bytes(p, "w8a8")  # w8a8 keeps a bf16 head
+    assert plan("r1-distill-qwen-1.5b", "cpu", devices_per_node=1, dtype="int4").launch == \
+        "dsserve serve MODEL --quantization int4"
+    with pytest.raises(ConfigError, match="'int4-g48' is not one of"):
+        weight_bytes(p, "int4-g48")

@@ -21,6 +21,7 @@ from dsserve.backends.cpu import kernels
 from dsserve.backends.cpu.fused import build_fused_decoder
 from dsserve.backends.cpu.packing import Packer, Packs
 from dsserve.backends.torch import AttentionMetadata, TorchBackend, Workspace
+from dsserve.layers.quantization import QuantScheme
 from dsserve.profiling import PROFILER
 
 logger = logging.getLogger(__name__)
@@ -72,9 +73,10 @@ class CpuBackend(TorchBackend):
     name = "cpu"
     metadata_class = CpuAttentionMetadata
 
-    def __init__(self, weight_dtype: torch.dtype = torch.float32):
+    def __init__(self, weight_dtype: torch.dtype = torch.float32, quantization: str | None = None):
         super().__init__("cpu")
         self.weight_dtype = weight_dtype
+        self.quantization = QuantScheme.parse(quantization) if quantization else None  # --quantization
         self.packs = Packs()
         self.fused = None  # a callable running every decoder layer of a decode step (fused.py), or None
         self.bf16_activations = False
@@ -85,7 +87,7 @@ class CpuBackend(TorchBackend):
 
     def prepare(self, model):
         super().prepare(model)
-        self._packer = Packer(model, self.weight_dtype)
+        self._packer = Packer(model, self.weight_dtype, self.quantization)
         self.packs = self._packer.packs
         # AMX bf16 weights round the linear layers' activations to bf16: prompt attention's q, k, v are rounded too
         self.bf16_activations = self._packer.weight_dtype == torch.bfloat16
@@ -97,8 +99,9 @@ class CpuBackend(TorchBackend):
             _return_freed_memory()
 
     def weights_loaded(self, model):
-        logger.info("packed %d weight matrices (%s) for the CPU kernels", self.packs.count,
-                    str(self._packer.weight_dtype or "none").removeprefix("torch."))
+        logger.info("packed %d weight matrices (%s%s) for the CPU kernels", self.packs.count,
+                    str(self._packer.weight_dtype or "none").removeprefix("torch."),
+                    f", quantized {self.quantization.name}, LM head int8" if self.quantization else "")
         _return_freed_memory()
 
     def set_kv_caches(self, model, kv_caches):

@@ -4,7 +4,8 @@ The fused decoders run the module path's kernels in its order (the same bits, wi
 layer). `build_fused_decoder` reads each layer's packed weights and small tensors into the C structs, or returns
 None (with the reason logged at debug level) where any layer cannot: then every decode step takes the module path.
 A layer can fall short because a linear was left on another kernel (a weight outside float16's range keeps float32,
-a failed packing check leaves F.linear), a router has no C kernel, tensor parallelism, or a layout the kernels do not
+a failed packing check leaves F.linear), its weights are quantized (--quantization: not read here yet, so a
+quantized model decodes layer by layer), a router has no C kernel, tensor parallelism, or a layout the kernels do not
 read; any such field would otherwise reach C as a NULL pointer.
 """
 
@@ -59,6 +60,8 @@ class _Builder:
     def packed(self, linear: Linear, bias_allowed: bool = True) -> torch.Tensor:
         """A linear's weight in dsserve's own packing (its kind noted); refused where it is not."""
         packed = self.packs.linears.get(linear)
+        if packed is not None and packed.kind in (Kind.INT8, Kind.INT4):
+            raise _Refused("int8 / int4 weights (--quantization): decode_layers.c reads 16-bit panels only")
         if packed is None or not packed.kind.own:
             raise _Refused("a linear is not in dsserve's own packing (its weight is beyond float16's range, or its "
                            "packing check failed)")

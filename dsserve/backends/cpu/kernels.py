@@ -1,6 +1,7 @@
 """The CPU kernels: decode attention over the paged cache (paged_attention.c), the float16-weight linear
-(linear_f16.c) and a decoder layer's small ops (elementwise.c: RMSNorm, rotary, silu * up), built once per machine with the system C compiler into one library, loaded with ctypes and
-called on float32 CPU tensors; and which packed-weight GEMMs (oneDNN, FBGEMM) this torch build has. A leaf
+(linear_f16.c), the int8 / int4 weight-only linears (linear_quant.c) and a decoder layer's small ops (elementwise.c:
+RMSNorm, rotary, silu * up), built once per machine with the system C compiler into one library, loaded with ctypes
+and called on float32 CPU tensors; and which packed-weight GEMMs (oneDNN, FBGEMM) this torch build has. A leaf
 module (torch and the standard library only): the doctor asks it too.
 
 Why C: plain torch has no attention that reads a paged cache in place, and at decode sizes its SDPA over a
@@ -47,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name
-           for name in ("paged_attention.c", "linear_f16.c", "linear_bf16.c", "elementwise.c", "moe.c", "decode_layers.c")]
+           for name in ("paged_attention.c", "linear_f16.c", "linear_bf16.c", "elementwise.c", "moe.c",
+                        "decode_layers.c", "linear_quant.c")]
 HEADER = CSRC / "dsserve_kernels.h"  # the C interface: kernels.py binds it (pycparser), every .c includes it
 HEADERS = [HEADER, CSRC / "vec_math.h"]
 _lock = threading.Lock()
@@ -234,7 +236,8 @@ def library() -> ctypes.CDLL | None:
             _state.update(lib=lib, why=why, width=lib.dsserve_vector_width() if lib is not None else 0,
                           half=bool(lib.dsserve_half_supported()) if lib is not None else False,
                           linear_f16=bool(lib.dsserve_linear_f16_supported()) if lib is not None else False,
-                          linear_bf16=bool(lib.dsserve_linear_bf16_supported()) if lib is not None else False)
+                          linear_bf16=bool(lib.dsserve_linear_bf16_supported()) if lib is not None else False,
+                          linear_quant=bool(lib.dsserve_linear_quant_supported()) if lib is not None else False)
     return _state["lib"]  # type: ignore[return-value]
 
 
@@ -254,6 +257,7 @@ class KernelStatus:
     half_cache: bool          # ... a float16 cache too (AVX2 + F16C)
     linear_f16: bool          # float16 weights run linear_f16.c (else FBGEMM's fp16 GEMM)
     linear_bf16: bool         # bfloat16 weights run linear_bf16.c's AMX kernel (else oneDNN)
+    linear_quant: bool = False  # int8 / int4 weights (--quantization) run linear_quant.c (AVX-512; else refused)
 
     @property
     def fused_decode(self) -> bool:
@@ -271,7 +275,9 @@ class KernelStatus:
         return {"attention": f"C kernel paged_attention.c ({caches})",
                 "linears": ", ".join(["float16 " + ("C kernel linear_f16.c" if self.linear_f16 else "FBGEMM"),
                                       "bfloat16 " + ("C AMX kernel linear_bf16.c" if self.linear_bf16 else "oneDNN"),
-                                      "float32 oneDNN"]),
+                                      "float32 oneDNN",
+                                      "int8/int4 " + ("C kernel linear_quant.c" if self.linear_quant
+                                                      else "unavailable (needs AVX-512)")]),
                 "decode": ("every layer in one C call (decode_layers.c) where the model's weights are packed for it"
                            if self.fused_decode else "per-layer modules")}
 
@@ -281,7 +287,7 @@ def status() -> KernelStatus:
     built = library() is not None
     return KernelStatus(is_built=built, why_not=why_unavailable(), vector_width=int(_state["width"]),
                         paged_attention=built, half_cache=bool(_state["half"]), linear_f16=bool(_state["linear_f16"]),
-                        linear_bf16=bool(_state["linear_bf16"]))
+                        linear_bf16=bool(_state["linear_bf16"]), linear_quant=bool(_state["linear_quant"]))
 
 
 def usable(k_dim: int, v_dim: int, cache_dtype: torch.dtype = torch.float32) -> bool:
@@ -433,6 +439,76 @@ def _check_linear(status: int, weights: str, shape: torch.Size) -> None:
     if status != 0:
         raise RuntimeError(f"the {weights} linear kernel is not in this build (status {status}); "
                            "run with --weight-dtype float16 or float32")
+
+
+def linear_quant_usable() -> bool:
+    """The library is built with the int8 / int4 weight-only linears (x86 with AVX-512)."""
+    return library() is not None and bool(_state["linear_quant"])
+
+
+@dataclass(frozen=True)
+class QuantPanels:
+    """A quantized (N, K) weight in linear_quant.c's layout: panels of 16 output rows, an even number of them."""
+
+    bits: int                   # 8 or 4
+    packed: torch.Tensor        # int8 (panels, K, 16); int4: uint8 (panels, groups * group / 2, 16), two inputs a byte
+    scales: torch.Tensor        # int8: float32 (panels * 16,); int4: float16 (panels, groups, 16)
+    zeros: torch.Tensor | None  # int4 with zero points: uint8 (panels, groups, 16)
+    group_size: int             # int4's inputs per scale; 0 for int8
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes + (self.zeros.nbytes if self.zeros is not None else 0)
+
+
+def pack_quantized(weight) -> QuantPanels:
+    """A `layers.quantization.QuantizedWeight` in linear_quant.c's layout (linear_quant.c draws it)."""
+    q, rows = weight.q, weight.q.shape[0]
+    panels = -(-rows // PANEL)
+    panels += panels % 2
+    padded_rows = panels * PANEL
+
+    def panel_major(t: torch.Tensor) -> torch.Tensor:  # (rows, C) -> (panels, C, 16), rows past N zero
+        out = torch.zeros(padded_rows, t.shape[1], dtype=t.dtype)
+        out[:rows] = t
+        return out.view(panels, PANEL, t.shape[1]).transpose(1, 2).contiguous()
+
+    if weight.scheme.bits == 8:
+        scales = torch.zeros(padded_rows, dtype=torch.float32)
+        scales[:rows] = weight.scales
+        return QuantPanels(8, panel_major(q), scales, None, 0, weight.in_features)
+    pairs = q[:, 0::2] | (q[:, 1::2] << 4)  # (rows, padded K / 2): input 2 i in the low nibble, 2 i + 1 in the high
+    zeros = panel_major(weight.zeros) if weight.zeros is not None else None
+    return QuantPanels(4, panel_major(pairs), panel_major(weight.scales), zeros, weight.scheme.group_size,
+                       weight.in_features)
+
+
+def linear_quant(x: torch.Tensor, panels: QuantPanels, out_features: int,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) float32 @ W^T (+ bias) for a weight `pack_quantized` laid out: (..., out_features) float32."""
+    if x.dim() != 2:
+        return linear_quant(x.reshape(-1, x.shape[-1]), panels, out_features, bias).view(*x.shape[:-1], out_features)
+    if x.dtype != torch.float32:
+        raise TypeError(f"the int{panels.bits} linear takes float32 activations, got {x.dtype}")
+    if x.shape[1] != panels.in_features:
+        raise ValueError(f"the int{panels.bits} linear has {panels.in_features} inputs, x has {x.shape[1]}")
+    x = x if x.is_contiguous() else x.contiguous()
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if not x.shape[0]:
+        return out
+    lib, b = _state["lib"], 0 if bias is None else bias.data_ptr()
+    if panels.bits == 8:
+        status = lib.dsserve_linear_int8(x.data_ptr(), panels.packed.data_ptr(), panels.scales.data_ptr(), b,
+                                         out.data_ptr(), x.shape[0], out_features, x.shape[1])
+    else:
+        status = lib.dsserve_linear_int4(x.data_ptr(), panels.packed.data_ptr(), panels.scales.data_ptr(),
+                                         0 if panels.zeros is None else panels.zeros.data_ptr(), b, out.data_ptr(),
+                                         x.shape[0], out_features, x.shape[1], panels.group_size)
+    if status == -2:
+        raise ValueError(f"the int4 linear takes an even group size of at most 256, got {panels.group_size}")
+    _check_linear(status, f"int{panels.bits}", x.shape)
+    return out
 
 
 def pack_heads_f16(weights: torch.Tensor) -> torch.Tensor:
@@ -739,11 +815,13 @@ class MLADecoder(_FusedDecoder):
 # The types the header may use, as ctypes. A pointer is c_void_p (a tensor's data_ptr(), a C array, None for
 # NULL), except a function argument pointing at a header struct: POINTER(that struct), so ctypes rejects another.
 _SCALARS = {"void": None, "bool": ctypes.c_bool, "_Bool": ctypes.c_bool, "int": ctypes.c_int, "float": ctypes.c_float,
-            "double": ctypes.c_double, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64,
-            "uint8_t": ctypes.c_uint8, "uint16_t": ctypes.c_uint16, "uint32_t": ctypes.c_uint32,
+            "double": ctypes.c_double, "int8_t": ctypes.c_int8, "int32_t": ctypes.c_int32,
+            "int64_t": ctypes.c_int64, "uint8_t": ctypes.c_uint8, "uint16_t": ctypes.c_uint16,
+            "uint32_t": ctypes.c_uint32,
             "uint64_t": ctypes.c_uint64, "size_t": ctypes.c_size_t}
 # pycparser does not preprocess: the header's #includes are dropped and the typedefs they would bring declared
-_PRELUDE = ("typedef _Bool bool; typedef int int32_t; typedef long long int64_t; typedef unsigned char uint8_t; "
+_PRELUDE = ("typedef _Bool bool; typedef signed char int8_t; typedef int int32_t; typedef long long int64_t; "
+            "typedef unsigned char uint8_t; "
             "typedef unsigned short uint16_t; typedef unsigned int uint32_t; typedef unsigned long long uint64_t; "
             "typedef unsigned long size_t;\n")
 _PRELUDE_NAMES = frozenset(re.findall(r"(\w+);", _PRELUDE))

@@ -5,6 +5,8 @@ float16: dsserve's panel-packed fp16 layout (csrc/linear_f16.c, AVX2 + F16C), wi
 activations and accumulation stay fp32, half the bytes per decode step; FBGEMM's packed fp16 GEMM where the library
 could not be built. bfloat16: csrc/linear_bf16.c's AMX tiles (activations rounded to bf16), else oneDNN's bf16 GEMM.
 MLA's kv_b_proj is read by attention itself: its two halves are packed per head in fp16 for the absorbed decode.
+int8 / int4 (`--quantization`, layers/quantization.py): every other linear and routed expert quantized as it is
+packed, the LM head in int8 (csrc/linear_quant.c, AVX-512); the fused decoders do not read these yet.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsserve.backends.cpu import kernels
+from dsserve.errors import ConfigError
 from dsserve.layers.linear import Linear, VocabParallel
+from dsserve.layers.quantization import QuantScheme
 from dsserve.layers.moe import ExpertMLP, Experts
 from dsserve.models.deepseek import MultiHeadLatentAttention
 
@@ -34,6 +38,8 @@ class Kind(enum.Enum):
     FBGEMM_F16 = "fbgemm fp16"
     ONEDNN_BF16 = "onednn bf16"
     ONEDNN_F32 = "onednn fp32"
+    INT8 = "dsserve int8"  # csrc/linear_quant.c
+    INT4 = "dsserve int4"
 
     @property
     def own(self) -> bool:
@@ -46,10 +52,14 @@ class PackedLinear:
 
     __slots__ = ("kind", "data", "bias", "out_features")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype,
+                 scheme: QuantScheme | None = None):
         self.out_features = weight.shape[0]
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        if weight_dtype == torch.float16 and kernels.linear_f16_usable():
+        if scheme is not None:  # quantized here, one weight at a time
+            self.kind = Kind.INT8 if scheme.bits == 8 else Kind.INT4
+            self.data = kernels.pack_quantized(scheme.quantize(weight))
+        elif weight_dtype == torch.float16 and kernels.linear_f16_usable():
             self.kind, self.data = Kind.F16, kernels.pack_f16(weight)
         elif weight_dtype == torch.float16:
             self.kind = Kind.FBGEMM_F16
@@ -65,6 +75,8 @@ class PackedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         kind = self.kind
+        if kind is Kind.INT8 or kind is Kind.INT4:
+            return kernels.linear_quant(x, self.data, self.out_features, self.bias)
         if kind is Kind.F16:
             return kernels.linear_f16(x, self.data, self.out_features, self.bias)
         if kind is Kind.BF16:
@@ -133,10 +145,21 @@ class Packer:
     where nothing else reads them (a tied LM head keeps its weight: the embedding reads it). Each packed layer is
     checked against F.linear on the same (rounded) weight before it is used; a kernel that disagrees or fails stops
     the packing and the remaining layers stay on F.linear (slower, correct).
+
+    With `quantization`, each of those weights is quantized as it is packed (its plain weight then dropped, so
+    loading holds one float layer at a time): Linears and routed experts in that scheme, the LM head in int8 whatever
+    the scheme (the logits are the most sensitive product; llama.cpp's Q4_K_M keeps its head at 6 bits for the same
+    reason). MLA's kv_b_proj keeps its float weight and packing (attention reads it), and so do the embedding, the
+    norms and the routers.
     """
 
-    def __init__(self, model: nn.Module, weight_dtype: torch.dtype):
+    def __init__(self, model: nn.Module, weight_dtype: torch.dtype, quantization: QuantScheme | None = None):
+        if quantization is not None and not kernels.linear_quant_usable():
+            why = kernels.why_unavailable() or "this CPU or build has no AVX-512"
+            raise ConfigError(f"--quantization {quantization.name} needs dsserve's int8/int4 CPU kernels "
+                              f"(csrc/linear_quant.c, AVX-512), unavailable here ({why}); drop --quantization")
         self.packs = Packs()
+        self.scheme, self.head_scheme = quantization, QuantScheme(8) if quantization is not None else None
         self.weight_dtype = resolve_weight_dtype(weight_dtype)
         self.failed: PackingFailed | None = None
         self.mla_of = {m.kv_b_proj: m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)}
@@ -200,12 +223,13 @@ class Packer:
             if weight_dtype == torch.bfloat16 and _is_cpu_fp32(module.weight):  # prompt attention's expansion
                 packs.expanders[self.mla_of[module]] = pack_checked(module.weight, None, weight_dtype)
         elif isinstance(module, Linear) and self._packable(module.weight):
-            packs.linears[module] = pack_checked(module.weight, module.bias, weight_dtype)
+            packs.linears[module] = pack_checked(module.weight, module.bias, weight_dtype, self.scheme)
             self._drop(module, "weight")
         elif isinstance(module, ExpertMLP) and self._packable(module.w13):
             experts, index = self.experts_of[module]
             pairs = self.expert_pairs.setdefault(experts, {})
-            pairs[index] = (pack_checked(module.w13, None, weight_dtype), pack_checked(module.w2, None, weight_dtype))
+            pairs[index] = (pack_checked(module.w13, None, weight_dtype, self.scheme),
+                            pack_checked(module.w2, None, weight_dtype, self.scheme))
             self._drop(module, "w13", "w2")
             if len(pairs) == experts.num_local:  # the layer's last expert: the routed experts run packed from now
                 packs.experts[experts] = ordered = [pairs[e] for e in range(experts.num_local)]
@@ -216,7 +240,7 @@ class Packer:
                         [w13.data for w13, _ in ordered], [w2.data for _, w2 in ordered], experts.intermediate_size,
                         experts.hidden_size, bf16=kinds == {Kind.BF16})
         elif module is self.head and isinstance(module, VocabParallel) and self._packable(module.weight):
-            packs.linears[module] = pack_checked(module.weight, None, weight_dtype)
+            packs.linears[module] = pack_checked(module.weight, None, weight_dtype, self.head_scheme)
             if module is not self.embedding:
                 self._drop(module, "weight")
         elif module is self.embedding and module.weight is not None and id(module.weight) in self.staged:
@@ -276,18 +300,28 @@ def _is_cpu_fp32(weight: torch.Tensor | None) -> bool:
 
 
 
-def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype) -> PackedLinear:
-    """`PackedLinear(weight, bias, weight_dtype)` checked against F.linear on a sample of its outputs; float32 for a
-    weight beyond float16's range (logged). Raises PackingFailed where the kernel fails or disagrees."""
+def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype,
+                 scheme: QuantScheme | None = None) -> PackedLinear:
+    """`PackedLinear(weight, bias, weight_dtype, scheme)` checked against F.linear on a sample of its outputs (a
+    quantized one against its dequantized weight: the schemes quantize row by row, so the sampled rows quantize
+    alone to the same values); float32 for a weight beyond float16's range (logged), `weight_dtype` for one beyond
+    int4's float16 scales. Raises PackingFailed where the kernel fails or disagrees."""
     if weight_dtype == torch.float16 and weight.abs().amax().item() > _FP16_MAX:
         logger.warning("a %s weight exceeds float16's range: that layer keeps float32 weights", tuple(weight.shape))
         weight_dtype = torch.float32
     try:
-        packed = PackedLinear(weight, bias, weight_dtype)
+        try:
+            packed = PackedLinear(weight, bias, weight_dtype, scheme)
+        except ValueError as e:  # a scale beyond float16 (layers/quantization.py): this layer stays unquantized
+            logger.warning("%s: that layer keeps %s weights", e, weight_dtype)
+            return pack_checked(weight, bias, weight_dtype)
         rows = slice(None, None, max(1, weight.shape[0] // 64))  # a sample of the outputs: no copy of a big weight
         probe = torch.randn(3, weight.shape[1])
-        rounded = weight[rows].to(weight_dtype).float()
-        if weight_dtype == torch.bfloat16:  # the activations are rounded to bf16 too, and so is each output
+        if scheme is not None:
+            rounded = scheme.quantize(weight[rows]).dequantize()
+        else:
+            rounded = weight[rows].to(weight_dtype).float()
+        if weight_dtype == torch.bfloat16 and scheme is None:  # activations rounded to bf16 too, and each output
             expected = F.linear(probe.bfloat16().float(), rounded)
             tolerance = 2**-7 * (expected.abs() + 1e-3 * expected.abs().amax())
             agrees = bool(((packed(probe)[:, rows] - (expected if bias is None else expected + bias[rows])).abs()
@@ -296,7 +330,9 @@ def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: 
             expected = F.linear(probe, rounded, None if bias is None else bias[rows])
             agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4, atol=1e-4)
     except (RuntimeError, NotImplementedError) as e:  # this torch build cannot pack it
-        raise PackingFailed(f"packing a {tuple(weight.shape)} weight as {weight_dtype} failed ({e})") from e
+        raise PackingFailed(f"packing a {tuple(weight.shape)} weight as {scheme.name if scheme else weight_dtype} "
+                            f"failed ({e})") from e
     if not agrees:  # never trust a kernel that disagrees
-        raise PackingFailed(f"the packed {weight_dtype} linear disagrees with F.linear for a {tuple(weight.shape)} weight")
+        raise PackingFailed(f"the packed {scheme.name if scheme else weight_dtype} linear disagrees with F.linear for a "
+                            f"{tuple(weight.shape)} weight")
     return packed

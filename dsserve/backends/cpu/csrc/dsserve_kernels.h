@@ -21,6 +21,7 @@ int dsserve_vector_width(void);          /* floats per vector: head sizes must b
 int dsserve_half_supported(void);        /* the attention kernel reads a float16 cache (AVX2 + F16C) */
 int dsserve_linear_f16_supported(void);  /* the float16-weight linear is built (AVX2 + FMA + F16C) */
 int dsserve_linear_bf16_supported(void); /* the bf16 AMX linear is built and Linux lets this process use the tiles */
+int dsserve_linear_quant_supported(void); /* the int8 / int4 weight-only linears are built (AVX-512) */
 
 /* ---- decode attention over the paged cache (paged_attention.c) ---------------------------------------------- */
 
@@ -43,6 +44,13 @@ int dsserve_linear_bf16(const float *x, const uint16_t *packed, const float *bia
                         int64_t K);
 /* y (M, I) = silu(x Wg^T) * (x Wu^T), packed the (2 I, K) gate_up weight for linear_bf16; -2 when I % 16 != 0 */
 int dsserve_linear_bf16_swiglu(const float *x, const uint16_t *packed, float *y, int64_t M, int64_t I, int64_t K);
+
+/* ---- linears over int8 / int4 weights, activations float32 (linear_quant.c describes the layouts) ---------- */
+
+int dsserve_linear_int8(const float *x, const int8_t *packed, const float *scales, const float *bias, float *y,
+                        int64_t M, int64_t N, int64_t K);
+int dsserve_linear_int4(const float *x, const uint8_t *packed, const uint16_t *scales, const uint8_t *zeros,
+                        const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t group);
 
 /* ---- routed experts over many tokens, grouped by expert (moe.c) --------------------------------------------- */
 
