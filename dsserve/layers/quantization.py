@@ -4,6 +4,10 @@ dequantization every quantized kernel is tested against.
 int8: one float32 scale per output row, q in [-127, 127] (W8A16, as vLLM's and llama.cpp's Q8_0 idea, per channel).
 int4: one float16 scale per group of `group_size` inputs of a row, q in [0, 15]; symmetric (q - 8) or with a uint8
 zero point per group (AWQ / GPTQ's asymmetric form). w = (q - z) * scale. Activations stay float32 in both.
+w8a8: int8's weights, and each row of activations quantized on the fly to int8 with one float32 scale per row
+(max |x| / 127, symmetric); the product is summed in int32 and scaled by both scales (`reference_linear`).
+fp8: float8 e4m3 values with one float32 scale per block of 128 x 128 (DeepSeek-V3/R1's own checkpoint format, whose
+`weight_scale_inv` is this scale): w = float(q) * scale[n / 128, k / 128]. Activations stay float32.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from dsserve.errors import ConfigError
 _FP16_MAX = 65504.0
 _CHUNK_VALUES = 1 << 24
 INT4_GROUP_SIZES = (32, 64, 128)
-QUANTIZATION_FORMS = ("int8", "int4", "int4-g64", "int4-g128", "int4-zp", "int4-g64-zp", "int4-g128-zp")
+FP8_BLOCK = 128  # rows and columns per fp8 scale
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+QUANTIZATION_FORMS = ("int8", "w8a8", "fp8", "int4", "int4-g64", "int4-g128", "int4-zp", "int4-g64-zp", "int4-g128-zp")
 _NAME = re.compile(r"^int4(?:-g(?P<group>\d+))?(?P<zp>-zp)?$")
 
 
@@ -29,29 +35,41 @@ class QuantScheme:
     bits: int  # 8 or 4
     group_size: int | None = None  # int4: inputs per scale (32, 64, 128); int8: None (one scale per output row)
     zero_point: bool = False  # int4: a zero point per group (asymmetric); else symmetric around 8
+    activations: bool = False  # w8a8: activations quantized per row to int8 too (int8 weights only)
+    float8: bool = False  # fp8: e4m3 values, float32 scales per 128 x 128 block
 
     @classmethod
     def parse(cls, name: str) -> "QuantScheme":
-        """'int8', 'int4' (group 32, symmetric), 'int4-g64', 'int4-g128', any of these with '-zp' (zero points)."""
+        """'int8', 'w8a8', 'fp8', 'int4' (group 32, symmetric), 'int4-g64', 'int4-g128', the int4 forms with '-zp'
+        (zero points)."""
         if name == "int8":
             return cls(8)
+        if name == "w8a8":
+            return cls(8, activations=True)
+        if name == "fp8":
+            return cls(8, float8=True)
         match = _NAME.match(name)
         group = int(match.group("group") or 32) if match else None
         if group not in INT4_GROUP_SIZES:
             raise ConfigError(f"--quantization {name!r} is not supported: the forms are {', '.join(QUANTIZATION_FORMS)}"
-                              " (w8a8 and fp8 are not implemented yet; docs/quantization.md)")
+                              " (docs/quantization.md)")
         return cls(4, group, bool(match.group("zp")))
 
     @property
     def name(self) -> str:
+        if self.float8:
+            return "fp8"
         if self.bits == 8:
-            return "int8"
+            return "w8a8" if self.activations else "int8"
         return "int4" + (f"-g{self.group_size}" if self.group_size != 32 else "") + ("-zp" if self.zero_point else "")
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         """`weight` (N, K) quantized, rows a chunk at a time (a big weight's float temporaries stay ~64 MB)."""
         step = max(1, _CHUNK_VALUES // max(1, weight.shape[1]))
-        parts = [quantize_int8(weight[i : i + step]) if self.bits == 8 else
+        if self.float8:  # chunks of whole 128-row blocks
+            step = -(-step // FP8_BLOCK) * FP8_BLOCK
+        parts = [quantize_fp8(weight[i : i + step]) if self.float8 else
+                 quantize_int8(weight[i : i + step], self) if self.bits == 8 else
                  quantize_int4(weight[i : i + step], self.group_size, self.zero_point)
                  for i in range(0, weight.shape[0], step)]
         if len(parts) == 1:
@@ -66,13 +84,19 @@ class QuantizedWeight:
     """A (N, K) weight as integers and scales (the layout the formats above describe, row-major, not packed)."""
 
     scheme: QuantScheme
-    q: torch.Tensor  # int8 (N, K); int4: uint8 (N, groups * group_size) values 0..15, columns past K zero
-    scales: torch.Tensor  # int8: float32 (N,); int4: float16 (N, groups)
+    q: torch.Tensor  # int8 / w8a8: int8 (N, K); int4: uint8 (N, groups * group_size) values 0..15, columns past K
+    #                  zero; fp8: float8_e4m3fn (N, K)
+    scales: torch.Tensor  # int8 / w8a8: float32 (N,); int4: float16 (N, groups); fp8: float32 (ceil(N/128), ceil(K/128))
     zeros: torch.Tensor | None  # int4 with zero points: uint8 (N, groups); else None
     in_features: int
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 (N, K) weight the kernels compute with: the plain-torch twin of every quantized kernel."""
+        """The float32 (N, K) weight: the plain-torch twin of every weight-only quantized kernel (w8a8's kernels
+        also quantize the activations: `reference_linear`)."""
+        if self.scheme.float8:
+            rows, cols = self.q.shape
+            scale = self.scales.float().repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
+            return self.q.float() * scale
         if self.scheme.bits == 8:
             return self.q.float() * self.scales.float().unsqueeze(1)
         group = self.scheme.group_size
@@ -89,12 +113,47 @@ class QuantizedWeight:
         return values + self.scales.nbytes + (self.zeros.nbytes if self.zeros is not None else 0)
 
 
-def quantize_int8(weight: torch.Tensor) -> QuantizedWeight:
-    """Per output row: scale = max |w| / 127, q = round(w / scale)."""
+def reference_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) float @ W^T (+ bias) as the quantized kernels compute it, in plain torch: the twin each kernel is
+    tested against. Weight-only forms: F.linear on the dequantized weight. w8a8: each row of x quantized to int8
+    (`quantize_activations`), the integer products summed exactly (float64 holds int8 x int8 sums of any real K
+    exactly), then scaled by the row's and the weight row's scales."""
+    if not weight.scheme.activations:
+        return torch.nn.functional.linear(x.float(), weight.dequantize(), None if bias is None else bias.float())
+    xq, x_scales = quantize_activations(x.float())
+    sums = xq.double() @ weight.q.double().t()
+    y = (sums * x_scales.double().unsqueeze(-1) * weight.scales.double()).float()
+    return y if bias is None else y + bias.float()
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w8a8's activations: per row scale = max |x| / 127, q = round(x / scale) in [-127, 127] (round half to even).
+    Returns (int8 q, float32 scales of shape x.shape[:-1])."""
+    scales = x.abs().amax(dim=-1) / 127.0
+    q = torch.round(x / _nonzero(scales).unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int8(weight: torch.Tensor, scheme: QuantScheme | None = None) -> QuantizedWeight:
+    """Per output row: scale = max |w| / 127, q = round(w / scale). `scheme`: int8 (default) or w8a8."""
     w = weight.detach().float()
     scales = w.abs().amax(dim=1) / 127.0
     q = torch.round(w / _nonzero(scales).unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-    return QuantizedWeight(QuantScheme(8), q, scales, None, w.shape[1])
+    return QuantizedWeight(scheme or QuantScheme(8), q, scales, None, w.shape[1])
+
+
+def quantize_fp8(weight: torch.Tensor) -> QuantizedWeight:
+    """Per block of 128 x 128: scale = max |w| / 448 (float32), q = float8_e4m3fn(w / scale) (round to nearest even),
+    as DeepSeek's own FP8 checkpoints hold their weights (`weight_scale_inv` = scale)."""
+    w = weight.detach().float()
+    rows, cols = w.shape
+    br, bc = -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
+    padded = torch.nn.functional.pad(w, (0, bc * FP8_BLOCK - cols, 0, br * FP8_BLOCK - rows))
+    blocks = padded.view(br, FP8_BLOCK, bc, FP8_BLOCK)
+    scales = blocks.abs().amax(dim=(1, 3)) / FP8_MAX
+    q = (blocks / _nonzero(scales)[:, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
+    q = q.view(br * FP8_BLOCK, bc * FP8_BLOCK)[:rows, :cols].to(torch.float8_e4m3fn)
+    return QuantizedWeight(QuantScheme(8, float8=True), q.contiguous(), scales, None, cols)
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int, zero_point: bool) -> QuantizedWeight:

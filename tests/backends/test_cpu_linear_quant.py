@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.errors import ConfigError
-from dsserve.layers.quantization import QuantScheme, quantize_int4, quantize_int8
+from dsserve.layers.quantization import QuantScheme, quantize_activations, quantize_int4, quantize_int8, reference_linear
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.linear_quant_usable(),
                                   reason="the quantized linears need AVX-512")
@@ -112,7 +112,40 @@ def test_scheme_names(name, expected):
     assert (scheme.bits, scheme.group_size, scheme.zero_point) == expected and scheme.name == name
 
 
-@pytest.mark.parametrize("name", ["int3", "int4-g48", "w8a8", "fp8", "INT8", "int4-zp-g64"])
+@pytest.mark.parametrize("name", ["int3", "int4-g48", "w4a8", "fp4", "INT8", "int4-zp-g64"])
 def test_unsupported_scheme_names_are_refused(name):
-    with pytest.raises(ConfigError, match=f"--quantization '{name}' is not supported: the forms are int8, int4"):
+    with pytest.raises(ConfigError, match=f"--quantization '{name}' is not supported: the forms are int8, w8a8, fp8"):
         QuantScheme.parse(name)
+
+
+@pytest.mark.parametrize("name", ["int8", "w8a8", "fp8", "int4", "int4-g64", "int4-g128-zp"])
+def test_scheme_names_round_trip(name):
+    assert QuantScheme.parse(name).name == name
+
+
+def test_w8a8_reference_quantizes_the_activations_per_row():
+    torch.manual_seed(0)
+    weight = QuantScheme.parse("w8a8").quantize(torch.randn(40, 70))
+    x = torch.randn(3, 70)
+    xq, x_scales = quantize_activations(x)
+    assert torch.equal(x_scales, x.abs().amax(dim=1) / 127)
+    expect = (xq.double() @ weight.q.double().t()) * x_scales.double()[:, None] * weight.scales.double()
+    assert torch.equal(reference_linear(x, weight), expect.float())
+    # int8 weight-only on the same integers differs by the activations' rounding only
+    assert not torch.equal(reference_linear(x, weight), torch.nn.functional.linear(x, weight.dequantize()))
+    torch.testing.assert_close(reference_linear(x, weight), torch.nn.functional.linear(x, weight.dequantize()),
+                               atol=0.2, rtol=0.05)
+
+
+def test_fp8_blocks_of_128_hold_their_own_scale():
+    torch.manual_seed(0)
+    w = torch.randn(200, 300)
+    w[:128, :128] *= 100  # one block far larger than the rest: its scale must not spill onto the others
+    fp8 = QuantScheme.parse("fp8").quantize(w)
+    assert fp8.q.dtype == torch.float8_e4m3fn and fp8.scales.shape == (2, 3)
+    assert torch.allclose(fp8.scales, torch.stack([w[r:r + 128, c:c + 128].abs().amax() / 448
+                                                   for r in (0, 128) for c in (0, 128, 256)]).view(2, 3))
+    # e4m3 keeps 3 mantissa bits (off by at most 1/16 of the value) down to its subnormals (steps of 2^-9 x scale)
+    scale = fp8.scales.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :300]
+    assert ((fp8.dequantize() - w).abs() <= w.abs() / 16 + scale / 1024 + 1e-7).all()
+    assert fp8.nbytes == 200 * 300 + 6 * 4

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from dsserve.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
@@ -464,6 +466,9 @@ class QuantPanels:
 
 def pack_quantized(weight) -> QuantPanels:
     """A `layers.quantization.QuantizedWeight` in linear_quant.c's layout (linear_quant.c draws it)."""
+    if weight.scheme.activations or weight.scheme.float8:
+        raise ConfigError(f"--quantization {weight.scheme.name} has no CPU kernel in this build yet; the forms the "
+                          "kernels hold are int8 and int4 (docs/quantization.md)")
     q, rows = weight.q, weight.q.shape[0]
     panels = -(-rows // PANEL)
     panels += panels % 2
