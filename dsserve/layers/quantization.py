@@ -103,13 +103,42 @@ class QuantizedWeight:
                                  f"{blocks}) (128 x 128 blocks) or ({rows}, {blocks}) (per row per 128 inputs), "
                                  f"got {tuple(self.scales.shape)}")
 
+    @property
+    def shape(self) -> torch.Size:
+        """(N, K) of the float weight."""
+        return torch.Size((self.q.shape[0], self.in_features))
+
     def row_scales(self) -> torch.Tensor:
-        """fp8: the scales as one per output row per 128 inputs, float32 (N, ceil(K / 128)) (a block's scale repeated
-        over its rows)."""
+        """The scales with one entry per output row: int8 (N,), int4 (N, groups), fp8 float32 (N, ceil(K / 128))
+        (a 128 x 128 block's scale repeated over its rows)."""
         rows = self.q.shape[0]
-        if self.scales.shape[0] == rows:
-            return self.scales.float()
+        if not self.scheme.float8 or self.scales.shape[0] == rows:
+            return self.scales if not self.scheme.float8 else self.scales.float()
         return self.scales.float().repeat_interleave(FP8_BLOCK, 0)[:rows]
+
+    def select_rows(self, rows: slice) -> QuantizedWeight:
+        """The weight of the output rows `rows` alone (its scales per row)."""
+        return QuantizedWeight(self.scheme, self.q[rows], self.row_scales()[rows],
+                               None if self.zeros is None else self.zeros[rows], self.in_features)
+
+    def empty_rows(self, rows: int) -> QuantizedWeight:
+        """A zero weight of `rows` output rows in this one's form and columns, scales per row: what a merged
+        parameter's parts are copied into (`set_rows`)."""
+        q = torch.zeros((rows, *self.q.shape[1:]), dtype=torch.uint8).view(self.q.dtype)
+        scales = self.row_scales()
+        zeros = None if self.zeros is None else torch.zeros((rows, *self.zeros.shape[1:]), dtype=self.zeros.dtype)
+        return QuantizedWeight(self.scheme, q, torch.zeros((rows, *scales.shape[1:]), dtype=scales.dtype), zeros,
+                               self.in_features)
+
+    def set_rows(self, rows: slice, part: QuantizedWeight) -> None:
+        """Rows `rows` of this weight (scales per row, as `empty_rows` makes) become `part`, of the same form."""
+        if part.scheme != self.scheme or part.in_features != self.in_features:
+            raise ValueError(f"a {part.scheme.name} part of {part.in_features} inputs cannot fill a "
+                             f"{self.scheme.name} weight of {self.in_features}")
+        self.q.view(torch.uint8)[rows] = part.q.view(torch.uint8)  # (index_put has no float8 kernel)
+        self.scales[rows] = part.row_scales()
+        if self.zeros is not None:
+            self.zeros[rows] = part.zeros
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight: the plain-torch twin of every weight-only quantized kernel (w8a8's kernels
