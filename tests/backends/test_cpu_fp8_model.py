@@ -149,3 +149,23 @@ def test_quantization_fp8_from_a_float_checkpoint(model_dir):
                 weight.copy_(quantize_fp8(weight).dequantize())
         twin.lm_head.weight.copy_(QuantScheme(8).quantize(twin.lm_head.weight).dequantize())
     _assert_same_generations(quantized, reference)
+
+
+def test_fp8_checkpoint_without_the_fp8_kernel_loads_dequantized(fp8_checkpoints, monkeypatch):
+    """The CPU backend on a machine without linear_fp8.c (no AMX): the FP8 weights are dequantized and packed as
+    float weights, the same values as the twin's."""
+    fp8_dir, twin_dir, _ = fp8_checkpoints
+    monkeypatch.setattr(cpu_kernels, "linear_fp8_usable", lambda: False)
+    fp8 = LLM(fp8_dir, num_kv_blocks=64, max_model_len=256, weight_dtype="float32")
+    packs = fp8.engine.runner.backend.packs
+    assert packs.linears and all(p.kind is Kind.ONEDNN_F32 for p in packs.linears.values())
+    twin = LLM(twin_dir, num_kv_blocks=64, max_model_len=256, weight_dtype="float32")
+    _assert_same_generations(fp8, twin, 1e-5, 1e-5)
+
+
+def test_quantization_fp8_is_refused_without_the_kernel(model_dir, monkeypatch):
+    from dsserve.errors import ConfigError
+
+    monkeypatch.setattr(cpu_kernels, "linear_fp8_usable", lambda: False)
+    with pytest.raises(ConfigError, match="--quantization fp8 needs dsserve's fp8 CPU kernel"):
+        LLM(model_dir("deepseek_v3"), num_kv_blocks=16, max_model_len=64, quantization="fp8")
