@@ -80,9 +80,8 @@ def test_quantized_model_differs_from_the_float_one(model_dir):
 
 
 @pytest.mark.parametrize("options,message", [
-    (dict(quantization="int3"), "--quantization 'int3' is not supported: the forms are int8, w8a8, fp8, int4, "),
-    (dict(quantization="w8a8"), "--quantization w8a8 has no CPU kernel in this build yet"),
-    (dict(quantization="int8", backend="torch"), "--quantization int8 runs on dsserve's CPU kernels with float32"),
+    (dict(quantization="int3"), "--quantization 'int3' is not supported: the forms are int8, w8a8, fp8, int4"),
+    (dict(quantization="int8", dtype="bfloat16"), "--quantization int8 on the cpu backend computes in float32"),
 ])
 def test_unsupported_quantization_is_refused(model_dir, options, message):
     with pytest.raises(ConfigError, match=message):
