@@ -81,9 +81,12 @@ def plain_file_name(listing: Path, name: object) -> str:
 
 
 def iter_checkpoint(
-    config: ModelConfig, dtype: torch.dtype, slices: dict[str, tuple] | None = None, keep_quantized: bool = False
+    config: ModelConfig, dtype: torch.dtype | None, slices: dict[str, tuple] | None = None,
+    keep_quantized: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-    """Yield (name, tensor) for every weight in the checkpoint, in `dtype`.
+    """Yield (name, tensor) for every weight in the checkpoint, in `dtype`; None: float tensors as stored (the
+    model's loader converts each into its parameter: a bf16 table loaded into a bf16 parameter never passes through
+    a float32 copy of itself).
 
     With `slices` (name -> index, as a model's `checkpoint_slices()` gives), only those tensors are read
     and only their slice (safetensors reads just those bytes): a tensor-parallel rank never loads what
@@ -140,9 +143,9 @@ def iter_checkpoint(
                     if kept is not None:
                         yield name, kept
                         continue
-                    tensor = dequantize_fp8_blocks(tensor, scale, block, dtype)
+                    tensor = dequantize_fp8_blocks(tensor, scale, block, dtype or torch.float32)
                     tensor = tensor[index] if index else tensor
-                yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+                yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     finally:
         open_files.clear()
     if skipped:
