@@ -121,25 +121,6 @@ class QuantizedWeight:
         return QuantizedWeight(self.scheme, self.q[rows], self.row_scales()[rows],
                                None if self.zeros is None else self.zeros[rows], self.in_features)
 
-    def empty_rows(self, rows: int) -> QuantizedWeight:
-        """A zero weight of `rows` output rows in this one's form and columns, scales per row: what a merged
-        parameter's parts are copied into (`set_rows`)."""
-        q = torch.zeros((rows, *self.q.shape[1:]), dtype=torch.uint8).view(self.q.dtype)
-        scales = self.row_scales()
-        zeros = None if self.zeros is None else torch.zeros((rows, *self.zeros.shape[1:]), dtype=self.zeros.dtype)
-        return QuantizedWeight(self.scheme, q, torch.zeros((rows, *scales.shape[1:]), dtype=scales.dtype), zeros,
-                               self.in_features)
-
-    def set_rows(self, rows: slice, part: QuantizedWeight) -> None:
-        """Rows `rows` of this weight (scales per row, as `empty_rows` makes) become `part`, of the same form."""
-        if part.scheme != self.scheme or part.in_features != self.in_features:
-            raise ValueError(f"a {part.scheme.name} part of {part.in_features} inputs cannot fill a "
-                             f"{self.scheme.name} weight of {self.in_features}")
-        self.q.view(torch.uint8)[rows] = part.q.view(torch.uint8)  # (index_put has no float8 kernel)
-        self.scales[rows] = part.row_scales()
-        if self.zeros is not None:
-            self.zeros[rows] = part.zeros
-
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight: the plain-torch twin of every weight-only quantized kernel (w8a8's kernels
         also quantize the activations: `reference_linear`)."""

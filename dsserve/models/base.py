@@ -83,9 +83,8 @@ class CausalLM(nn.Module):
         complete (a backend moves them into its layout then, one module at a time).
 
         A pre-quantized checkpoint tensor (a `QuantizedWeight`: the loader's FP8 weights kept as stored, or any
-        converter's) goes, as it is, into the rows `selector` names of the parameter's `quantized` staging where a
-        backend marked the parameter `keeps_quantized` (it then packs from that staging; `stage_quantized`);
-        anywhere else it is dequantized into the parameter, as a float checkpoint tensor is copied."""
+        converter's) goes as it is to `param.stage_quantized(selector, tensor)` where a backend set that (its packer
+        keeps it: backends/cpu/packing.py), and is dequantized into the parameter anywhere else."""
         targets = {name: (param, selector) for param, name, selector, _ in self._targets()}
         required = set(targets)
         owner: dict[int, nn.Module] = {}  # parameter -> the module holding it
@@ -109,16 +108,11 @@ class CausalLM(nn.Module):
                     f"tensor {name} in {self.config.path} has shape {tuple(tensor.shape)} but config.json implies "
                     f"{tuple(view.shape)}; the config does not belong to these weights"
                 )
-            if isinstance(tensor, QuantizedWeight) and getattr(param, "keeps_quantized", False):
-                stage_quantized(param, selector, tensor)
-            elif isinstance(tensor, QuantizedWeight):
-                view.copy_(tensor.dequantize())
+            stage = getattr(param, "stage_quantized", None)
+            if isinstance(tensor, QuantizedWeight) and stage is not None:
+                stage(selector, tensor)
             else:
-                if getattr(param, "quantized", None) is not None:  # a float part after quantized ones: all float
-                    param.data.copy_(param.quantized.dequantize())
-                    param.quantized = None
-                param.keeps_quantized = False
-                view.copy_(tensor)
+                view.copy_(tensor.dequantize() if isinstance(tensor, QuantizedWeight) else tensor)
             loaded.add(name)
             module = owner[id(param)]
             del tensor, view, param, target
@@ -135,14 +129,3 @@ class CausalLM(nn.Module):
         if ignored:
             logger.info("ignored %d checkpoint tensors not used by dsserve (e.g. %s)", len(ignored), ignored[0])
 
-
-def stage_quantized(param: nn.Parameter, selector: tuple, weight: QuantizedWeight) -> None:
-    """`weight` into the rows `selector` names (a row slice or ()) of `param.quantized`, a QuantizedWeight of the
-    parameter's shape made at its first part (`QuantizedWeight.empty_rows`). The parts of a merged parameter
-    (gate and up) need not share a block grid: the staging holds a scale per row."""
-    rows = selector[0] if selector else slice(None)
-    if len(selector) > 1 or rows.step not in (None, 1):
-        raise WeightsError(f"a quantized checkpoint tensor can fill whole rows of a parameter only, not {selector}")
-    if getattr(param, "quantized", None) is None:
-        param.quantized = weight.empty_rows(param.shape[0])
-    param.quantized.set_rows(rows, weight)

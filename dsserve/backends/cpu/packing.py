@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsserve.backends.cpu import kernels
-from dsserve.errors import ConfigError
+from dsserve.errors import ConfigError, WeightsError
 from dsserve.layers.linear import Linear, VocabParallel
 from dsserve.layers.quantization import QuantizedWeight, QuantScheme, reference_linear
 from dsserve.layers.moe import ExpertMLP, Experts
@@ -162,10 +162,11 @@ class Packer:
     norms and the routers.
 
     Pre-quantized checkpoint tensors (an FP8 checkpoint's weights): where a quantized kernel is built, every weight
-    above that would be packed (Linears but kv_b_proj, routed experts) is marked `keeps_quantized`; the model's
-    loader then copies a `QuantizedWeight` arriving for it, as stored, into the parameter's `quantized` staging
-    (models/base.py), and it is packed from there in its own form, whatever `quantization` says (which still
-    applies to the float weights). A form with no kernel here is dequantized and packed as a float weight.
+    above that would be packed (Linears but kv_b_proj, routed experts) gets a `stage_quantized` (`QuantizedStaging`);
+    the model's loader hands it each `QuantizedWeight` arriving for that parameter, as stored (models/base.py), and
+    the weight is packed from there in its own form, whatever `quantization` says (which still applies to the float
+    weights). A form with no kernel here, or a parameter whose parts came partly float, is dequantized and packed as
+    a float weight.
     """
 
     def __init__(self, model: nn.Module, weight_dtype: torch.dtype, quantization: QuantScheme | None = None):
@@ -202,21 +203,21 @@ class Packer:
             for name in names:
                 param = getattr(module, name)
                 if self._packable(param):
-                    param.keeps_quantized = True
+                    param.stage_quantized = QuantizedStaging(param.shape[0])
 
     def _weight(self, module: nn.Module, name: str) -> torch.Tensor | QuantizedWeight:
-        """`module`'s weight `name` as loaded: its pre-quantized staging where it came quantized, else the float
-        parameter (a quantized form without a kernel here dequantized into it, logged)."""
+        """`module`'s weight `name` as loaded: what its staging holds where every part came quantized in a form this
+        build runs, else the float parameter (quantized parts dequantized into it)."""
         param = getattr(module, name)
-        staged = getattr(param, "quantized", None)
-        if staged is None:
+        staging = getattr(param, "stage_quantized", None)
+        if staging is None or staging.weight is None:
             return param
-        if _has_kernel(staged.scheme):
-            return staged
-        logger.warning("a pre-quantized %s %s weight has no CPU kernel here: dequantized", staged.scheme.name,
-                       tuple(staged.shape))
-        param.data.copy_(staged.dequantize())
-        param.quantized = None
+        if len(staging.rows) == len(param.sources) and _has_kernel(staging.weight.scheme):
+            return staging.weight
+        logger.warning("a pre-quantized %s %s weight is packed as a float weight (%s)", staging.weight.scheme.name,
+                       tuple(param.shape), "some of its parts are float" if len(staging.rows) != len(param.sources)
+                       else "no CPU kernel for that form here")
+        staging.dequantize_into(param)
         return param
 
     def _stage_in_bf16(self, model: nn.Module) -> None:
@@ -260,9 +261,8 @@ class Packer:
                 logger.warning("%s: the remaining linear layers stay on F.linear (slower; correct)", e)
         if self.failed is not None:  # unpacked: F.linear takes float32 weights
             for name, param in list(module.named_parameters(recurse=False)):
-                if getattr(param, "quantized", None) is not None:  # its values are in the staging
-                    param.data.copy_(param.quantized.dequantize())
-                    param.quantized = None
+                if getattr(param, "stage_quantized", None) is not None:  # its values may be in the staging
+                    param.stage_quantized.dequantize_into(param)
                 if id(param) in self.staged:
                     setattr(module, name, nn.Parameter(param.float(), requires_grad=False))
 
@@ -340,6 +340,42 @@ def _pack_absorbed(attn: MultiHeadLatentAttention, weight_dtype: torch.dtype) ->
     w = w.view(attn.num_heads, attn.nope_dim + attn.v_dim, attn.kv_lora_rank)
     return (kernels.pack_heads_f16(w[:, : attn.nope_dim].transpose(1, 2)),
             kernels.pack_heads_f16(w[:, attn.nope_dim :]))
+
+
+class QuantizedStaging:
+    """A parameter's pre-quantized parts as they load (models/base.py calls it with each part's row selector and
+    QuantizedWeight): one QuantizedWeight of the parameter's rows holding a scale per row, so that the parts of a
+    merged parameter (gate and up) need not share a block grid."""
+
+    def __init__(self, num_rows: int):
+        self.num_rows = num_rows
+        self.weight: QuantizedWeight | None = None  # made at the first part, in its form
+        self.rows: list[slice] = []  # the parts staged so far
+
+    def __call__(self, selector: tuple, part: QuantizedWeight) -> None:
+        rows = selector[0] if selector else slice(None)
+        if len(selector) > 1 or rows.step not in (None, 1):
+            raise WeightsError(f"a quantized checkpoint tensor fills whole rows of a parameter, not {selector}")
+        scales = part.row_scales()
+        if self.weight is None:
+            n = self.num_rows
+            zeros = None if part.zeros is None else torch.zeros((n, *part.zeros.shape[1:]), dtype=part.zeros.dtype)
+            self.weight = QuantizedWeight(part.scheme, torch.zeros((n, *part.q.shape[1:]), dtype=torch.uint8).view(
+                part.q.dtype), torch.zeros((n, *scales.shape[1:]), dtype=scales.dtype), zeros, part.in_features)
+        elif part.scheme != self.weight.scheme or part.q.shape[1:] != self.weight.q.shape[1:]:
+            raise WeightsError(f"the parts of one parameter come in different quantized forms ({part.scheme.name}, "
+                               f"{self.weight.scheme.name}); the checkpoint is inconsistent")
+        self.weight.q.view(torch.uint8)[rows] = part.q.view(torch.uint8)  # (index_put has no float8 kernel)
+        self.weight.scales[rows] = scales
+        if part.zeros is not None:
+            self.weight.zeros[rows] = part.zeros
+        self.rows.append(rows)
+
+    def dequantize_into(self, param: nn.Parameter) -> None:
+        """The staged parts' values into the float parameter; the staging emptied."""
+        for rows in self.rows:
+            param.data[rows] = self.weight.select_rows(rows).dequantize().to(param.dtype)
+        self.weight, self.rows = None, []
 
 
 class PackingFailed(Exception):
