@@ -112,8 +112,10 @@ class QuantizedWeight:
         """The scales with one entry per output row: int8 (N,), int4 (N, groups), fp8 float32 (N, ceil(K / 128))
         (a 128 x 128 block's scale repeated over its rows)."""
         rows = self.q.shape[0]
-        if not self.scheme.float8 or self.scales.shape[0] == rows:
-            return self.scales if not self.scheme.float8 else self.scales.float()
+        if not self.scheme.float8:
+            return self.scales
+        if self.scales.shape[0] == rows:
+            return self.scales.float()
         return self.scales.float().repeat_interleave(FP8_BLOCK, 0)[:rows]
 
     def select_rows(self, rows: slice) -> QuantizedWeight:
@@ -164,7 +166,7 @@ def _fp8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | N
     if rows.shape[0] > 1:
         rows = rows.bfloat16().float()
     q, scales = weight.q.float(), weight.row_scales()  # (N, K), (N, blocks)
-    y = torch.zeros(rows.shape[0], q.shape[0])
+    y = torch.zeros(rows.shape[0], q.shape[0], device=q.device)
     for b in range(scales.shape[1]):
         inputs = slice(b * FP8_BLOCK, (b + 1) * FP8_BLOCK)
         y += (rows[:, inputs] @ q[:, inputs].t()) * scales[:, b]

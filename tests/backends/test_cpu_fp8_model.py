@@ -88,6 +88,7 @@ def test_fp8_checkpoint_kept_as_stored(fp8_checkpoints):
     assert fp8_linears and all(linears[m].kind is Kind.FP8 and m.weight is None for m in fp8_linears)
     assert all(m.weight is not None and m.weight.dtype == torch.float32 for m in kv_b)  # attention reads it
     assert backend.packs.linears[model.lm_head].kind is Kind.ONEDNN_F32  # the checkpoint's float head as it is
+    assert backend.fused is None  # decode_layers.c reads 16-bit panels only: layer by layer
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     assert experts and all(p.kind is Kind.FP8 for e in experts for pair in backend.packs.experts[e] for p in pair)
     # the packed weights are the checkpoint's bytes: o_proj of layer 0 and a routed expert's down_proj
