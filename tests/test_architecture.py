@@ -23,9 +23,10 @@ RANKS = {
 ANYWHERE = {"config", "options", "errors", "assets", "profiling"}  # imported from any layer; they import nothing above themselves
 # Operator tools read configs and checkpoints, never the engine or the device.
 TOOLS = {"plan", "weights", "mindie", "doctor"}
-# backends.cpu.kernels: the doctor asks it which CPU kernels this machine can run.
+# backends.cpu.kernels: the doctor asks it which CPU kernels this machine can run. layers.quantization and
+# layers.quant_formats: `weights quantize` writes the integers the CPU packer holds, in a format the loader reads.
 TOOL_ALLOWED = {"config", "options", "errors", "models.loader", "models.registry", "plan", "weights", "mindie",
-                "backends.cpu.kernels"}
+                "backends.cpu.kernels", "layers.quantization", "layers.quant_formats"}
 
 
 def _layer(module: str) -> str:
