@@ -199,3 +199,24 @@ def test_refuses_an_existing_output_and_an_already_quantized_source(qwen2_bf16, 
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_checkpoint(quantized, tmp_path / "again", QuantScheme.parse("int8"))
     shutil.rmtree(quantized)
+
+
+@pytest.mark.parametrize("args, written", [
+    pytest.param(["--to", "int4", "--group-size", "64", "--zero-points"], QuantScheme(4, 64, True), id="int4-g64-zp"),
+    pytest.param(["--to", "w8a8"], QuantScheme.parse("w8a8"), id="w8a8"),
+    pytest.param(["--to", "int4", "--group-size", "48"], None, id="bad-group"),
+    pytest.param(["--to", "int8", "--zero-points"], None, id="zero-points-on-int8"),
+    pytest.param(["--to", "fp8"], None, id="fp8"),
+])
+def test_cli(qwen2_bf16, tmp_path, args, written):
+    from typer.testing import CliRunner
+
+    from dsserve.cli import app
+
+    result = CliRunner().invoke(app, ["weights", "quantize", str(qwen2_bf16[0]), str(tmp_path / "out"), *args])
+    if written is None:
+        assert result.exit_code == 2 and not (tmp_path / "out").exists()
+        return
+    assert result.exit_code == 0, result.output
+    linears, _ = _read_back(tmp_path / "out")
+    assert {w.scheme for w in linears.values()} == {written}
