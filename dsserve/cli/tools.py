@@ -189,7 +189,7 @@ def weights_convert(
 
 @weights_app.command("quantize")
 def weights_quantize(
-    path: Path = typer.Argument(..., help="bf16 / fp16 / fp32 checkpoint folder (or DeepSeek's FP8, dequantized first)"),
+    path: Path = typer.Argument(..., help="bf16 / fp16 / fp32 checkpoint folder (or DeepSeek's FP8: dequantized)"),
     out: Path = typer.Argument(..., help="output folder (must not exist; OUT.partial holds work in progress)"),
     to: str = typer.Option(..., help="int4 (W4A16) | int8 (W8A16, per row) | w8a8 (int8 weights and activations)"),
     group_size: int = typer.Option(32, help="int4: inputs per scale, 32 | 64 | 128"),

@@ -1,16 +1,13 @@
 """Pre-quantized checkpoint formats: which one a config.json `quantization_config` names, which tensors make up one
 quantized linear, and how they become the QuantizedWeight the CPU kernels hold (`quantization.py`).
 
-| quantization_config | tensors of one linear (replacing `.weight`) | dsserve form |
-|---|---|---|
-| compressed-tensors, format `pack-quantized`, int 4 bits, strategy group 32/64/128 | weight_packed, weight_scale, weight_shape (+ weight_zero_point when asymmetric, weight_g_idx with actorder group) | int4(-gG)(-zp) |
-| compressed-tensors `pack-quantized`, int 8 bits, strategy channel, symmetric | weight_packed, weight_scale, weight_shape | int8 |
-| compressed-tensors `int-quantized` / `naive-quantized`, int 8 bits channel symmetric, activations int 8 bits token dynamic symmetric (or none) | weight (int8), weight_scale | w8a8 (int8) |
-| compressed-tensors `float-quantized` (type float) | left to the FP8 path | fp8 |
-| awq, version gemm, bits 4, zero_point true, group 32/64/128 | qweight, qzeros, scales | int4(-gG)-zp |
-| gptq, bits 4, group 32/64/128, sym true / false, desc_act (g_idx) | qweight, qzeros, scales, g_idx | int4(-gG), -zp when sym is false |
-| gptq, bits 8, group_size -1, sym true | qweight, qzeros, scales, g_idx | int8 |
-| w8a8_int8 (SGLang's channel-wise INT8, e.g. the R1 channel-INT8 checkpoints) | weight (int8), weight_scale | w8a8 |
+- compressed-tensors `pack-quantized` int4 (group 32 / 64 / 128, symmetric or with zero points, actorder) -> int4;
+  `pack-quantized` int8 per channel -> int8; `int-quantized` / `naive-quantized` int8 per channel with dynamic
+  per-token int8 activations -> w8a8 (without activations -> int8); `float-quantized` -> left to the FP8 path.
+- AWQ (GEMM packing, 4 bits, zero points, group 32 / 64 / 128) -> int4 with zero points.
+- GPTQ 4 bits (group 32 / 64 / 128, sym or not, desc_act) -> int4; 8 bits per channel, sym -> int8.
+- SGLang's `w8a8_int8` (int8 weight, float32 scale per output row) -> w8a8.
+The table, the layouts and what is refused: docs/quantization.md "Checkpoint formats".
 
 A linear is quantized when its marker tensor is there (`weight_packed`, `weight_scale` or `qweight`); the rest of a
 checkpoint (embeddings, norms, routers, the layers a format's ignore list names) holds plain `.weight` tensors, read
@@ -22,7 +19,7 @@ Tensor parallelism (the slicing a loader applies to the tensors of one linear be
   n0 and n1 must be multiples of 8. AWQ `qweight`, `qzeros` (8 outputs per int32 along dim 1) columns n0/8:n1/8 and
   `scales` columns n0:n1. GPTQ `qweight` and `scales` columns n0:n1, `qzeros` columns n0/pf:n1/pf (pf = 32 / bits).
   Scales are per output row, so a slice converts to the same values as the whole.
-- Row-parallel (a slice of inputs k0:k1): k0 and k1 must be multiples of the group size (int8: any multiple of 8),
+- Row-parallel (a slice of inputs k0:k1): k0 and k1 must be multiples of the group size (8 bits: of 4, per int32),
   so each rank holds whole groups: compressed-tensors `weight_packed` columns k0/8:k1/8 (4 bits), `weight_scale` and
   `weight_zero_point` columns k0/g:k1/g; AWQ `qweight` rows k0:k1, `qzeros` and `scales` rows k0/g:k1/g; GPTQ
   `qweight` rows k0/pf:k1/pf, `qzeros` / `scales` rows k0/g:k1/g, `g_idx` entries k0:k1 minus k0/g. int8 per-row
@@ -175,7 +172,8 @@ class ChannelInt8(CheckpointFormat):
         if scales.numel() != rows or scales.shape[0] != rows:
             raise WeightsError(f"{prefix}.weight_scale has shape {tuple(scales.shape)}; a per-channel scale of a "
                                f"{rows}-row weight is ({rows}, 1); the checkpoint is not per-channel int8")
-        return ConvertedLinear(QuantizedWeight(self.scheme, q.contiguous(), scales.float().view(rows), None, cols), None)
+        weight = QuantizedWeight(self.scheme, q.contiguous(), scales.float().view(rows), None, cols)
+        return ConvertedLinear(weight, None)
 
 
 class AwqGemm(CheckpointFormat):
@@ -292,7 +290,8 @@ def _compressed_tensors(quant: Mapping[str, Any]) -> CheckpointFormat | Fp8Check
         _need(f"{act}.num_bits", activations.get("num_bits"), (8,), "dsserve's w8a8 activations are int8")
         _need(f"{act}.strategy", activations.get("strategy"), ("token",), "dsserve's w8a8 scales each row (token)")
         _need(f"{act}.dynamic", activations.get("dynamic"), (True,), "dsserve's w8a8 quantizes activations at run time")
-        _need(f"{act}.symmetric", activations.get("symmetric", True), (True,), "dsserve's w8a8 activations are symmetric")
+        _need(f"{act}.symmetric", activations.get("symmetric", True), (True,),
+              "dsserve's w8a8 activations are symmetric")
         return ChannelInt8(f"compressed-tensors {fmt}", QuantScheme.parse("w8a8"))
     raise _refuse("format", fmt, "dsserve reads compressed-tensors pack-quantized, int-quantized, naive-quantized "
                                  "and float-quantized checkpoints")

@@ -3,7 +3,8 @@ compressed-tensors folder holding dsserve's int4, int8 or w8a8 weights, shard by
 
 What is written, per quantized linear (the layout vLLM and dsserve's readers, formats/quantized.py, read):
 - int4 (`pack-quantized`, W4A16, group 32 / 64 / 128): weight_packed int32 (N, K/8), eight 4-bit values per int32,
-  the first input in the low bits (dsserve's q, 0..15, is compressed-tensors' signed q + 8); weight_scale float16 (N, K/g);
+  the first input in the low bits (dsserve's q, 0..15, is compressed-tensors' signed q + 8); weight_scale float16
+  (N, K/g);
   weight_shape int64 [N, K]; with zero points also weight_zero_point int32 (N/8 rounded up, K/g), eight rows' zero
   points per int32. compressed-tensors holds whole groups: a linear whose K is not a multiple of the group stays in
   float (logged, and named in `ignore`).

@@ -177,8 +177,8 @@ def test_compressed_tensors_pack_quantized_int4(rows, groups, group, symmetric):
     reference = (q.float() - _grouped(zero_points.float(), group, 1)) * _grouped(scales.float(), group, 1)
     assert torch.equal(converted.weight.dequantize(), reference)
     # compressed-tensors' own decompression (given float32 scales so that it computes in float32)
-    own = PackedQuantizationCompressor.decompress({**tensors, "weight_scale": scales.float()},
-                                                  QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights)))
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights))
+    own = PackedQuantizationCompressor.decompress({**tensors, "weight_scale": scales.float()}, scheme)
     assert torch.equal(converted.weight.dequantize(), own["weight"])
 
 
