@@ -13,7 +13,7 @@ A linear is quantized when its marker tensor is there (`weight_packed`, `weight_
 checkpoint (embeddings, norms, routers, the layers a format's ignore list names) holds plain `.weight` tensors, read
 as without quantization. A bias stays `.bias` beside the quantized tensors.
 
-Tensor parallelism (the slicing a loader applies to the tensors of one linear before `convert`):
+Tensor parallelism (the slicing `slice_tensors` applies to the tensors of one linear before `convert`):
 - Column-parallel (a slice of output rows n0:n1): compressed-tensors `weight_packed`, `weight_scale`, int8 `weight`
   rows n0:n1 and `weight_shape` [n1 - n0, K]; its packed `weight_zero_point` holds 8 rows per int32 along dim 0, so
   n0 and n1 must be multiples of 8. AWQ `qweight`, `qzeros` (8 outputs per int32 along dim 1) columns n0/8:n1/8 and
@@ -95,6 +95,13 @@ class CheckpointFormat(ABC):
         """The tensors of one linear (keyed by suffix, e.g. {"qweight": ..., "scales": ...}) -> dsserve's form, with
         the same dequantized values the format's own dequantization gives. `prefix` names the linear in errors."""
 
+    @abstractmethod
+    def slice_tensors(self, tensors: Mapping[str, torch.Tensor], parallel: str, start: int, stop: int,
+                      prefix: str = "") -> dict[str, torch.Tensor]:
+        """The tensors of one linear cut to output rows start:stop (`parallel` "column") or inputs start:stop
+        ("row"), so that `convert` of the slice is that slice of `convert` of the whole (the module docstring's
+        slicing). A boundary inside a packed int32 or a group is a WeightsError naming the linear."""
+
 
 def detect_format(config: Mapping[str, Any]) -> CheckpointFormat | Fp8Checkpoint | None:
     """The format a config.json (as a dict) declares in `quantization_config`; None without one. A variant dsserve
@@ -154,6 +161,31 @@ class PackedInt(CheckpointFormat):
         order = _group_order(tensors.get("weight_g_idx"), group, cols, prefix)
         return _int4(self.scheme, values, scales, zeros, order, prefix)
 
+    def slice_tensors(self, tensors, parallel, start, stop, prefix=""):
+        rows, cols = (int(x) for x in tensors["weight_shape"].tolist())
+        out = dict(tensors)
+        per_int = 32 // self.scheme.bits
+        if parallel == "column":
+            _check_bounds(start, stop, rows, 8 if self.scheme.zero_point else 1, prefix, "output rows")
+            out["weight_packed"] = tensors["weight_packed"][start:stop]
+            out["weight_scale"] = tensors["weight_scale"][start:stop]
+            if "weight_zero_point" in tensors:  # eight rows per int32
+                out["weight_zero_point"] = tensors["weight_zero_point"][start // 8 : -(-stop // 8)]
+            out["weight_shape"] = torch.tensor([stop - start, cols])
+            return out
+        _row_parallel_check(tensors.get("weight_g_idx"), self.scheme.group_size or cols, cols, prefix)
+        unit = per_int if self.scheme.bits == 8 else self.scheme.group_size
+        _check_bounds(start, stop, cols, unit, prefix, "inputs")
+        out["weight_packed"] = tensors["weight_packed"][:, start // per_int : -(-stop // per_int)]
+        if self.scheme.bits == 4:
+            groups = slice(start // unit, -(-stop // unit))
+            out["weight_scale"] = tensors["weight_scale"][:, groups]
+            if "weight_zero_point" in tensors:
+                out["weight_zero_point"] = tensors["weight_zero_point"][:, groups]
+        out.pop("weight_g_idx", None)  # natural order (checked above): the slice's own is k // group again
+        out["weight_shape"] = torch.tensor([rows, stop - start])
+        return out
+
 
 class ChannelInt8(CheckpointFormat):
     """int8 weights with one scale per output row: compressed-tensors `int-quantized` (and `naive-quantized`), and
@@ -174,6 +206,14 @@ class ChannelInt8(CheckpointFormat):
                                f"{rows}-row weight is ({rows}, 1); the checkpoint is not per-channel int8")
         weight = QuantizedWeight(self.scheme, q.contiguous(), scales.float().view(rows), None, cols)
         return ConvertedLinear(weight, None)
+
+    def slice_tensors(self, tensors, parallel, start, stop, prefix=""):
+        weight, scales = tensors["weight"], tensors["weight_scale"]
+        if parallel == "column":
+            _check_bounds(start, stop, weight.shape[0], 1, prefix, "output rows")
+            return {"weight": weight[start:stop], "weight_scale": scales[start:stop]}
+        _check_bounds(start, stop, weight.shape[1], 1, prefix, "inputs")
+        return {"weight": weight[:, start:stop], "weight_scale": scales}  # a row's scale covers all its inputs
 
 
 class AwqGemm(CheckpointFormat):
@@ -199,6 +239,17 @@ class AwqGemm(CheckpointFormat):
         values = _awq_unpack(qweight).t()  # (N, K)
         zeros = _awq_unpack(qzeros).t().to(torch.uint8)  # (N, K/g)
         return _int4(self.scheme, values, scales.t(), zeros, None, prefix)
+
+    def slice_tensors(self, tensors, parallel, start, stop, prefix=""):
+        qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+        if parallel == "column":  # outputs on dim 1, eight per int32
+            _check_bounds(start, stop, qweight.shape[1] * 8, 8, prefix, "output rows")
+            packed = slice(start // 8, stop // 8)
+            return {"qweight": qweight[:, packed], "qzeros": qzeros[:, packed], "scales": scales[:, start:stop]}
+        group = self.scheme.group_size
+        _check_bounds(start, stop, qweight.shape[0], group, prefix, "inputs")
+        groups = slice(start // group, stop // group)
+        return {"qweight": qweight[start:stop], "qzeros": qzeros[groups], "scales": scales[groups]}
 
 
 class Gptq(CheckpointFormat):
@@ -236,6 +287,27 @@ class Gptq(CheckpointFormat):
             zeros = (_unpack(qzeros, bits, dim=1)[:, :rows] + self.zero_offset).t().to(torch.uint8)
         order = _group_order(tensors.get("g_idx"), group, cols, prefix)
         return _int4(self.scheme, values, scales.t(), zeros, order, prefix)
+
+    def slice_tensors(self, tensors, parallel, start, stop, prefix=""):
+        per_int = 32 // self.scheme.bits
+        qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+        out = dict(tensors)
+        if parallel == "column":  # outputs on dim 1; qzeros holds 32 / bits of them per int32
+            _check_bounds(start, stop, qweight.shape[1], per_int, prefix, "output rows")
+            out.update(qweight=qweight[:, start:stop], scales=scales[:, start:stop],
+                       qzeros=qzeros[:, start // per_int : -(-stop // per_int)])
+            return out
+        cols = qweight.shape[0] * per_int
+        group = self.scheme.group_size or cols  # 8 bits: one group of all inputs
+        _row_parallel_check(tensors.get("g_idx"), group, cols, prefix)
+        _check_bounds(start, stop, cols, per_int if self.scheme.bits == 8 else group, prefix, "inputs")
+        out["qweight"] = qweight[start // per_int : stop // per_int]
+        if self.scheme.bits == 4:
+            groups = slice(start // group, -(-stop // group))
+            out.update(qzeros=qzeros[groups], scales=scales[groups])
+        if "g_idx" in tensors:
+            out["g_idx"] = tensors["g_idx"][start:stop] - (start // group if self.scheme.bits == 4 else 0)
+        return out
 
 
 def _compressed_tensors(quant: Mapping[str, Any]) -> CheckpointFormat | Fp8Checkpoint:
@@ -354,6 +426,21 @@ def _group_order(g_idx: torch.Tensor | None, group: int, cols: int, prefix: str)
         raise WeightsError(f"{prefix} g_idx does not give each of the {groups} groups {group} of the {cols} inputs; "
                            "the checkpoint's g_idx is inconsistent with its group_size")
     return torch.argsort(g_idx, stable=True)
+
+
+def _check_bounds(start: int, stop: int, total: int, unit: int, prefix: str, what: str) -> None:
+    """start:stop must lie in 0..total and fall on multiples of `unit` (stop may also be the end)."""
+    if not (0 <= start < stop <= total) or start % unit or (stop % unit and stop != total):
+        raise WeightsError(f"{prefix}: cannot take {what} {start}:{stop} of {total}; a slice of this linear's {what} "
+                           f"must start and end on multiples of {unit} (the values one scale or one packed int32 "
+                           "covers): pick a tensor-parallel size that splits it so")
+
+
+def _row_parallel_check(g_idx: torch.Tensor | None, group: int, cols: int, prefix: str) -> None:
+    if _group_order(g_idx, group, cols, prefix) is not None:
+        raise WeightsError(f"{prefix} has desc_act / actorder group (a g_idx that scatters its groups over the "
+                           "inputs): a slice of its inputs does not hold whole groups, so it cannot be split "
+                           "row-parallel; serve it without tensor parallelism")
 
 
 def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

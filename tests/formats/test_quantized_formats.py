@@ -311,3 +311,88 @@ def test_a_tensor_of_the_wrong_dtype_names_the_tensor():
     with pytest.raises(WeightsError, match=r"model\.x\.weight is torch\.float16, not torch\.int8"):
         ChannelInt8("w8a8_int8", QuantScheme.parse("w8a8")).convert(
             {"weight": torch.zeros(2, 2, dtype=torch.float16), "weight_scale": torch.ones(2, 1)}, "model.x")
+
+
+# --- tensor parallelism: a slice of the checkpoint tensors converts to that slice of the whole
+
+
+def _awq_case():
+    rows, cols, group = 48, 256, 64
+    q, zeros = _ints(0, 16, (cols, rows), 51), _ints(0, 16, (cols // group, rows), 52)
+    tensors = {"qweight": _awq_pack(q), "qzeros": _awq_pack(zeros), "scales": _scales((cols // group, rows),
+                                                                                      torch.float16, 53)}
+    return AwqGemm(QuantScheme(4, group, True)), tensors
+
+
+def _gptq_case(bits, sym):
+    group = 64 if bits == 4 else -1
+    tensors, _ = _gptq_tensors(48, 256, group, bits, sym, True, act_order=False, seed=61)
+    scheme = QuantScheme(4, group, not sym) if bits == 4 else QuantScheme.parse("int8")
+    return Gptq(scheme, zero_offset=1), tensors
+
+
+def _ct_case(bits, symmetric):
+    rows, cols, group = 44, 256, 64
+    q = _ints(-(1 << (bits - 1)), 1 << (bits - 1), (rows, cols), 71).to(torch.int8)
+    groups = cols // group if bits == 4 else 1
+    tensors = {"weight_packed": pack_to_int32(q, bits), "weight_scale": _scales((rows, groups), torch.bfloat16, 72),
+               "weight_shape": torch.tensor([rows, cols])}
+    if not symmetric:
+        tensors["weight_zero_point"] = pack_to_int32(_ints(-8, 8, (rows, groups), 73).to(torch.int8), 4, packed_dim=0)
+    scheme = QuantScheme(4, group, not symmetric) if bits == 4 else QuantScheme.parse("int8")
+    return PackedInt(scheme), tensors
+
+
+def _int8_case():
+    tensors = {"weight": _ints(-127, 128, (44, 100), 81).to(torch.int8), "weight_scale": _scales((44, 1), torch.float32,
+                                                                                               82)}
+    return ChannelInt8("w8a8_int8", QuantScheme.parse("w8a8")), tensors
+
+
+SLICE_CASES = [
+    pytest.param(_awq_case, id="awq"),
+    pytest.param(lambda: _gptq_case(4, True), id="gptq-4bit-sym"),
+    pytest.param(lambda: _gptq_case(4, False), id="gptq-4bit-asym"),
+    pytest.param(lambda: _gptq_case(8, True), id="gptq-8bit"),
+    pytest.param(lambda: _ct_case(4, True), id="ct-int4", marks=needs_compressed_tensors),
+    pytest.param(lambda: _ct_case(4, False), id="ct-int4-zp", marks=needs_compressed_tensors),
+    pytest.param(lambda: _ct_case(8, True), id="ct-int8", marks=needs_compressed_tensors),
+    pytest.param(_int8_case, id="channel-int8"),
+]
+
+
+@pytest.mark.parametrize("case", SLICE_CASES)
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_slices_convert_to_slices_of_the_whole(case, world):
+    fmt, tensors = case()
+    whole = fmt.convert(tensors, "layer").weight.dequantize()
+    rows, cols = whole.shape
+    for rank in range(world):
+        # column slices start on multiples of 8 rows (packed zero points, AWQ's int32s); the last one runs to the end
+        n0, n1 = rank * rows // world // 8 * 8, (rank + 1) * rows // world // 8 * 8 if rank < world - 1 else rows
+        column = fmt.convert(fmt.slice_tensors(tensors, "column", n0, n1, "layer"), "layer").weight
+        assert torch.equal(column.dequantize(), whole[n0:n1])
+        k0, k1 = rank * cols // world, (rank + 1) * cols // world
+        row = fmt.convert(fmt.slice_tensors(tensors, "row", k0, k1, "layer"), "layer").weight
+        assert row.in_features == k1 - k0 and torch.equal(row.dequantize(), whole[:, k0:k1])
+
+
+@pytest.mark.parametrize("parallel, start, stop, message", [
+    pytest.param("row", 0, 96, "inputs 0:96 of 256", id="inside-a-group"),
+    pytest.param("column", 4, 24, "output rows 4:24 of 48", id="inside-a-packed-int32"),
+])
+def test_a_slice_off_the_packing_boundaries_is_refused(parallel, start, stop, message):
+    fmt, tensors = _awq_case()
+    with pytest.raises(WeightsError, match=message):
+        fmt.slice_tensors(tensors, parallel, start, stop, "layer")
+
+
+def test_desc_act_linears_are_not_split_by_inputs():
+    tensors, _ = _gptq_tensors(16, 128, 32, 4, True, True, act_order=True, seed=91)
+    fmt = Gptq(QuantScheme(4, 32, False), zero_offset=1)
+    with pytest.raises(WeightsError, match="cannot be split row-parallel"):
+        fmt.slice_tensors(tensors, "row", 0, 64, "layer")
+    whole = fmt.convert(tensors, "layer")
+    column = fmt.convert(fmt.slice_tensors(tensors, "column", 8, 16, "layer"), "layer")
+    assert torch.equal(column.input_order, whole.input_order)
+    assert torch.equal(column.weight.dequantize(), whole.weight.dequantize()[8:16])
