@@ -124,8 +124,7 @@ def detect_format(config: Mapping[str, Any]) -> CheckpointFormat | Fp8Checkpoint
         return ChannelInt8("w8a8_int8", QuantScheme.parse("w8a8"))
     if method == "fp8":
         return Fp8Checkpoint("fp8", dict(quant))
-    raise _refuse("quant_method", method, "dsserve reads compressed-tensors, awq, gptq, w8a8_int8 and fp8 "
-                                          f"checkpoints ({_DOCS})")
+    raise _refuse("quant_method", method, "dsserve reads compressed-tensors, awq, gptq, w8a8_int8 and fp8 checkpoints")
 
 
 class PackedInt(CheckpointFormat):
@@ -489,7 +488,7 @@ def _check_shape(tensor: torch.Tensor, shape: tuple[int, ...], name: str) -> Non
 
 def _need(field: str, value: Any, allowed: tuple, why: str) -> None:
     if value not in allowed:
-        raise _refuse(field, value, f"{why}: {', '.join(repr(a) for a in allowed)}")
+        raise _refuse(field, value, f"{why} (supported: {', '.join(repr(a) for a in allowed)})")
 
 
 def _refuse(field: str, value: Any, why: str) -> ConfigError:
