@@ -45,6 +45,7 @@ QUANTIZED_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 # Linears kept in float: MoE routers (`mlp.gate`), MLA's kv_b_proj, the LM head (and DeepSeek-V3's MTP head).
 KEPT_LINEARS = {"gate", "kv_b_proj", "lm_head", "head", "eh_proj"}
 _WEIGHT = re.compile(r"^(?P<prefix>.+)\.weight$")
+_RUN_FILE = "dsserve-quantize-run.json"  # in OUT.partial: the form its shards hold, so a resume cannot mix forms
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, scheme: 
     _check_disk(src, out, shards)
     staging = out.with_name(out.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
+    _claim(staging, scheme)
     total = sum((src / s).stat().st_size for s in shards)
     done_bytes = 0
     weight_map: dict[str, str] = {}
@@ -103,6 +105,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, scheme: 
     index = {"metadata": {"total_size": sum((staging / s).stat().st_size for s in set(weight_map.values()))},
              "weight_map": dict(sorted(weight_map.items()))}
     write_atomic(staging / INDEX_FILE, json.dumps(index, indent=1))
+    (staging / _RUN_FILE).unlink()
     fsync_dir(staging)  # every entry durable before the rename makes the folder look complete
     staging.rename(out)
     fsync_dir(out.parent)
@@ -181,6 +184,20 @@ def _quantize_shard(src: Path, shard: str, names: list[str], scale_home: dict[st
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     tmp.rename(staging / shard)
+
+
+def _claim(staging: Path, scheme: QuantScheme) -> None:
+    """Record the form this run writes in the staging folder, or check that a run being resumed wrote the same."""
+    run = staging / _RUN_FILE
+    if run.exists():
+        earlier = json.loads(run.read_text()).get("to")
+        if earlier != scheme.name:
+            raise ConfigError(f"{staging} holds an interrupted run quantizing to {earlier}, not {scheme.name}; "
+                              f"resume it with the same --to / --group-size / --zero-points, or delete {staging}")
+        return
+    if any(staging.iterdir()):
+        raise ConfigError(f"{staging} holds files of another command (no {_RUN_FILE}); delete it and run again")
+    write_atomic(run, json.dumps({"to": scheme.name}))
 
 
 def _partial_groups(src: Path, shards: dict[str, list[str]], scheme: QuantScheme) -> set[str]:

@@ -188,6 +188,20 @@ def test_an_interrupted_run_resumes_after_the_shards_already_written(qwen2_bf16,
     linears, _ = _read_back(out)
     for prefix, read in linears.items():
         _assert_same(read, QuantScheme.parse("int8").quantize(original[prefix + ".weight"].float()))
+    assert not (out / "dsserve-quantize-run.json").exists()
+
+
+def test_a_resume_with_another_form_is_refused(qwen2_bf16, tmp_path, monkeypatch):
+    src, _ = qwen2_bf16
+
+    def dies(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize_module, "_quantize_shard", dies)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(src, tmp_path / "out", QuantScheme.parse("int8"))
+    with pytest.raises(ConfigError, match="interrupted run quantizing to int8, not int4-g64"):
+        quantize_checkpoint(src, tmp_path / "out", QuantScheme(4, 64, False))
 
 
 def test_refuses_an_existing_output_and_an_already_quantized_source(qwen2_bf16, tmp_path):
