@@ -233,6 +233,19 @@ def test_channel_int8_w8a8(config, method):
     assert converted.weight.scales.dtype == torch.float32 and converted.weight.scales.shape == (rows,)
 
 
+def test_detection_of_the_other_spellings():
+    """AutoAWQ's own field names (w_bit, q_group_size) and compressed-tensors int8 weights without activations
+    (W8A16 in naive-quantized / int-quantized) are read too."""
+    awq = detect_format({"quantization_config": {"quant_method": "awq", "w_bit": 4, "q_group_size": 64,
+                                                 "zero_point": True, "version": "GEMM"}})
+    assert isinstance(awq, AwqGemm) and awq.scheme == QuantScheme(4, 64, True)
+    w8a16 = detect_format(_ct_config("naive-quantized", W8A8_WEIGHTS))
+    assert isinstance(w8a16, ChannelInt8) and w8a16.scheme == QuantScheme.parse("int8")
+    q, scales = _ints(-127, 128, (5, 7), 101).to(torch.int8), _scales((5, 1), torch.bfloat16, 102)
+    converted = w8a16.convert({"weight": q, "weight_scale": scales}, "layer")
+    assert torch.equal(converted.weight.dequantize(), q.float() * scales.float())
+
+
 def test_linears_groups_the_tensors_of_each_quantized_linear():
     names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.qweight",
              "model.layers.0.self_attn.q_proj.qzeros", "model.layers.0.self_attn.q_proj.scales",
