@@ -107,6 +107,28 @@ def test_quantized_folder_reads_back_as_quantize_of_the_original(qwen2_bf16, tmp
     assert not (tmp_path / "out.partial").exists()
 
 
+@pytest.mark.parametrize("scheme", [QuantScheme.parse("w8a8"), QuantScheme(4, 32, True)], ids=lambda s: s.name)
+def test_deepseek_v3_experts_are_quantized_routers_and_kv_b_proj_kept(model_dir, tmp_path, scheme):
+    """The tiny DeepSeek-V3 (transformers' own layout): routed and shared experts and MLA's projections quantized;
+    routers, kv_b_proj and the LM head kept and named in `ignore`; int4 keeps q_b_proj (48 inputs) in float."""
+    src = model_dir("deepseek_v3")
+    with safe_open(str(src / "model.safetensors"), "pt") as handle:
+        original = {name: handle.get_tensor(name) for name in handle.keys()}
+    out = quantize_checkpoint(src, tmp_path / "out", scheme)
+    linears, tensors = _read_back(out)
+    assert {"model.layers.1.mlp.experts.7.down_proj", "model.layers.1.mlp.shared_experts.up_proj"} <= set(linears)
+    assert ("model.layers.1.self_attn.q_b_proj" in linears) == (scheme.bits == 8)
+    for prefix, read in linears.items():
+        _assert_same(read, scheme.quantize(original[prefix + ".weight"].float()))
+    kept = {"lm_head", "model.layers.1.mlp.gate", "model.layers.0.self_attn.kv_b_proj"}
+    assert not kept & set(linears)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert kept <= set(ignore) and not set(ignore) & set(linears)
+    for name, tensor in original.items():
+        if name.removesuffix(".weight") not in linears:
+            assert torch.equal(tensors[name], tensor)
+
+
 def test_int4_with_group_128_keeps_layers_with_a_partial_group_in_float(qwen2_bf16, tmp_path):
     src, original = qwen2_bf16
     linears, tensors = _read_back(quantize_checkpoint(src, tmp_path / "out", QuantScheme(4, 128, False)))
