@@ -164,7 +164,7 @@ class PackedInt(CheckpointFormat):
         rows, cols = (int(x) for x in tensors["weight_shape"].tolist())
         out = dict(tensors)
         per_int = 32 // self.scheme.bits
-        if parallel == "column":
+        if _is_column(parallel):
             _check_bounds(start, stop, rows, 8 if self.scheme.zero_point else 1, prefix, "output rows")
             out["weight_packed"] = tensors["weight_packed"][start:stop]
             out["weight_scale"] = tensors["weight_scale"][start:stop]
@@ -208,7 +208,7 @@ class ChannelInt8(CheckpointFormat):
 
     def slice_tensors(self, tensors, parallel, start, stop, prefix=""):
         weight, scales = tensors["weight"], tensors["weight_scale"]
-        if parallel == "column":
+        if _is_column(parallel):
             _check_bounds(start, stop, weight.shape[0], 1, prefix, "output rows")
             return {"weight": weight[start:stop], "weight_scale": scales[start:stop]}
         _check_bounds(start, stop, weight.shape[1], 1, prefix, "inputs")
@@ -241,7 +241,7 @@ class AwqGemm(CheckpointFormat):
 
     def slice_tensors(self, tensors, parallel, start, stop, prefix=""):
         qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
-        if parallel == "column":  # outputs on dim 1, eight per int32
+        if _is_column(parallel):  # outputs on dim 1, eight per int32
             _check_bounds(start, stop, qweight.shape[1] * 8, 8, prefix, "output rows")
             packed = slice(start // 8, stop // 8)
             return {"qweight": qweight[:, packed], "qzeros": qzeros[:, packed], "scales": scales[:, start:stop]}
@@ -291,7 +291,7 @@ class Gptq(CheckpointFormat):
         per_int = 32 // self.scheme.bits
         qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
         out = dict(tensors)
-        if parallel == "column":  # outputs on dim 1; qzeros holds 32 / bits of them per int32
+        if _is_column(parallel):  # outputs on dim 1; qzeros holds 32 / bits of them per int32
             _check_bounds(start, stop, qweight.shape[1], per_int, prefix, "output rows")
             out.update(qweight=qweight[:, start:stop], scales=scales[:, start:stop],
                        qzeros=qzeros[:, start // per_int : -(-stop // per_int)])
@@ -425,6 +425,12 @@ def _group_order(g_idx: torch.Tensor | None, group: int, cols: int, prefix: str)
         raise WeightsError(f"{prefix} g_idx does not give each of the {groups} groups {group} of the {cols} inputs; "
                            "the checkpoint's g_idx is inconsistent with its group_size")
     return torch.argsort(g_idx, stable=True)
+
+
+def _is_column(parallel: str) -> bool:
+    if parallel not in ("column", "row"):
+        raise ValueError(f"parallel must be 'column' or 'row', not {parallel!r}")
+    return parallel == "column"
 
 
 def _check_bounds(start: int, stop: int, total: int, unit: int, prefix: str, what: str) -> None:
