@@ -12,6 +12,7 @@ from typing import Any
 import jsonschema
 
 from dsserve.engine.structured import StructuredOutput, with_json_style
+from dsserve.errors import InvalidRequestError
 from dsserve.reasoning import r1
 from dsserve.server.protocol import APIError, ChatCompletionRequest
 from dsserve.tool_parsers import FORMATS, ToolCallFormat, ToolCallStream, call_grammar, tool_prompt
@@ -81,6 +82,9 @@ def _plan_tools(req: ChatCompletionRequest, config, template_variables: frozense
         raise APIError(400, "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an empty "
                        "array instead.", param="tools", code="empty_array")
     names = [t.function.name for t in req.tools]
+    for i, tool in enumerate(req.tools):
+        if tool.function.parameters is not None:
+            _checked_schema(tool.function.parameters, f"tools[{i}].function.parameters")
     for i, name in enumerate(names):
         if name in names[:i]:
             raise APIError(400, f"Invalid 'tools[{i}].function.name': the name '{name}' is used by an earlier tool.",
@@ -236,7 +240,10 @@ def structured_output(req: ChatCompletionRequest, plan: ChatPlan, after_token_id
         tools = plan.tools
         if isinstance(plan.tool_choice, dict):
             tools = [t for t in tools if t["function"]["name"] == plan.tool_choice["function"]["name"]]
-        calls = call_grammar(tools, plan.tool_format.name, plan.parallel_tool_calls, with_json_style)
+        try:
+            calls = call_grammar(tools, plan.tool_format.name, plan.parallel_tool_calls, with_json_style)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param=e.param, code="unsupported_parameter") from None
         if not forced:
             field_name, spec = answer
             if spec.json_schema is None:

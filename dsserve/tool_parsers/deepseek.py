@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import abc
 import json
+import re
 from dataclasses import dataclass, field
+
+from dsserve.errors import InvalidRequestError
 
 # The markers, as DeepSeek's tokenizers spell them: bars are U+FF5C, the word separator U+2581.
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -184,33 +187,81 @@ def call_grammar(tools: list[dict], format_name: str, parallel: bool, style=lamb
 
 def _dsml_grammar(tools: list[dict], parallel: bool, style) -> str:
     """DSML: one parameter element per property, in the schema's order, the required ones always, the others
-    optional. String properties are raw text (an enum of strings: one of them), the others JSON for their schema.
-    Properties beyond `properties` are not written; constraints across properties (oneOf at the top) are not held."""
+    optional. String properties are raw text without `<` (an enum of strings: one of them; minLength, maxLength and
+    pattern held by the text's regex), the others JSON for their schema. Properties beyond `properties` are not
+    written. What the markup cannot hold (keywords across properties, such as a top-level oneOf, or a string's
+    format) is refused: InvalidRequestError naming the tool."""
     rules = []
     for i, tool in enumerate(tools):
         function = tool["function"]
         schema = _parameters(function)
+        param = f"tools[{i}].function.parameters"
+        _check_dsml_schema(schema, param)
+        definitions = {k: schema[k] for k in ("$defs", "definitions") if k in schema}  # what "$ref"s point into
         required = set(schema.get("required") or [])
         params = []
         for j, (key, prop) in enumerate((schema.get("properties") or {}).items()):
             prop = prop if isinstance(prop, dict) else {}
-            enum = prop.get("enum")
-            is_string = prop.get("type") == "string" or (enum and all(isinstance(v, str) for v in enum))
+            enum = [prop["const"]] if "const" in prop else prop.get("enum")
+            is_string = prop.get("type") == "string" or bool(enum and all(isinstance(v, str) for v in enum))
             opening = f'<{DSML}parameter name="{key}" string="{"true" if is_string else "false"}">'
             if is_string and enum:
                 value = " | ".join(_lark_literal(v) for v in enum)
             elif is_string:
-                value = "TEXT?"
+                value = f"TEXT_{i}_{j}"  # a token (upper case): llguidance intersects tokens' regexes, not rules'
+                rules.append(f"{value}: {_dsml_text(prop, f'{param}.properties.{key}')}")
             else:
-                value = f"%json {json.dumps(style(prop), ensure_ascii=False)}"
+                value = f"%json {json.dumps(style({**prop, **definitions}), ensure_ascii=False)}"
             rules.append(f"p_{i}_{j}: {_lark_literal(opening)} v_{i}_{j} {_lark_literal(f'</{DSML}parameter>' + chr(10))}")
             rules.append(f"v_{i}_{j}: {value}")
             params.append(f"p_{i}_{j}" + ("" if key in required else "?"))
         opening = f'<{DSML}invoke name="{function["name"]}">\n'
         rules.append(f"call_{i}: {_lark_literal(opening)} {' '.join(params)} {_lark_literal(f'</{DSML}invoke>')}")
-    rules.append("TEXT: /[^<]+/")
     return _block_grammar(f"<{DSML}function_calls>\n", "\n", f"\n</{DSML}function_calls>", len(tools), parallel,
                           rules)
+
+
+# The keywords of a tool's parameters schema that DSML's one-element-per-property markup holds; the others (oneOf,
+# anyOf, allOf, not, if/then/else, dependentRequired, minProperties... at the top) constrain several properties at
+# once, which the grammar cannot write property by property.
+_DSML_TOP_KEYWORDS = {"type", "properties", "required", "additionalProperties", "title", "description", "$schema",
+                      "$id", "$defs", "definitions", "default", "examples", "strict", "$comment"}
+# A string property's keywords that its raw text holds (format would need llguidance's JSON string formats).
+_DSML_STRING_KEYWORDS = {"type", "enum", "const", "minLength", "maxLength", "pattern", "title", "description",
+                         "default", "examples", "$comment"}
+
+
+def _check_dsml_schema(schema: dict, param: str) -> None:
+    extra = sorted(set(schema) - _DSML_TOP_KEYWORDS)
+    if extra:
+        raise InvalidRequestError(
+            f"Invalid '{param}': '{extra[0]}' constrains several arguments at once, which a forced call in this "
+            "model's DSML format cannot hold (it writes one argument at a time); describe each argument in "
+            "'properties', or use tool_choice 'auto'.", param=param)
+    if schema.get("type", "object") != "object":
+        raise InvalidRequestError(f"Invalid '{param}': a tool's parameters are an object (type 'object').", param=param)
+
+
+def _dsml_text(prop: dict, param: str) -> str:
+    """The Lark rule of a string property's raw text: no `<` (it would open the closing tag), and its minLength,
+    maxLength and pattern (unanchored, as JSON Schema reads it, unless written with ^ or $) as regexes the text must
+    match at once (llguidance's `&`)."""
+    unsupported = sorted(set(prop) - _DSML_STRING_KEYWORDS)
+    if unsupported:
+        raise InvalidRequestError(f"Invalid '{param}': '{unsupported[0]}' of a string argument cannot be held by this "
+                                  "model's DSML format, which writes strings as raw text; leave it out or use "
+                                  "tool_choice 'auto'.", param=param)
+    low, high = prop.get("minLength", 0), prop.get("maxLength")
+    parts = [f"/[^<]{{{low},{'' if high is None else high}}}/"]
+    pattern = prop.get("pattern")
+    if pattern is not None:
+        is_anchored_start = pattern.startswith("^")
+        is_anchored_end = pattern.endswith("$") and not pattern.endswith("\\$")
+        core = pattern[1 if is_anchored_start else 0: -1 if is_anchored_end else None]
+        core = re.sub(r"(?<!\\)/", r"\/", core)  # a Lark regex ends at an unescaped /
+        parts.append("/" + ("" if is_anchored_start else "[^<]*") + f"(?:{core})" + ("" if is_anchored_end else "[^<]*")
+                     + "/")
+    return " & ".join(parts)
 
 
 def _block_grammar(begin: str, between: str, end: str, num_tools: int, parallel: bool, rules: list[str]) -> str:
