@@ -41,9 +41,8 @@ class Tokenizer:
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.chat_template = chat_template or _find_chat_template(folder, self.config)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        # Decoding that skips special tokens keeps the ones that carry an answer's structure (tool-call markers, V3.2's
-        # ｜DSML｜, the reasoning tags) when the tokenizer marks them special: the tool and reasoning parsers read them.
-        # V3.2's tokenizer.json marks ｜DSML｜ special (sglang #16122); a checkpoint may mark the others so too.
+        # Skipping special tokens keeps those that carry an answer's structure, which the tool and reasoning parsers
+        # read (V3.2's tokenizer.json marks ｜DSML｜ special: sglang #16122; a checkpoint may mark the others so too).
         added = self._tok.get_added_tokens_decoder()
         special = {i for i, token in added.items() if token.special}
         kept = {i for i in special if any(marker in added[i].content for marker in _STRUCTURE_MARKERS)}
@@ -58,7 +57,7 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         if skip_special_tokens and self._skipped_special_ids is not None:
-            return self._tok.decode([i for i in ids if i not in self._skipped_special_ids], skip_special_tokens=False)
+            ids, skip_special_tokens = [i for i in ids if i not in self._skipped_special_ids], False
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def to_json(self) -> str:
@@ -189,8 +188,7 @@ def _token_text(token: Any) -> str | None:
     return token
 
 
-# Parts of the special tokens that decoding keeps (see Tokenizer.decode): DeepSeek's tool markers (<｜tool▁calls▁begin｜>,
-# <｜tool▁sep｜>, <｜tool▁output▁begin｜>...), V3.2's ｜DSML｜ and R1's <think> / </think>.
+# Kept by decoding when special: DeepSeek's tool markers (<｜tool▁sep｜>...), V3.2's ｜DSML｜, R1's <think> / </think>.
 _STRUCTURE_MARKERS = ("｜tool▁", "｜DSML｜", "<think>", "</think>")
 
 _TEMPLATE_NAMES = {"messages", "add_generation_prompt", "bos_token", "eos_token", "chat_template"}

@@ -9,11 +9,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonschema
-
 from dsserve.engine.structured import StructuredOutput, with_json_style
 from dsserve.errors import InvalidRequestError
 from dsserve.reasoning import r1
+from dsserve.server.constraints import answer_constraint, checked_schema
 from dsserve.server.protocol import APIError, ChatCompletionRequest
 from dsserve.tool_parsers import FORMATS, ToolCallFormat, ToolCallStream, call_grammar, tool_prompt
 
@@ -84,7 +83,7 @@ def _plan_tools(req: ChatCompletionRequest, config, template_variables: frozense
     names = [t.function.name for t in req.tools]
     for i, tool in enumerate(req.tools):
         if tool.function.parameters is not None:
-            _checked_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+            checked_schema(tool.function.parameters, f"tools[{i}].function.parameters")
     for i, name in enumerate(names):
         if name in names[:i]:
             raise APIError(400, f"Invalid 'tools[{i}].function.name': the name '{name}' is used by an earlier tool.",
@@ -227,12 +226,12 @@ def structured_output(req: ChatCompletionRequest, plan: ChatPlan, after_token_id
     """The grammar a request's output must follow, or None: response_format, vLLM's guided_* fields or its
     structured_outputs object, and tool_choice "required" or a named tool (then the output is tool calls with
     arguments valid for the tool's parameters). A reasoning model reasons freely first (`after_token_id`)."""
-    asked = _answer_constraints(req)
-    if len(asked) > 1:
-        raise APIError(400, f"'{asked[0][0]}' and '{asked[1][0]}' both constrain the answer; send one.",
-                       param=asked[1][0], code="invalid_value")
-    answer = asked[0] if asked else None
+    answer = answer_constraint(req)
     forced = plan.tool_format is not None and plan.tool_choice != "auto"
+    if forced and answer is not None:  # the answer is calls only: the field would have nothing to hold
+        raise APIError(400, f"'{answer[0]}' cannot be combined with tool_choice 'required' or a named tool, whose "
+                       "answer is tool calls only; use tool_choice 'auto' for 'a call or this answer'.",
+                       param=answer[0], code="unsupported_parameter")
     tools_open = plan.tool_format is not None
     if not forced and answer is None:
         return None
@@ -255,73 +254,3 @@ def structured_output(req: ChatCompletionRequest, plan: ChatPlan, after_token_id
         return StructuredOutput(lark=calls, param="tools", after_token_id=after_token_id)
     field_name, spec = answer
     return dataclasses.replace(spec, after_token_id=after_token_id)
-
-
-def _answer_constraints(req: ChatCompletionRequest) -> list[tuple[str, StructuredOutput]]:
-    out = []
-    rf = req.response_format
-    if rf is not None and rf.type == "json_object":
-        out.append(("response_format", StructuredOutput(json_schema={"type": "object"}, param="response_format")))
-    elif rf is not None and rf.type == "json_schema":
-        if rf.json_schema is None or rf.json_schema.json_schema is None:
-            raise APIError(400, "Missing required parameter: 'response_format.json_schema.schema'.",
-                           param="response_format.json_schema.schema", code="missing_required_parameter")
-        out.append(("response_format", StructuredOutput(
-            json_schema=_checked_schema(rf.json_schema.json_schema, "response_format.json_schema.schema"),
-            param="response_format.json_schema.schema")))
-    so = req.structured_outputs
-    for field_name, guided, nested in (("guided_json", req.guided_json, so and so.json_),
-                                       ("guided_regex", req.guided_regex, so and so.regex),
-                                       ("guided_choice", req.guided_choice, so and so.choice),
-                                       ("guided_grammar", req.guided_grammar, so and so.grammar)):
-        for name, value in ((field_name, guided), (f"structured_outputs.{field_name[7:]}", nested)):
-            if value is None:
-                continue
-            if field_name == "guided_json":
-                spec = StructuredOutput(json_schema=_checked_schema(_json_value(value, name), name), param=name)
-            elif field_name == "guided_regex":
-                spec = StructuredOutput(regex=value, param=name)
-            elif field_name == "guided_choice":
-                spec = StructuredOutput(choice=tuple(value), param=name)
-            else:
-                spec = StructuredOutput(lark=_lark(value), param=name)
-            out.append((name, spec))
-    if so is not None and so.json_object:
-        out.append(("structured_outputs.json_object", StructuredOutput(json_schema={"type": "object"},
-                                                                       param="structured_outputs.json_object")))
-    return out
-
-
-def _json_value(value: Any, param: str) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except (ValueError, RecursionError):
-        raise APIError(400, f"Invalid '{param}': not valid JSON.", param=param, code="invalid_value") from None
-
-
-def _checked_schema(schema: Any, param: str) -> dict:
-    if not isinstance(schema, dict):
-        raise APIError(400, f"Invalid '{param}': a JSON schema is an object.", param=param, code="invalid_value")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise APIError(400, f"Invalid '{param}': not a valid JSON schema ({e.message[:300]}).", param=param,
-                       code="invalid_value") from None
-    except RecursionError:
-        raise APIError(400, f"Invalid '{param}': the schema is nested too deeply.", param=param,
-                       code="invalid_value") from None
-    return schema
-
-
-def _lark(grammar: str) -> str:
-    """vLLM takes Lark or GBNF (llama.cpp's `::=` rules): GBNF is converted, Lark is llguidance's own input."""
-    if "::=" in grammar:
-        from llguidance.gbnf_to_lark import gbnf_to_lark
-
-        try:
-            return gbnf_to_lark(grammar)
-        except Exception:  # noqa: BLE001 - the converter's own errors: the grammar is what is wrong
-            return grammar  # the compiler's message then names the problem
-    return grammar

@@ -18,6 +18,7 @@ from dsserve.server.common import (
 from dsserve.server.agent import (
     AnswerStream, ChatPlan, finish_prompt, plan_chat, read_answer, structured_output, template_messages,
 )
+from dsserve.server.constraints import check_min_tokens
 from dsserve.server.protocol import APIError, ChatCompletionRequest
 from dsserve.server.state import read_request
 
@@ -60,9 +61,7 @@ async def create_chat_completion(http: Request):
         raise APIError(400, "This model's end of reasoning (</think>) is not one token, so a grammar cannot wait for "
                        "it; turn the reasoning off with chat_template_kwargs {\"thinking\": false}.",
                        param=params.structured.param, code="unsupported_parameter")
-    if params.structured is not None and params.min_tokens:
-        raise APIError(400, "min_tokens cannot be combined with a grammar: it would forbid the end of a complete "
-                       "answer.", param="min_tokens", code="invalid_value")
+    check_min_tokens(params.structured, params.min_tokens)
     audit_text = messages if state.audit is not None and state.audit.content else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -15,6 +15,7 @@ from dsserve.server.common import (
     EventWriter, check_chars, check_stop, engine_request_id, final_output, json_string, max_tokens_for, note,
     note_output, results, sampling_params, stream_error, token_text, truncate, usage,
 )
+from dsserve.server.constraints import answer_constraint, check_min_tokens
 from dsserve.server.protocol import APIError, CompletionRequest
 from dsserve.server.state import read_request
 
@@ -42,6 +43,7 @@ async def create_completion(http: Request):
         prompts = await state.run_blocking(_prompts, raw, tokenizer, vocab)
     else:
         prompts = _prompts(raw, tokenizer, vocab)
+    answer = answer_constraint(req)  # before any prompt runs: an invalid grammar is the request's 400
     jobs = []
     for ids in prompts:
         ids = truncate(state, ids)
@@ -49,6 +51,8 @@ async def create_completion(http: Request):
                                     if config.max_tokens_default is None else None)
         params = sampling_params(req, max_tokens, req.logprobs, req.logprobs if req.echo and req.logprobs is not None
                                  else None, vocab)
+        params.structured = answer[1] if answer is not None else None
+        check_min_tokens(params.structured, params.min_tokens)
         jobs.append((ids, params))
     rid = engine_request_id(state, "cmpl", http)
     prompt_text = raw if state.audit is not None and state.audit.content else None

@@ -121,7 +121,19 @@ class SamplingFields(_Request):
     logit_bias: dict[str, float] | None = Field(None, max_length=300)
 
 
-class ChatCompletionRequest(SamplingFields):
+class StructuredFields(SamplingFields):
+    """The fields that constrain the answer to a grammar (server/constraints.py), on chat and text completions."""
+
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-output fields: the older guided_* ones and the newer structured_outputs object
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+
+class ChatCompletionRequest(StructuredFields):
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]]  # set below the class
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -132,19 +144,12 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
-    response_format: ResponseFormat | None = None
-    # vLLM's structured-output fields: the older guided_* ones and the newer structured_outputs object
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = Field(None, min_length=1)
-    guided_grammar: str | None = None
-    structured_outputs: StructuredOutputs | None = None
     # Identifiers that do not change the answer (OpenAI's cache-routing key and abuse-tracking id), like `user`.
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(StructuredFields):
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]]  # set below the class
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=1)  # None: the server's --max-tokens-default, else OpenAI's 16
@@ -213,12 +218,6 @@ ChatCompletionRequest.REFUSED = {
 CompletionRequest.REFUSED = {
     **_VLLM_REFUSED,
     "suffix": ((), "suffix (fill-in-the-middle) is not supported by this server; leave it out"),
-    "response_format": ((), "structured outputs are offered on /v1/chat/completions only"),
-    "guided_json": ((), "structured outputs are offered on /v1/chat/completions only"),
-    "guided_regex": ((), "structured outputs are offered on /v1/chat/completions only"),
-    "guided_choice": ((), "structured outputs are offered on /v1/chat/completions only"),
-    "guided_grammar": ((), "structured outputs are offered on /v1/chat/completions only"),
-    "structured_outputs": ((), "structured outputs are offered on /v1/chat/completions only"),
     "prompt_logprobs": ((), "prompt_logprobs is not supported; send echo with logprobs"),
     "stream_options_continuous_usage_stats": ((), "continuous usage stats are not supported"),
 }

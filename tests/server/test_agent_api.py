@@ -141,7 +141,9 @@ def test_refused_with_param(server, body, param):
 
 def test_completions_refuse_best_of_and_suffix(server):
     for body, param in (({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"),
-                        ({"response_format": {"type": "json_object"}}, "response_format")):
+                        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+                        ({"guided_regex": "(unclosed"}, "guided_regex"),
+                        ({"guided_choice": ["a"], "min_tokens": 2}, "min_tokens")):
         r = post(server, {"prompt": "hi", "max_tokens": 2, **body}, "/v1/completions")
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
@@ -200,6 +202,38 @@ def test_other_constraints(server, body, check):
     assert r.status_code == 200, r.text
     for choice in r.json()["choices"]:
         assert choice["finish_reason"] == "stop" and check(choice["message"]["content"]), choice
+
+
+@pytest.mark.parametrize("body,check", [
+    pytest.param({"guided_choice": ["yes", "no", "可能"]}, lambda t: t in ("yes", "no", "可能"), id="guided_choice"),
+    pytest.param({"structured_outputs": {"regex": "[a-c]{3}-[0-9]{2}"}}, lambda t: len(t) == 6 and t[3] == "-",
+                 id="structured_outputs-regex"),
+    pytest.param({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"], "additionalProperties": False}}}},
+        lambda t: json.loads(t)["n"] in (1, 2), id="response_format"),
+])
+@pytest.mark.parametrize("prompts", [["The"], ["The", "A"]], ids=["one-prompt", "two-prompts"])
+def test_completions_follow_structured_outputs(server, body, check, prompts):
+    """/v1/completions takes the same fields as vLLM: every prompt's every sample follows the grammar."""
+    r = post(server, {"prompt": prompts if len(prompts) > 1 else prompts[0], "n": 3, "temperature": 1.0, "seed": 7,
+                      "max_tokens": 40, **body}, "/v1/completions")
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 3 * len(prompts)
+    for choice in choices:
+        assert choice["finish_reason"] == "stop" and check(choice["text"]), choice
+
+
+def test_completions_structured_output_streams_the_same(server):
+    body = {"prompt": "The", "temperature": 1.0, "seed": 3, "max_tokens": 40, "guided_choice": ["north", "south"]}
+    whole = post(server, body, "/v1/completions").json()["choices"][0]["text"]
+    text = ""
+    with httpx.stream("POST", server.url + "/v1/completions", json={"model": MODEL, "stream": True, **body},
+                      timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += json.loads(line[6:])["choices"][0]["text"]
+    assert text == whole and whole in ("north", "south")
 
 
 def test_grammar_applies_after_the_reasoning_only(server):

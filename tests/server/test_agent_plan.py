@@ -77,3 +77,16 @@ def test_invalid_tool_schema_is_refused_even_when_not_forced():
     with pytest.raises(APIError) as e:
         plan_chat(_request(tools=[tool]), CONFIG, frozenset({"tools"}))
     assert e.value.param == "tools[0].function.parameters"
+
+
+def test_forced_call_refuses_an_answer_constraint_it_would_drop():
+    """tool_choice required: the answer is calls only, so a response_format beside it would be silently ignored."""
+    from dsserve.server.agent import structured_output
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    req = _request(tools=[tool], tool_choice="required", response_format={"type": "json_object"})
+    with pytest.raises(APIError) as e:
+        structured_output(req, plan_chat(req, CONFIG, frozenset({"tools"})), None)
+    assert e.value.param == "response_format"
+    auto = _request(tools=[tool], response_format={"type": "json_object"})
+    assert "answer: %json" in structured_output(auto, plan_chat(auto, CONFIG, frozenset({"tools"})), None).lark
