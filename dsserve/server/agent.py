@@ -12,6 +12,7 @@ from typing import Any
 from dsserve.engine.structured import StructuredOutput, with_json_style
 from dsserve.errors import InvalidRequestError
 from dsserve.reasoning import r1
+from dsserve.server import encoding_dsv32
 from dsserve.server.constraints import answer_constraint, checked_schema
 from dsserve.server.protocol import APIError, ChatCompletionRequest
 from dsserve.tool_parsers import FORMATS, ToolCallFormat, ToolCallStream, call_grammar, tool_prompt
@@ -162,6 +163,22 @@ def _history_call(call: dict[str, Any], param: str) -> dict[str, Any]:
                        param=f"{param}.function.arguments", code="invalid_type")
     return {"id": str(call.get("id", "")), "type": call.get("type") or "function",
             "function": {"name": function["name"], "arguments": arguments}}
+
+
+def template_variables(tokenizer, config) -> frozenset[str]:
+    """What the prompt's renderer reads: the chat template's variables, or those of V3.2's encoder."""
+    return encoding_dsv32.VARIABLES if config.chat_encoder == "deepseek_v32" else \
+        tokenizer.template_variables(config.chat_template)
+
+
+def render_prompt(tokenizer, messages: list[dict[str, Any]], config, template_kwargs: dict[str, Any] | None = None,
+                  add_generation_prompt: bool = True) -> str:
+    """The prompt text of `messages`: the chat template, or V3.2's encoder for a checkpoint that ships none (which
+    always ends a user turn with the assistant's opening)."""
+    if config.chat_encoder == "deepseek_v32":
+        kwargs = template_kwargs or {}
+        return encoding_dsv32.encode(messages, kwargs.get("tools"), bool(kwargs.get("thinking")))
+    return tokenizer.apply_chat_template(messages, add_generation_prompt, config.chat_template, template_kwargs)
 
 
 def finish_prompt(prompt: str, plan: ChatPlan) -> str:
