@@ -45,8 +45,8 @@ class Tokenizer:
         # read (V3.2's tokenizer.json marks ｜DSML｜ special: sglang #16122; a checkpoint may mark the others so too).
         added = self._tok.get_added_tokens_decoder()
         special = {i for i, token in added.items() if token.special}
-        kept = {i for i in special if any(marker in added[i].content for marker in _STRUCTURE_MARKERS)}
-        self._skipped_special_ids = frozenset(special - kept) if kept else None  # None: skip every special token
+        self.special_markers = {added[i].content: i for i in special if any(m in added[i].content for m in _MARKERS)}
+        self._skipped_special_ids = frozenset(special - set(self.special_markers.values()))  # empty: no marker special
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         _check_unicode(text)
@@ -56,7 +56,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        if skip_special_tokens and self._skipped_special_ids is not None:
+        if skip_special_tokens and self.special_markers:
             ids, skip_special_tokens = [i for i in ids if i not in self._skipped_special_ids], False
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -189,7 +189,7 @@ def _token_text(token: Any) -> str | None:
 
 
 # Kept by decoding when special: DeepSeek's tool markers (<｜tool▁sep｜>...), V3.2's ｜DSML｜, R1's <think> / </think>.
-_STRUCTURE_MARKERS = ("｜tool▁", "｜DSML｜", "<think>", "</think>")
+_MARKERS = ("｜tool▁", "｜DSML｜", "<think>", "</think>")
 
 _TEMPLATE_NAMES = {"messages", "add_generation_prompt", "bos_token", "eos_token", "chat_template"}
 

@@ -239,10 +239,12 @@ class AnswerStream:
         return delta_reasoning, delta_content, out
 
 
-def structured_output(req: ChatCompletionRequest, plan: ChatPlan, after_token_id: int | None) -> StructuredOutput | None:
+def structured_output(req: ChatCompletionRequest, plan: ChatPlan, after_token_id: int | None,
+                      special_tokens: dict[str, int] | None = None) -> StructuredOutput | None:
     """The grammar a request's output must follow, or None: response_format, vLLM's guided_* fields or its
     structured_outputs object, and tool_choice "required" or a named tool (then the output is tool calls with
-    arguments valid for the tool's parameters). A reasoning model reasons freely first (`after_token_id`)."""
+    arguments valid for the tool's parameters). A reasoning model reasons freely first (`after_token_id`).
+    `special_tokens`: the tokenizer's special marker tokens, which the call grammar names by id."""
     answer = answer_constraint(req)
     forced = plan.tool_format is not None and plan.tool_choice != "auto"
     if forced and answer is not None:  # the answer is calls only: the field would have nothing to hold
@@ -257,7 +259,8 @@ def structured_output(req: ChatCompletionRequest, plan: ChatPlan, after_token_id
         if isinstance(plan.tool_choice, dict):
             tools = [t for t in tools if t["function"]["name"] == plan.tool_choice["function"]["name"]]
         try:
-            calls = call_grammar(tools, plan.tool_format.name, plan.parallel_tool_calls, with_json_style)
+            calls = call_grammar(tools, plan.tool_format.name, plan.parallel_tool_calls, with_json_style,
+                                 special_tokens)
         except InvalidRequestError as e:
             raise APIError(400, str(e), param=e.param, code="unsupported_parameter") from None
         if not forced:

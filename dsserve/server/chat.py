@@ -57,7 +57,7 @@ async def create_chat_completion(http: Request):
     prompt = {"prompt_token_ids": prompt_ids}
     starts_in_reasoning = plan.reasoning and r1.prompt_opens_reasoning(prompt_text)
     end_id = tokenizer.token_to_id(r1.END) if plan.reasoning else None
-    params.structured = structured_output(req, plan, end_id if starts_in_reasoning else None)
+    params.structured = structured_output(req, plan, end_id if starts_in_reasoning else None, tokenizer.special_markers)
     if params.structured is not None and starts_in_reasoning and end_id is None:
         raise APIError(400, "This model's end of reasoning (</think>) is not one token, so a grammar cannot wait for "
                        "it; turn the reasoning off with chat_template_kwargs {\"thinking\": false}.",

@@ -40,9 +40,9 @@ async def create_completion(http: Request):
     tokenizer = state.engine.tokenizer
     vocab = state.engine.engine.model_config.vocab_size
     if num_chars > _INLINE_CHARS:
-        prompts = await state.run_blocking(_prompts, raw, tokenizer, vocab)
+        prompts = await state.run_blocking(_prompts, raw, tokenizer, vocab, req.add_special_tokens)
     else:
-        prompts = _prompts(raw, tokenizer, vocab)
+        prompts = _prompts(raw, tokenizer, vocab, req.add_special_tokens)
     answer = answer_constraint(req)  # before any prompt runs: an invalid grammar is the request's 400
     jobs = []
     for ids in prompts:
@@ -97,7 +97,7 @@ def _response(outputs, rid, req: CompletionRequest, tokenizer) -> JSONResponse:
                          "choices": choices, "usage": total})
 
 
-def _prompts(prompt: list, tokenizer, vocab: int) -> list[list[int]]:
+def _prompts(prompt: list, tokenizer, vocab: int, add_special_tokens: bool) -> list[list[int]]:
     """Token ids of each prompt (a string, or token ids already)."""
     out = []
     for p in prompt:
@@ -105,7 +105,7 @@ def _prompts(prompt: list, tokenizer, vocab: int) -> list[list[int]]:
             if tokenizer is None:
                 raise APIError(400, "this model has no tokenizer; send token ids as the prompt", param="prompt")
             try:
-                ids = tokenizer.encode(p)
+                ids = tokenizer.encode(p, add_special_tokens=add_special_tokens)
             except InvalidRequestError as e:
                 raise APIError(400, str(e), param="prompt", code="invalid_value") from None
         else:

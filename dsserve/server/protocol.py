@@ -44,10 +44,14 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    # Deprecated or audio parts of an assistant message that this server cannot render: 400 when set.
+    function_call: None = None
+    audio: None = None
 
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+    include_obfuscation: Literal[False] | None = None  # OpenAI's padding of streamed chunks is not offered: 400 on true
 
 
 class FunctionDefinition(BaseModel):
@@ -155,6 +159,7 @@ class CompletionRequest(StructuredFields):
     max_tokens: int | None = Field(None, ge=1)  # None: the server's --max-tokens-default, else OpenAI's 16
     echo: StrictBool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    add_special_tokens: StrictBool = True  # text prompts: the tokenizer's BOS (vLLM's default for completions)
 
 
 class TokenizeRequest(_Request):
@@ -193,6 +198,15 @@ _VLLM_REFUSED = {
     "mm_processor_kwargs": ((), "this server serves text models"),
     "best_of": ((1,), "best_of is not supported; ask for n samples and pick among them"),
     "prompt_embeds": ((), "prompt embeddings are not supported; send text or token ids"),
+    "return_token_ids": ((False,), "token ids are not returned; use /tokenize on the text"),
+    "request_id": ((), "send the request's id as the X-Request-Id header"),
+    "structural_tag": ((), "structural tags are not supported; use guided_grammar"),
+    "max_repetition_pattern_size": ((0,), "repetition detection is not supported"),
+    "min_repetition_pattern_size": ((0,), "repetition detection is not supported"),
+    "repetition_min_count": ((0,), "repetition detection is not supported"),
+    "media_io_kwargs": ((), "this server serves text models"),
+    "prompt_cache_retention": (("in-memory", "in_memory"), "prompts are cached in memory only, while the KV cache "
+                               "holds them"),
 }
 ChatCompletionRequest.REFUSED = {
     **_VLLM_REFUSED,
@@ -213,6 +227,7 @@ ChatCompletionRequest.REFUSED = {
     "documents": ((), "documents (RAG templates) are not supported"),
     "chat_template": ((), "a request cannot set the chat template; the operator sets it with --chat-template"),
     "prompt_logprobs": ((), "prompt_logprobs is not supported on chat completions; use /v1/completions with echo"),
+    "include_reasoning": ((True,), "the reasoning is always returned, in reasoning_content"),
     "min_tokens_ratio": ((), "min_tokens_ratio is not supported"),
 }
 CompletionRequest.REFUSED = {

@@ -166,11 +166,17 @@ def detect_format(chat_template: str | None, model_type: str | None = None) -> s
     return None
 
 
-def call_grammar(tools: list[dict], format_name: str, parallel: bool, style=lambda schema: schema) -> str:
+def call_grammar(tools: list[dict], format_name: str, parallel: bool, style=lambda schema: schema,
+                 special_tokens: dict[str, int] | None = None) -> str:
     """A Lark grammar (llguidance's dialect) that admits only a block of tool calls in `format_name`, each naming
-    one of `tools` with arguments valid for its `parameters` schema (each schema passed through `style`)."""
+    one of `tools` with arguments valid for its `parameters` schema (each schema passed through `style`).
+
+    `special_tokens`: marker text -> id of the markers the tokenizer marks special (V3.2's ｜DSML｜). The grammar
+    names those by id (`<[id]>`): llguidance matches a quoted string against ordinary tokens only, so a literal
+    marker would force the model to spell it out byte by byte instead of writing its one token."""
+    text = _Literals(special_tokens or {})
     if format_name == "deepseek_v32":
-        return _dsml_grammar(tools, parallel, style)
+        return _dsml_grammar(tools, parallel, style, text)
     headers = {
         "deepseek_v3": lambda name: (f"{CALL_BEGIN}function{SEP}{name}\n```json\n", "\n```" + CALL_END),
         "deepseek_v31": lambda name: (f"{CALL_BEGIN}{name}{SEP}", CALL_END),
@@ -179,13 +185,13 @@ def call_grammar(tools: list[dict], format_name: str, parallel: bool, style=lamb
     for i, tool in enumerate(tools):
         function = tool["function"]
         opening, closing = headers(function["name"])
-        rules.append(f"call_{i}: {_lark_literal(opening)} args_{i} {_lark_literal(closing)}")
+        rules.append(f"call_{i}: {text(opening)} args_{i} {text(closing)}")
         rules.append(f"args_{i}: %json {json.dumps(style(_parameters(function)), ensure_ascii=False)}")
     between = "\n" if format_name == "deepseek_v3" else ""  # R1's template puts a newline between calls, V3.1's none
-    return _block_grammar(CALLS_BEGIN, between, CALLS_END, len(tools), parallel, rules)
+    return _block_grammar(CALLS_BEGIN, between, CALLS_END, len(tools), parallel, rules, text)
 
 
-def _dsml_grammar(tools: list[dict], parallel: bool, style) -> str:
+def _dsml_grammar(tools: list[dict], parallel: bool, style, text: "_Literals") -> str:
     """DSML: one parameter element per property, in the schema's order, the required ones always, the others
     optional. String properties are raw text without `<` (an enum of strings: one of them; minLength, maxLength and
     pattern held by the text's regex), the others JSON for their schema. Properties beyond `properties` are not
@@ -212,13 +218,13 @@ def _dsml_grammar(tools: list[dict], parallel: bool, style) -> str:
                 rules.append(f"{value}: {_dsml_text(prop, f'{param}.properties.{key}')}")
             else:
                 value = f"%json {json.dumps(style({**prop, **definitions}), ensure_ascii=False)}"
-            rules.append(f"p_{i}_{j}: {_lark_literal(opening)} v_{i}_{j} {_lark_literal(f'</{DSML}parameter>' + chr(10))}")
+            rules.append(f"p_{i}_{j}: {text(opening)} v_{i}_{j} {text(f'</{DSML}parameter>' + chr(10))}")
             rules.append(f"v_{i}_{j}: {value}")
             params.append(f"p_{i}_{j}" + ("" if key in required else "?"))
         opening = f'<{DSML}invoke name="{function["name"]}">\n'
-        rules.append(f"call_{i}: {_lark_literal(opening)} {' '.join(params)} {_lark_literal(f'</{DSML}invoke>')}")
+        rules.append(f"call_{i}: {text(opening)} {' '.join(params)} {text(f'</{DSML}invoke>')}")
     return _block_grammar(f"<{DSML}function_calls>\n", "\n", f"\n</{DSML}function_calls>", len(tools), parallel,
-                          rules)
+                          rules, text)
 
 
 # The keywords of a tool's parameters schema that DSML's one-element-per-property markup holds; the others (oneOf,
@@ -264,12 +270,13 @@ def _dsml_text(prop: dict, param: str) -> str:
     return " & ".join(parts)
 
 
-def _block_grammar(begin: str, between: str, end: str, num_tools: int, parallel: bool, rules: list[str]) -> str:
-    more = f" ({_lark_literal(between)} call)*" if parallel and between else (" call*" if parallel else "")
+def _block_grammar(begin: str, between: str, end: str, num_tools: int, parallel: bool, rules: list[str],
+                   text: "_Literals") -> str:
+    more = f" ({text(between)} call)*" if parallel and between else (" call*" if parallel else "")
     return "\n".join([
         "start: calls | BLANK calls",
         "BLANK: /[ \\n]+/",
-        f"calls: {_lark_literal(begin)} call{more} {_lark_literal(end)}",
+        f"calls: {text(begin)} call{more} {text(end)}",
         "call: " + " | ".join(f"call_{i}" for i in range(num_tools)),
         *rules,
     ])
@@ -281,6 +288,28 @@ def _parameters(function: dict) -> dict:
 
 def _lark_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
+
+
+class _Literals:
+    """Markup text -> a Lark sequence: quoted strings, and `<[id]>` for each special token in it."""
+
+    def __init__(self, special_tokens: dict[str, int]):
+        self.special_tokens = special_tokens
+        self.pattern = re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True))) \
+            if special_tokens else None
+
+    def __call__(self, text: str) -> str:
+        if self.pattern is None:
+            return _lark_literal(text)
+        parts, start = [], 0
+        for match in self.pattern.finditer(text):
+            if match.start() > start:
+                parts.append(_lark_literal(text[start:match.start()]))
+            parts.append(f"<[{self.special_tokens[match.group()]}]>")
+            start = match.end()
+        if start < len(text) or not parts:
+            parts.append(_lark_literal(text[start:]))
+        return " ".join(parts) if len(parts) == 1 else "(" + " ".join(parts) + ")"
 
 
 def tool_prompt(tools: list[dict], format_name: str) -> str:

@@ -114,6 +114,16 @@ REFUSED = [
     pytest.param({"response_format": {"type": "json_object"}, "min_tokens": 3, **NO_THINKING}, "min_tokens",
                  id="min_tokens-with-grammar"),
     pytest.param({"tools": []}, "tools", id="empty-tools"),
+    pytest.param({"stream": True, "stream_options": {"include_obfuscation": True}},
+                 "stream_options.include_obfuscation", id="stream-obfuscation"),
+    pytest.param({"include_reasoning": False}, "include_reasoning", id="include_reasoning-false"),
+    pytest.param({"return_token_ids": True}, "return_token_ids", id="return_token_ids"),
+    pytest.param({"request_id": "abc"}, "request_id", id="request_id-in-body"),
+    pytest.param({"prompt_cache_retention": "24h"}, "prompt_cache_retention", id="prompt_cache_retention-24h"),
+    pytest.param({"max_repetition_pattern_size": 4}, "max_repetition_pattern_size", id="repetition-detection"),
+    pytest.param({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
+                                                                  "function_call": {"name": "f", "arguments": "{}"}}]},
+                 "messages[1].function_call", id="history-function_call"),
     pytest.param({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", id="duplicate-tool-names"),
     pytest.param({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name",
                  id="bad-tool-name"),
@@ -150,8 +160,17 @@ def test_completions_refuse_best_of_and_suffix(server):
 
 def test_off_values_of_refused_fields_are_accepted(server):
     r = post(server, {"messages": USER, "max_tokens": 2, "modalities": ["text"], "store": False, "best_of": 1,
-                      "use_beam_search": False, "parallel_tool_calls": True, "service_tier": "auto"})
+                      "use_beam_search": False, "parallel_tool_calls": True, "service_tier": "auto",
+                      "include_reasoning": True, "prompt_cache_retention": "in-memory",
+                      "stream_options": {"include_obfuscation": False}})
     assert r.status_code == 200, r.text
+
+
+def test_completions_add_special_tokens(server):
+    """vLLM's add_special_tokens on /v1/completions: the tokenizer's BOS before a text prompt, or not."""
+    counts = [post(server, {"prompt": "hi", "max_tokens": 1, "add_special_tokens": flag}, "/v1/completions").json()
+              ["usage"]["prompt_tokens"] for flag in (True, False)]
+    assert counts[0] == counts[1] + 1
 
 
 # ---- logit_bias -----------------------------------------------------------------------------------------------

@@ -92,3 +92,43 @@ def test_dsml_grammar_refuses_what_its_markup_cannot_hold(parameters, param):
         call_grammar([{"type": "function", "function": {"name": "f", "parameters": parameters}}], "deepseek_v32", True)
     assert e.value.param == param
     call_grammar([{"type": "function", "function": {"name": "f", "parameters": parameters}}], "deepseek_v31", True)
+
+
+@pytest.mark.parametrize("fmt,markers", [
+    pytest.param("deepseek_v32", ["｜DSML｜"], id="v32-dsml-special"),
+    pytest.param("deepseek_v31", ["<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>",
+                                  "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>"], id="v31-markers-special"),
+])
+def test_special_marker_tokens_are_named_by_id(tmp_path, fmt, markers):
+    """When the tokenizer marks a format's markers special (V3.2's ｜DSML｜ is), the forced-call grammar admits the
+    model's one special token for each, not a spelling of its text in ordinary tokens."""
+    import llguidance
+    from tokenizers import AddedToken
+
+    from dsserve.assets.tiny_random import byte_level_tokenizer
+    from dsserve.engine.tokenizer import Tokenizer
+
+    hf = byte_level_tokenizer()
+    hf.add_special_tokens([AddedToken(m, special=True, normalized=False) for m in markers])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<｜end▁of▁sentence｜>"}))
+    tokenizer = Tokenizer(tmp_path)
+    assert set(tokenizer.special_markers) == set(markers)
+    ll_tokenizer = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=tokenizer.vocab_size,
+                                          eos_token=[tokenizer.eos_token_id])
+    grammar = call_grammar([TIME], fmt, False, with_json_style, tokenizer.special_markers)
+    answer = FORMAT_CALLS[fmt]
+    spelled = [i for ch in answer for i in tokenizer.encode(ch, add_special_tokens=False)]  # markers char by char
+    for ids, is_accepted in ((tokenizer.encode(answer, add_special_tokens=False), True), (spelled, False)):
+        assert (tokenizer.token_to_id(markers[0]) in ids) == is_accepted
+        matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
+        assert (all(matcher.consume_token(i) for i in ids) and matcher.is_accepting()) == is_accepted
+
+
+FORMAT_CALLS = {
+    "deepseek_v32": '<｜DSML｜function_calls>\n<｜DSML｜invoke name="get_time">\n'
+                    '<｜DSML｜parameter name="zone" string="true">UTC</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+                    '</｜DSML｜function_calls>',
+    "deepseek_v31": '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{"zone": "UTC"}<｜tool▁call▁end｜>'
+                    '<｜tool▁calls▁end｜>',
+}
