@@ -463,6 +463,14 @@ class QuantPanels:
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales.nbytes + (self.zeros.nbytes if self.zeros is not None else 0)
 
+    @functools.cached_property
+    def struct(self) -> ctypes.Structure:
+        """This weight as the C structs take it (dsserve_quant_weight: the fused decoders, moe_grouped); it points
+        into these tensors, which live as long as this object."""
+        return _struct("dsserve_quant_weight")(
+            packed=self.packed.data_ptr(), scales=self.scales.data_ptr(),
+            zeros=self.zeros.data_ptr() if self.zeros is not None else None, group=self.group_size, bits=self.bits)
+
 
 def pack_quantized(weight) -> QuantPanels:
     """A `layers.quantization.QuantizedWeight` in linear_quant.c's layout (linear_quant.c draws it)."""
@@ -537,22 +545,28 @@ def heads_f16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertTable:
-    """Every local expert's packed (w13, w2), all float16 (linear_f16's layout) or all bfloat16 (linear_bf16's), as
-    two C arrays of pointers for `moe_f16` (fp16 only) and `moe_grouped`. Holds the tensors so the pointers stay
-    valid."""
+    """Every local expert's packed (w13, w2), all float16 (linear_f16's layout), all bfloat16 (linear_bf16's) or all
+    int8 / int4 (`QuantPanels`, as their C structs), as two C arrays of pointers for `moe_f16` (fp16 only) and
+    `moe_grouped`. Holds the tensors so the pointers stay valid."""
 
-    def __init__(self, w13: list[torch.Tensor], w2: list[torch.Tensor], intermediate: int, hidden: int,
-                 bf16: bool = False):
+    def __init__(self, w13: list, w2: list, intermediate: int, hidden: int, bf16: bool = False):
         self.tensors = (w13, w2)
-        self.w13 = (ctypes.c_void_p * len(w13))(*(t.data_ptr() for t in w13))
-        self.w2 = (ctypes.c_void_p * len(w2))(*(t.data_ptr() for t in w2))
+        self.quantized = isinstance(w13[0], QuantPanels)
+        address = (lambda p: ctypes.addressof(p.struct)) if self.quantized else (lambda t: t.data_ptr())
+        self.w13 = (ctypes.c_void_p * len(w13))(*(address(t) for t in w13))
+        self.w2 = (ctypes.c_void_p * len(w2))(*(address(t) for t in w2))
         self.num, self.intermediate, self.hidden, self.bf16 = len(w13), intermediate, hidden, bf16
+
+    @property
+    def weights_kind(self) -> int:
+        """moe_grouped's weights_kind: 0 fp16, 1 bf16, 2 int8 / int4."""
+        return 2 if self.quantized else int(self.bf16)
 
 
 def moe_f16(x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor, table: ExpertTable) -> torch.Tensor:
     """sum over slots s of weights[t, s] * expert local_ids[t, s](x[t]) (SwiGLU), (T, D) float32; ids outside
     [0, table.num) contribute nothing. For a few tokens: every weight is read once per (token, slot)."""
-    assert not table.bf16, "moe_f16 reads float16 experts"
+    assert not table.bf16 and not table.quantized, "moe_f16 reads float16 experts"
     x = x if x.is_contiguous() else x.contiguous()
     weights = weights.float().contiguous()
     local_ids = local_ids.long().contiguous()
@@ -579,7 +593,7 @@ def moe_grouped(x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
     scratch = torch.empty(lib.dsserve_moe_grouped_workspace(tokens, table.hidden, top_k, table.intermediate),
                           dtype=torch.float32)
     status = lib.dsserve_moe_grouped(x.data_ptr(), tokens, table.hidden, local_ids.data_ptr(), weights.data_ptr(),
-                                     top_k, table.w13, table.w2, table.num, table.intermediate, int(table.bf16),
+                                     top_k, table.w13, table.w2, table.num, table.intermediate, table.weights_kind,
                                      out.data_ptr(), scratch.data_ptr())
     if status:
         raise RuntimeError(f"dsserve_moe_grouped failed ({status}) for {tokens} tokens x {top_k} of {table.num} experts")
@@ -757,13 +771,16 @@ class _FusedDecoder:
 
 
 def _field(value) -> int | None:
-    """A struct field's value: a tensor's address, a C array (of pointers) as such, a number, or NULL for None."""
+    """A struct field's value: a tensor's address, a C array (of pointers) or struct as such, a number, or NULL for
+    None."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
         return value.data_ptr()
     if isinstance(value, ctypes.Array):
         return ctypes.cast(value, ctypes.c_void_p).value
+    if isinstance(value, ctypes.Structure):
+        return ctypes.addressof(value)
     return value
 
 
@@ -774,17 +791,19 @@ class DenseDecoder(_FusedDecoder):
     the same bits, without ~10 Python-side calls per layer.
 
     `layers` holds, per layer, the tensors the C struct points at (kept alive here): input_norm, post_norm (D,)
-    float32; qkv, o, gate_up, down packed by `pack_f16` (or all by `pack_bf16`: `weights_bf16`); qkv_bias, o_bias
-    (or None); cache (blocks, block_size, 2, kv_heads, head_dim) float32 or float16, contiguous."""
+    float32; qkv, o, gate_up, down packed by `pack_f16` (or all by `pack_bf16`: `weights_bf16`; or all int8 / int4
+    `QuantPanels` structs: `weights_quant`); qkv_bias, o_bias (or None); cache (blocks, block_size, 2, kv_heads,
+    head_dim) float32 or float16, contiguous."""
 
     def __init__(self, layers: list[dict], *, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
                  eps: float, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-                 weights_bf16: bool = False):
+                 weights_bf16: bool = False, weights_quant: bool = False):
         cache = layers[0]["cache"]
         step = _struct("dsserve_dense_step")(
             hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate,
             block_size=cache.shape[1], eps=eps, scale=scale, cache_half=int(cache.dtype == torch.float16),
-            interleaved=int(interleaved), weights_bf16=int(weights_bf16), cos_table=cos.data_ptr(),
+            interleaved=int(interleaved), weights_bf16=int(weights_bf16), weights_quant=int(weights_quant),
+            cos_table=cos.data_ptr(),
             sin_table=sin.data_ptr())
         dims = (hidden, heads, kv_heads, head_dim, intermediate)
         super().__init__("dsserve_dense_decode", lambda lib, batch: lib.dsserve_dense_workspace(batch, *dims),

@@ -36,8 +36,8 @@
 #define MAX_GROUP 256
 /* How far ahead of its loads a GEMV prefetches each of its two streams into L1. The hardware prefetchers keep up
  * with the bf16 GEMV; here the widening leaves the core less time to issue loads and, without this, the time of the
- * arithmetic and of the memory reads added up (one thread, weights in memory, thread CPU time, three runs alternated: int8
- * 9.6-10.5 -> 11.2-11.6 GB/s, int4 7.2-7.7 -> 7.9-8.0; 512 to 2048 bytes ahead alike within noise). */
+ * arithmetic and of the memory reads added up (one thread, weights in memory, thread CPU time, three runs
+ * alternated: int8 9.6-10.5 -> 11.2-11.6 GB/s, int4 7.2-7.7 -> 7.9-8.0; 512 to 2048 bytes ahead alike). */
 #define PREFETCH_BYTES 1024
 
 static inline __m512 int8_row(const int8_t *p) {
@@ -291,3 +291,10 @@ int dsserve_linear_int4(const float *x, const uint8_t *packed, const uint16_t *s
 }
 int dsserve_linear_quant_supported(void) { return 0; }
 #endif
+
+int dsserve_linear_quant(const float *x, const dsserve_quant_weight *w, const float *bias, float *y, int64_t M,
+                         int64_t N, int64_t K) {
+    if (w->bits == 8) return dsserve_linear_int8(x, w->packed, w->scales, bias, y, M, N, K);
+    if (w->bits == 4) return dsserve_linear_int4(x, w->packed, w->scales, w->zeros, bias, y, M, N, K, w->group);
+    return -2;
+}
