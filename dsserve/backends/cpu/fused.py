@@ -7,7 +7,7 @@ A layer can fall short because a linear was left on another kernel (a weight out
 a failed packing check leaves F.linear, an int4 scale beyond float16 leaves a quantized model's layer unquantized),
 a router has no C kernel, tensor parallelism, or a layout the kernels do not read; any such field would otherwise
 reach C as a NULL pointer. The linears are all 16-bit panels of one kind, or all int8 / int4 (--quantization: each
-reaches C as a dsserve_quant_weight struct, int8 and int4 mixed as the LM head's int8 is in an int4 model).
+reaches C as a dsserve_quant_weight struct, which says its own bits, so the two could even mix).
 """
 
 from __future__ import annotations
