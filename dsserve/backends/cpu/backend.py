@@ -202,7 +202,7 @@ class CpuBackend(TorchBackend):
     def experts(self, layer, x, weights, ids):
         table = self.packs.expert_tables.get(layer)
         if table is not None and x.dtype == torch.float32:
-            if ids.numel() <= layer.num_local and not table.bf16:
+            if ids.numel() <= layer.num_local and not table.bf16 and not table.quantized:
                 # Few tokens (decode at small batch): one C call over the (token, slot) pairs, no sort
                 return kernels.moe_f16(x, weights, ids - layer.first_expert, table)
             # More (prompt steps, large batches): one C call, each active expert's tokens through one GEMM pair
