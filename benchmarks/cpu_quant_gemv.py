@@ -20,7 +20,7 @@ import time
 import torch
 
 from dsserve.backends.cpu import kernels as cpu_kernels
-from dsserve.layers.quantization import QuantScheme
+from dsserve.formats.quantization import QuantScheme
 
 
 def _best(fn, repeats: int, clock=time.perf_counter) -> float:

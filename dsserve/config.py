@@ -354,7 +354,7 @@ class EngineConfig:
     device: str  # "cpu" or "cuda"
     num_threads: int  # torch intra-op threads on CPU
     backend: str  # kernels: "cpu" (dsserve's C kernels, packed weights) or "torch" (the plain-torch reference)
-    quantization: str | None = None  # int8 / int4 weights quantized at load (layers/quantization.py names), or None
+    quantization: str | None = None  # int8 / int4 weights quantized at load (formats/quantization.py names), or None
     seed: int = 0  # default seed of unseeded sampling
     tokenizer_path: str | None = None  # folder with tokenizer.json; default the model folder
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

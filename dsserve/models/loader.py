@@ -15,7 +15,7 @@ from safetensors import safe_open
 from dsserve.config import ModelConfig
 from dsserve.errors import WeightsError
 from dsserve.formats.quantized import fp8_block_weight
-from dsserve.layers.quantization import QuantizedWeight
+from dsserve.formats.quantization import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 

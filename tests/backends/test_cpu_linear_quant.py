@@ -1,5 +1,5 @@
 """The int8 / int4 weight-only linears (csrc/linear_quant.c) against their plain-torch twin: dequantize
-(layers/quantization.py), then F.linear. One row (the GEMV), several rows (the dequantized-block path), odd N and K,
+(formats/quantization.py), then F.linear. One row (the GEMV), several rows (the dequantized-block path), odd N and K,
 K not a multiple of the group, bias; and the quantizers' own rules."""
 
 import pytest
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.errors import ConfigError
-from dsserve.layers.quantization import QuantScheme, quantize_activations, quantize_int4, quantize_int8, reference_linear
+from dsserve.formats.quantization import QuantScheme, quantize_activations, quantize_int4, quantize_int8, reference_linear
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.linear_quant_usable(),
                                   reason="the quantized linears need AVX-512")

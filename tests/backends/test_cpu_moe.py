@@ -10,7 +10,7 @@ from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.backends.cpu.backend import CpuBackend
 from dsserve.backends.cpu.packing import Kind, PackedLinear
 from dsserve.backends.torch import TorchBackend
-from dsserve.layers.quantization import QuantScheme
+from dsserve.formats.quantization import QuantScheme
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="the CPU kernel library did not build")
 

@@ -12,7 +12,7 @@ from dsserve.backends.cpu.packing import Kind
 from dsserve.errors import ConfigError
 from dsserve.layers.linear import Linear
 from dsserve.layers.moe import Experts
-from dsserve.layers.quantization import QuantScheme
+from dsserve.formats.quantization import QuantScheme
 
 PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18]]
 # the checkpoint tensors the packer quantizes: every projection but MLA's kv_b_proj (attention reads it as is)

@@ -21,7 +21,7 @@ from dsserve.backends.cpu import kernels
 from dsserve.backends.cpu.fused import build_fused_decoder
 from dsserve.backends.cpu.packing import Packer, Packs
 from dsserve.backends.torch import AttentionMetadata, TorchBackend, Workspace
-from dsserve.layers.quantization import QuantScheme
+from dsserve.formats.quantization import QuantScheme
 from dsserve.profiling import PROFILER
 
 logger = logging.getLogger(__name__)

@@ -482,7 +482,7 @@ class QuantPanels:
 
 
 def pack_quantized(weight) -> QuantPanels | Fp8Panels:
-    """A `layers.quantization.QuantizedWeight` in linear_quant.c's layout (linear_quant.c draws it), or fp8's in
+    """A `formats.quantization.QuantizedWeight` in linear_quant.c's layout (linear_quant.c draws it), or fp8's in
     linear_fp8.c's."""
     if weight.scheme.float8:
         return pack_fp8(weight)
@@ -604,7 +604,7 @@ def pack_fp8(weight) -> Fp8Panels:
 
 def linear_fp8(x: torch.Tensor, panels: Fp8Panels, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) float32 @ W^T (+ bias) for a weight `pack_fp8` laid out: (..., out_features) float32. One row keeps
-    x in fp32; several round it to bf16 (layers/quantization.py `reference_linear` is the twin of both)."""
+    x in fp32; several round it to bf16 (formats/quantization.py `reference_linear` is the twin of both)."""
     if x.shape[-1] != panels.in_features:
         raise ValueError(f"the fp8 linear has {panels.in_features} inputs, x has {x.shape[-1]}")
     return _linear("dsserve_linear_fp8", "fp8", x, panels.packed, out_features, bias, panels.scales)

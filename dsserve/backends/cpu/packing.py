@@ -5,7 +5,7 @@ float16: dsserve's panel-packed fp16 layout (csrc/linear_f16.c, AVX2 + F16C), wi
 activations and accumulation stay fp32, half the bytes per decode step; FBGEMM's packed fp16 GEMM where the library
 could not be built. bfloat16: csrc/linear_bf16.c's AMX tiles (activations rounded to bf16), else oneDNN's bf16 GEMM.
 MLA's kv_b_proj is read by attention itself: its two halves are packed per head in fp16 for the absorbed decode.
-int8 / int4 (`--quantization`, layers/quantization.py): every other linear and routed expert quantized as it is
+int8 / int4 (`--quantization`, formats/quantization.py): every other linear and routed expert quantized as it is
 packed, the LM head in int8 (csrc/linear_quant.c, AVX-512); the fused decoders and moe.c read them too.
 fp8 (`--quantization fp8`, or an FP8 checkpoint's weights kept as stored): e4m3 bytes with a scale per row per 128
 inputs (csrc/linear_fp8.c, AMX). A pre-quantized checkpoint tensor reaches the packer as the `quantized` staging
@@ -25,7 +25,7 @@ from torch import nn
 from dsserve.backends.cpu import kernels
 from dsserve.errors import ConfigError, WeightsError
 from dsserve.layers.linear import Linear, VocabParallel
-from dsserve.layers.quantization import QuantizedWeight, QuantScheme, reference_linear
+from dsserve.formats.quantization import QuantizedWeight, QuantScheme, reference_linear
 from dsserve.layers.moe import ExpertMLP, Experts
 from dsserve.models.deepseek import MultiHeadLatentAttention
 
@@ -397,7 +397,7 @@ def pack_checked(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | No
     if scheme is not None and not isinstance(weight, QuantizedWeight):
         try:
             weight = scheme.quantize(weight)
-        except ValueError as e:  # a scale beyond float16 (layers/quantization.py): this layer stays unquantized
+        except ValueError as e:  # a scale beyond float16 (formats/quantization.py): this layer stays unquantized
             logger.warning("%s: that layer keeps %s weights", e, weight_dtype)
             return pack_checked(weight, bias, weight_dtype)
     quantized = isinstance(weight, QuantizedWeight)

@@ -3,7 +3,7 @@
  * is loaded. One row of x (batch-1 decode) is a GEMV bound by reading the weights; more rows dequantize a block of
  * a panel into L1 at a time and run an fp32 micro-kernel over it (a simple correct path; AMX int8 tiles can come).
  *
- * The formats and their plain-torch twins are dsserve/layers/quantization.py; kernels.py packs them:
+ * The formats and their plain-torch twins are dsserve/formats/quantization.py; kernels.py packs them:
  *
  * int8 (W8A16, per output channel): w[n, k] = q[n, k] * scale[n], q in [-127, 127].
  *     packed[p][k][j] = q[16 p + j][k]     int8, panels of 16 output rows, an even number of panels (rows past N
