@@ -5,8 +5,9 @@ float16: dsserve's panel-packed fp16 layout (csrc/linear_f16.c, AVX2 + F16C), wi
 activations and accumulation stay fp32, half the bytes per decode step; FBGEMM's packed fp16 GEMM where the library
 could not be built. bfloat16: csrc/linear_bf16.c's AMX tiles (activations rounded to bf16), else oneDNN's bf16 GEMM.
 MLA's kv_b_proj is read by attention itself: its two halves are packed per head in fp16 for the absorbed decode.
-int8 / int4 (`--quantization`, layers/quantization.py): every other linear and routed expert quantized as it is
-packed, the LM head in int8 (csrc/linear_quant.c, AVX-512); the fused decoders do not read these yet.
+int8 / int4 / w8a8 (`--quantization`, layers/quantization.py): every other linear and routed expert quantized as it
+is packed, the LM head in int8 (csrc/linear_quant.c, AVX-512; w8a8: csrc/linear_w8a8.c, AMX int8 tiles and
+AVX512-VNNI); the fused decoders do not read these yet.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from dsserve.backends.cpu import kernels
 from dsserve.errors import ConfigError
 from dsserve.layers.linear import Linear, VocabParallel
-from dsserve.layers.quantization import QuantScheme
+from dsserve.layers.quantization import QuantScheme, reference_linear
 from dsserve.layers.moe import ExpertMLP, Experts
 from dsserve.models.deepseek import MultiHeadLatentAttention
 
@@ -40,6 +41,7 @@ class Kind(enum.Enum):
     ONEDNN_F32 = "onednn fp32"
     INT8 = "dsserve int8"  # csrc/linear_quant.c
     INT4 = "dsserve int4"
+    W8A8 = "dsserve w8a8"  # csrc/linear_w8a8.c
 
     @property
     def own(self) -> bool:
@@ -57,7 +59,7 @@ class PackedLinear:
         self.out_features = weight.shape[0]
         self.bias = None if bias is None else bias.detach().float().contiguous()
         if scheme is not None:  # quantized here, one weight at a time
-            self.kind = Kind.INT8 if scheme.bits == 8 else Kind.INT4
+            self.kind = Kind.W8A8 if scheme.activations else Kind.INT8 if scheme.bits == 8 else Kind.INT4
             self.data = kernels.pack_quantized(scheme.quantize(weight))
         elif weight_dtype == torch.float16 and kernels.linear_f16_usable():
             self.kind, self.data = Kind.F16, kernels.pack_f16(weight)
@@ -77,6 +79,8 @@ class PackedLinear:
         kind = self.kind
         if kind is Kind.INT8 or kind is Kind.INT4:
             return kernels.linear_quant(x, self.data, self.out_features, self.bias)
+        if kind is Kind.W8A8:
+            return kernels.linear_w8a8(x, self.data, self.out_features, self.bias)
         if kind is Kind.F16:
             return kernels.linear_f16(x, self.data, self.out_features, self.bias)
         if kind is Kind.BF16:
@@ -158,6 +162,11 @@ class Packer:
             why = kernels.why_unavailable() or "this CPU or build has no AVX-512"
             raise ConfigError(f"--quantization {quantization.name} needs dsserve's int8/int4 CPU kernels "
                               f"(csrc/linear_quant.c, AVX-512), unavailable here ({why}); drop --quantization")
+        if quantization is not None and quantization.activations and not kernels.linear_w8a8_usable():
+            why = kernels.why_unavailable() or "this CPU or build has no AVX512-VNNI"
+            raise ConfigError(f"--quantization {quantization.name} needs dsserve's w8a8 CPU kernel (csrc/linear_w8a8.c, "
+                              f"AVX512-VNNI), unavailable here ({why}); use --quantization int8 (int8 weights, float "
+                              "activations) instead")
         self.packs = Packs()
         self.scheme, self.head_scheme = quantization, QuantScheme(8) if quantization is not None else None
         self.weight_dtype = resolve_weight_dtype(weight_dtype)
@@ -303,9 +312,9 @@ def _is_cpu_fp32(weight: torch.Tensor | None) -> bool:
 def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype,
                  scheme: QuantScheme | None = None) -> PackedLinear:
     """`PackedLinear(weight, bias, weight_dtype, scheme)` checked against F.linear on a sample of its outputs (a
-    quantized one against its dequantized weight: the schemes quantize row by row, so the sampled rows quantize
-    alone to the same values); float32 for a weight beyond float16's range (logged), `weight_dtype` for one beyond
-    int4's float16 scales. Raises PackingFailed where the kernel fails or disagrees."""
+    quantized one against `reference_linear`, its plain-torch twin: the schemes quantize weights row by row, so the
+    sampled rows quantize alone to the same values); float32 for a weight beyond float16's range (logged),
+    `weight_dtype` for one beyond int4's float16 scales. Raises PackingFailed where the kernel fails or disagrees."""
     if weight_dtype == torch.float16 and weight.abs().amax().item() > _FP16_MAX:
         logger.warning("a %s weight exceeds float16's range: that layer keeps float32 weights", tuple(weight.shape))
         weight_dtype = torch.float32
@@ -317,17 +326,17 @@ def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: 
             return pack_checked(weight, bias, weight_dtype)
         rows = slice(None, None, max(1, weight.shape[0] // 64))  # a sample of the outputs: no copy of a big weight
         probe = torch.randn(3, weight.shape[1])
-        if scheme is not None:
-            rounded = scheme.quantize(weight[rows]).dequantize()
-        else:
-            rounded = weight[rows].to(weight_dtype).float()
-        if weight_dtype == torch.bfloat16 and scheme is None:  # activations rounded to bf16 too, and each output
-            expected = F.linear(probe.bfloat16().float(), rounded)
+        sampled_bias = None if bias is None else bias[rows]
+        if scheme is not None:  # its plain-torch twin (w8a8's quantizes the probe's rows too)
+            expected = reference_linear(probe, scheme.quantize(weight[rows]), sampled_bias)
+            agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4, atol=1e-4)
+        elif weight_dtype == torch.bfloat16:  # activations rounded to bf16 too, and each output
+            expected = F.linear(probe.bfloat16().float(), weight[rows].bfloat16().float())
             tolerance = 2**-7 * (expected.abs() + 1e-3 * expected.abs().amax())
-            agrees = bool(((packed(probe)[:, rows] - (expected if bias is None else expected + bias[rows])).abs()
+            agrees = bool(((packed(probe)[:, rows] - (expected if bias is None else expected + sampled_bias)).abs()
                            <= tolerance).all())
         else:
-            expected = F.linear(probe, rounded, None if bias is None else bias[rows])
+            expected = F.linear(probe, weight[rows].to(weight_dtype).float(), sampled_bias)
             agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4, atol=1e-4)
     except (RuntimeError, NotImplementedError) as e:  # this torch build cannot pack it
         raise PackingFailed(f"packing a {tuple(weight.shape)} weight as {scheme.name if scheme else weight_dtype} "

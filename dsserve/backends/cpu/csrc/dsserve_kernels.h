@@ -22,6 +22,7 @@ int dsserve_half_supported(void);        /* the attention kernel reads a float16
 int dsserve_linear_f16_supported(void);  /* the float16-weight linear is built (AVX2 + FMA + F16C) */
 int dsserve_linear_bf16_supported(void); /* the bf16 AMX linear is built and Linux lets this process use the tiles */
 int dsserve_linear_quant_supported(void); /* the int8 / int4 weight-only linears are built (AVX-512) */
+int dsserve_linear_w8a8_supported(void);  /* w8a8: 2 AMX int8 tiles + AVX512-VNNI, 1 AVX512-VNNI only, 0 none */
 
 /* ---- decode attention over the paged cache (paged_attention.c) ---------------------------------------------- */
 
@@ -51,6 +52,11 @@ int dsserve_linear_int8(const float *x, const int8_t *packed, const float *scale
                         int64_t M, int64_t N, int64_t K);
 int dsserve_linear_int4(const float *x, const uint8_t *packed, const uint16_t *scales, const uint8_t *zeros,
                         const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t group);
+
+/* ---- int8 weights times int8 activations quantized per row on the fly (linear_w8a8.c describes the layout) -- */
+
+int dsserve_linear_w8a8(const float *x, const int8_t *packed, const float *scales, const int32_t *sums,
+                        const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t tile_rows);
 
 /* ---- routed experts over many tokens, grouped by expert (moe.c) --------------------------------------------- */
 
