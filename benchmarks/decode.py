@@ -2,11 +2,13 @@
 
     python benchmarks/decode.py --shape r1-distill-qwen-1.5b --before a913775
     python benchmarks/decode.py --shape deepseek-v2-lite --layers 8 --batch 16 --rounds 2
+    python benchmarks/decode.py --shape r1-distill-qwen-1.5b --batch 16 --quantization none w8a8
 
 Each run loads the model in a fresh process with defaults (bf16 weights on AMX), warms up, then takes the best of
 3: `batch` prompts of 128 random token ids, decoded to 129 tokens each, minus the time of the same prompts to 1
 token (so the prefill is not counted): decode tokens/s over the batch. The checkpoint is built as prefill.py
-builds it (compare.py's shapes) where the folder has none.
+builds it (compare.py's shapes) where the folder has none. `--quantization` runs each named form (`none`: the
+default weights) in turn, alternated.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ PROBE = r"""
 import json, sys, time, torch
 from dsserve import LLM, SamplingParams
 
-llm = LLM(sys.argv[1])
+llm = LLM(sys.argv[1], quantization=None if sys.argv[3] == "none" else sys.argv[3])
 g = torch.Generator().manual_seed(0)
 prompts = [{"prompt_token_ids": torch.randint(100, 10000, (128,), generator=g).tolist()}
            for _ in range(int(sys.argv[2]))]
@@ -47,6 +49,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--before", help="also run this commit, alternated")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--quantization", nargs="+", default=["none"], help="forms to run in turn (none: no quantization)")
     args = ap.parse_args()
     checkpoint = compare.shape_checkpoint(args)
     commits = {args.before: args.before} if args.before else {}
@@ -56,9 +59,10 @@ def main() -> None:
     print("|---|---|---|")
     with checked_out(commits) as trees:
         for _ in range(args.rounds):
-            for name, tree in trees.items():
-                got = run_probe(tree, PROBE, str(checkpoint), str(args.batch))
-                print(f"| {name} | {got['best']:.2f} | {' '.join(f'{r:.2f}' for r in got['all'])} |", flush=True)
+            for (name, tree), form in ((t, f) for t in trees.items() for f in args.quantization):
+                got = run_probe(tree, PROBE, str(checkpoint), str(args.batch), form)
+                label = name if form == "none" else f"{name}, {form}"
+                print(f"| {label} | {got['best']:.2f} | {' '.join(f'{r:.2f}' for r in got['all'])} |", flush=True)
 
 
 if __name__ == "__main__":
