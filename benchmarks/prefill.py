@@ -45,11 +45,12 @@ if sys.argv[4] == "ops":  # every op CpuBackend defines, timed around the call; 
     from dsserve.backends.cpu.backend import CpuBackend
     seconds, flops = collections.defaultdict(float), collections.defaultdict(float)
     def timed(name, method):
-        def call(self, layer, x, *rest):
+        def call(self, *args):  # (layer, x, ...); silu_and_mul takes (gate_up,) alone
             start = time.perf_counter()
-            out = method(self, layer, x, *rest)
+            out = method(self, *args)
             key = name
-            if name in ("linear", "gated_linear") and x.dim() == 2:
+            if name in ("linear", "gated_linear") and args[1].dim() == 2:
+                x = args[1]
                 n = out.shape[-1] * (2 if name == "gated_linear" else 1)
                 key = f"{name} {x.shape[1]} -> {n}"
                 flops[key] += 2 * x.shape[0] * x.shape[1] * n
@@ -83,7 +84,7 @@ def main() -> None:
     print(f"# {args.shape}, {args.layers or 'all'} layers, one {args.length}-token prompt")
     print("| commit | prefill tok/s | seconds | of which attention | token |\n|---|---|---|---|---|")
     commits = {args.before: args.before} if args.before else {}
-    profile = None
+    profiles = []
     with checked_out({**commits, "this tree": None}) as trees:
         for _ in range(args.rounds):
             for (name, tree), form in ((t, f) for t in trees.items() for f in args.quantization):
@@ -93,9 +94,11 @@ def main() -> None:
                 label = name if form == "none" else f"{name}, {form}"
                 print(f"| {label} | {args.length / r['seconds']:.0f} | {r['seconds']:.2f} | {r['attention_s']:.2f} s | "
                       f"{r['token']} |", flush=True)
-                profile = r.get("ops") and r or profile
-    if profile:
-        print(f"\n# by op, one more prompt: {profile['total_s']:.2f} s\n| op | seconds | share | TFLOP/s |\n|---|---|---|---|")
+                if r.get("ops"):
+                    profiles.append((label, r))
+    for label, profile in profiles[-len(args.quantization):]:  # the last round's, one per form
+        print(f"\n# {label}, by op, one more prompt: {profile['total_s']:.2f} s\n"
+              "| op | seconds | share | TFLOP/s |\n|---|---|---|---|")
         for key, (seconds, tflops) in profile["ops"].items():
             rate = f"{tflops:.2f}" if tflops is not None else ""
             print(f"| {key} | {seconds:.2f} | {seconds / profile['total_s']:.0%} | {rate} |")

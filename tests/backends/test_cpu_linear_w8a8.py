@@ -129,3 +129,18 @@ def test_packed_layout():
 def test_fp8_is_still_refused():
     with pytest.raises(ConfigError, match="fp8 has no CPU kernel in this build yet"):
         cpu_kernels.pack_quantized(QuantScheme.parse("fp8").quantize(torch.randn(16, 16)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,in_features", [(1, 96), (4, 96), (5, 96), (70, 300), (40, 4200)])
+def test_swiglu_is_the_linear_then_silu_mul(rows, in_features):
+    """The fused gate/up + SwiGLU (tiles in one pass; few rows, and K past one depth range, through the linear):
+    the linear's values followed by silu * up, without the (T, 2 I) product."""
+    torch.manual_seed(rows)
+    weight = W8A8.quantize(torch.randn(2 * 48, in_features) * 0.05)
+    panels = cpu_kernels.pack_quantized(weight)
+    x = torch.randn(rows, in_features)
+    want = cpu_kernels.silu_mul(cpu_kernels.linear_w8a8(x, panels, 96))
+    torch.testing.assert_close(cpu_kernels.linear_w8a8_swiglu(x, panels, 48), want, rtol=2e-7, atol=1e-7)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cpu_kernels.linear_w8a8_swiglu(x, panels, 40)

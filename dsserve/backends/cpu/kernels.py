@@ -599,6 +599,29 @@ def linear_w8a8(x: torch.Tensor, panels: W8A8Panels, out_features: int,
     return out
 
 
+def linear_w8a8_swiglu(x: torch.Tensor, panels: W8A8Panels, intermediate: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x Wg^T) * (x Wu^T) for a w8a8 (2 I, K) gate_up weight (gate rows first) packed by `pack_w8a8`, I a
+    multiple of 16: x (T, K) float32 -> (T, I) float32 (into `out` where given), without the (T, 2 I) product in
+    memory on the AMX tiles; the values of `linear_w8a8` followed by `silu_mul` (up to float32 rounding of silu)."""
+    if intermediate % PANEL:
+        raise ValueError(f"the fused SwiGLU needs an intermediate size that is a multiple of {PANEL}, got {intermediate}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"the w8a8 linear takes float32 activations, got {x.dtype}")
+    x = x if x.is_contiguous() else x.contiguous()
+    if out is None:
+        out = torch.empty(x.shape[0], intermediate, dtype=torch.float32)
+    elif out.shape != (x.shape[0], intermediate) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 ({x.shape[0]}, {intermediate}) tensor")
+    if x.shape[0]:
+        _check_linear(_state["lib"].dsserve_linear_w8a8_swiglu(x.data_ptr(), panels.packed.data_ptr(),
+                                                               panels.scales.data_ptr(), panels.sums.data_ptr(),
+                                                               out.data_ptr(), x.shape[0], intermediate, x.shape[1],
+                                                               W8A8_TILE_ROWS),
+                      "w8a8", x.shape)
+    return out
+
+
 def pack_heads_f16(weights: torch.Tensor) -> torch.Tensor:
     """(H, N, K) float32, one (N, K) weight per head, N a multiple of 16 -> (H, N / 16, K, 16) float16 for
     `heads_f16`."""

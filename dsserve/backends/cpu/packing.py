@@ -95,8 +95,10 @@ class PackedLinear:
     @property
     def fuses_swiglu(self) -> bool:
         """As a gate_up weight (gate rows, then as many up rows), the kernel can apply SwiGLU to its product on the
-        way out (`kernels.linear_bf16_swiglu`): bf16 on AMX, no bias, whole panels of each half."""
-        return self.kind is Kind.BF16 and self.bias is None and self.out_features % (2 * kernels.PANEL) == 0
+        way out (`kernels.linear_bf16_swiglu`, `kernels.linear_w8a8_swiglu`): bf16 on AMX or w8a8, no bias, whole
+        panels of each half."""
+        return (self.kind in (Kind.BF16, Kind.W8A8) and self.bias is None
+                and self.out_features % (2 * kernels.PANEL) == 0)
 
     @property
     def own_data(self) -> torch.Tensor | None:

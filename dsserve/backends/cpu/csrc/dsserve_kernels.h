@@ -57,6 +57,9 @@ int dsserve_linear_int4(const float *x, const uint8_t *packed, const uint16_t *s
 
 int dsserve_linear_w8a8(const float *x, const int8_t *packed, const float *scales, const int32_t *sums,
                         const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t tile_rows);
+/* y (M, I) = silu(x Wg^T) * (x Wu^T), packed the (2 I, K) gate_up weight for linear_w8a8; -2 when I % 16 != 0 */
+int dsserve_linear_w8a8_swiglu(const float *x, const int8_t *packed, const float *scales, const int32_t *sums,
+                               float *y, int64_t M, int64_t I, int64_t K, int64_t tile_rows);
 
 /* ---- routed experts over many tokens, grouped by expert (moe.c) --------------------------------------------- */
 

@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "dsserve_kernels.h"
+#include "vec_math.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -289,6 +290,51 @@ static void amx_rows(const int8_t *xq, const float *x_scales, const int8_t *pack
     }
     _tile_release();
 }
+
+/* y (M, I) = silu(gate) * up for a (2 I, K) gate_up weight, gate panel p and up panel p + I / 16 as one task's two
+ * panels over the whole depth (Kp <= DEPTH), each 32-row block's four C tiles scaled and combined on their way out:
+ * the (M, 2 I) product is never written. Each product is scaled as scale_out scales it: the linear's values, then
+ * silu * up (as dsserve_silu_mul up to the rounding of silu: this file is built without FMA contraction). Inside a
+ * parallel region. */
+static void amx_swiglu(const int8_t *xq, const float *x_scales, const int8_t *packed, const float *scales, float *y,
+                       int64_t M, int64_t I, int64_t Kp) {
+    const int64_t blocks = (M + 31) / 32, panels = I / NR;
+    int64_t per_chunk = (1 << 20) / (32 * Kp); /* a chunk's rows of x in about 1 MiB of L2 */
+    per_chunk = per_chunk < 1 ? 1 : per_chunk > CHUNK ? CHUNK : per_chunk;
+    configure_tiles();
+    for (int64_t c0 = 0; c0 < blocks; c0 += per_chunk) {
+        const int64_t chunk = blocks - c0 < per_chunk ? blocks - c0 : per_chunk;
+#pragma omp for schedule(static) nowait
+        for (int64_t task = 0; task < chunk * panels; task++) {
+            const int64_t i = task % chunk, p = task / chunk, m0 = (c0 + i) * 32;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            tiles_times_panels(xq + m0 * Kp, packed + p * Kp * NR, packed + (p + panels) * Kp * NR, Kp, 0, Kp,
+                               share_of_next(packed, Kp, p + 1, p + 1 + panels, 2 * panels, 0, Kp, i, chunk));
+            int32_t c[4][16 * 16]; /* rows 0-15 gate, up; rows 16-31 gate, up */
+            _tile_stored(0, c[0], 64);
+            _tile_stored(1, c[1], 64);
+            _tile_stored(2, c[2], 64);
+            _tile_stored(3, c[3], 64);
+            const __m512 gate_scales = _mm512_loadu_ps(scales + p * NR);
+            const __m512 up_scales = _mm512_loadu_ps(scales + (p + panels) * NR);
+            for (int64_t r = 0; r < 32 && m0 + r < M; r++) {
+                const int32_t *gate = c[(r / 16) * 2] + (r % 16) * 16, *up = gate + 256;
+                const __m512 xs = _mm512_set1_ps(x_scales[m0 + r]);
+                float g[16], u[16];
+                _mm512_storeu_ps(g, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(
+                                                      _mm512_loadu_si512((const void *)gate)), xs), gate_scales));
+                _mm512_storeu_ps(u, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(
+                                                      _mm512_loadu_si512((const void *)up)), xs), up_scales));
+                float *out = y + (m0 + r) * I + p * NR;
+                for (int n = 0; n < 16; n++) out[n] = silu_times(g[n], u[n]);
+            }
+        }
+    }
+    _tile_release();
+}
 #endif
 
 /* x (M, K) float32 contiguous; packed, scales, sums as above; bias (N,) or NULL; y (M, N) float32. From tile_rows
@@ -326,6 +372,46 @@ int dsserve_linear_w8a8(const float *x, const int8_t *packed, const float *scale
     return 0;
 }
 
+/* y (M, I) = silu(x Wg^T) * (x Wu^T): packed is the (2 I, K) gate_up weight (gate rows first) in the layout above,
+ * I a multiple of 16 (-2 otherwise). On the tiles with K up to DEPTH, in one pass (amx_swiglu); otherwise (few rows,
+ * no AMX, deep sums) the linear 256 rows at a time into a buffer, then dsserve_silu_mul. -3: no memory. */
+int dsserve_linear_w8a8_swiglu(const float *x, const int8_t *packed, const float *scales, const int32_t *sums,
+                               float *y, int64_t M, int64_t I, int64_t K, int64_t tile_rows) {
+    if (I % NR) return -2;
+    const int64_t Kp = (K + 63) / 64 * 64;
+#if HAVE_AMX
+    if (M >= tile_rows && Kp <= DEPTH && amx_permitted()) {
+        const int64_t Mp = (M + 31) / 32 * 32;
+        int8_t *xq = aligned_alloc(64, (size_t)(Mp * Kp));
+        float *x_scales = malloc((size_t)Mp * sizeof(float));
+        if (xq == NULL || x_scales == NULL) {
+            free(xq);
+            free(x_scales);
+            return -3;
+        }
+#pragma omp parallel
+        {
+            quantize_rows(x, xq, x_scales, M, Mp, K, Kp, 0);
+            amx_swiglu(xq, x_scales, packed, scales, y, M, I, Kp);
+        }
+        free(xq);
+        free(x_scales);
+        return 0;
+    }
+#endif
+    const int64_t rows = CHUNK * 32;
+    float *buf = aligned_alloc(64, (size_t)((M < rows ? M : rows) * 2 * I * 4));
+    if (buf == NULL) return -3;
+    int status = 0;
+    for (int64_t r0 = 0; r0 < M && !status; r0 += rows) {
+        const int64_t n = M - r0 < rows ? M - r0 : rows;
+        status = dsserve_linear_w8a8(x + r0 * K, packed, scales, sums, NULL, buf, n, 2 * I, K, tile_rows);
+        if (!status) dsserve_silu_mul(buf, y + r0 * I, n, I);
+    }
+    free(buf);
+    return status;
+}
+
 /* 2: AMX int8 tiles and AVX512-VNNI; 1: AVX512-VNNI only (no AMX, or Linux refused this process the tiles). */
 int dsserve_linear_w8a8_supported(void) {
 #if HAVE_AMX
@@ -338,6 +424,11 @@ int dsserve_linear_w8a8_supported(void) {
 int dsserve_linear_w8a8(const float *x, const int8_t *packed, const float *scales, const int32_t *sums,
                         const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t tile_rows) {
     (void)x, (void)packed, (void)scales, (void)sums, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)tile_rows;
+    return -1;
+}
+int dsserve_linear_w8a8_swiglu(const float *x, const int8_t *packed, const float *scales, const int32_t *sums,
+                               float *y, int64_t M, int64_t I, int64_t K, int64_t tile_rows) {
+    (void)x, (void)packed, (void)scales, (void)sums, (void)y, (void)M, (void)I, (void)K, (void)tile_rows;
     return -1;
 }
 int dsserve_linear_w8a8_supported(void) { return 0; }
