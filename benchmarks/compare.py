@@ -23,7 +23,8 @@ dependency versions; it gets the same checkpoint folder and the same token ids. 
 (all cores bound). docs/benchmarks.md has the full four-engine command.
 
 llama.cpp runs as its C++ batched runner, llama-batched-bench, on an f16 GGUF of the same checkpoint (`llamacpp`),
-a bf16 one (`llamacpp-bf16`) or a Q8_0 one (`llamacpp-q8_0`, the converter's own quantization). Build it
+a bf16 one (`llamacpp-bf16`), a Q8_0 one (`llamacpp-q8_0`, the converter's own quantization) or a Q4_K_M one
+(`llamacpp-q4_k_m`, llama-quantize from the bf16 GGUF; its output matrix is Q6_K). Build it
 from the llama.cpp that llama-cpp-python's PyPI source vendors (CPU only, tuned to this machine):
 
     pip download --no-binary :all: --no-deps llama-cpp-python -d /tmp/llamacpp
@@ -31,7 +32,7 @@ from the llama.cpp that llama-cpp-python's PyPI source vendors (CPU only, tuned 
     rm src/.git  # a dangling submodule pointer: with it ninja re-runs cmake forever ("still dirty")
     cmake -S src -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF \
           -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
-    cmake --build build -j2 --target llama-batched-bench llama-bench
+    cmake --build build -j2 --target llama-batched-bench llama-bench llama-quantize
 
 (llama-cpp-python 0.3.36 vendors ggml-org/llama.cpp 0c1e57098; its binaries' --version shows the sdist's own
 git commit instead.)
@@ -206,15 +207,20 @@ DSSERVE_OPTIONS = {
     "dsserve-bf16": {"weight_dtype": "bfloat16"},
     # bf16 weights and an fp16 KV cache (half the bytes decode attention reads)
     "dsserve-bf16-f16kv": {"weight_dtype": "bfloat16", "kv_cache_dtype": "float16"},
+    # quantized as the weights load (docs/quantization.md): llama.cpp's Q8_0 / Q4_K_M are the peers
+    "dsserve-int8": {"quantization": "int8"},
+    "dsserve-int4": {"quantization": "int4"},
+    "dsserve-w8a8": {"quantization": "w8a8"},
+    "dsserve-fp8": {"quantization": "fp8"},
 }
 
 
 def run_dsserve(path: Path, batch: list[list[int]], output_len: int, weight_dtype: str = "auto",
-                kv_cache_dtype: str = "auto") -> float:
+                kv_cache_dtype: str = "auto", quantization: str | None = None) -> float:
     from dsserve import LLM, SamplingParams
 
     llm = LLM(path, max_model_len=len(batch[0]) + output_len + 16, weight_dtype=weight_dtype,
-              kv_cache_dtype=kv_cache_dtype)
+              kv_cache_dtype=kv_cache_dtype, quantization=quantization)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in batch[:2]], SamplingParams(max_tokens=4, ignore_eos=True))
     started = time.perf_counter()
@@ -289,6 +295,7 @@ def run_vllm(path: Path, batch: list[list[int]], output_len: int, dtype: str = "
 
 
 LLAMACPP: dict[str, str] = {}  # bin, src, python, args (see main)
+LLAMA_QUANTIZE = {"q4_k_m": "Q4_K_M"}  # GGUF types made by llama-quantize (the others by the converter)
 
 
 def llamacpp_gguf(path: Path, outtype: str, bin_dir: str, src: str = "", python: str = sys.executable) -> Path:
@@ -296,6 +303,16 @@ def llamacpp_gguf(path: Path, outtype: str, bin_dir: str, src: str = "", python:
     with it) by the llama.cpp source tree `src` (default: the one the build in `bin_dir` was configured from)."""
     gguf = path.parent / f"{path.name}-{outtype}.gguf"
     if gguf.exists():
+        return gguf
+    if outtype in LLAMA_QUANTIZE:  # the k-quants: llama-quantize from the bf16 GGUF, as llama.cpp's users make them
+        source = llamacpp_gguf(path, "bf16", bin_dir, src, python)
+        started = time.perf_counter()
+        out = subprocess.run([str(Path(bin_dir) / "llama-quantize"), str(source), str(gguf), LLAMA_QUANTIZE[outtype]],
+                             capture_output=True, text=True)
+        if out.returncode != 0 or not gguf.exists():
+            raise RuntimeError(f"llama-quantize failed (build it: cmake --build build --target llama-quantize):\n"
+                               f"{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+        print(f"# quantized {gguf} in {time.perf_counter() - started:.0f} s", flush=True)
         return gguf
     if not src:  # the source folder this build was configured from
         cache = (Path(bin_dir).parent / "CMakeCache.txt").read_text()
@@ -344,7 +361,8 @@ def run_vllm_bf16(path: Path, batch: list[list[int]], output_len: int) -> float:
 ENGINES = {**{name: functools.partial(run_dsserve, **options) for name, options in DSSERVE_OPTIONS.items()},
            "transformers": run_transformers, "vllm": run_vllm, "vllm-bf16": run_vllm_bf16, "llamacpp": run_llamacpp,
            "llamacpp-bf16": functools.partial(run_llamacpp, outtype="bf16"),
-           "llamacpp-q8_0": functools.partial(run_llamacpp, outtype="q8_0")}
+           "llamacpp-q8_0": functools.partial(run_llamacpp, outtype="q8_0"),
+           "llamacpp-q4_k_m": functools.partial(run_llamacpp, outtype="q4_k_m")}
 
 
 def main() -> None:

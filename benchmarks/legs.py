@@ -196,7 +196,7 @@ def _memory_needed(weight_bytes: int, expert_bytes: int) -> int:
     return max(int(1.4 * weight_bytes) + 2 * GiB, weight_bytes + 2 * expert_bytes // 3 + GiB)
 
 
-_GGUF_TYPES = {"llamacpp": "f16", "llamacpp-bf16": "bf16", "llamacpp-q8_0": "q8_0"}
+_GGUF_TYPES = {"llamacpp": "f16", "llamacpp-bf16": "bf16", "llamacpp-q8_0": "q8_0", "llamacpp-q4_k_m": "q4_k_m"}
 
 
 def _kind(engine: str) -> str | None:

@@ -19,13 +19,17 @@ RANKS = {
     "backends": 4,  # the runner picks one; a backend knows the layers it accelerates
     "models": 5,
     "layers": 6,
+    # pre-quantized checkpoint formats: read by the loader (models), written by `weights quantize`; checkpoint I/O
+    # beside the layers' maths rather than part of the engine core
+    "formats": 6,
 }
 ANYWHERE = {"config", "options", "errors", "assets", "profiling"}  # imported from any layer; they import nothing above themselves
 # Operator tools read configs and checkpoints, never the engine or the device.
 TOOLS = {"plan", "weights", "mindie", "doctor"}
-# backends.cpu.kernels: the doctor asks it which CPU kernels this machine can run.
+# backends.cpu.kernels: the doctor asks it which CPU kernels this machine can run. layers.quantization and
+# formats: `weights quantize` writes the integers the CPU packer holds, in a format the loader reads.
 TOOL_ALLOWED = {"config", "options", "errors", "models.loader", "models.registry", "plan", "weights", "mindie",
-                "backends.cpu.kernels"}
+                "backends.cpu.kernels", "layers.quantization", "formats"}
 
 
 def _layer(module: str) -> str:

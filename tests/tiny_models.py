@@ -94,6 +94,8 @@ BUILDERS = {
     # a latent + rope entry of 48 values: a multiple of the attention kernel's vector width with AVX-512 too (16)
     "deepseek_v3_rope16": lambda p: deepseek_v3(p, qk_rope_head_dim=16),
     "deepseek_v3_rope16_no_q_lora": lambda p: deepseek_v3(p, qk_rope_head_dim=16, q_lora_rank=None),
+    # experts 64 wide: halves of 32 under -tp 2, whole int4 groups (tests/runner/test_parallel.py)
+    "deepseek_v3_moe64": lambda p: deepseek_v3(p, moe_intermediate_size=64),
     "deepseek_v2_rope16": lambda p: deepseek_v2(p, qk_rope_head_dim=16),
     # V2-Lite's routing: softmax, plain greedy top-k over all experts, weights renormalized
     "deepseek_v2_lite_rope16": lambda p: deepseek_v2(p, qk_rope_head_dim=16, topk_method="greedy", n_group=1,

@@ -21,14 +21,12 @@ NAMES = ("cpu", "torch")
 def select(name: str, device: torch.device, weight_dtype: torch.dtype | None = None,
            quantization: str | None = None) -> Backend:
     """The backend `name` for `device` ("cpu" needs a CPU device; `weight_dtype`: how it packs linear weights,
-    float32 by default; `quantization`: int8 / int4 weights, cpu only)."""
-    if quantization is not None and name != "cpu":
-        raise ConfigError(f"--quantization {quantization} runs on dsserve's CPU kernels (--backend cpu), not the "
-                          f"{name} backend")
+    float32 by default; `quantization`: a layers/quantization.py scheme: dsserve's kernels on "cpu", the plain-torch
+    reference products on "torch", any device)."""
     if name == "torch":
         from dsserve.backends.torch import TorchBackend
 
-        return TorchBackend(device)
+        return TorchBackend(device, quantization)
     if name == "cpu":
         if device.type != "cpu":
             raise ConfigError(f"the cpu backend runs on a CPU device, not {device}; use --backend torch")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsserve.backends.base import Backend
+from dsserve.layers.quantization import QuantScheme, reference_linear
 from dsserve.profiling import PROFILER
 
 
@@ -90,16 +91,50 @@ class TorchBackend(Backend):
     name = "torch"
     metadata_class = AttentionMetadata  # what attention_metadata builds (a backend may add fields)
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", quantization: str | None = None):
         self.device = torch.device(device)
         # CPU: one reused buffer for the attention context gathered from the paged cache (device allocators cache)
         self.workspace = Workspace() if self.device.type == "cpu" else None
         self._rotary_positions: torch.Tensor | None = None  # the step's positions the cached tables belong to
         self._rotary_tables: dict[int, tuple[torch.Tensor, ...]] = {}
+        # --quantization on this backend: the weights held quantized (on the model's device), each product computed
+        # by the plain-torch reference (layers/quantization.py reference_linear: dequantize, then the float op).
+        # Correct on any device, not fast: it is what a quantized model runs on a GPU until the CUDA backend exists.
+        self._scheme = QuantScheme.parse(quantization) if quantization else None
+        self._quantized: dict[nn.Module, object] = {}  # a Linear -> its QuantizedWeight; an ExpertMLP -> (w13, w2)
 
     def prepare(self, model: nn.Module) -> None:
         for module in model.modules():
             module.backend = self
+        if self._scheme is not None:  # what the CPU packer quantizes too (backends/cpu/packing.py Packer)
+            self._float_linears = {m.kv_b_proj for m in model.modules() if hasattr(m, "kv_b_proj")}
+            self._head = getattr(model, "lm_head", None)
+            self._embedding = getattr(model, "embed_tokens", None)
+
+    def module_loaded(self, module: nn.Module) -> None:
+        """With --quantization: every Linear but MLA's kv_b_proj, every routed expert in the scheme, the LM head in
+        int8, quantized as it loads and its float weight dropped."""
+        if self._scheme is None:
+            return
+        from dsserve.layers.linear import Linear
+        from dsserve.layers.moe import ExpertMLP
+
+        if isinstance(module, Linear) and module not in self._float_linears and module.weight is not None:
+            self._quantized[module] = self._scheme.quantize(module.weight.detach())
+            module.weight = None
+        elif isinstance(module, ExpertMLP) and module.w13 is not None:
+            self._quantized[module] = (self._scheme.quantize(module.w13.detach()),
+                                       self._scheme.quantize(module.w2.detach()))
+            module.w13 = module.w2 = None
+        elif module is self._head and module.weight is not None:
+            self._quantized[module] = QuantScheme(8).quantize(module.weight.detach())
+            if module is not self._embedding:  # a tied head's table is still looked up
+                module.weight = None
+
+    def describe(self) -> str:
+        if self._scheme is None:
+            return self.name
+        return f"{self.name} (quantized {self._scheme.name}, LM head int8: plain-torch reference products)"
 
     # ---- step metadata ---------------------------------------------------------------------------------------------
 
@@ -136,6 +171,10 @@ class TorchBackend(Backend):
         return F.embedding(ids, layer.weight)
 
     def linear(self, layer, x):
+        if self._quantized:
+            weight = self._quantized.get(layer)
+            if weight is not None:
+                return reference_linear(x, weight, layer.bias).to(x.dtype)
         return F.linear(x, layer.weight, layer.bias)
 
     def silu_and_mul(self, gate_up):
@@ -224,6 +263,10 @@ class TorchBackend(Backend):
     def expert(self, layer, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One local expert's SwiGLU over its tokens x (n, D)."""
         mlp = layer.mlps[expert]
+        if self._quantized:
+            pair = self._quantized.get(mlp)
+            if pair is not None:
+                return reference_linear(self.silu_and_mul(reference_linear(x, pair[0])), pair[1]).to(x.dtype)
         return F.linear(self.silu_and_mul(F.linear(x, mlp.w13)), mlp.w2)
 
     # ---- attention -------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dsserve.errors import DsserveError
 from dsserve.options import EngineArgs
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks on the in-process engine.")
-MODEL_FLAGS = ("dtype", "weight_dtype", "kv_cache_dtype", "backend", "num_threads")  # how the model computes
+MODEL_FLAGS = ("dtype", "weight_dtype", "kv_cache_dtype", "backend", "num_threads", "quantization")  # how the model computes
 
 
 @bench_app.command("throughput")

@@ -10,9 +10,12 @@ import typer
 from rich.console import Console
 
 from dsserve.assets import demo_model_dir
-from dsserve.cli.flags import console, resolve_model
+from dsserve.cli.bench import MODEL_FLAGS
+from dsserve.cli.flags import console, resolve_model, with_flags
+from dsserve.options import EngineArgs
 
 
+@with_flags(EngineArgs, only=MODEL_FLAGS + ("kv_cache_memory",), unset=True)
 def eval_command(
     task: str = typer.Option(..., help="ceval | mmlu | gsm8k | demo"),
     data: Optional[str] = typer.Option(None, help="the task's files in their official layout (demo: default the "
@@ -32,7 +35,7 @@ def eval_command(
     concurrency: int = typer.Option(8, help="requests in flight (HTTP)"),
     max_retries: int = typer.Option(3, help="retries of a transient HTTP failure"),
     output: Optional[Path] = typer.Option(None, help="write the JSON result here"),
-    kv_cache_memory: Optional[str] = typer.Option(None),
+    options: dict = None,
 ):
     """Accuracy on C-Eval, MMLU, GSM8K or the demo task, in-process or against any OpenAI-compatible server."""
     from rich.markdown import Markdown
@@ -49,13 +52,16 @@ def eval_command(
     items = load(task, data, shots, split, limit)
     mode = mode or default_mode(items)
     if base_url:
+        if options:
+            raise typer.BadParameter(f"--{next(iter(options)).replace('_', '-')} sets how dsserve runs the model "
+                                     "in-process; with --base-url the server decides (start it with that flag)")
         if not model:
             raise typer.BadParameter("with --base-url, --model names the served model")
         backend = HTTPBackend(base_url, model, api_key, concurrency, max_retries)
     else:
         from dsserve.llm import LLM
 
-        backend = InProcessBackend(LLM(resolve_model(model), kv_cache_memory=kv_cache_memory))
+        backend = InProcessBackend(LLM(resolve_model(model), **options))
     total = len(items) * (len(items[0].choices) if mode == "loglikelihood" else 1)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:

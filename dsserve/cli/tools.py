@@ -187,6 +187,39 @@ def weights_convert(
     console.print(f"wrote {result}")
 
 
+@weights_app.command("quantize")
+def weights_quantize(
+    path: Path = typer.Argument(..., help="bf16 / fp16 / fp32 checkpoint folder (or DeepSeek's FP8: dequantized)"),
+    out: Path = typer.Argument(..., help="output folder (must not exist; OUT.partial holds work in progress)"),
+    to: str = typer.Option(..., help="int4 (W4A16) | int8 (W8A16, per row) | w8a8 (int8 weights and activations)"),
+    group_size: int = typer.Option(32, help="int4: inputs per scale, 32 | 64 | 128"),
+    zero_points: bool = typer.Option(False, help="int4: a zero point per group (asymmetric) instead of symmetric"),
+):
+    """Write a compressed-tensors checkpoint of dsserve's int4 / int8 / w8a8 weights (vLLM reads it too); shard by
+    shard, resumable; the output appears only when complete."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dsserve.layers.quantization import INT4_GROUP_SIZES, QuantScheme
+    from dsserve.weights.quantize import quantize_checkpoint
+
+    if to not in ("int4", "int8", "w8a8"):
+        raise typer.BadParameter(f"--to {to!r}: the forms are int4, int8 and w8a8")
+    if to == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise typer.BadParameter(f"--group-size {group_size}: int4 groups are 32, 64 or 128")
+    if to != "int4" and (zero_points or group_size != 32):
+        raise typer.BadParameter("--group-size and --zero-points apply to --to int4 only (int8 has one scale per row)")
+    scheme = QuantScheme(4, group_size, zero_points) if to == "int4" else QuantScheme.parse(to)
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task("quantizing", total=None)
+
+        def progress(shard: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=shard)
+
+        result = quantize_checkpoint(path, out, scheme, progress)
+    console.print(f"wrote {result} ({scheme.name}, compressed-tensors)")
+
+
 @config_app.command("import-mindie")
 def config_import_mindie(path: Path = typer.Argument(..., help="MindIE's config.json")):
     """Print a `dsserve serve --config` TOML for a MindIE service config, with the fields that have no equivalent."""

@@ -36,10 +36,10 @@ def convert_to_bf16(src: str | os.PathLike, out: str | os.PathLike, progress: Pr
     if out.exists():
         raise ConfigError(f"{out} already exists; remove it or choose another output folder")
     shards = checkpoint_files(src)
-    side_files = _side_files(src, shards)
-    if "config.json" not in side_files:
+    files = side_files(src, shards)
+    if "config.json" not in files:
         raise ConfigError(f"{src / 'config.json'} is missing; copy the checkpoint's config.json there")
-    config = json.loads(side_files["config.json"].read_text())
+    config = json.loads(files["config.json"].read_text())
     block = tuple((config.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
     if len(shards) == 1 and not next(iter(shards.values())):
         only = next(iter(shards))
@@ -60,13 +60,13 @@ def convert_to_bf16(src: str | os.PathLike, out: str | os.PathLike, progress: Pr
         done_bytes += (src / shard).stat().st_size
         if progress:
             progress(shard, done_bytes, total)
-    _copy_side_files(side_files, staging)
+    _copy_side_files(files, staging)
     index = {"metadata": {"total_size": sum((staging / s).stat().st_size for s in set(weight_map.values()))},
              "weight_map": dict(sorted(weight_map.items()))}
-    _write_atomic(staging / INDEX_FILE, json.dumps(index, indent=1))
-    _fsync_dir(staging)  # every entry durable before the rename makes the folder look complete
+    write_atomic(staging / INDEX_FILE, json.dumps(index, indent=1))
+    fsync_dir(staging)  # every entry durable before the rename makes the folder look complete
     staging.rename(out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     return out
 
 
@@ -96,7 +96,7 @@ def _convert_shard(src: Path, shard: str, names: list[str], scale_home: dict[str
     tmp.rename(staging / shard)
 
 
-def _side_files(src: Path, shards: dict[str, list[str]]) -> dict[str, Path]:
+def side_files(src: Path, shards: dict[str, list[str]]) -> dict[str, Path]:
     """File name -> the real file to copy, for every side file; a link leading outside the checkpoint (see the
     module docstring) is a WeightsError naming it."""
     root = src.resolve()
@@ -124,9 +124,9 @@ def _copy_side_files(side_files: dict[str, Path], staging: Path) -> None:
             config = json.loads(file.read_text())
             config.pop("quantization_config", None)
             config["torch_dtype"] = "bfloat16"
-            _write_atomic(staging / "config.json", json.dumps(config, indent=2))
+            write_atomic(staging / "config.json", json.dumps(config, indent=2))
         else:
-            _write_atomic(staging / name, file)
+            write_atomic(staging / name, file)
 
 
 def _check_disk(src: Path, out: Path, shards: dict[str, list[str]]) -> None:
@@ -139,7 +139,7 @@ def _check_disk(src: Path, out: Path, shards: dict[str, list[str]]) -> None:
                           f"{needed / 2**30:.1f} GiB; free space or choose another folder")
 
 
-def _write_atomic(path: Path, data: str | Path) -> None:
+def write_atomic(path: Path, data: str | Path) -> None:
     """All of `data` (a text, or a file's bytes) at `path`, or nothing: written beside it, fsynced, renamed over
     it. A leftover `.tmp` or a link planted in the staging folder is removed or replaced, never written through."""
     tmp = path.with_name(path.name + ".tmp")
@@ -155,7 +155,7 @@ def _write_atomic(path: Path, data: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)

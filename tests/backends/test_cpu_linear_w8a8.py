@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dsserve.backends.cpu import kernels as cpu_kernels
-from dsserve.errors import ConfigError
 from dsserve.layers.quantization import QuantScheme, quantize_activations, quantize_int8, reference_linear
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.linear_w8a8_usable(), reason="the w8a8 linear needs AVX512-VNNI")
@@ -124,11 +123,6 @@ def test_packed_layout():
     assert not panels.packed[1, :, 4:].any() and not panels.packed[:, 18:].any()
     assert torch.equal(panels.sums[:20], weight.q.sum(dim=1, dtype=torch.int32)) and not panels.sums[20:].any()
     assert torch.equal(panels.scales[:20], weight.scales) and panels.scales.shape == (32,)
-
-
-def test_fp8_is_still_refused():
-    with pytest.raises(ConfigError, match="fp8 has no CPU kernel in this build yet"):
-        cpu_kernels.pack_quantized(QuantScheme.parse("fp8").quantize(torch.randn(16, 16)))
 
 
 @needs_kernel

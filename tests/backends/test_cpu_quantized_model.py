@@ -1,7 +1,7 @@
 """`quantization="int8" | "int4..." | "w8a8"` at load: the CPU backend quantizes every linear, routed expert and the
 LM head (int8) as they load and runs them through csrc/linear_quant.c (w8a8: csrc/linear_w8a8.c); greedy tokens and
 logprobs equal the plain-torch reference run on the checkpoint quantized and dequantized the same way (w8a8: the
-torch backend with each quantized linear computed by `reference_linear`)."""
+torch backend holding the same quantized weights, each product through `reference_linear`)."""
 
 import shutil
 
@@ -13,7 +13,7 @@ from dsserve.backends.cpu.packing import Kind
 from dsserve.errors import ConfigError
 from dsserve.layers.linear import Linear
 from dsserve.layers.moe import Experts
-from dsserve.layers.quantization import QuantScheme, reference_linear
+from dsserve.layers.quantization import QuantScheme
 
 PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18]]
 # the checkpoint tensors the packer quantizes: every projection but MLA's kv_b_proj (attention reads it as is)
@@ -83,8 +83,7 @@ def test_quantized_model_differs_from_the_float_one(model_dir):
 
 @pytest.mark.parametrize("options,message", [
     (dict(quantization="int3"), "--quantization 'int3' is not supported: the forms are int8, w8a8, fp8, int4"),
-    (dict(quantization="fp8"), "fp8 has no CPU kernel in this build yet"),
-    (dict(quantization="int8", backend="torch"), "--quantization int8 runs on dsserve's CPU kernels with float32"),
+    (dict(quantization="int8", dtype="bfloat16"), "--quantization int8 on the cpu backend computes in float32"),
 ])
 def test_unsupported_quantization_is_refused(model_dir, options, message):
     with pytest.raises(ConfigError, match=message):
@@ -95,11 +94,10 @@ def test_unsupported_quantization_is_refused(model_dir, options, message):
 @pytest.mark.parametrize("name", ["qwen2_untied", "deepseek_v3"])
 def test_w8a8_equals_reference(model_dir, name):
     """W8A8 end to end (routed experts included, expert by expert): the same greedy tokens and logprobs as the torch
-    backend computing each quantized linear with `reference_linear`, alone and in a batch (each token's activations
-    are quantized alone, so the batch does not change them)."""
+    backend holding the same quantized weights (every product through `reference_linear`), alone and in a batch
+    (each token's activations are quantized alone, so the batch does not change them)."""
     quantized = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, quantization="w8a8")
-    reference = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, backend="torch")
-    _compute_with_reference_linear(reference)
+    reference = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, backend="torch", quantization="w8a8")
     model, backend = quantized.engine.runner.model, quantized.engine.runner.backend
     linears = [m for m in model.modules() if isinstance(m, Linear) and backend.packs.linears.get(m) is not None]
     assert linears and all(backend.packs.linears[m].kind is Kind.W8A8 for m in linears if m is not model.lm_head)
@@ -113,28 +111,6 @@ def test_w8a8_equals_reference(model_dir, name):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             for (x, _), (y, _) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
                 assert x == pytest.approx(y, abs=1e-4)
-
-
-def _compute_with_reference_linear(llm):
-    """The torch backend of `llm` computes every linear and routed expert the packer would quantize as w8a8 with
-    `reference_linear`, the LM head as int8 (MLA's kv_b_proj, read by attention directly, stays float)."""
-    backend, model = llm.engine.runner.backend, llm.engine.runner.model
-    w8a8, int8, quantized = QuantScheme.parse("w8a8"), QuantScheme(8), {}
-
-    def weight(module, name, scheme):
-        if (module, name) not in quantized:
-            quantized[module, name] = scheme.quantize(getattr(module, name))
-        return quantized[module, name]
-
-    def linear(layer, x):
-        return reference_linear(x, weight(layer, "weight", int8 if layer is model.lm_head else w8a8), layer.bias)
-
-    def expert(layer, index, x):
-        mlp = layer.mlps[index]
-        return reference_linear(backend.silu_and_mul(reference_linear(x, weight(mlp, "w13", w8a8))),
-                                weight(mlp, "w2", w8a8))
-
-    backend.linear, backend.expert = linear, expert
 
 
 def test_backend_refuses_quantization_without_the_kernels(model_dir, monkeypatch):

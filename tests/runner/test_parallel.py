@@ -251,3 +251,34 @@ def test_bf16_weights_under_tp_match_one_rank(model_dir):
         assert logprobs(llm) == pytest.approx(expected, abs=2e-3)
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.skipif(not __import__("dsserve.backends.cpu.kernels", fromlist=["x"]).linear_quant_usable(),
+                    reason="the quantized linears need AVX-512")
+@pytest.mark.parametrize("name,expert_parallel", [("qwen2_untied", False), ("deepseek_v3_moe64", False),
+                                                  ("deepseek_v3_moe64", True)])
+def test_quantized_weights_under_tp_match_one_rank(model_dir, name, expert_parallel):
+    """Each rank quantizes its own slice as it loads. int4's groups lie within a slice where the row-parallel split
+    falls on a group boundary (here: every split is a multiple of 32), so two ranks hold one rank's values: the same greedy tokens and log-probabilities. int8's
+    scale is per output row of the slice, so a row-parallel layer's values differ slightly from one rank's (as
+    each rank of any engine quantizing at load gets): the log-probabilities agree within that rounding."""
+    path = model_dir(name)
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, prompt_logprobs=0)
+
+    def logprobs(llm):
+        out = llm.generate(PROMPTS[3], params)[0]
+        return [e[0] for e in out.prompt_logprobs[1:]] + [e[0] for e in out.outputs[0].logprobs], out.outputs[0].token_ids
+
+    for quantization, tolerance in (("int4", 1e-4), ("int8", 0.1)):
+        expected_tokens = _tokens(single := LLM(path, quantization=quantization, **OPTIONS))
+        expected, _ = logprobs(single)
+        single.shutdown()
+        llm = LLM(path, quantization=quantization, tensor_parallel_size=2, enable_expert_parallel=expert_parallel,
+                  **OPTIONS)
+        try:
+            got, _ = logprobs(llm)
+            assert got == pytest.approx(expected, abs=tolerance)
+            if quantization == "int4":
+                assert _tokens(llm) == expected_tokens
+        finally:
+            llm.engine.shutdown()

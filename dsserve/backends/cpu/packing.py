@@ -172,6 +172,9 @@ class Packer:
         self.packs = Packs()
         self.scheme, self.head_scheme = quantization, QuantScheme(8) if quantization is not None else None
         self.weight_dtype = resolve_weight_dtype(weight_dtype)
+        if quantization is not None and self.weight_dtype is None:
+            raise ConfigError(f"--quantization {quantization.name} needs packed weights, unavailable on this machine "
+                              "(the warning above says why); drop --quantization")
         self.failed: PackingFailed | None = None
         self.mla_of = {m.kv_b_proj: m for m in model.modules() if isinstance(m, MultiHeadLatentAttention)}
         self.experts_of = {mlp: (experts, e) for experts in model.modules() if isinstance(experts, Experts)
@@ -218,6 +221,8 @@ class Packer:
             try:
                 self._pack(module, self.weight_dtype)
             except PackingFailed as e:
+                if self.scheme is not None:  # serving float weights instead of the quantized ones asked for: refuse
+                    raise ConfigError(f"--quantization {self.scheme.name}: {e}; drop --quantization") from e
                 self.failed = e
                 logger.warning("%s: the remaining linear layers stay on F.linear (slower; correct)", e)
         if self.failed is not None:  # unpacked: F.linear takes float32 weights

@@ -1,0 +1,1 @@
+"""Checkpoint formats other engines publish (pre-quantized weights): detection and conversion to dsserve's forms."""
