@@ -416,8 +416,9 @@ def pack_checked(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | No
         packed = PackedLinear(weight, bias, weight_dtype)
         rows = slice(None, None, max(1, weight.shape[0] // 64))  # a sample of the outputs: no copy of a big weight
         probe = torch.randn(3, weight.shape[1])
-        if quantized:
-            expected = reference_linear(probe, weight.select_rows(rows), None if bias is None else bias[rows])
+        sampled_bias = None if bias is None else bias[rows]
+        if quantized:  # against its plain-torch twin (w8a8's quantizes the probe's rows too)
+            expected = reference_linear(probe, weight.select_rows(rows), sampled_bias)
             agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4,
                                     atol=1e-4 * (1.0 + expected.abs().amax().item()))
         elif weight_dtype == torch.bfloat16:  # activations rounded to bf16 too, and each output
@@ -426,7 +427,7 @@ def pack_checked(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | No
             agrees = bool(((packed(probe)[:, rows] - (expected if bias is None else expected + sampled_bias)).abs()
                            <= tolerance).all())
         else:
-            expected = F.linear(probe, weight[rows].to(weight_dtype).float(), None if bias is None else bias[rows])
+            expected = F.linear(probe, weight[rows].to(weight_dtype).float(), sampled_bias)
             agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4, atol=1e-4)
     except (RuntimeError, NotImplementedError) as e:  # this torch build cannot pack it
         raise PackingFailed(f"packing a {tuple(weight.shape)} weight as {what} failed ({e})") from e
