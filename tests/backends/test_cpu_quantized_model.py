@@ -104,8 +104,8 @@ def test_w8a8_equals_reference(model_dir, name):
     reference = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, backend="torch", quantization="w8a8")
     model, backend = quantized.engine.runner.model, quantized.engine.runner.backend
     linears = [m for m in model.modules() if isinstance(m, Linear) and backend.packs.linears.get(m) is not None]
-    assert linears and all(backend.packs.linears[m].kind is Kind.W8A8 for m in linears if m is not model.lm_head)
-    assert backend.packs.linears[model.lm_head].kind is Kind.INT8
+    assert linears and all(backend.packs.linears[m].kind is Kind.W8A8 for m in linears)
+    assert backend.packs.linears[model.lm_head].kind is Kind.W8A8  # QuantScheme.head
     if name == "deepseek_v3":
         experts = [m for m in model.modules() if isinstance(m, Experts)]
         assert experts and all(p.kind is Kind.W8A8 for e in experts for pair in backend.packs.experts[e] for p in pair)

@@ -101,7 +101,8 @@ class CpuBackend(TorchBackend):
     def weights_loaded(self, model):
         logger.info("packed %d weight matrices (%s%s) for the CPU kernels", self.packs.count,
                     str(self._packer.weight_dtype or "none").removeprefix("torch."),
-                    f", quantized {self.quantization.name}, LM head int8" if self.quantization else "")
+                    f", quantized {self.quantization.name}, LM head {self.quantization.head.name}" if self.quantization
+                    else "")
         _return_freed_memory()
 
     def set_kv_caches(self, model, kv_caches):

@@ -6,7 +6,7 @@ activations and accumulation stay fp32, half the bytes per decode step; FBGEMM's
 could not be built. bfloat16: csrc/linear_bf16.c's AMX tiles (activations rounded to bf16), else oneDNN's bf16 GEMM.
 MLA's kv_b_proj is read by attention itself: its two halves are packed per head in fp16 for the absorbed decode.
 int8 / int4 / w8a8 (`--quantization`, formats/quantization.py): every other linear and routed expert quantized as it
-is packed, the LM head in int8 (csrc/linear_quant.c, AVX-512; w8a8: csrc/linear_w8a8.c, AMX int8 tiles and
+is packed, the LM head in int8 or w8a8 (csrc/linear_quant.c, AVX-512; w8a8: csrc/linear_w8a8.c, AMX int8 tiles and
 AVX512-VNNI); the fused decoders and moe.c read int8 and int4 panels too (not w8a8's).
 fp8 (`--quantization fp8`, or an FP8 checkpoint's weights kept as stored): e4m3 bytes with a scale per row per 128
 inputs (csrc/linear_fp8.c, AMX). A pre-quantized checkpoint tensor reaches the packer as the `quantized` staging
@@ -163,9 +163,8 @@ class Packer:
     the packing and the remaining layers stay on F.linear (slower, correct).
 
     With `quantization`, each of those weights is quantized as it is packed (its plain weight then dropped, so
-    loading holds one float layer at a time): Linears and routed experts in that scheme, the LM head in int8 whatever
-    the scheme (the logits are the most sensitive product; llama.cpp's Q4_K_M keeps its head at 6 bits for the same
-    reason). MLA's kv_b_proj keeps its float weight and packing (attention reads it), and so do the embedding, the
+    loading holds one float layer at a time): Linears and routed experts in that scheme, the LM head in
+    `scheme.head` (int8 per row, w8a8 under w8a8: formats/quantization.py says why). MLA's kv_b_proj keeps its float weight and packing (attention reads it), and so do the embedding, the
     norms and the routers.
 
     Pre-quantized checkpoint tensors (an FP8 checkpoint's weights): where a quantized kernel is built, every weight
@@ -180,7 +179,7 @@ class Packer:
         if quantization is not None:
             _check_kernels(quantization)
         self.packs = Packs()
-        self.scheme, self.head_scheme = quantization, QuantScheme(8) if quantization is not None else None
+        self.scheme, self.head_scheme = quantization, quantization.head if quantization is not None else None
         self.weight_dtype = resolve_weight_dtype(weight_dtype)
         if quantization is not None and self.weight_dtype is None:
             raise ConfigError(f"--quantization {quantization.name} needs packed weights, unavailable on this machine "
