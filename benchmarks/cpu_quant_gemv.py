@@ -1,8 +1,8 @@
-"""Batch-1 GEMV bandwidth of the quantized linears (csrc/linear_quant.c) against the bf16 GEMV (csrc/linear_bf16.c),
+"""Batch-1 GEMV bandwidth of the quantized linears (csrc/linear_quant.c, linear_fp8.c for fp8) against the bf16 GEMV (csrc/linear_bf16.c),
 over a model's worth of weights read in turn, as a decode step reads them (from memory, not from cache).
 
     python benchmarks/cpu_quant_gemv.py                   # R1-Distill-Qwen-1.5B's shapes, all 28 layers + LM head
-    python benchmarks/cpu_quant_gemv.py --layers 8 --formats bf16 int8 int4
+    python benchmarks/cpu_quant_gemv.py --layers 8 --formats bf16 int8 int4 fp8
 
 One format at a time (its weights built from random float32 one matrix at a time, the float copy dropped): one
 pass over every layer's q/k/v, o, gate/up and down, then the LM head alone. Prints, best of --repeats, ms per pass
@@ -38,6 +38,8 @@ def _packed(shape: tuple[int, int], form: str):
         packed = cpu_kernels.pack_bf16(weight)
         return (lambda x: cpu_kernels.linear_bf16(x, packed, n)), packed.nbytes
     panels = cpu_kernels.pack_quantized(QuantScheme.parse(form).quantize(weight))
+    if form == "fp8":  # csrc/linear_fp8.c
+        return (lambda x: cpu_kernels.linear_fp8(x, panels, n)), panels.nbytes
     return (lambda x: cpu_kernels.linear_quant(x, panels, n)), panels.nbytes
 
 

@@ -26,7 +26,7 @@ from dsserve import LLM, SamplingParams
 from dsserve.profiling import PROFILER, profile_rows
 length = int(sys.argv[2])
 llm = LLM(sys.argv[1], max_model_len=length + 64, kv_cache_memory="1GiB", max_num_batched_tokens=length,
-          enable_prefix_caching=False)
+          enable_prefix_caching=False, **({"quantization": sys.argv[5]} if sys.argv[5] != "-" else {}))
 prompt = torch.randint(10, int(sys.argv[3]), (length,), generator=torch.Generator().manual_seed(0)).tolist()
 params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 llm.generate([prompt[:64]], params)
@@ -76,9 +76,11 @@ def main() -> None:
     ap.add_argument("--before", help="also run this commit, alternated")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--ops", action="store_true", help="also time each backend op of one prompt (this tree)")
+    ap.add_argument("--quantization", help="load with --quantization NAME (int8, int4, fp8...)")
     args = ap.parse_args()
     checkpoint = compare.shape_checkpoint(args)
-    print(f"# {args.shape}, {args.layers or 'all'} layers, one {args.length}-token prompt")
+    print(f"# {args.shape}, {args.layers or 'all'} layers, one {args.length}-token prompt"
+          f"{', --quantization ' + args.quantization if args.quantization else ''}")
     print("| commit | prefill tok/s | seconds | of which attention | token |\n|---|---|---|---|---|")
     commits = {args.before: args.before} if args.before else {}
     profile = None
@@ -87,7 +89,7 @@ def main() -> None:
             for name, tree in trees.items():
                 vocab = min(100_000, compare.SHAPES[args.shape]["vocab_size"])  # prompt ids drawn below it
                 ops = "ops" if args.ops and name == "this tree" else "-"
-                r = run_probe(tree, PROBE, str(checkpoint), str(args.length), str(vocab), ops)
+                r = run_probe(tree, PROBE, str(checkpoint), str(args.length), str(vocab), ops, args.quantization or "-")
                 print(f"| {name} | {args.length / r['seconds']:.0f} | {r['seconds']:.2f} | {r['attention_s']:.2f} s | "
                       f"{r['token']} |", flush=True)
                 profile = r.get("ops") and r or profile

@@ -6,8 +6,10 @@ int4: one float16 scale per group of `group_size` inputs of a row, q in [0, 15];
 zero point per group (AWQ / GPTQ's asymmetric form). w = (q - z) * scale. Activations stay float32 in both.
 w8a8: int8's weights, and each row of activations quantized on the fly to int8 with one float32 scale per row
 (max |x| / 127, symmetric); the product is summed in int32 and scaled by both scales (`reference_linear`).
-fp8: float8 e4m3 values with one float32 scale per block of 128 x 128 (DeepSeek-V3/R1's own checkpoint format, whose
-`weight_scale_inv` is this scale): w = float(q) * scale[n / 128, k / 128]. Activations stay float32.
+fp8: float8 e4m3 values with float32 scales: one per block of 128 x 128 (DeepSeek-V3/R1's own checkpoint format, whose
+`weight_scale_inv` is this scale; what `quantize_fp8` makes), or one per output row per 128 inputs (what a merged
+gate/up or a per-channel scaled checkpoint needs): w = float(q) * scale[n / rows_per_scale, k / 128]. The kernels
+read x in float32 for one row and rounded to bf16 for several (`reference_linear` defines both).
 """
 
 from __future__ import annotations
@@ -87,16 +89,45 @@ class QuantizedWeight:
     q: torch.Tensor  # int8 / w8a8: int8 (N, K); int4: uint8 (N, groups * group_size) values 0..15, columns past K
     #                  zero; fp8: float8_e4m3fn (N, K)
     scales: torch.Tensor  # int8 / w8a8: float32 (N,); int4: float16 (N, groups); fp8: float32 (ceil(N/128), ceil(K/128))
+    #                       (128 x 128 blocks) or (N, ceil(K/128)) (a scale per row per 128 inputs)
     zeros: torch.Tensor | None  # int4 with zero points: uint8 (N, groups); else None
     in_features: int
+
+    def __post_init__(self):
+        if self.scheme.float8:
+            rows, cols = self.q.shape
+            blocks = -(-cols // FP8_BLOCK)
+            if self.scales.dim() != 2 or self.scales.shape[1] != blocks or \
+                    self.scales.shape[0] not in (rows, -(-rows // FP8_BLOCK)):
+                raise ValueError(f"an fp8 ({rows}, {cols}) weight takes scales of shape ({-(-rows // FP8_BLOCK)}, "
+                                 f"{blocks}) (128 x 128 blocks) or ({rows}, {blocks}) (per row per 128 inputs), "
+                                 f"got {tuple(self.scales.shape)}")
+
+    @property
+    def shape(self) -> torch.Size:
+        """(N, K) of the float weight."""
+        return torch.Size((self.q.shape[0], self.in_features))
+
+    def row_scales(self) -> torch.Tensor:
+        """The scales with one entry per output row: int8 (N,), int4 (N, groups), fp8 float32 (N, ceil(K / 128))
+        (a 128 x 128 block's scale repeated over its rows)."""
+        rows = self.q.shape[0]
+        if not self.scheme.float8:
+            return self.scales
+        if self.scales.shape[0] == rows:
+            return self.scales.float()
+        return self.scales.float().repeat_interleave(FP8_BLOCK, 0)[:rows]
+
+    def select_rows(self, rows: slice) -> QuantizedWeight:
+        """The weight of the output rows `rows` alone (its scales per row)."""
+        return QuantizedWeight(self.scheme, self.q[rows], self.row_scales()[rows],
+                               None if self.zeros is None else self.zeros[rows], self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) weight: the plain-torch twin of every weight-only quantized kernel (w8a8's kernels
         also quantize the activations: `reference_linear`)."""
         if self.scheme.float8:
-            rows, cols = self.q.shape
-            scale = self.scales.float().repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
-            return self.q.float() * scale
+            return self.q.float() * self.row_scales().repeat_interleave(FP8_BLOCK, 1)[:, : self.q.shape[1]]
         if self.scheme.bits == 8:
             return self.q.float() * self.scales.float().unsqueeze(1)
         group = self.scheme.group_size
@@ -117,12 +148,29 @@ def reference_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tenso
     """x (..., K) float @ W^T (+ bias) as the quantized kernels compute it, in plain torch: the twin each kernel is
     tested against. Weight-only forms: F.linear on the dequantized weight. w8a8: each row of x quantized to int8
     (`quantize_activations`), the integer products summed exactly (float64 holds int8 x int8 sums of any real K
-    exactly), then scaled by the row's and the weight row's scales."""
+    exactly), then scaled by the row's and the weight row's scales. fp8: for each block of 128 inputs the fp32 sum
+    of x times the e4m3 values (exact in bf16), times the row's scale for that block, summed over the blocks; x
+    as it is for one row (the GEMV), rounded to bf16 for several (the AMX tiles)."""
+    if weight.scheme.float8:
+        return _fp8_linear(x, weight, bias)
     if not weight.scheme.activations:
         return torch.nn.functional.linear(x.float(), weight.dequantize(), None if bias is None else bias.float())
     xq, x_scales = quantize_activations(x.float())
     sums = xq.double() @ weight.q.double().t()
     y = (sums * x_scales.double().unsqueeze(-1) * weight.scales.double()).float()
+    return y if bias is None else y + bias.float()
+
+
+def _fp8_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if rows.shape[0] > 1:
+        rows = rows.bfloat16().float()
+    q, scales = weight.q.float(), weight.row_scales()  # (N, K), (N, blocks)
+    y = torch.zeros(rows.shape[0], q.shape[0], device=q.device)
+    for b in range(scales.shape[1]):
+        inputs = slice(b * FP8_BLOCK, (b + 1) * FP8_BLOCK)
+        y += (rows[:, inputs] @ q[:, inputs].t()) * scales[:, b]
+    y = y.view(*x.shape[:-1], q.shape[0])
     return y if bias is None else y + bias.float()
 
 

@@ -12,6 +12,7 @@ from dsserve.config import ModelConfig
 from dsserve.errors import WeightsError
 from dsserve.layers.linear import VocabParallel
 from dsserve.layers.norm import RMSNorm
+from dsserve.layers.quantization import QuantizedWeight
 from dsserve.layers.parallel import SINGLE, TensorParallel
 
 logger = logging.getLogger(__name__)
@@ -75,11 +76,15 @@ class CausalLM(nn.Module):
             for name, selector, source in getattr(param, "sources", ()):
                 yield param, name, selector, source
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
                      on_loaded: Callable[[nn.Module], None] | None = None) -> None:
         """Copy every checkpoint tensor (already sliced to this rank's part) into the parameter slice bound to its
         name; name what is missing. `on_loaded(module)` is called as soon as a module's own parameters are
-        complete (a backend moves them into its layout then, one module at a time)."""
+        complete (a backend moves them into its layout then, one module at a time).
+
+        A pre-quantized checkpoint tensor (a `QuantizedWeight`: the loader's FP8 weights kept as stored, or any
+        converter's) goes as it is to `param.stage_quantized(selector, tensor)` where a backend set that (its packer
+        keeps it: backends/cpu/packing.py), and is dequantized into the parameter anywhere else."""
         targets = {name: (param, selector) for param, name, selector, _ in self._targets()}
         required = set(targets)
         owner: dict[int, nn.Module] = {}  # parameter -> the module holding it
@@ -103,7 +108,11 @@ class CausalLM(nn.Module):
                     f"tensor {name} in {self.config.path} has shape {tuple(tensor.shape)} but config.json implies "
                     f"{tuple(view.shape)}; the config does not belong to these weights"
                 )
-            view.copy_(tensor)
+            stage = getattr(param, "stage_quantized", None)
+            if isinstance(tensor, QuantizedWeight) and stage is not None:
+                stage(selector, tensor)
+            else:
+                view.copy_(tensor.dequantize() if isinstance(tensor, QuantizedWeight) else tensor)
             loaded.add(name)
             module = owner[id(param)]
             del tensor, view, param, target
@@ -119,3 +128,4 @@ class CausalLM(nn.Module):
             )
         if ignored:
             logger.info("ignored %d checkpoint tensors not used by dsserve (e.g. %s)", len(ignored), ignored[0])
+

@@ -83,7 +83,10 @@ class ModelRunner:
         self.backend = select_backend(config.backend, self.device, getattr(torch, config.weight_dtype),
                                       config.quantization)
         self.backend.prepare(self.model)
-        self.model.load_weights(iter_checkpoint(model_config, self.dtype, self.model.checkpoint_slices()),
+        # Tensors come as stored and are converted into each parameter; FP8 weights go to the backend's packer where
+        # it keeps them (the CPU backend with linear_fp8.c) and are dequantized into their parameters elsewhere
+        self.model.load_weights(iter_checkpoint(model_config, None, self.model.checkpoint_slices(),
+                                                keep_quantized=True),
                                 on_loaded=self.backend.module_loaded)
         self.backend.weights_loaded(self.model)
         self.model.eval()

@@ -60,8 +60,9 @@ class _Builder:
     def packed(self, linear: Linear, bias_allowed: bool = True) -> torch.Tensor:
         """A linear's weight in dsserve's own packing (its kind noted); refused where it is not."""
         packed = self.packs.linears.get(linear)
-        if packed is not None and packed.kind in (Kind.INT8, Kind.INT4):
-            raise _Refused("int8 / int4 weights (--quantization): decode_layers.c reads 16-bit panels only")
+        if packed is not None and packed.kind in (Kind.INT8, Kind.INT4, Kind.FP8):
+            raise _Refused("int8 / int4 / fp8 weights (--quantization, an FP8 checkpoint): decode_layers.c reads "
+                           "16-bit panels only")
         if packed is None or not packed.kind.own:
             raise _Refused("a linear is not in dsserve's own packing (its weight is beyond float16's range, or its "
                            "packing check failed)")

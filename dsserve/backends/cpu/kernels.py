@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name
            for name in ("paged_attention.c", "linear_f16.c", "linear_bf16.c", "elementwise.c", "moe.c",
-                        "decode_layers.c", "linear_quant.c")]
+                        "decode_layers.c", "linear_quant.c", "linear_fp8.c")]
 HEADER = CSRC / "dsserve_kernels.h"  # the C interface: kernels.py binds it (pycparser), every .c includes it
 HEADERS = [HEADER, CSRC / "vec_math.h"]
 _lock = threading.Lock()
@@ -89,7 +89,7 @@ def _amx_flags() -> list[str]:
 
 # moe.c scales each expert row and adds it in one loop, where an FMA would round once instead of the module path's
 # twice (`*=`, then index_add_): no contraction there, so both paths give the same bits.
-_FILE_FLAGS = {"linear_bf16.c": _amx_flags, "moe.c": lambda: ["-ffp-contract=off"]}
+_FILE_FLAGS = {"linear_bf16.c": _amx_flags, "linear_fp8.c": _amx_flags, "moe.c": lambda: ["-ffp-contract=off"]}
 
 
 def _compiler() -> str | None:
@@ -239,7 +239,8 @@ def library() -> ctypes.CDLL | None:
                           half=bool(lib.dsserve_half_supported()) if lib is not None else False,
                           linear_f16=bool(lib.dsserve_linear_f16_supported()) if lib is not None else False,
                           linear_bf16=bool(lib.dsserve_linear_bf16_supported()) if lib is not None else False,
-                          linear_quant=bool(lib.dsserve_linear_quant_supported()) if lib is not None else False)
+                          linear_quant=bool(lib.dsserve_linear_quant_supported()) if lib is not None else False,
+                          linear_fp8=bool(lib.dsserve_linear_fp8_supported()) if lib is not None else False)
     return _state["lib"]  # type: ignore[return-value]
 
 
@@ -260,6 +261,7 @@ class KernelStatus:
     linear_f16: bool          # float16 weights run linear_f16.c (else FBGEMM's fp16 GEMM)
     linear_bf16: bool         # bfloat16 weights run linear_bf16.c's AMX kernel (else oneDNN)
     linear_quant: bool = False  # int8 / int4 weights (--quantization) run linear_quant.c (AVX-512; else refused)
+    linear_fp8: bool = False    # fp8 weights (FP8 checkpoints kept, --quantization fp8) run linear_fp8.c (AMX)
 
     @property
     def fused_decode(self) -> bool:
@@ -279,7 +281,10 @@ class KernelStatus:
                                       "bfloat16 " + ("C AMX kernel linear_bf16.c" if self.linear_bf16 else "oneDNN"),
                                       "float32 oneDNN",
                                       "int8/int4 " + ("C kernel linear_quant.c" if self.linear_quant
-                                                      else "unavailable (needs AVX-512)")]),
+                                                      else "unavailable (needs AVX-512)"),
+                                      "fp8 " + ("C AMX kernel linear_fp8.c" if self.linear_fp8
+                                                else "unavailable (needs AMX + AVX512-BF16): FP8 checkpoints load "
+                                                     "dequantized")]),
                 "decode": ("every layer in one C call (decode_layers.c) where the model's weights are packed for it"
                            if self.fused_decode else "per-layer modules")}
 
@@ -289,7 +294,8 @@ def status() -> KernelStatus:
     built = library() is not None
     return KernelStatus(is_built=built, why_not=why_unavailable(), vector_width=int(_state["width"]),
                         paged_attention=built, half_cache=bool(_state["half"]), linear_f16=bool(_state["linear_f16"]),
-                        linear_bf16=bool(_state["linear_bf16"]), linear_quant=bool(_state["linear_quant"]))
+                        linear_bf16=bool(_state["linear_bf16"]), linear_quant=bool(_state["linear_quant"]),
+                        linear_fp8=bool(_state["linear_fp8"]))
 
 
 def usable(k_dim: int, v_dim: int, cache_dtype: torch.dtype = torch.float32) -> bool:
@@ -414,9 +420,10 @@ def linear_f16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: t
 
 
 def _linear(kernel: str, weights: str, x: torch.Tensor, packed: torch.Tensor, out_features: int,
-            bias: torch.Tensor | None) -> torch.Tensor:
+            bias: torch.Tensor | None, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """`kernel`(x, packed[, scales], bias, y, M, N, K): the 16-bit linears, and fp8's with its scales."""
     if x.dim() != 2:
-        return _linear(kernel, weights, x.reshape(-1, x.shape[-1]), packed, out_features, bias).view(
+        return _linear(kernel, weights, x.reshape(-1, x.shape[-1]), packed, out_features, bias, scales).view(
             *x.shape[:-1], out_features)
     if x.dtype != torch.float32:
         raise TypeError(f"the {weights} linear takes float32 activations, got {x.dtype}")
@@ -425,7 +432,8 @@ def _linear(kernel: str, weights: str, x: torch.Tensor, packed: torch.Tensor, ou
     rows = x.shape[0]
     out = torch.empty(rows, out_features, dtype=torch.float32)
     if rows:
-        _check_linear(getattr(_state["lib"], kernel)(x.data_ptr(), packed.data_ptr(),
+        weights_args = (packed.data_ptr(),) if scales is None else (packed.data_ptr(), scales.data_ptr())
+        _check_linear(getattr(_state["lib"], kernel)(x.data_ptr(), *weights_args,
                                                      0 if bias is None else bias.data_ptr(), out.data_ptr(), rows,
                                                      out_features, x.shape[1]),
                       weights, x.shape)
@@ -464,11 +472,14 @@ class QuantPanels:
         return self.packed.nbytes + self.scales.nbytes + (self.zeros.nbytes if self.zeros is not None else 0)
 
 
-def pack_quantized(weight) -> QuantPanels:
-    """A `layers.quantization.QuantizedWeight` in linear_quant.c's layout (linear_quant.c draws it)."""
-    if weight.scheme.activations or weight.scheme.float8:
+def pack_quantized(weight) -> QuantPanels | Fp8Panels:
+    """A `layers.quantization.QuantizedWeight` in linear_quant.c's layout (linear_quant.c draws it), or fp8's in
+    linear_fp8.c's."""
+    if weight.scheme.float8:
+        return pack_fp8(weight)
+    if weight.scheme.activations:
         raise ConfigError(f"--quantization {weight.scheme.name} has no CPU kernel in this build yet; the forms the "
-                          "kernels hold are int8 and int4 (docs/quantization.md)")
+                          "kernels hold are int8, int4 and fp8 (docs/quantization.md)")
     q, rows = weight.q, weight.q.shape[0]
     panels = -(-rows // PANEL)
     panels += panels % 2
@@ -514,6 +525,59 @@ def linear_quant(x: torch.Tensor, panels: QuantPanels, out_features: int,
         raise ValueError(f"the int4 linear takes an even group size of at most 256, got {panels.group_size}")
     _check_linear(status, f"int{panels.bits}", x.shape)
     return out
+
+
+def linear_fp8_usable() -> bool:
+    """The library is built with the fp8-weight linear (AMX tiles + AVX512-BF16) and may use the tile unit."""
+    return library() is not None and bool(_state["linear_fp8"])
+
+
+FP8_BLOCK = 128  # inputs per scale in linear_fp8.c's layout
+
+
+@dataclass(frozen=True)
+class Fp8Panels:
+    """An fp8 (N, K) weight in linear_fp8.c's layout: an even number of 16-row panels, K padded to whole blocks of
+    128 inputs."""
+
+    packed: torch.Tensor  # uint8 (panels, Kp / 2, 16, 2): the e4m3 bytes, input pairs side by side
+    scales: torch.Tensor  # float32 (panels, Kp / 128, 16): one per output row per 128 inputs, zero past N
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes
+
+
+def pack_fp8(weight) -> Fp8Panels:
+    """An fp8 `QuantizedWeight` (any of its scale shapes: blocks of 128 x 128, per row) in linear_fp8.c's layout:
+    packed[p, k // 2, n, k % 2] = q[16 p + n, k] as bytes, and each row's scale per 128 inputs. Filled 256 panels
+    at a time: beside the weight it needs the packed bytes and one chunk's staging."""
+    q, scales = weight.q, weight.row_scales()  # (N, K) e4m3, (N, ceil(K / 128)) float32
+    rows, cols = q.shape
+    panels = -(-rows // PANEL)
+    panels += panels % 2
+    blocks = -(-cols // FP8_BLOCK)
+    depth = blocks * FP8_BLOCK
+    packed = torch.empty(panels, depth // 2, PANEL, 2, dtype=torch.uint8)
+    chunk = 256
+    for first in range(0, panels, chunk):
+        count = min(chunk, panels - first)
+        staging = torch.zeros(count * PANEL, depth, dtype=torch.uint8)
+        part = q[first * PANEL : min(rows, (first + count) * PANEL)]
+        staging[: part.shape[0], :cols] = part.view(torch.uint8)
+        packed[first : first + count] = staging.view(count, PANEL, depth // 2, 2).permute(0, 2, 1, 3)
+    padded = torch.zeros(panels * PANEL, blocks, dtype=torch.float32)
+    padded[:rows] = scales
+    return Fp8Panels(packed, padded.view(panels, PANEL, blocks).transpose(1, 2).contiguous(), cols)
+
+
+def linear_fp8(x: torch.Tensor, panels: Fp8Panels, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) float32 @ W^T (+ bias) for a weight `pack_fp8` laid out: (..., out_features) float32. One row keeps
+    x in fp32; several round it to bf16 (layers/quantization.py `reference_linear` is the twin of both)."""
+    if x.shape[-1] != panels.in_features:
+        raise ValueError(f"the fp8 linear has {panels.in_features} inputs, x has {x.shape[-1]}")
+    return _linear("dsserve_linear_fp8", "fp8", x, panels.packed, out_features, bias, panels.scales)
 
 
 def pack_heads_f16(weights: torch.Tensor) -> torch.Tensor:

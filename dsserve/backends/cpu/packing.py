@@ -7,6 +7,9 @@ could not be built. bfloat16: csrc/linear_bf16.c's AMX tiles (activations rounde
 MLA's kv_b_proj is read by attention itself: its two halves are packed per head in fp16 for the absorbed decode.
 int8 / int4 (`--quantization`, layers/quantization.py): every other linear and routed expert quantized as it is
 packed, the LM head in int8 (csrc/linear_quant.c, AVX-512); the fused decoders do not read these yet.
+fp8 (`--quantization fp8`, or an FP8 checkpoint's weights kept as stored): e4m3 bytes with a scale per row per 128
+inputs (csrc/linear_fp8.c, AMX). A pre-quantized checkpoint tensor reaches the packer as the `quantized` staging
+of a parameter this packer marked `keeps_quantized` (models/base.py fills it) and is packed as it is.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsserve.backends.cpu import kernels
-from dsserve.errors import ConfigError
+from dsserve.errors import ConfigError, WeightsError
 from dsserve.layers.linear import Linear, VocabParallel
-from dsserve.layers.quantization import QuantScheme
+from dsserve.layers.quantization import QuantizedWeight, QuantScheme, reference_linear
 from dsserve.layers.moe import ExpertMLP, Experts
 from dsserve.models.deepseek import MultiHeadLatentAttention
 
@@ -40,6 +43,7 @@ class Kind(enum.Enum):
     ONEDNN_F32 = "onednn fp32"
     INT8 = "dsserve int8"  # csrc/linear_quant.c
     INT4 = "dsserve int4"
+    FP8 = "dsserve fp8"  # csrc/linear_fp8.c
 
     @property
     def own(self) -> bool:
@@ -52,13 +56,16 @@ class PackedLinear:
 
     __slots__ = ("kind", "data", "bias", "out_features")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype,
+    def __init__(self, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None, weight_dtype: torch.dtype,
                  scheme: QuantScheme | None = None):
         self.out_features = weight.shape[0]
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        if scheme is not None:  # quantized here, one weight at a time
-            self.kind = Kind.INT8 if scheme.bits == 8 else Kind.INT4
-            self.data = kernels.pack_quantized(scheme.quantize(weight))
+        if scheme is not None and not isinstance(weight, QuantizedWeight):  # quantized here, one weight at a time
+            weight = scheme.quantize(weight)
+        if isinstance(weight, QuantizedWeight):
+            form = weight.scheme
+            self.kind = Kind.FP8 if form.float8 else Kind.INT8 if form.bits == 8 else Kind.INT4
+            self.data = kernels.pack_quantized(weight)
         elif weight_dtype == torch.float16 and kernels.linear_f16_usable():
             self.kind, self.data = Kind.F16, kernels.pack_f16(weight)
         elif weight_dtype == torch.float16:
@@ -77,6 +84,8 @@ class PackedLinear:
         kind = self.kind
         if kind is Kind.INT8 or kind is Kind.INT4:
             return kernels.linear_quant(x, self.data, self.out_features, self.bias)
+        if kind is Kind.FP8:
+            return kernels.linear_fp8(x, self.data, self.out_features, self.bias)
         if kind is Kind.F16:
             return kernels.linear_f16(x, self.data, self.out_features, self.bias)
         if kind is Kind.BF16:
@@ -151,13 +160,18 @@ class Packer:
     the scheme (the logits are the most sensitive product; llama.cpp's Q4_K_M keeps its head at 6 bits for the same
     reason). MLA's kv_b_proj keeps its float weight and packing (attention reads it), and so do the embedding, the
     norms and the routers.
+
+    Pre-quantized checkpoint tensors (an FP8 checkpoint's weights): where a quantized kernel is built, every weight
+    above that would be packed (Linears but kv_b_proj, routed experts) gets a `stage_quantized` (`QuantizedStaging`);
+    the model's loader hands it each `QuantizedWeight` arriving for that parameter, as stored (models/base.py), and
+    the weight is packed from there in its own form, whatever `quantization` says (which still applies to the float
+    weights). A form with no kernel here, or a parameter whose parts came partly float, is dequantized and packed as
+    a float weight.
     """
 
     def __init__(self, model: nn.Module, weight_dtype: torch.dtype, quantization: QuantScheme | None = None):
-        if quantization is not None and not kernels.linear_quant_usable():
-            why = kernels.why_unavailable() or "this CPU or build has no AVX-512"
-            raise ConfigError(f"--quantization {quantization.name} needs dsserve's int8/int4 CPU kernels "
-                              f"(csrc/linear_quant.c, AVX-512), unavailable here ({why}); drop --quantization")
+        if quantization is not None:
+            _check_kernels(quantization)
         self.packs = Packs()
         self.scheme, self.head_scheme = quantization, QuantScheme(8) if quantization is not None else None
         self.weight_dtype = resolve_weight_dtype(weight_dtype)
@@ -174,6 +188,37 @@ class Packer:
         self.freed_bytes = 0  # plain weights dropped after packing (the backend returns the heap's pages now and then)
         if self.weight_dtype == torch.bfloat16:
             self._stage_in_bf16(model)
+        if self.weight_dtype is not None and (kernels.linear_fp8_usable() or kernels.linear_quant_usable()):
+            self._keep_quantized(model)
+
+    def _keep_quantized(self, model: nn.Module) -> None:
+        """Mark the weights that may arrive pre-quantized and be packed as they are (see the class docstring)."""
+        for module in model.modules():
+            if isinstance(module, Linear) and module not in self.mla_of:
+                names = ("weight",)
+            elif isinstance(module, ExpertMLP):
+                names = ("w13", "w2")
+            else:
+                continue
+            for name in names:
+                param = getattr(module, name)
+                if self._packable(param):
+                    param.stage_quantized = QuantizedStaging(param.shape[0])
+
+    def _weight(self, module: nn.Module, name: str) -> torch.Tensor | QuantizedWeight:
+        """`module`'s weight `name` as loaded: what its staging holds where every part came quantized in a form this
+        build runs, else the float parameter (quantized parts dequantized into it)."""
+        param = getattr(module, name)
+        staging = getattr(param, "stage_quantized", None)
+        if staging is None or staging.weight is None:
+            return param
+        if len(staging.rows) == len(param.sources) and _has_kernel(staging.weight.scheme):
+            return staging.weight
+        logger.warning("a pre-quantized %s %s weight is packed as a float weight (%s)", staging.weight.scheme.name,
+                       tuple(param.shape), "some of its parts are float" if len(staging.rows) != len(param.sources)
+                       else "no CPU kernel for that form here")
+        staging.dequantize_into(param)
+        return param
 
     def _stage_in_bf16(self, model: nn.Module) -> None:
         """With bf16 weights, every weight that is packed and then dropped is loaded straight into bf16 (its float32
@@ -216,6 +261,8 @@ class Packer:
                 logger.warning("%s: the remaining linear layers stay on F.linear (slower; correct)", e)
         if self.failed is not None:  # unpacked: F.linear takes float32 weights
             for name, param in list(module.named_parameters(recurse=False)):
+                if getattr(param, "stage_quantized", None) is not None:  # its values may be in the staging
+                    param.stage_quantized.dequantize_into(param)
                 if id(param) in self.staged:
                     setattr(module, name, nn.Parameter(param.float(), requires_grad=False))
 
@@ -228,13 +275,13 @@ class Packer:
             if weight_dtype == torch.bfloat16 and _is_cpu_fp32(module.weight):  # prompt attention's expansion
                 packs.expanders[self.mla_of[module]] = pack_checked(module.weight, None, weight_dtype)
         elif isinstance(module, Linear) and self._packable(module.weight):
-            packs.linears[module] = pack_checked(module.weight, module.bias, weight_dtype, self.scheme)
+            packs.linears[module] = pack_checked(self._weight(module, "weight"), module.bias, weight_dtype, self.scheme)
             self._drop(module, "weight")
         elif isinstance(module, ExpertMLP) and self._packable(module.w13):
             experts, index = self.experts_of[module]
             pairs = self.expert_pairs.setdefault(experts, {})
-            pairs[index] = (pack_checked(module.w13, None, weight_dtype, self.scheme),
-                            pack_checked(module.w2, None, weight_dtype, self.scheme))
+            pairs[index] = (pack_checked(self._weight(module, "w13"), None, weight_dtype, self.scheme),
+                            pack_checked(self._weight(module, "w2"), None, weight_dtype, self.scheme))
             self._drop(module, "w13", "w2")
             if len(pairs) == experts.num_local:  # the layer's last expert: the routed experts run packed from now
                 packs.experts[experts] = ordered = [pairs[e] for e in range(experts.num_local)]
@@ -295,6 +342,42 @@ def _pack_absorbed(attn: MultiHeadLatentAttention, weight_dtype: torch.dtype) ->
             kernels.pack_heads_f16(w[:, attn.nope_dim :]))
 
 
+class QuantizedStaging:
+    """A parameter's pre-quantized parts as they load (models/base.py calls it with each part's row selector and
+    QuantizedWeight): one QuantizedWeight of the parameter's rows holding a scale per row, so that the parts of a
+    merged parameter (gate and up) need not share a block grid."""
+
+    def __init__(self, num_rows: int):
+        self.num_rows = num_rows
+        self.weight: QuantizedWeight | None = None  # made at the first part, in its form
+        self.rows: list[slice] = []  # the parts staged so far
+
+    def __call__(self, selector: tuple, part: QuantizedWeight) -> None:
+        rows = selector[0] if selector else slice(None)
+        if len(selector) > 1 or rows.step not in (None, 1):
+            raise WeightsError(f"a quantized checkpoint tensor fills whole rows of a parameter, not {selector}")
+        scales = part.row_scales()
+        if self.weight is None:
+            n = self.num_rows
+            zeros = None if part.zeros is None else torch.zeros((n, *part.zeros.shape[1:]), dtype=part.zeros.dtype)
+            self.weight = QuantizedWeight(part.scheme, torch.zeros((n, *part.q.shape[1:]), dtype=torch.uint8).view(
+                part.q.dtype), torch.zeros((n, *scales.shape[1:]), dtype=scales.dtype), zeros, part.in_features)
+        elif part.scheme != self.weight.scheme or part.q.shape[1:] != self.weight.q.shape[1:]:
+            raise WeightsError(f"the parts of one parameter come in different quantized forms ({part.scheme.name}, "
+                               f"{self.weight.scheme.name}); the checkpoint is inconsistent")
+        self.weight.q.view(torch.uint8)[rows] = part.q.view(torch.uint8)  # (index_put has no float8 kernel)
+        self.weight.scales[rows] = scales
+        if part.zeros is not None:
+            self.weight.zeros[rows] = part.zeros
+        self.rows.append(rows)
+
+    def dequantize_into(self, param: nn.Parameter) -> None:
+        """The staged parts' values into the float parameter; the staging emptied."""
+        for rows in self.rows:
+            param.data[rows] = self.weight.select_rows(rows).dequantize().to(param.dtype)
+        self.weight, self.rows = None, []
+
+
 class PackingFailed(Exception):
     pass
 
@@ -305,39 +388,64 @@ def _is_cpu_fp32(weight: torch.Tensor | None) -> bool:
 
 
 
-def pack_checked(weight: torch.Tensor, bias: torch.Tensor | None, weight_dtype: torch.dtype,
+def pack_checked(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None, weight_dtype: torch.dtype,
                  scheme: QuantScheme | None = None) -> PackedLinear:
     """`PackedLinear(weight, bias, weight_dtype, scheme)` checked against F.linear on a sample of its outputs (a
-    quantized one against its dequantized weight: the schemes quantize row by row, so the sampled rows quantize
-    alone to the same values); float32 for a weight beyond float16's range (logged), `weight_dtype` for one beyond
-    int4's float16 scales. Raises PackingFailed where the kernel fails or disagrees."""
-    if weight_dtype == torch.float16 and weight.abs().amax().item() > _FP16_MAX:
-        logger.warning("a %s weight exceeds float16's range: that layer keeps float32 weights", tuple(weight.shape))
-        weight_dtype = torch.float32
-    try:
+    quantized one, pre-quantized or quantized here by `scheme`, against its twin `reference_linear` on those rows);
+    float32 for a weight beyond float16's range (logged), `weight_dtype` for one beyond int4's float16 scales.
+    Raises PackingFailed where the kernel fails or disagrees."""
+    if scheme is not None and not isinstance(weight, QuantizedWeight):
         try:
-            packed = PackedLinear(weight, bias, weight_dtype, scheme)
+            weight = scheme.quantize(weight)
         except ValueError as e:  # a scale beyond float16 (layers/quantization.py): this layer stays unquantized
             logger.warning("%s: that layer keeps %s weights", e, weight_dtype)
             return pack_checked(weight, bias, weight_dtype)
+    quantized = isinstance(weight, QuantizedWeight)
+    if not quantized and weight_dtype == torch.float16 and weight.abs().amax().item() > _FP16_MAX:
+        logger.warning("a %s weight exceeds float16's range: that layer keeps float32 weights", tuple(weight.shape))
+        weight_dtype = torch.float32
+    what = weight.scheme.name if quantized else str(weight_dtype)
+    try:
+        packed = PackedLinear(weight, bias, weight_dtype)
         rows = slice(None, None, max(1, weight.shape[0] // 64))  # a sample of the outputs: no copy of a big weight
         probe = torch.randn(3, weight.shape[1])
-        if scheme is not None:
-            rounded = scheme.quantize(weight[rows]).dequantize()
-        else:
-            rounded = weight[rows].to(weight_dtype).float()
-        if weight_dtype == torch.bfloat16 and scheme is None:  # activations rounded to bf16 too, and each output
-            expected = F.linear(probe.bfloat16().float(), rounded)
+        if quantized:
+            expected = reference_linear(probe, weight.select_rows(rows), None if bias is None else bias[rows])
+            agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4,
+                                    atol=1e-4 * (1.0 + expected.abs().amax().item()))
+        elif weight_dtype == torch.bfloat16:  # activations rounded to bf16 too, and each output
+            expected = F.linear(probe.bfloat16().float(), weight[rows].to(weight_dtype).float())
             tolerance = 2**-7 * (expected.abs() + 1e-3 * expected.abs().amax())
             agrees = bool(((packed(probe)[:, rows] - (expected if bias is None else expected + bias[rows])).abs()
                            <= tolerance).all())
         else:
-            expected = F.linear(probe, rounded, None if bias is None else bias[rows])
+            expected = F.linear(probe, weight[rows].to(weight_dtype).float(), None if bias is None else bias[rows])
             agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4, atol=1e-4)
     except (RuntimeError, NotImplementedError) as e:  # this torch build cannot pack it
-        raise PackingFailed(f"packing a {tuple(weight.shape)} weight as {scheme.name if scheme else weight_dtype} "
-                            f"failed ({e})") from e
+        raise PackingFailed(f"packing a {tuple(weight.shape)} weight as {what} failed ({e})") from e
     if not agrees:  # never trust a kernel that disagrees
-        raise PackingFailed(f"the packed {scheme.name if scheme else weight_dtype} linear disagrees with F.linear for a "
-                            f"{tuple(weight.shape)} weight")
+        raise PackingFailed(f"the packed {what} linear disagrees with F.linear for a {tuple(weight.shape)} weight")
     return packed
+
+
+def _has_kernel(scheme: QuantScheme) -> bool:
+    """This build runs weights of `scheme`."""
+    if scheme.float8:
+        return kernels.linear_fp8_usable()
+    return not scheme.activations and kernels.linear_quant_usable()
+
+
+def _check_kernels(scheme: QuantScheme) -> None:
+    """--quantization `scheme` runs here (its kernel, and linear_quant.c for the int8 LM head), or a ConfigError."""
+    why = kernels.why_unavailable()
+    if not kernels.linear_quant_usable():
+        raise ConfigError(f"--quantization {scheme.name} needs dsserve's int8/int4 CPU kernels (csrc/linear_quant.c, "
+                          f"AVX-512), unavailable here ({why or 'this CPU or build has no AVX-512'}); drop "
+                          "--quantization")
+    if scheme.float8 and not kernels.linear_fp8_usable():
+        raise ConfigError(f"--quantization fp8 needs dsserve's fp8 CPU kernel (csrc/linear_fp8.c, AMX tiles and "
+                          f"AVX512-BF16), unavailable here ({why or 'this CPU, build or kernel has no AMX'}); use "
+                          "--quantization int8, or drop --quantization")
+    if not _has_kernel(scheme):
+        raise ConfigError(f"--quantization {scheme.name} has no CPU kernel in this build yet; the forms the kernels "
+                          "hold are int8, int4 and fp8 (docs/quantization.md)")

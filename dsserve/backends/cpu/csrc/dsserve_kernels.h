@@ -22,6 +22,7 @@ int dsserve_half_supported(void);        /* the attention kernel reads a float16
 int dsserve_linear_f16_supported(void);  /* the float16-weight linear is built (AVX2 + FMA + F16C) */
 int dsserve_linear_bf16_supported(void); /* the bf16 AMX linear is built and Linux lets this process use the tiles */
 int dsserve_linear_quant_supported(void); /* the int8 / int4 weight-only linears are built (AVX-512) */
+int dsserve_linear_fp8_supported(void);   /* the fp8 linear is built (AMX + AVX512-BF16) and may use the tiles */
 
 /* ---- decode attention over the paged cache (paged_attention.c) ---------------------------------------------- */
 
@@ -51,6 +52,11 @@ int dsserve_linear_int8(const float *x, const int8_t *packed, const float *scale
                         int64_t M, int64_t N, int64_t K);
 int dsserve_linear_int4(const float *x, const uint8_t *packed, const uint16_t *scales, const uint8_t *zeros,
                         const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t group);
+
+/* ---- linears over float8 e4m3 weights with per-row scales per 128 inputs (linear_fp8.c describes the layout) -- */
+
+int dsserve_linear_fp8(const float *x, const uint8_t *packed, const float *scales, const float *bias, float *y,
+                       int64_t M, int64_t N, int64_t K);
 
 /* ---- routed experts over many tokens, grouped by expert (moe.c) --------------------------------------------- */
 
