@@ -78,7 +78,20 @@ class ModelConfig:
     moe_layer_freq: int = 1
     # FP8 block quantization, e.g. (128, 128); None for unquantized checkpoints
     fp8_block_size: tuple[int, int] | None = None
+    # Another pre-quantized checkpoint (compressed-tensors, AWQ, GPTQ, w8a8_int8: formats/quantized.py): the dsserve
+    # form its quantized linears load as (layers/quantization.py names, e.g. "int4-g128-zp"), else None ...
+    checkpoint_quantization: str | None = None
+    # ... and config.json's quantization_config, which the loader's reader is made from
+    quantization_config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     o_proj_bias: bool = False  # Llama with attention_bias: o_proj has a bias too (Qwen2's does not)
+
+    def checkpoint_format(self):
+        """The reader of a pre-quantized checkpoint's linears (formats/quantized.py CheckpointFormat), else None."""
+        if self.quantization_config is None:
+            return None
+        from dsserve.formats.quantized import detect_format
+
+        return detect_format({"quantization_config": self.quantization_config})
 
     @property
     def is_mla(self) -> bool:
@@ -168,12 +181,19 @@ class ModelConfig:
             raise ConfigError(f"config.json hidden_act {raw.get('hidden_act')!r} is not supported; dsserve implements silu")
         quant = raw.get("quantization_config")
         if quant:
-            if quant.get("quant_method") != "fp8" or "weight_block_size" not in quant:
+            from dsserve.formats.quantized import Fp8Checkpoint, detect_format
+
+            fmt = detect_format(raw)  # a variant no reader holds: a ConfigError naming the field and its value
+            if not isinstance(fmt, Fp8Checkpoint):
+                common.update(checkpoint_quantization=fmt.scheme.name, quantization_config=dict(quant))
+            elif fmt.method != "fp8" or "weight_block_size" not in quant:
                 raise ConfigError(
-                    f"config.json quantization_config {quant} is not supported; dsserve loads FP8 block-quantized "
-                    "checkpoints (quant_method 'fp8' with weight_block_size) and unquantized ones"
+                    f"config.json quantization_config {quant} is not supported: of the FP8 checkpoints dsserve loads "
+                    "DeepSeek's block-quantized ones (quant_method 'fp8' with weight_block_size), not "
+                    f"{fmt.method} ones (docs/quantization.md \"Checkpoint formats\")"
                 )
-            common["fp8_block_size"] = tuple(int(x) for x in quant["weight_block_size"])
+            else:
+                common["fp8_block_size"] = tuple(int(x) for x in quant["weight_block_size"])
         if model_type in ("deepseek_v2", "deepseek_v3"):
             is_v3 = model_type == "deepseek_v3"
             common.update(

@@ -60,6 +60,8 @@ class _Builder:
     def packed(self, linear: Linear, bias_allowed: bool = True) -> torch.Tensor:
         """A linear's weight in dsserve's own packing (its kind noted); refused where it is not."""
         packed = self.packs.linears.get(linear)
+        if linear.input_order is not None:
+            raise _Refused("a linear reorders its inputs (GPTQ desc_act): the C decoders read x in its own order")
         if packed is not None and packed.kind in (Kind.INT8, Kind.INT4, Kind.FP8):
             raise _Refused("int8 / int4 / fp8 weights (--quantization, an FP8 checkpoint): decode_layers.c reads "
                            "16-bit panels only")
