@@ -1,0 +1,249 @@
+"""Checkpoints other tools quantized (formats/quantized.py) load with no flag: a tiny Qwen2 / DeepSeek-V3 written by
+the test in each format (compressed-tensors by `dsserve weights quantize`; AWQ, GPTQ and SGLang's w8a8_int8 packed
+as tests/formats packs them) gives the greedy tokens and logprobs of the float path on its dequantized weights
+(written as a second checkpoint), its quantized linears packed in their own form on the CPU backend; -tp 2 equals
+-tp 1."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dsserve import LLM, SamplingParams
+from dsserve.backends.cpu import kernels as cpu_kernels
+from dsserve.backends.cpu.packing import Kind, _has_kernel
+from dsserve.errors import WeightsError
+from dsserve.layers.linear import Linear
+from dsserve.layers.moe import Experts
+from dsserve.layers.quantization import QuantScheme
+from dsserve.weights.quantize import quantize_checkpoint
+from formats.test_quantized_formats import _awq_pack, _gptq_pack_cols, _gptq_pack_rows
+
+PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18]]
+OPTIONS = dict(num_kv_blocks=64, max_model_len=256, weight_dtype="float32")
+GROUP = 32
+needs_kernel = pytest.mark.skipif(not cpu_kernels.linear_quant_usable(), reason="the quantized linears need AVX-512")
+# the inputs each projection reads: GPTQ desc_act quantizes linears of the same inputs in the same order
+INPUTS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o", "gate_proj": "mlp", "up_proj": "mlp",
+          "down_proj": "down"}
+
+
+def _tensors(folder):
+    tensors = {}
+    for shard in folder.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def _write(src, dst, tensors, quantization_config=None):
+    """`src`'s config and tokenizer with `tensors` as its weights (and `quantization_config`)."""
+    shutil.copytree(src, dst)
+    for shard in dst.glob("*.safetensors"):
+        shard.unlink()
+    (dst / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config.pop("quantization_config", None)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+# --- each format's tensors for one float weight (N, K), and the values its own dequantization gives
+
+
+def _awq(w):
+    """AutoAWQ GEMM: per group of the inputs scale = (max - min) / 15, zero = round(-min / scale); intweight (K, N)."""
+    groups = w.t().reshape(-1, GROUP, w.shape[0])  # (G, g, N)
+    low, high = groups.amin(1).clamp(max=0), groups.amax(1).clamp(min=0)
+    scales = ((high - low) / 15).clamp(min=1e-5).half()  # (G, N)
+    zeros = torch.round(-low / scales.float()).clamp(0, 15).int()
+    q = torch.round(groups / scales.float().unsqueeze(1)).int() + zeros.unsqueeze(1)
+    q = q.clamp(0, 15).reshape(w.shape[1], w.shape[0])  # (K, N)
+    value = ((q - zeros.repeat_interleave(GROUP, 0)).float() * scales.float().repeat_interleave(GROUP, 0)).t()
+    return {"qweight": _awq_pack(q), "qzeros": _awq_pack(zeros), "scales": scales}, value
+
+
+def _gptq(w, order, sym):
+    """AutoGPTQ (v1: qzeros holds zero - 1): the inputs quantized in `order` (desc_act; arange: none), group j the
+    inputs at positions j*g...(j+1)*g of that order; g_idx[k] = the group of input k."""
+    g_idx = torch.empty(w.shape[1], dtype=torch.int32)
+    g_idx[order] = (torch.arange(w.shape[1]) // GROUP).int()
+    groups = w[:, order].t().reshape(-1, GROUP, w.shape[0])  # (G, g, N)
+    if sym:
+        scales = (groups.abs().amax(1) / 7).clamp(min=1e-5).half()
+        zeros = torch.full(scales.shape, 8, dtype=torch.int32)
+    else:
+        low, high = groups.amin(1).clamp(max=0), groups.amax(1).clamp(min=0)
+        scales = ((high - low) / 15).clamp(min=1e-5).half()
+        zeros = torch.round(-low / scales.float()).clamp(1, 15).int()  # v1 stores zero - 1: keep it >= 0
+    rows = g_idx.long()  # each input's group
+    q = torch.round(w.t() / scales.float()[rows]).int() + zeros[rows]
+    q = q.clamp(0, 15)  # (K, N)
+    value = ((q - zeros[rows]).float() * scales.float()[rows]).t()
+    tensors = {"qweight": _gptq_pack_rows(q, 4), "qzeros": _gptq_pack_cols(zeros - 1, 4), "scales": scales,
+               "g_idx": g_idx}
+    return tensors, value
+
+
+def _channel_int8(w):
+    """SGLang w8a8_int8: int8 weight, float32 scale per output row (N, 1)."""
+    scales = (w.abs().amax(1, keepdim=True) / 127).clamp(min=1e-8)
+    q = torch.round(w / scales).clamp(-127, 127).to(torch.int8)
+    return {"weight": q, "weight_scale": scales}, q.float() * scales
+
+
+FORMATS = {
+    "awq": ({"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": GROUP, "zero_point": True},
+            lambda w, order: _awq(w), QuantScheme(4, GROUP, True)),
+    "gptq": ({"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": True, "desc_act": False},
+             lambda w, order: _gptq(w, torch.arange(w.shape[1]), sym=True), QuantScheme(4, GROUP)),
+    "gptq-desc-act": ({"quant_method": "gptq", "bits": 4, "group_size": GROUP, "sym": False, "desc_act": True},
+                      lambda w, order: _gptq(w, order, sym=False), QuantScheme(4, GROUP, True)),
+    "w8a8_int8": ({"quant_method": "w8a8_int8", "activation_scheme": "dynamic"},
+                  lambda w, order: _channel_int8(w), QuantScheme.parse("w8a8")),
+}
+
+
+def _packed_format(src, tmp_path, name):
+    """(the checkpoint in format `name`: every q/k/v/o/gate/up/down projection quantized, the rest as it is; its twin
+    with the dequantized values in float32)."""
+    config, pack, _ = FORMATS[name]
+    quantized, twin = {}, {}
+    for tensor_name, tensor in _tensors(src).items():
+        prefix, _, suffix = tensor_name.rpartition(".")
+        projection = prefix.rpartition(".")[2]
+        if suffix != "weight" or projection not in INPUTS:
+            quantized[tensor_name] = twin[tensor_name] = tensor
+            continue
+        layer = int(tensor_name.split(".")[2])
+        seed = 8 * layer + ("attn", "o", "mlp", "down").index(INPUTS[projection])
+        order = torch.randperm(tensor.shape[1], generator=torch.Generator().manual_seed(seed))
+        parts, value = pack(tensor.float(), order)
+        quantized.update({f"{prefix}.{part}": t for part, t in parts.items()})
+        twin[tensor_name] = value
+    return (_write(src, tmp_path / name, quantized, config), _write(src, tmp_path / f"{name}-twin", twin))
+
+
+def _compressed_tensors(src, tmp_path, scheme):
+    """(`dsserve weights quantize` of `src`, its twin: each linear it quantized replaced by its dequantized values)."""
+    out = quantize_checkpoint(src, tmp_path / scheme.name, scheme)
+    written = _tensors(out)
+    twin = {}
+    for name, tensor in _tensors(src).items():
+        quantized = name.endswith(".weight") and name.removesuffix(".weight") + ".weight_scale" in written
+        twin[name] = scheme.quantize(tensor.float()).dequantize() if quantized else tensor
+    return out, _write(src, tmp_path / f"{scheme.name}-twin", twin)
+
+
+def _assert_same_generations(got_llm, want_llm, tolerance=1e-4):
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    for prompts in ([[5]], PROMPTS):
+        for a, b in zip(got_llm.generate(prompts, params), want_llm.generate(prompts, params)):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for (x, _), (y, _) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert x == pytest.approx(y, abs=tolerance)
+
+
+def _assert_packed(llm, scheme, num_quantized):
+    """Every Linear but MLA's kv_b_proj and the LM head, and every routed expert, packed in `scheme`'s kind with the
+    bytes of that form (where this build has its kernel; else dequantized into float32 packs, as the packer logs)."""
+    model, packs = llm.engine.runner.model, llm.engine.runner.backend.packs
+    kind = (Kind.INT8 if scheme.bits == 8 else Kind.INT4) if _has_kernel(scheme) else Kind.ONEDNN_F32
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m in packs.linears
+               and packs.linears[m].kind is kind]
+    assert len(linears) >= num_quantized
+    for m in linears:
+        data = packs.linears[m].data
+        if kind is Kind.INT4:  # half a byte per weight, the scheme's groups and zero points
+            assert data.packed.shape[1] * 2 == -(-data.in_features // scheme.group_size) * scheme.group_size
+            assert data.group_size == scheme.group_size and (data.zeros is not None) == scheme.zero_point
+        elif kind is Kind.INT8:
+            assert data.packed.dtype == torch.int8 and data.packed.shape[1] == data.in_features
+    for experts in (m for m in model.modules() if isinstance(m, Experts)):
+        assert all(p.kind is kind for pair in packs.experts[experts] for p in pair)
+    assert packs.linears[model.lm_head].kind is Kind.ONEDNN_F32  # kept as the checkpoint holds it
+
+
+@pytest.fixture(scope="module")
+def qwen2(model_dir):
+    return model_dir("qwen2_untied")
+
+
+@needs_kernel
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_packed_formats_load_quantized(qwen2, tmp_path, name):
+    folder, twin = _packed_format(qwen2, tmp_path, name)
+    scheme = FORMATS[name][2]
+    llm = LLM(folder, **OPTIONS)
+    assert llm.engine.config.model.checkpoint_quantization == scheme.name
+    _assert_packed(llm, scheme, num_quantized=8)  # 2 layers x q/k/v, o, gate/up, down
+    ordered = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear) and m.input_order is not None]
+    assert len(ordered) == (8 if name == "gptq-desc-act" else 0)
+    _assert_same_generations(llm, LLM(twin, backend="torch", **OPTIONS))
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", [QuantScheme(4, GROUP), QuantScheme(4, 64, True), QuantScheme.parse("int8"),
+                                    QuantScheme.parse("w8a8")], ids=lambda s: s.name)
+def test_compressed_tensors_from_weights_quantize(qwen2, tmp_path, scheme):
+    folder, twin = _compressed_tensors(qwen2, tmp_path, scheme)
+    llm = LLM(folder, **OPTIONS)
+    assert llm.engine.config.model.checkpoint_quantization == scheme.name
+    _assert_packed(llm, scheme, num_quantized=8 if scheme.group_size != 64 else 2)  # K = 64 or 128: all of g32
+    _assert_same_generations(llm, LLM(twin, backend="torch", **OPTIONS))
+
+
+@needs_kernel
+def test_deepseek_v3_experts_stack_quantized_parts(model_dir, tmp_path):
+    """compressed-tensors int4 on the tiny V3: routed and shared experts, dense MLPs and attention projections
+    whose inputs hold whole groups quantized; routers, kv_b_proj and the LM head kept float and loaded as usual."""
+    scheme = QuantScheme(4, GROUP)
+    folder, twin = _compressed_tensors(model_dir("deepseek_v3"), tmp_path, scheme)
+    llm = LLM(folder, **OPTIONS)
+    _assert_packed(llm, scheme, num_quantized=4)
+    _assert_same_generations(llm, LLM(twin, backend="torch", **OPTIONS))
+
+
+def test_torch_backend_loads_them_dequantized(qwen2, tmp_path):
+    folder, twin = _packed_format(qwen2, tmp_path, "gptq-desc-act")
+    llm = LLM(folder, backend="torch", **OPTIONS)
+    model = llm.engine.runner.model
+    assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, Linear))
+    _assert_same_generations(llm, LLM(twin, backend="torch", **OPTIONS), 1e-5)
+
+
+def test_desc_act_orders_that_differ_within_one_layer_are_refused(qwen2, tmp_path):
+    """q/k/v are stacked into one weight: their g_idx must give one input order."""
+    folder, _ = _packed_format(qwen2, tmp_path, "gptq-desc-act")
+    tensors = _tensors(folder)
+    name = "model.layers.0.self_attn.k_proj.g_idx"
+    tensors[name] = tensors[name].flip(0).contiguous()
+    (folder / "model.safetensors").unlink()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match="self_attn.(q|k)_proj.weight orders its inputs differently"):
+        LLM(folder, backend="torch", **OPTIONS)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["awq", "w8a8"])
+def test_tp2_equals_tp1(qwen2, tmp_path, kind):
+    """Each rank converts only its slice of every linear (cut on the format's packing and group boundaries)."""
+    if kind == "awq":
+        folder, _ = _packed_format(qwen2, tmp_path, "awq")
+    else:
+        folder, _ = _compressed_tensors(qwen2, tmp_path, QuantScheme.parse("w8a8"))
+    options = dict(OPTIONS, step_timeout=30, connect_timeout=60)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    expected = LLM(folder, **options).generate(PROMPTS, params)
+    llm = LLM(folder, tensor_parallel_size=2, **options)
+    try:
+        for a, b in zip(llm.generate(PROMPTS, params), expected):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for (x, _), (y, _) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert x == pytest.approx(y, abs=1e-4)
+    finally:
+        llm.engine.shutdown()
