@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from dsserve import LLM, SamplingParams
 from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.backends.cpu.packing import Kind, _has_kernel
-from dsserve.errors import WeightsError
+from dsserve.config import ModelConfig
+from dsserve.errors import ConfigError, WeightsError
 from dsserve.layers.linear import Linear
 from dsserve.layers.moe import Experts
 from dsserve.layers.quantization import QuantScheme
@@ -24,6 +25,8 @@ from formats.test_quantized_formats import _awq_pack, _gptq_pack_cols, _gptq_pac
 PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18]]
 OPTIONS = dict(num_kv_blocks=64, max_model_len=256, weight_dtype="float32")
 GROUP = 32
+QWEN2_CONFIG = {"model_type": "qwen2", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 2, "num_attention_heads": 4}
 needs_kernel = pytest.mark.skipif(not cpu_kernels.linear_quant_usable(), reason="the quantized linears need AVX-512")
 # the inputs each projection reads: GPTQ desc_act quantizes linears of the same inputs in the same order
 INPUTS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o", "gate_proj": "mlp", "up_proj": "mlp",
@@ -247,3 +250,29 @@ def test_tp2_equals_tp1(qwen2, tmp_path, kind):
                 assert x == pytest.approx(y, abs=1e-4)
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("quantization_config, form", [
+    (FORMATS["awq"][0], "int4-zp"),
+    (FORMATS["gptq-desc-act"][0], "int4-zp"),
+    ({**FORMATS["gptq"][0], "group_size": 128}, "int4-g128"),
+    (FORMATS["w8a8_int8"][0], "w8a8"),
+])
+def test_model_config_names_the_form(quantization_config, form):
+    config = ModelConfig.from_dict({**QWEN2_CONFIG, "quantization_config": quantization_config})
+    assert config.checkpoint_quantization == form and config.fp8_block_size is None
+    assert config.checkpoint_format().scheme.name == form
+
+
+@pytest.mark.parametrize("quantization_config, message", [
+    ({"quant_method": "awq", "version": "gemv", "bits": 4, "group_size": 32, "zero_point": True}, "version"),
+    ({"quant_method": "gptq", "bits": 3, "group_size": 32, "sym": True}, "bits=3"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}}}},
+     "not compressed-tensors float-quantized ones"),
+    ({"quant_method": "fp8"}, "weight_block_size"),
+    ({"quant_method": "bitsandbytes"}, "quant_method"),
+])
+def test_model_config_refuses_what_no_reader_holds(quantization_config, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict({**QWEN2_CONFIG, "quantization_config": quantization_config})
