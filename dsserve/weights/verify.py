@@ -58,7 +58,8 @@ def verify(path: str | os.PathLike, manifest: str | os.PathLike | None = None, w
         config = ModelConfig.from_path(folder)
         quant = f", FP8 blocks {config.fp8_block_size}" if config.fp8_block_size else ""
         if config.checkpoint_quantization:
-            quant = f", {config.quantization_config['quant_method']} quantized (loads as {config.checkpoint_quantization})"
+            method = config.quantization_config["quant_method"]
+            quant = f", {method} quantized (loads as {config.checkpoint_quantization})"
         report.ok(f"config.json: model_type {config.model_type}, {config.num_hidden_layers} layers{quant}")
     except DsserveError as e:
         report.fail(str(e))

@@ -17,7 +17,7 @@ from dsserve.backends.cpu.packing import Kind, _has_kernel
 from dsserve.config import ModelConfig
 from dsserve.errors import ConfigError, WeightsError
 from dsserve.layers.linear import Linear
-from dsserve.layers.moe import Experts
+from dsserve.layers.moe import ExpertMLP, Experts
 from dsserve.layers.quantization import QuantScheme
 from dsserve.weights.quantize import quantize_checkpoint
 from formats.test_quantized_formats import _awq_pack, _gptq_pack_cols, _gptq_pack_rows
@@ -142,6 +142,21 @@ def _compressed_tensors(src, tmp_path, scheme):
     return out, _write(src, tmp_path / f"{scheme.name}-twin", twin)
 
 
+def _reference(twin, scheme):
+    """The float path (torch backend) on the dequantized weights; for w8a8 where this build has its kernel (it
+    quantizes the activations too), the torch backend computing each linear the checkpoint quantized with
+    `reference_linear` on those weights (per-row requantizing q * scale gives q and the scale back)."""
+    llm = LLM(twin, backend="torch", **OPTIONS)
+    if scheme.activations and _has_kernel(scheme):
+        backend, model = llm.engine.runner.backend, llm.engine.runner.model
+        for module in model.modules():
+            if isinstance(module, Linear) and module.accepts_input_order:  # all but MLA's kv_b_proj
+                backend._quantized[module] = scheme.quantize(module.weight)
+            elif isinstance(module, ExpertMLP):
+                backend._quantized[module] = (scheme.quantize(module.w13), scheme.quantize(module.w2))
+    return llm
+
+
 def _assert_same_generations(got_llm, want_llm, tolerance=1e-4):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     for prompts in ([[5]], PROMPTS):
@@ -155,7 +170,9 @@ def _assert_packed(llm, scheme, num_quantized):
     """Every Linear but MLA's kv_b_proj and the LM head, and every routed expert, packed in `scheme`'s kind with the
     bytes of that form (where this build has its kernel; else dequantized into float32 packs, as the packer logs)."""
     model, packs = llm.engine.runner.model, llm.engine.runner.backend.packs
-    kind = (Kind.INT8 if scheme.bits == 8 else Kind.INT4) if _has_kernel(scheme) else Kind.ONEDNN_F32
+    kind = Kind.ONEDNN_F32
+    if _has_kernel(scheme):
+        kind = Kind["W8A8"] if scheme.activations else Kind.INT8 if scheme.bits == 8 else Kind.INT4
     linears = [m for m in model.modules() if isinstance(m, Linear) and m in packs.linears
                and packs.linears[m].kind is kind]
     assert len(linears) >= num_quantized
@@ -164,7 +181,7 @@ def _assert_packed(llm, scheme, num_quantized):
         if kind is Kind.INT4:  # half a byte per weight, the scheme's groups and zero points
             assert data.packed.shape[1] * 2 == -(-data.in_features // scheme.group_size) * scheme.group_size
             assert data.group_size == scheme.group_size and (data.zeros is not None) == scheme.zero_point
-        elif kind is Kind.INT8:
+        elif kind is Kind.INT8:  # (a W8A8 kind's layout is its own)
             assert data.packed.dtype == torch.int8 and data.packed.shape[1] == data.in_features
     for experts in (m for m in model.modules() if isinstance(m, Experts)):
         assert all(p.kind is kind for pair in packs.experts[experts] for p in pair)
@@ -186,7 +203,7 @@ def test_packed_formats_load_quantized(qwen2, tmp_path, name):
     _assert_packed(llm, scheme, num_quantized=8)  # 2 layers x q/k/v, o, gate/up, down
     ordered = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear) and m.input_order is not None]
     assert len(ordered) == (8 if name == "gptq-desc-act" else 0)
-    _assert_same_generations(llm, LLM(twin, backend="torch", **OPTIONS))
+    _assert_same_generations(llm, _reference(twin, scheme))
 
 
 @needs_kernel
@@ -197,7 +214,7 @@ def test_compressed_tensors_from_weights_quantize(qwen2, tmp_path, scheme):
     llm = LLM(folder, **OPTIONS)
     assert llm.engine.config.model.checkpoint_quantization == scheme.name
     _assert_packed(llm, scheme, num_quantized=8 if scheme.group_size != 64 else 2)  # K = 64 or 128: all of g32
-    _assert_same_generations(llm, LLM(twin, backend="torch", **OPTIONS))
+    _assert_same_generations(llm, _reference(twin, scheme))
 
 
 @needs_kernel
