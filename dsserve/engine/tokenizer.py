@@ -41,6 +41,12 @@ class Tokenizer:
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.chat_template = chat_template or _find_chat_template(folder, self.config)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # Skipping special tokens keeps those that carry an answer's structure, which the tool and reasoning parsers
+        # read (V3.2's tokenizer.json marks ｜DSML｜ special: sglang #16122; a checkpoint may mark the others so too).
+        added = self._tok.get_added_tokens_decoder()
+        special = {i for i, token in added.items() if token.special}
+        self.special_markers = {added[i].content: i for i in special if any(m in added[i].content for m in _MARKERS)}
+        self._skipped_special_ids = frozenset(special - set(self.special_markers.values()))  # empty: no marker special
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         _check_unicode(text)
@@ -50,6 +56,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens and self.special_markers:
+            ids, skip_special_tokens = [i for i in ids if i not in self._skipped_special_ids], False
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def to_json(self) -> str:
@@ -179,6 +187,9 @@ def _token_text(token: Any) -> str | None:
         return token.get("content")
     return token
 
+
+# Kept by decoding when special: DeepSeek's tool markers (<｜tool▁sep｜>...), V3.2's ｜DSML｜, R1's <think> / </think>.
+_MARKERS = ("｜tool▁", "｜DSML｜", "<think>", "</think>")
 
 _TEMPLATE_NAMES = {"messages", "add_generation_prompt", "bos_token", "eos_token", "chat_template"}
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from dsserve.errors import ConfigError, WeightsError
-from dsserve.layers.quantization import INT4_GROUP_SIZES, QuantizedWeight, QuantScheme
+from dsserve.layers.quantization import FP8_BLOCK, INT4_GROUP_SIZES, QuantizedWeight, QuantScheme
 
 _FP16_MAX = 65504.0
 _AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # AWQ packs outputs 0,2,4,6,1,3,5,7 into nibbles 0..7 of an int32
@@ -307,6 +307,28 @@ class Gptq(CheckpointFormat):
         if "g_idx" in tensors:
             out["g_idx"] = tensors["g_idx"][start:stop] - (start // group if self.scheme.bits == 4 else 0)
         return out
+
+
+def fp8_block_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                     index: tuple) -> QuantizedWeight | None:
+    """DeepSeek's FP8 checkpoint tensor (e4m3 `weight` and its float32 `weight_scale_inv` per `block`) as a
+    QuantizedWeight of the stored bytes and scales, its `index` slice (the loader's, for tensor parallelism) taken on
+    whole 128 x 128 blocks; None where it cannot be kept as is (other block sizes, a slice boundary inside a block:
+    the loader dequantizes it instead)."""
+    if tuple(block) != (FP8_BLOCK, FP8_BLOCK):
+        return None
+    q, scales = weight, scale_inv.float()
+    for dim, part in enumerate(index):
+        start, stop, step = part.indices(q.shape[dim])
+        if step != 1 or start % FP8_BLOCK or (stop % FP8_BLOCK and stop != q.shape[dim]):
+            return None
+        q, scales = q.narrow(dim, start, stop - start), scales.narrow(dim, start // FP8_BLOCK, -(-stop // FP8_BLOCK)
+                                                                       - start // FP8_BLOCK)
+    try:
+        return QuantizedWeight(QuantScheme.parse("fp8"), q.contiguous(), scales.contiguous(), None, q.shape[1])
+    except ValueError as e:  # the scales do not fit the weight
+        raise WeightsError(f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {tuple(weight.shape)} "
+                           f"with 128x128 blocks ({e}); the checkpoint is inconsistent") from e
 
 
 def _compressed_tensors(quant: Mapping[str, Any]) -> CheckpointFormat | Fp8Checkpoint:

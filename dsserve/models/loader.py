@@ -15,8 +15,8 @@ from safetensors import safe_open
 
 from dsserve.config import ModelConfig
 from dsserve.errors import WeightsError
-from dsserve.formats.quantized import CheckpointFormat, ConvertedLinear
-from dsserve.layers.quantization import FP8_BLOCK, QuantizedWeight, QuantScheme
+from dsserve.formats.quantized import CheckpointFormat, ConvertedLinear, fp8_block_weight
+from dsserve.layers.quantization import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ def iter_checkpoint(
     and only their slice (safetensors reads just those bytes): a tensor-parallel rank never loads what
     belongs to another rank. FP8 weights (`float8_e4m3fn` with a `*_scale_inv` beside them, possibly in
     another shard) come out dequantized (then sliced); with `keep_quantized`, as a `QuantizedWeight` of the
-    stored bytes and scales instead (fp8 with 128 x 128 blocks, the slice taken on whole blocks; a slice inside a
-    block, or other block sizes, still come out dequantized): the model's loader hands those to the backend as
-    they are (models/base.py). The multi-token-prediction layers (index >= num_hidden_layers) are skipped.
+    stored bytes and scales instead where they can (formats/quantized.py `fp8_block_weight`): the model's loader
+    hands those to the backend as they are (models/base.py). The multi-token-prediction layers (index >=
+    num_hidden_layers) are skipped.
 
     A checkpoint another tool quantized (`config.checkpoint_format()`: compressed-tensors, AWQ, GPTQ, w8a8_int8)
     holds each quantized linear as several tensors (e.g. `qweight`, `qzeros`, `scales`): they come out as one
@@ -175,7 +175,7 @@ def iter_checkpoint(
                         open_files[scale_shard] = _open_shard(folder / scale_shard)
                     scale = _get_tensor(open_files[scale_shard], scale_name, folder / scale_shard)
                     block = config.fp8_block_size or (128, 128)
-                    kept = _kept_fp8(tensor, scale, block, index) if keep_quantized else None
+                    kept = fp8_block_weight(tensor, scale, block, index) if keep_quantized else None
                     if kept is not None:
                         yield name, kept
                         continue
@@ -203,26 +203,6 @@ def dequantize_fp8_blocks(
         )
     scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]  # (rows, cols)
     return (weight.float() * scale).to(dtype)
-
-
-def _kept_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
-              index: tuple) -> QuantizedWeight | None:
-    """An FP8 checkpoint tensor as stored (its `index` slice taken on whole 128 x 128 blocks), or None where it
-    cannot be kept as is (other block sizes, a slice boundary inside a block: dequantized instead)."""
-    if tuple(block) != (FP8_BLOCK, FP8_BLOCK):
-        return None
-    q, scales = weight, scale_inv.float()
-    for dim, part in enumerate(index):
-        start, stop, step = part.indices(q.shape[dim])
-        if step != 1 or start % FP8_BLOCK or (stop % FP8_BLOCK and stop != q.shape[dim]):
-            return None
-        q, scales = q.narrow(dim, start, stop - start), scales.narrow(dim, start // FP8_BLOCK, -(-stop // FP8_BLOCK)
-                                                                       - start // FP8_BLOCK)
-    try:
-        return QuantizedWeight(QuantScheme.parse("fp8"), q.contiguous(), scales.contiguous(), None, q.shape[1])
-    except ValueError as e:  # the scales do not fit the weight
-        raise WeightsError(f"FP8 scale shape {tuple(scale_inv.shape)} does not match weight {tuple(weight.shape)} "
-                           f"with 128x128 blocks ({e}); the checkpoint is inconsistent") from e
 
 
 def _convert(reader: CheckpointFormat, prefix: str, tensors: dict[str, torch.Tensor],

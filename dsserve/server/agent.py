@@ -9,10 +9,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import jsonschema
-
 from dsserve.engine.structured import StructuredOutput, with_json_style
+from dsserve.errors import InvalidRequestError
 from dsserve.reasoning import r1
+from dsserve.server import encoding_dsv32
+from dsserve.server.constraints import answer_constraint, checked_schema
 from dsserve.server.protocol import APIError, ChatCompletionRequest
 from dsserve.tool_parsers import FORMATS, ToolCallFormat, ToolCallStream, call_grammar, tool_prompt
 
@@ -81,6 +82,9 @@ def _plan_tools(req: ChatCompletionRequest, config, template_variables: frozense
         raise APIError(400, "Invalid 'tools': empty array. Expected an array with minimum length 1, but got an empty "
                        "array instead.", param="tools", code="empty_array")
     names = [t.function.name for t in req.tools]
+    for i, tool in enumerate(req.tools):
+        if tool.function.parameters is not None:
+            checked_schema(tool.function.parameters, f"tools[{i}].function.parameters")
     for i, name in enumerate(names):
         if name in names[:i]:
             raise APIError(400, f"Invalid 'tools[{i}].function.name': the name '{name}' is used by an earlier tool.",
@@ -161,6 +165,22 @@ def _history_call(call: dict[str, Any], param: str) -> dict[str, Any]:
             "function": {"name": function["name"], "arguments": arguments}}
 
 
+def template_variables(tokenizer, config) -> frozenset[str]:
+    """What the prompt's renderer reads: the chat template's variables, or those of V3.2's encoder."""
+    return encoding_dsv32.VARIABLES if config.chat_encoder == "deepseek_v32" else \
+        tokenizer.template_variables(config.chat_template)
+
+
+def render_prompt(tokenizer, messages: list[dict[str, Any]], config, template_kwargs: dict[str, Any] | None = None,
+                  add_generation_prompt: bool = True) -> str:
+    """The prompt text of `messages`: the chat template, or V3.2's encoder for a checkpoint that ships none (which
+    always ends a user turn with the assistant's opening)."""
+    if config.chat_encoder == "deepseek_v32":
+        kwargs = template_kwargs or {}
+        return encoding_dsv32.encode(messages, kwargs.get("tools"), bool(kwargs.get("thinking")))
+    return tokenizer.apply_chat_template(messages, add_generation_prompt, config.chat_template, template_kwargs)
+
+
 def finish_prompt(prompt: str, plan: ChatPlan) -> str:
     return r1.close_reasoning(prompt) if plan.close_thinking else prompt
 
@@ -219,16 +239,18 @@ class AnswerStream:
         return delta_reasoning, delta_content, out
 
 
-def structured_output(req: ChatCompletionRequest, plan: ChatPlan, after_token_id: int | None) -> StructuredOutput | None:
+def structured_output(req: ChatCompletionRequest, plan: ChatPlan, after_token_id: int | None,
+                      special_tokens: dict[str, int] | None = None) -> StructuredOutput | None:
     """The grammar a request's output must follow, or None: response_format, vLLM's guided_* fields or its
     structured_outputs object, and tool_choice "required" or a named tool (then the output is tool calls with
-    arguments valid for the tool's parameters). A reasoning model reasons freely first (`after_token_id`)."""
-    asked = _answer_constraints(req)
-    if len(asked) > 1:
-        raise APIError(400, f"'{asked[0][0]}' and '{asked[1][0]}' both constrain the answer; send one.",
-                       param=asked[1][0], code="invalid_value")
-    answer = asked[0] if asked else None
+    arguments valid for the tool's parameters). A reasoning model reasons freely first (`after_token_id`).
+    `special_tokens`: the tokenizer's special marker tokens, which the call grammar names by id."""
+    answer = answer_constraint(req)
     forced = plan.tool_format is not None and plan.tool_choice != "auto"
+    if forced and answer is not None:  # the answer is calls only: the field would have nothing to hold
+        raise APIError(400, f"'{answer[0]}' cannot be combined with tool_choice 'required' or a named tool, whose "
+                       "answer is tool calls only; use tool_choice 'auto' for 'a call or this answer'.",
+                       param=answer[0], code="unsupported_parameter")
     tools_open = plan.tool_format is not None
     if not forced and answer is None:
         return None
@@ -236,7 +258,11 @@ def structured_output(req: ChatCompletionRequest, plan: ChatPlan, after_token_id
         tools = plan.tools
         if isinstance(plan.tool_choice, dict):
             tools = [t for t in tools if t["function"]["name"] == plan.tool_choice["function"]["name"]]
-        calls = call_grammar(tools, plan.tool_format.name, plan.parallel_tool_calls, with_json_style)
+        try:
+            calls = call_grammar(tools, plan.tool_format.name, plan.parallel_tool_calls, with_json_style,
+                                 special_tokens)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), param=e.param, code="unsupported_parameter") from None
         if not forced:
             field_name, spec = answer
             if spec.json_schema is None:
@@ -248,73 +274,3 @@ def structured_output(req: ChatCompletionRequest, plan: ChatPlan, after_token_id
         return StructuredOutput(lark=calls, param="tools", after_token_id=after_token_id)
     field_name, spec = answer
     return dataclasses.replace(spec, after_token_id=after_token_id)
-
-
-def _answer_constraints(req: ChatCompletionRequest) -> list[tuple[str, StructuredOutput]]:
-    out = []
-    rf = req.response_format
-    if rf is not None and rf.type == "json_object":
-        out.append(("response_format", StructuredOutput(json_schema={"type": "object"}, param="response_format")))
-    elif rf is not None and rf.type == "json_schema":
-        if rf.json_schema is None or rf.json_schema.json_schema is None:
-            raise APIError(400, "Missing required parameter: 'response_format.json_schema.schema'.",
-                           param="response_format.json_schema.schema", code="missing_required_parameter")
-        out.append(("response_format", StructuredOutput(
-            json_schema=_checked_schema(rf.json_schema.json_schema, "response_format.json_schema.schema"),
-            param="response_format.json_schema.schema")))
-    so = req.structured_outputs
-    for field_name, guided, nested in (("guided_json", req.guided_json, so and so.json_),
-                                       ("guided_regex", req.guided_regex, so and so.regex),
-                                       ("guided_choice", req.guided_choice, so and so.choice),
-                                       ("guided_grammar", req.guided_grammar, so and so.grammar)):
-        for name, value in ((field_name, guided), (f"structured_outputs.{field_name[7:]}", nested)):
-            if value is None:
-                continue
-            if field_name == "guided_json":
-                spec = StructuredOutput(json_schema=_checked_schema(_json_value(value, name), name), param=name)
-            elif field_name == "guided_regex":
-                spec = StructuredOutput(regex=value, param=name)
-            elif field_name == "guided_choice":
-                spec = StructuredOutput(choice=tuple(value), param=name)
-            else:
-                spec = StructuredOutput(lark=_lark(value), param=name)
-            out.append((name, spec))
-    if so is not None and so.json_object:
-        out.append(("structured_outputs.json_object", StructuredOutput(json_schema={"type": "object"},
-                                                                       param="structured_outputs.json_object")))
-    return out
-
-
-def _json_value(value: Any, param: str) -> Any:
-    if not isinstance(value, str):
-        return value
-    try:
-        return json.loads(value)
-    except (ValueError, RecursionError):
-        raise APIError(400, f"Invalid '{param}': not valid JSON.", param=param, code="invalid_value") from None
-
-
-def _checked_schema(schema: Any, param: str) -> dict:
-    if not isinstance(schema, dict):
-        raise APIError(400, f"Invalid '{param}': a JSON schema is an object.", param=param, code="invalid_value")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        raise APIError(400, f"Invalid '{param}': not a valid JSON schema ({e.message[:300]}).", param=param,
-                       code="invalid_value") from None
-    except RecursionError:
-        raise APIError(400, f"Invalid '{param}': the schema is nested too deeply.", param=param,
-                       code="invalid_value") from None
-    return schema
-
-
-def _lark(grammar: str) -> str:
-    """vLLM takes Lark or GBNF (llama.cpp's `::=` rules): GBNF is converted, Lark is llguidance's own input."""
-    if "::=" in grammar:
-        from llguidance.gbnf_to_lark import gbnf_to_lark
-
-        try:
-            return gbnf_to_lark(grammar)
-        except Exception:  # noqa: BLE001 - the converter's own errors: the grammar is what is wrong
-            return grammar  # the compiler's message then names the problem
-    return grammar

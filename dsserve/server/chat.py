@@ -16,8 +16,10 @@ from dsserve.server.common import (
     note_output, results, sampling_params, stream_error, token_text, truncate, usage,
 )
 from dsserve.server.agent import (
-    AnswerStream, ChatPlan, finish_prompt, plan_chat, read_answer, structured_output, template_messages,
+    AnswerStream, ChatPlan, finish_prompt, plan_chat, read_answer, render_prompt, structured_output,
+    template_messages, template_variables,
 )
+from dsserve.server.constraints import check_min_tokens
 from dsserve.server.protocol import APIError, ChatCompletionRequest
 from dsserve.server.state import read_request
 
@@ -38,7 +40,7 @@ async def create_chat_completion(http: Request):
         raise APIError(400, f"Invalid 'messages': {len(req.messages)} messages; the server takes at most "
                        f"{config.max_messages} per request (--max-messages).", param="messages", code="invalid_value")
     check_stop(req, config)
-    plan = plan_chat(req, config, tokenizer.template_variables(config.chat_template))
+    plan = plan_chat(req, config, template_variables(tokenizer, config))
     messages = template_messages(req, plan, config.strict_reasoning_history)
     num_chars = sum(len(m["content"]) + len(m.get("name") or "") + (len(str(m["tool_calls"])) if m.get("tool_calls")
                     else 0) for m in messages)
@@ -55,14 +57,12 @@ async def create_chat_completion(http: Request):
     prompt = {"prompt_token_ids": prompt_ids}
     starts_in_reasoning = plan.reasoning and r1.prompt_opens_reasoning(prompt_text)
     end_id = tokenizer.token_to_id(r1.END) if plan.reasoning else None
-    params.structured = structured_output(req, plan, end_id if starts_in_reasoning else None)
+    params.structured = structured_output(req, plan, end_id if starts_in_reasoning else None, tokenizer.special_markers)
     if params.structured is not None and starts_in_reasoning and end_id is None:
         raise APIError(400, "This model's end of reasoning (</think>) is not one token, so a grammar cannot wait for "
                        "it; turn the reasoning off with chat_template_kwargs {\"thinking\": false}.",
                        param=params.structured.param, code="unsupported_parameter")
-    if params.structured is not None and params.min_tokens:
-        raise APIError(400, "min_tokens cannot be combined with a grammar: it would forbid the end of a complete "
-                       "answer.", param="min_tokens", code="invalid_value")
+    check_min_tokens(params.structured, params.min_tokens)
     audit_text = messages if state.audit is not None and state.audit.content else None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -87,8 +87,7 @@ _INLINE_CHARS, _INLINE_MESSAGES, _INLINE_TOKENS = 16_384, 64, 4096
 
 def _prompt_ids(state, tokenizer, messages: list[dict[str, Any]], plan: ChatPlan) -> tuple[str, list[int]]:
     try:
-        text = finish_prompt(tokenizer.apply_chat_template(messages, True, state.config.chat_template,
-                                                           plan.template_kwargs), plan)
+        text = finish_prompt(render_prompt(tokenizer, messages, state.config, plan.template_kwargs), plan)
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     except DsserveError as e:
         raise APIError(400, str(e), param=getattr(e, "param", None) or "messages", code="invalid_value") from None

@@ -15,6 +15,7 @@ from dsserve.server.common import (
     EventWriter, check_chars, check_stop, engine_request_id, final_output, json_string, max_tokens_for, note,
     note_output, results, sampling_params, stream_error, token_text, truncate, usage,
 )
+from dsserve.server.constraints import answer_constraint, check_min_tokens
 from dsserve.server.protocol import APIError, CompletionRequest
 from dsserve.server.state import read_request
 
@@ -39,9 +40,10 @@ async def create_completion(http: Request):
     tokenizer = state.engine.tokenizer
     vocab = state.engine.engine.model_config.vocab_size
     if num_chars > _INLINE_CHARS:
-        prompts = await state.run_blocking(_prompts, raw, tokenizer, vocab)
+        prompts = await state.run_blocking(_prompts, raw, tokenizer, vocab, req.add_special_tokens)
     else:
-        prompts = _prompts(raw, tokenizer, vocab)
+        prompts = _prompts(raw, tokenizer, vocab, req.add_special_tokens)
+    answer = answer_constraint(req)  # before any prompt runs: an invalid grammar is the request's 400
     jobs = []
     for ids in prompts:
         ids = truncate(state, ids)
@@ -49,6 +51,8 @@ async def create_completion(http: Request):
                                     if config.max_tokens_default is None else None)
         params = sampling_params(req, max_tokens, req.logprobs, req.logprobs if req.echo and req.logprobs is not None
                                  else None, vocab)
+        params.structured = answer[1] if answer is not None else None
+        check_min_tokens(params.structured, params.min_tokens)
         jobs.append((ids, params))
     rid = engine_request_id(state, "cmpl", http)
     prompt_text = raw if state.audit is not None and state.audit.content else None
@@ -93,7 +97,7 @@ def _response(outputs, rid, req: CompletionRequest, tokenizer) -> JSONResponse:
                          "choices": choices, "usage": total})
 
 
-def _prompts(prompt: list, tokenizer, vocab: int) -> list[list[int]]:
+def _prompts(prompt: list, tokenizer, vocab: int, add_special_tokens: bool) -> list[list[int]]:
     """Token ids of each prompt (a string, or token ids already)."""
     out = []
     for p in prompt:
@@ -101,7 +105,7 @@ def _prompts(prompt: list, tokenizer, vocab: int) -> list[list[int]]:
             if tokenizer is None:
                 raise APIError(400, "this model has no tokenizer; send token ids as the prompt", param="prompt")
             try:
-                ids = tokenizer.encode(p)
+                ids = tokenizer.encode(p, add_special_tokens=add_special_tokens)
             except InvalidRequestError as e:
                 raise APIError(400, str(e), param="prompt", code="invalid_value") from None
         else:

@@ -25,6 +25,7 @@ from dsserve.server.direct import expose_send
 from dsserve.server.keys import load_keys
 from dsserve.server.state import ServerConfig
 from dsserve.tool_parsers import detect_format
+from dsserve.tool_parsers.deepseek import DSML
 
 logger = logging.getLogger("dsserve")
 TLS_OPTIONS = ("ssl_keyfile", "ssl_certfile", "ssl_ca_certs", "ssl_cert_reqs")  # uvicorn's names (and vLLM's flags)
@@ -197,6 +198,7 @@ def asgi_app(async_engine: AsyncEngine, server_config: ServerConfig):
 def server_config_from(args: ServerArgs, model_path: str, api_keys: tuple[ApiKey, ...], chat_template: str | None,
                        tokenizer, step_timeout_s: float) -> ServerConfig:
     """The frozen ServerConfig of `dsserve serve`'s options, with "auto" resolved against the loaded tokenizer."""
+    tool_call_parser = resolve_tool_call_parser(args.tool_call_parser, tokenizer, chat_template)
     return ServerConfig(
         served_model_name=args.served_model_name or default_served_name(model_path),
         api_keys=api_keys,
@@ -204,7 +206,8 @@ def server_config_from(args: ServerArgs, model_path: str, api_keys: tuple[ApiKey
         stream_interval=args.stream_interval,
         direct_writes=args.direct_writes,
         reasoning_parser=resolve_reasoning_parser(args.reasoning_parser, tokenizer, chat_template),
-        tool_call_parser=resolve_tool_call_parser(args.tool_call_parser, tokenizer, chat_template),
+        tool_call_parser=tool_call_parser,
+        chat_encoder=resolve_chat_encoder(tool_call_parser, tokenizer, chat_template),
         strict_reasoning_history=args.strict_reasoning_history,
         chat_template=chat_template,
         max_input_len=args.max_input_len,
@@ -236,7 +239,15 @@ def resolve_tool_call_parser(requested: str, tokenizer, chat_template: str | Non
     if requested != "auto":
         return requested
     template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
+    if template is None and tokenizer is not None and tokenizer.token_to_id(DSML) is not None:
+        return "deepseek_v32"  # V3.2 ships no template; its vocabulary has the ｜DSML｜ token
     return detect_format(template) or "none"
+
+
+def resolve_chat_encoder(tool_call_parser: str, tokenizer, chat_template: str | None = None) -> str | None:
+    """V3.2's Python encoder (server/encoding_dsv32.py) for a checkpoint in its format that ships no chat template."""
+    template = chat_template or (tokenizer.chat_template if tokenizer is not None else None)
+    return "deepseek_v32" if template is None and tool_call_parser == "deepseek_v32" else None
 
 
 def default_served_name(model_path: str) -> str:

@@ -44,10 +44,14 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    # Deprecated or audio parts of an assistant message that this server cannot render: 400 when set.
+    function_call: None = None
+    audio: None = None
 
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+    include_obfuscation: Literal[False] | None = None  # OpenAI's padding of streamed chunks is not offered: 400 on true
 
 
 class FunctionDefinition(BaseModel):
@@ -121,7 +125,19 @@ class SamplingFields(_Request):
     logit_bias: dict[str, float] | None = Field(None, max_length=300)
 
 
-class ChatCompletionRequest(SamplingFields):
+class StructuredFields(SamplingFields):
+    """The fields that constrain the answer to a grammar (server/constraints.py), on chat and text completions."""
+
+    response_format: ResponseFormat | None = None
+    # vLLM's structured-output fields: the older guided_* ones and the newer structured_outputs object
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+
+class ChatCompletionRequest(StructuredFields):
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]]  # set below the class
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -132,24 +148,18 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
-    response_format: ResponseFormat | None = None
-    # vLLM's structured-output fields: the older guided_* ones and the newer structured_outputs object
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = Field(None, min_length=1)
-    guided_grammar: str | None = None
-    structured_outputs: StructuredOutputs | None = None
     # Identifiers that do not change the answer (OpenAI's cache-routing key and abuse-tracking id), like `user`.
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(StructuredFields):
     REFUSED: ClassVar[dict[str, tuple[tuple, str]]]  # set below the class
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(None, ge=1)  # None: the server's --max-tokens-default, else OpenAI's 16
     echo: StrictBool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    add_special_tokens: StrictBool = True  # text prompts: the tokenizer's BOS (vLLM's default for completions)
 
 
 class TokenizeRequest(_Request):
@@ -188,6 +198,15 @@ _VLLM_REFUSED = {
     "mm_processor_kwargs": ((), "this server serves text models"),
     "best_of": ((1,), "best_of is not supported; ask for n samples and pick among them"),
     "prompt_embeds": ((), "prompt embeddings are not supported; send text or token ids"),
+    "return_token_ids": ((False,), "token ids are not returned; use /tokenize on the text"),
+    "request_id": ((), "send the request's id as the X-Request-Id header"),
+    "structural_tag": ((), "structural tags are not supported; use guided_grammar"),
+    "max_repetition_pattern_size": ((0,), "repetition detection is not supported"),
+    "min_repetition_pattern_size": ((0,), "repetition detection is not supported"),
+    "repetition_min_count": ((0,), "repetition detection is not supported"),
+    "media_io_kwargs": ((), "this server serves text models"),
+    "prompt_cache_retention": (("in-memory", "in_memory"), "prompts are cached in memory only, while the KV cache "
+                               "holds them"),
 }
 ChatCompletionRequest.REFUSED = {
     **_VLLM_REFUSED,
@@ -208,17 +227,12 @@ ChatCompletionRequest.REFUSED = {
     "documents": ((), "documents (RAG templates) are not supported"),
     "chat_template": ((), "a request cannot set the chat template; the operator sets it with --chat-template"),
     "prompt_logprobs": ((), "prompt_logprobs is not supported on chat completions; use /v1/completions with echo"),
+    "include_reasoning": ((True,), "the reasoning is always returned, in reasoning_content"),
     "min_tokens_ratio": ((), "min_tokens_ratio is not supported"),
 }
 CompletionRequest.REFUSED = {
     **_VLLM_REFUSED,
     "suffix": ((), "suffix (fill-in-the-middle) is not supported by this server; leave it out"),
-    "response_format": ((), "structured outputs are offered on /v1/chat/completions only"),
-    "guided_json": ((), "structured outputs are offered on /v1/chat/completions only"),
-    "guided_regex": ((), "structured outputs are offered on /v1/chat/completions only"),
-    "guided_choice": ((), "structured outputs are offered on /v1/chat/completions only"),
-    "guided_grammar": ((), "structured outputs are offered on /v1/chat/completions only"),
-    "structured_outputs": ((), "structured outputs are offered on /v1/chat/completions only"),
     "prompt_logprobs": ((), "prompt_logprobs is not supported; send echo with logprobs"),
     "stream_options_continuous_usage_stats": ((), "continuous usage stats are not supported"),
 }

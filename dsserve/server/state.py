@@ -34,6 +34,7 @@ class ServerConfig:
     max_input_len: int | None = None  # with truncate_input, prompts are cut to this many tokens (MindIE truncation)
     truncate_input: bool = False
     chat_template: str | None = None  # overrides the tokenizer's
+    chat_encoder: str | None = None  # "deepseek_v32": no template, V3.2's Python encoder renders prompts (encoding_dsv32)
     # Per-request caps, each refused with a 400 that names the field and the flag (server/common.py).
     max_messages: int = 2048  # chat messages in one request
     max_prompt_chars: int = 2_000_000  # characters of message contents or prompts, before templating

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from dsserve.errors import DsserveError
+from dsserve.server.agent import render_prompt
 from dsserve.server.common import check_chars
 from dsserve.server.protocol import APIError, DetokenizeRequest, TokenizeRequest
 from dsserve.server.state import read_request
@@ -31,7 +32,7 @@ def _encode(state, tokenizer, req: TokenizeRequest) -> list[int]:
     try:
         if req.messages is not None:
             messages = [m.model_dump(exclude_none=True) for m in req.messages]
-            text = tokenizer.apply_chat_template(messages, req.add_generation_prompt, state.config.chat_template)
+            text = render_prompt(tokenizer, messages, state.config, add_generation_prompt=req.add_generation_prompt)
             return tokenizer.encode(text, add_special_tokens=False)
         return tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     except DsserveError as e:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import abc
 import json
+import re
 from dataclasses import dataclass, field
+
+from dsserve.errors import InvalidRequestError
 
 # The markers, as DeepSeek's tokenizers spell them: bars are U+FF5C, the word separator U+2581.
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -163,11 +166,17 @@ def detect_format(chat_template: str | None, model_type: str | None = None) -> s
     return None
 
 
-def call_grammar(tools: list[dict], format_name: str, parallel: bool, style=lambda schema: schema) -> str:
+def call_grammar(tools: list[dict], format_name: str, parallel: bool, style=lambda schema: schema,
+                 special_tokens: dict[str, int] | None = None) -> str:
     """A Lark grammar (llguidance's dialect) that admits only a block of tool calls in `format_name`, each naming
-    one of `tools` with arguments valid for its `parameters` schema (each schema passed through `style`)."""
+    one of `tools` with arguments valid for its `parameters` schema (each schema passed through `style`).
+
+    `special_tokens`: marker text -> id of the markers the tokenizer marks special (V3.2's ｜DSML｜). The grammar
+    names those by id (`<[id]>`): llguidance matches a quoted string against ordinary tokens only, so a literal
+    marker would force the model to spell it out byte by byte instead of writing its one token."""
+    text = _Literals(special_tokens or {})
     if format_name == "deepseek_v32":
-        return _dsml_grammar(tools, parallel, style)
+        return _dsml_grammar(tools, parallel, style, text)
     headers = {
         "deepseek_v3": lambda name: (f"{CALL_BEGIN}function{SEP}{name}\n```json\n", "\n```" + CALL_END),
         "deepseek_v31": lambda name: (f"{CALL_BEGIN}{name}{SEP}", CALL_END),
@@ -176,49 +185,98 @@ def call_grammar(tools: list[dict], format_name: str, parallel: bool, style=lamb
     for i, tool in enumerate(tools):
         function = tool["function"]
         opening, closing = headers(function["name"])
-        rules.append(f"call_{i}: {_lark_literal(opening)} args_{i} {_lark_literal(closing)}")
+        rules.append(f"call_{i}: {text(opening)} args_{i} {text(closing)}")
         rules.append(f"args_{i}: %json {json.dumps(style(_parameters(function)), ensure_ascii=False)}")
     between = "\n" if format_name == "deepseek_v3" else ""  # R1's template puts a newline between calls, V3.1's none
-    return _block_grammar(CALLS_BEGIN, between, CALLS_END, len(tools), parallel, rules)
+    return _block_grammar(CALLS_BEGIN, between, CALLS_END, len(tools), parallel, rules, text)
 
 
-def _dsml_grammar(tools: list[dict], parallel: bool, style) -> str:
+def _dsml_grammar(tools: list[dict], parallel: bool, style, text: "_Literals") -> str:
     """DSML: one parameter element per property, in the schema's order, the required ones always, the others
-    optional. String properties are raw text (an enum of strings: one of them), the others JSON for their schema.
-    Properties beyond `properties` are not written; constraints across properties (oneOf at the top) are not held."""
+    optional. String properties are raw text without `<` (an enum of strings: one of them; minLength, maxLength and
+    pattern held by the text's regex), the others JSON for their schema. Properties beyond `properties` are not
+    written. What the markup cannot hold (keywords across properties, such as a top-level oneOf, or a string's
+    format) is refused: InvalidRequestError naming the tool."""
     rules = []
     for i, tool in enumerate(tools):
         function = tool["function"]
         schema = _parameters(function)
+        param = f"tools[{i}].function.parameters"
+        _check_dsml_schema(schema, param)
+        definitions = {k: schema[k] for k in ("$defs", "definitions") if k in schema}  # what "$ref"s point into
         required = set(schema.get("required") or [])
         params = []
         for j, (key, prop) in enumerate((schema.get("properties") or {}).items()):
             prop = prop if isinstance(prop, dict) else {}
-            enum = prop.get("enum")
-            is_string = prop.get("type") == "string" or (enum and all(isinstance(v, str) for v in enum))
+            enum = [prop["const"]] if "const" in prop else prop.get("enum")
+            is_string = prop.get("type") == "string" or bool(enum and all(isinstance(v, str) for v in enum))
             opening = f'<{DSML}parameter name="{key}" string="{"true" if is_string else "false"}">'
             if is_string and enum:
                 value = " | ".join(_lark_literal(v) for v in enum)
             elif is_string:
-                value = "TEXT?"
+                value = f"TEXT_{i}_{j}"  # a token (upper case): llguidance intersects tokens' regexes, not rules'
+                rules.append(f"{value}: {_dsml_text(prop, f'{param}.properties.{key}')}")
             else:
-                value = f"%json {json.dumps(style(prop), ensure_ascii=False)}"
-            rules.append(f"p_{i}_{j}: {_lark_literal(opening)} v_{i}_{j} {_lark_literal(f'</{DSML}parameter>' + chr(10))}")
+                value = f"%json {json.dumps(style({**prop, **definitions}), ensure_ascii=False)}"
+            rules.append(f"p_{i}_{j}: {text(opening)} v_{i}_{j} {text(f'</{DSML}parameter>' + chr(10))}")
             rules.append(f"v_{i}_{j}: {value}")
             params.append(f"p_{i}_{j}" + ("" if key in required else "?"))
         opening = f'<{DSML}invoke name="{function["name"]}">\n'
-        rules.append(f"call_{i}: {_lark_literal(opening)} {' '.join(params)} {_lark_literal(f'</{DSML}invoke>')}")
-    rules.append("TEXT: /[^<]+/")
+        rules.append(f"call_{i}: {text(opening)} {' '.join(params)} {text(f'</{DSML}invoke>')}")
     return _block_grammar(f"<{DSML}function_calls>\n", "\n", f"\n</{DSML}function_calls>", len(tools), parallel,
-                          rules)
+                          rules, text)
 
 
-def _block_grammar(begin: str, between: str, end: str, num_tools: int, parallel: bool, rules: list[str]) -> str:
-    more = f" ({_lark_literal(between)} call)*" if parallel and between else (" call*" if parallel else "")
+# The keywords of a tool's parameters schema that DSML's one-element-per-property markup holds; the others (oneOf,
+# anyOf, allOf, not, if/then/else, dependentRequired, minProperties... at the top) constrain several properties at
+# once, which the grammar cannot write property by property.
+_DSML_TOP_KEYWORDS = {"type", "properties", "required", "additionalProperties", "title", "description", "$schema",
+                      "$id", "$defs", "definitions", "default", "examples", "strict", "$comment"}
+# A string property's keywords that its raw text holds (format would need llguidance's JSON string formats).
+_DSML_STRING_KEYWORDS = {"type", "enum", "const", "minLength", "maxLength", "pattern", "title", "description",
+                         "default", "examples", "$comment"}
+
+
+def _check_dsml_schema(schema: dict, param: str) -> None:
+    extra = sorted(set(schema) - _DSML_TOP_KEYWORDS)
+    if extra:
+        raise InvalidRequestError(
+            f"Invalid '{param}': '{extra[0]}' constrains several arguments at once, which a forced call in this "
+            "model's DSML format cannot hold (it writes one argument at a time); describe each argument in "
+            "'properties', or use tool_choice 'auto'.", param=param)
+    if schema.get("type", "object") != "object":
+        raise InvalidRequestError(f"Invalid '{param}': a tool's parameters are an object (type 'object').", param=param)
+
+
+def _dsml_text(prop: dict, param: str) -> str:
+    """The Lark rule of a string property's raw text: no `<` (it would open the closing tag), and its minLength,
+    maxLength and pattern (unanchored, as JSON Schema reads it, unless written with ^ or $) as regexes the text must
+    match at once (llguidance's `&`)."""
+    unsupported = sorted(set(prop) - _DSML_STRING_KEYWORDS)
+    if unsupported:
+        raise InvalidRequestError(f"Invalid '{param}': '{unsupported[0]}' of a string argument cannot be held by this "
+                                  "model's DSML format, which writes strings as raw text; leave it out or use "
+                                  "tool_choice 'auto'.", param=param)
+    low, high = prop.get("minLength", 0), prop.get("maxLength")
+    parts = [f"/[^<]{{{low},{'' if high is None else high}}}/"]
+    pattern = prop.get("pattern")
+    if pattern is not None:
+        is_anchored_start = pattern.startswith("^")
+        is_anchored_end = pattern.endswith("$") and not pattern.endswith("\\$")
+        core = pattern[1 if is_anchored_start else 0: -1 if is_anchored_end else None]
+        core = re.sub(r"(?<!\\)/", r"\/", core)  # a Lark regex ends at an unescaped /
+        parts.append("/" + ("" if is_anchored_start else "[^<]*") + f"(?:{core})" + ("" if is_anchored_end else "[^<]*")
+                     + "/")
+    return " & ".join(parts)
+
+
+def _block_grammar(begin: str, between: str, end: str, num_tools: int, parallel: bool, rules: list[str],
+                   text: "_Literals") -> str:
+    more = f" ({text(between)} call)*" if parallel and between else (" call*" if parallel else "")
     return "\n".join([
         "start: calls | BLANK calls",
         "BLANK: /[ \\n]+/",
-        f"calls: {_lark_literal(begin)} call{more} {_lark_literal(end)}",
+        f"calls: {text(begin)} call{more} {text(end)}",
         "call: " + " | ".join(f"call_{i}" for i in range(num_tools)),
         *rules,
     ])
@@ -230,6 +288,28 @@ def _parameters(function: dict) -> dict:
 
 def _lark_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
+
+
+class _Literals:
+    """Markup text -> a Lark sequence: quoted strings, and `<[id]>` for each special token in it."""
+
+    def __init__(self, special_tokens: dict[str, int]):
+        self.special_tokens = special_tokens
+        self.pattern = re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True))) \
+            if special_tokens else None
+
+    def __call__(self, text: str) -> str:
+        if self.pattern is None:
+            return _lark_literal(text)
+        parts, start = [], 0
+        for match in self.pattern.finditer(text):
+            if match.start() > start:
+                parts.append(_lark_literal(text[start:match.start()]))
+            parts.append(f"<[{self.special_tokens[match.group()]}]>")
+            start = match.end()
+        if start < len(text) or not parts:
+            parts.append(_lark_literal(text[start:]))
+        return " ".join(parts) if len(parts) == 1 else "(" + " ".join(parts) + ")"
 
 
 def tool_prompt(tools: list[dict], format_name: str) -> str:

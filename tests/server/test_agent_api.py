@@ -42,7 +42,8 @@ SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
 def post(server, body, path=CHAT):
-    return httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=120)
+    # 12 forced-call samples of up to 1000 tokens took 321 s on a 2-core machine shared with other test runs
+    return httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=600)
 
 
 def token_id(server, text):
@@ -114,6 +115,16 @@ REFUSED = [
     pytest.param({"response_format": {"type": "json_object"}, "min_tokens": 3, **NO_THINKING}, "min_tokens",
                  id="min_tokens-with-grammar"),
     pytest.param({"tools": []}, "tools", id="empty-tools"),
+    pytest.param({"stream": True, "stream_options": {"include_obfuscation": True}},
+                 "stream_options.include_obfuscation", id="stream-obfuscation"),
+    pytest.param({"include_reasoning": False}, "include_reasoning", id="include_reasoning-false"),
+    pytest.param({"return_token_ids": True}, "return_token_ids", id="return_token_ids"),
+    pytest.param({"request_id": "abc"}, "request_id", id="request_id-in-body"),
+    pytest.param({"prompt_cache_retention": "24h"}, "prompt_cache_retention", id="prompt_cache_retention-24h"),
+    pytest.param({"max_repetition_pattern_size": 4}, "max_repetition_pattern_size", id="repetition-detection"),
+    pytest.param({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None,
+                                                                  "function_call": {"name": "f", "arguments": "{}"}}]},
+                 "messages[1].function_call", id="history-function_call"),
     pytest.param({"tools": [WEATHER, WEATHER]}, "tools[1].function.name", id="duplicate-tool-names"),
     pytest.param({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name",
                  id="bad-tool-name"),
@@ -139,17 +150,28 @@ def test_refused_with_param(server, body, param):
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
 
 
-def test_completions_refuse_best_of_and_suffix(server):
+def test_completions_refusals(server):
     for body, param in (({"best_of": 3}, "best_of"), ({"suffix": "x"}, "suffix"),
-                        ({"response_format": {"type": "json_object"}}, "response_format")):
+                        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+                        ({"guided_regex": "(unclosed"}, "guided_regex"),
+                        ({"guided_choice": ["a"], "min_tokens": 2}, "min_tokens")):
         r = post(server, {"prompt": "hi", "max_tokens": 2, **body}, "/v1/completions")
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_off_values_of_refused_fields_are_accepted(server):
     r = post(server, {"messages": USER, "max_tokens": 2, "modalities": ["text"], "store": False, "best_of": 1,
-                      "use_beam_search": False, "parallel_tool_calls": True, "service_tier": "auto"})
+                      "use_beam_search": False, "parallel_tool_calls": True, "service_tier": "auto",
+                      "include_reasoning": True, "prompt_cache_retention": "in-memory",
+                      "stream_options": {"include_obfuscation": False}})
     assert r.status_code == 200, r.text
+
+
+def test_completions_add_special_tokens(server):
+    """vLLM's add_special_tokens on /v1/completions: the tokenizer's BOS before a text prompt, or not."""
+    counts = [post(server, {"prompt": "hi", "max_tokens": 1, "add_special_tokens": flag}, "/v1/completions").json()
+              ["usage"]["prompt_tokens"] for flag in (True, False)]
+    assert counts[0] == counts[1] + 1
 
 
 # ---- logit_bias -----------------------------------------------------------------------------------------------
@@ -200,6 +222,38 @@ def test_other_constraints(server, body, check):
     assert r.status_code == 200, r.text
     for choice in r.json()["choices"]:
         assert choice["finish_reason"] == "stop" and check(choice["message"]["content"]), choice
+
+
+@pytest.mark.parametrize("body,check", [
+    pytest.param({"guided_choice": ["yes", "no", "可能"]}, lambda t: t in ("yes", "no", "可能"), id="guided_choice"),
+    pytest.param({"structured_outputs": {"regex": "[a-c]{3}-[0-9]{2}"}}, lambda t: len(t) == 6 and t[3] == "-",
+                 id="structured_outputs-regex"),
+    pytest.param({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"], "additionalProperties": False}}}},
+        lambda t: json.loads(t)["n"] in (1, 2), id="response_format"),
+])
+@pytest.mark.parametrize("prompts", [["The"], ["The", "A"]], ids=["one-prompt", "two-prompts"])
+def test_completions_follow_structured_outputs(server, body, check, prompts):
+    """/v1/completions takes the same fields as vLLM: every prompt's every sample follows the grammar."""
+    r = post(server, {"prompt": prompts if len(prompts) > 1 else prompts[0], "n": 3, "temperature": 1.0, "seed": 7,
+                      "max_tokens": 40, **body}, "/v1/completions")
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 3 * len(prompts)
+    for choice in choices:
+        assert choice["finish_reason"] == "stop" and check(choice["text"]), choice
+
+
+def test_completions_structured_output_streams_the_same(server):
+    body = {"prompt": "The", "temperature": 1.0, "seed": 3, "max_tokens": 40, "guided_choice": ["north", "south"]}
+    whole = post(server, body, "/v1/completions").json()["choices"][0]["text"]
+    text = ""
+    with httpx.stream("POST", server.url + "/v1/completions", json={"model": MODEL, "stream": True, **body},
+                      timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += json.loads(line[6:])["choices"][0]["text"]
+    assert text == whole and whole in ("north", "south")
 
 
 def test_grammar_applies_after_the_reasoning_only(server):

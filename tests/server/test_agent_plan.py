@@ -56,3 +56,37 @@ def test_no_tool_format_refuses_tools():
         plan_chat(_request(tools=[tool]), config, frozenset())
     assert e.value.param == "tools"
     assert plan_chat(_request(tools=[tool], tool_choice="none"), config, frozenset()).tool_format is None
+
+
+def test_forced_dsml_call_refuses_a_schema_its_grammar_cannot_hold():
+    """V3.2's DSML writes one argument at a time: a top-level oneOf would be silently dropped by its grammar."""
+    from dsserve.server.agent import structured_output
+
+    config = ServerConfig(served_model_name="m", tool_call_parser="deepseek_v32")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}, "oneOf": [{"required": ["a"]}]}}}
+    req = _request(tools=[tool], tool_choice="required")
+    with pytest.raises(APIError) as e:
+        structured_output(req, plan_chat(req, config, frozenset({"tools"})), None)
+    assert e.value.status == 400 and e.value.param == "tools[0].function.parameters"
+
+
+def test_invalid_tool_schema_is_refused_even_when_not_forced():
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                       "properties": {"a": {"type": "nope"}}}}}
+    with pytest.raises(APIError) as e:
+        plan_chat(_request(tools=[tool]), CONFIG, frozenset({"tools"}))
+    assert e.value.param == "tools[0].function.parameters"
+
+
+def test_forced_call_refuses_an_answer_constraint_it_would_drop():
+    """tool_choice required: the answer is calls only, so a response_format beside it would be silently ignored."""
+    from dsserve.server.agent import structured_output
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    req = _request(tools=[tool], tool_choice="required", response_format={"type": "json_object"})
+    with pytest.raises(APIError) as e:
+        structured_output(req, plan_chat(req, CONFIG, frozenset({"tools"})), None)
+    assert e.value.param == "response_format"
+    auto = _request(tools=[tool], response_format={"type": "json_object"})
+    assert "answer: %json" in structured_output(auto, plan_chat(auto, CONFIG, frozenset({"tools"})), None).lark

@@ -149,3 +149,24 @@ def test_call_inside_reasoning_is_not_a_call():
     parsed = FORMATS["deepseek_v3"].parse(answer)
     assert parsed.calls == [] and parsed.content == "\n\nIt is sunny."
     assert B in reasoning
+
+
+@pytest.mark.parametrize("content", ["", "Let me check, 稍等。"])
+def test_v32_encoder_rendering_parses_back(content):
+    """V3.2 ships a Python encoder instead of a template: an assistant turn with tool calls as it renders them (string
+    arguments raw, marker characters and Chinese included) parses back to the same calls, streamed or not."""
+    from dsserve.server import encoding_dsv32
+
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": CHINESE}},
+             {"id": "call_2", "type": "function", "function": {"name": "run", "arguments": MARKERS}},
+             {"id": "call_3", "type": "function", "function": {"name": "stats", "arguments": '{"n": [1, 2.5], "ok": false}'}}]
+    messages = [{"role": "user", "content": "go"}, {"role": "assistant", "content": content, "tool_calls": calls}]
+    rendered = encoding_dsv32.encode(messages)
+    answer = rendered.split("<｜Assistant｜></think>", 1)[1].removesuffix("<｜end▁of▁sentence｜>")
+    parsed = FORMATS["deepseek_v32"].parse(answer)
+    expected = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    assert parsed.content == content
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.calls] == expected
+    whole = [(c.name, c.arguments) for c in parsed.calls]
+    for cut in range(len(answer) + 1):
+        assert reassemble("deepseek_v32", [answer[:cut], answer[cut:]]) == (content, whole), cut

@@ -115,15 +115,12 @@ static inline void two_panels_block(const float *xs, const uint8_t *w0, const ui
 }
 #undef PAIR_FMA
 
-static void gemv(const float *x, const uint8_t *packed, const float *scales, const float *bias, float *y, int64_t N,
-                 int64_t K) {
+static int gemv(const float *x, const uint8_t *packed, const float *scales, const float *bias, float *y, int64_t N,
+                int64_t K) {
     const int64_t panels = (N + NR - 1) / NR, blocks = (K + BLOCK - 1) / BLOCK, Kp = blocks * BLOCK;
-    /* x padded with zeros to whole blocks: the padded weights are zero bytes (+0.0), but 0 * a NaN x would not be */
+    /* x padded with zeros to whole blocks (the padded weights are zero bytes, +0.0; x past K must be finite too) */
     float *xs = aligned_alloc(64, (size_t)Kp * sizeof(float));
-    if (xs == NULL) { /* 8 bytes per input: tiny; the caller's status check names it */
-        for (int64_t n = 0; n < N; n++) y[n] = __builtin_nanf("");
-        return;
-    }
+    if (xs == NULL) return -3;
     memcpy(xs, x, (size_t)K * sizeof(float));
     for (int64_t k = K; k < Kp; k++) xs[k] = 0.0f;
 #pragma omp parallel
@@ -145,6 +142,7 @@ static void gemv(const float *x, const uint8_t *packed, const float *scales, con
         }
     }
     free(xs);
+    return 0;
 }
 
 /* ---- several rows: AMX bf16 tiles ---------------------------------------------------------------------------- */
@@ -268,13 +266,10 @@ static int tiles(const float *x, const uint8_t *packed, const float *scales, con
 }
 
 /* x (M, K) float32 contiguous, packed and scales as above, bias (N,) or NULL, y (M, N) float32. -3: no memory for
- * the bf16 copy of x; -4: Linux refused the tile state. */
+ * the bf16 copy of x (or the padded x of one row); -4: Linux refused the tile state. */
 int dsserve_linear_fp8(const float *x, const uint8_t *packed, const float *scales, const float *bias, float *y,
                        int64_t M, int64_t N, int64_t K) {
-    if (M == 1) {
-        gemv(x, packed, scales, bias, y, N, K);
-        return 0;
-    }
+    if (M == 1) return gemv(x, packed, scales, bias, y, N, K);
     if (!amx_permitted()) return -4;
     return tiles(x, packed, scales, bias, y, M, N, K);
 }
