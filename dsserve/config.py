@@ -78,20 +78,10 @@ class ModelConfig:
     moe_layer_freq: int = 1
     # FP8 block quantization, e.g. (128, 128); None for unquantized checkpoints
     fp8_block_size: tuple[int, int] | None = None
-    # Another pre-quantized checkpoint (compressed-tensors, AWQ, GPTQ, w8a8_int8: formats/quantized.py): the dsserve
-    # form its quantized linears load as (layers/quantization.py names, e.g. "int4-g128-zp"), else None ...
-    checkpoint_quantization: str | None = None
-    # ... and config.json's quantization_config, which the loader's reader is made from
+    # Another tool's quantization (compressed-tensors, AWQ, GPTQ, w8a8_int8): config.json's quantization_config, which
+    # models/loader.py checkpoint_reader reads (and refuses where no reader holds it); None otherwise
     quantization_config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     o_proj_bias: bool = False  # Llama with attention_bias: o_proj has a bias too (Qwen2's does not)
-
-    def checkpoint_format(self):
-        """The reader of a pre-quantized checkpoint's linears (formats/quantized.py CheckpointFormat), else None."""
-        if self.quantization_config is None:
-            return None
-        from dsserve.formats.quantized import detect_format
-
-        return detect_format({"quantization_config": self.quantization_config})
 
     @property
     def is_mla(self) -> bool:
@@ -180,20 +170,15 @@ class ModelConfig:
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json hidden_act {raw.get('hidden_act')!r} is not supported; dsserve implements silu")
         quant = raw.get("quantization_config")
-        if quant:
-            from dsserve.formats.quantized import Fp8Checkpoint, detect_format
-
-            fmt = detect_format(raw)  # a variant no reader holds: a ConfigError naming the field and its value
-            if not isinstance(fmt, Fp8Checkpoint):
-                common.update(checkpoint_quantization=fmt.scheme.name, quantization_config=dict(quant))
-            elif fmt.method != "fp8" or "weight_block_size" not in quant:
+        if quant and quant.get("quant_method") == "fp8":
+            if "weight_block_size" not in quant:
                 raise ConfigError(
-                    f"config.json quantization_config {quant} is not supported: of the FP8 checkpoints dsserve loads "
-                    "DeepSeek's block-quantized ones (quant_method 'fp8' with weight_block_size), not "
-                    f"{fmt.method} ones (docs/quantization.md \"Checkpoint formats\")"
+                    f"config.json quantization_config {quant} is not supported; dsserve loads FP8 block-quantized "
+                    "checkpoints (quant_method 'fp8' with weight_block_size)"
                 )
-            else:
-                common["fp8_block_size"] = tuple(int(x) for x in quant["weight_block_size"])
+            common["fp8_block_size"] = tuple(int(x) for x in quant["weight_block_size"])
+        elif quant:
+            common["quantization_config"] = dict(quant)
         if model_type in ("deepseek_v2", "deepseek_v3"):
             is_v3 = model_type == "deepseek_v3"
             common.update(
@@ -375,6 +360,8 @@ class EngineConfig:
     num_threads: int  # torch intra-op threads on CPU
     backend: str  # kernels: "cpu" (dsserve's C kernels, packed weights) or "torch" (the plain-torch reference)
     quantization: str | None = None  # int8 / int4 weights quantized at load (layers/quantization.py names), or None
+    # the form a pre-quantized checkpoint's linears load as (models/loader.py checkpoint_reader), e.g. "int4-g128-zp"
+    checkpoint_quantization: str | None = None
     seed: int = 0  # default seed of unseeded sampling
     tokenizer_path: str | None = None  # folder with tokenizer.json; default the model folder
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -384,7 +371,8 @@ class EngineConfig:
         from dataclasses import asdict
 
         d = {f: getattr(self, f) for f in ("dtype", "weight_dtype", "kv_cache_dtype", "backend", "quantization",
-                                           "device", "num_threads", "seed", "tokenizer_path")}
+                                           "checkpoint_quantization", "device", "num_threads", "seed",
+                                           "tokenizer_path")}
         d.update(model=self.model.path, cache=asdict(self.cache), scheduler=asdict(self.scheduler),
                  parallel=asdict(self.parallel))
         return json.dumps(d)

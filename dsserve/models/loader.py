@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 
 from dsserve.config import ModelConfig
-from dsserve.errors import WeightsError
-from dsserve.formats.quantized import CheckpointFormat, ConvertedLinear, fp8_block_weight
+from dsserve.errors import ConfigError, WeightsError
+from dsserve.formats.quantized import CheckpointFormat, ConvertedLinear, Fp8Checkpoint, detect_format, fp8_block_weight
 from dsserve.layers.quantization import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,21 @@ def plain_file_name(listing: Path, name: object) -> str:
     )
 
 
+def checkpoint_reader(config: ModelConfig) -> CheckpointFormat | None:
+    """The reader of the checkpoint's quantized linears where another tool quantized it (formats/quantized.py); None
+    for an unquantized or DeepSeek FP8 checkpoint. A variant no reader holds is a ConfigError naming the field."""
+    if config.quantization_config is None:
+        return None
+    fmt = detect_format({"quantization_config": config.quantization_config})
+    if isinstance(fmt, Fp8Checkpoint):
+        raise ConfigError(
+            f"config.json quantization_config is {fmt.method}, which dsserve does not load yet: of the FP8 "
+            "checkpoints it loads DeepSeek's block-quantized ones (quant_method 'fp8' with weight_block_size); "
+            'docs/quantization.md "Checkpoint formats"'
+        )
+    return fmt
+
+
 def iter_checkpoint(
     config: ModelConfig, dtype: torch.dtype | None, slices: dict[str, tuple] | None = None,
     keep_quantized: bool = False,
@@ -106,7 +121,7 @@ def iter_checkpoint(
     """
     folder = Path(config.path)
     shards = checkpoint_files(folder)
-    reader = config.checkpoint_format()
+    reader = checkpoint_reader(config)
     linears: dict[str, dict[str, str]] = {}  # a quantized linear's prefix -> {suffix: tensor name}
     member_of: dict[str, str] = {}  # each tensor of a quantized linear -> its prefix
     locations: dict[str, str] = {}  # tensor name -> shard

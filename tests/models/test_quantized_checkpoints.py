@@ -13,12 +13,13 @@ from safetensors.torch import load_file, save_file
 
 from dsserve import LLM, SamplingParams
 from dsserve.backends.cpu import kernels as cpu_kernels
-from dsserve.backends.cpu.packing import Kind, _has_kernel
+from dsserve.backends.cpu.packing import Kind
 from dsserve.config import ModelConfig
 from dsserve.errors import ConfigError, WeightsError
 from dsserve.layers.linear import Linear
 from dsserve.layers.moe import ExpertMLP, Experts
 from dsserve.layers.quantization import QuantScheme
+from dsserve.models.loader import checkpoint_reader
 from dsserve.weights.quantize import quantize_checkpoint
 from formats.test_quantized_formats import _awq_pack, _gptq_pack_cols, _gptq_pack_rows
 
@@ -142,6 +143,13 @@ def _compressed_tensors(src, tmp_path, scheme):
     return out, _write(src, tmp_path / f"{scheme.name}-twin", twin)
 
 
+def _has_kernel(scheme):
+    """This build runs `scheme`'s weights as they are (w8a8: once its kernel, csrc/linear_w8a8.c, is in)."""
+    if scheme.activations:
+        return getattr(cpu_kernels, "linear_w8a8_usable", lambda: False)()
+    return cpu_kernels.linear_quant_usable()
+
+
 def _reference(twin, scheme):
     """The float path (torch backend) on the dequantized weights; for w8a8 where this build has its kernel (it
     quantizes the activations too), the torch backend computing each linear the checkpoint quantized with
@@ -199,7 +207,7 @@ def test_packed_formats_load_quantized(qwen2, tmp_path, name):
     folder, twin = _packed_format(qwen2, tmp_path, name)
     scheme = FORMATS[name][2]
     llm = LLM(folder, **OPTIONS)
-    assert llm.engine.config.model.checkpoint_quantization == scheme.name
+    assert llm.engine.config.checkpoint_quantization == scheme.name
     _assert_packed(llm, scheme, num_quantized=8)  # 2 layers x q/k/v, o, gate/up, down
     ordered = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear) and m.input_order is not None]
     assert len(ordered) == (8 if name == "gptq-desc-act" else 0)
@@ -212,7 +220,7 @@ def test_packed_formats_load_quantized(qwen2, tmp_path, name):
 def test_compressed_tensors_from_weights_quantize(qwen2, tmp_path, scheme):
     folder, twin = _compressed_tensors(qwen2, tmp_path, scheme)
     llm = LLM(folder, **OPTIONS)
-    assert llm.engine.config.model.checkpoint_quantization == scheme.name
+    assert llm.engine.config.checkpoint_quantization == scheme.name
     _assert_packed(llm, scheme, num_quantized=8 if scheme.group_size != 64 else 2)  # K = 64 or 128: all of g32
     _assert_same_generations(llm, _reference(twin, scheme))
 
@@ -275,10 +283,9 @@ def test_tp2_equals_tp1(qwen2, tmp_path, kind):
     ({**FORMATS["gptq"][0], "group_size": 128}, "int4-g128"),
     (FORMATS["w8a8_int8"][0], "w8a8"),
 ])
-def test_model_config_names_the_form(quantization_config, form):
+def test_the_reader_names_the_form(quantization_config, form):
     config = ModelConfig.from_dict({**QWEN2_CONFIG, "quantization_config": quantization_config})
-    assert config.checkpoint_quantization == form and config.fp8_block_size is None
-    assert config.checkpoint_format().scheme.name == form
+    assert config.fp8_block_size is None and checkpoint_reader(config).scheme.name == form
 
 
 @pytest.mark.parametrize("quantization_config, message", [
@@ -286,10 +293,16 @@ def test_model_config_names_the_form(quantization_config, form):
     ({"quant_method": "gptq", "bits": 3, "group_size": 32, "sym": True}, "bits=3"),
     ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
         "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True}}}},
-     "not compressed-tensors float-quantized ones"),
-    ({"quant_method": "fp8"}, "weight_block_size"),
+     "compressed-tensors float-quantized, which dsserve does not load yet"),
     ({"quant_method": "bitsandbytes"}, "quant_method"),
 ])
-def test_model_config_refuses_what_no_reader_holds(quantization_config, message):
+def test_what_no_reader_holds_is_refused(quantization_config, message):
+    config = ModelConfig.from_dict({**QWEN2_CONFIG, "quantization_config": quantization_config})
     with pytest.raises(ConfigError, match=message):
-        ModelConfig.from_dict({**QWEN2_CONFIG, "quantization_config": quantization_config})
+        checkpoint_reader(config)
+
+
+def test_a_refused_format_stops_the_engine_config(qwen2, tmp_path):
+    folder = _write(qwen2, tmp_path / "bnb", _tensors(qwen2), {"quant_method": "bitsandbytes"})
+    with pytest.raises(ConfigError, match="quant_method"):
+        LLM(folder, **OPTIONS)
