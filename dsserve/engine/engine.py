@@ -32,8 +32,8 @@ from dsserve.engine.request import Request, RequestStatus, SamplingParams
 from dsserve.engine.scheduler import Scheduler, SchedulerOutput
 from dsserve.engine.tokenizer import Tokenizer
 from dsserve.errors import ConfigError, EngineDeadError, InvalidRequestError
+from dsserve.formats.quantized import checkpoint_reader
 from dsserve.layers.quantization import QuantScheme
-from dsserve.models.loader import checkpoint_reader
 from dsserve.options import EngineArgs
 from dsserve.profiling import PROFILER
 from dsserve.runner.model_runner import ModelRunner, StepResult, default_num_threads
@@ -515,7 +515,7 @@ def _spare_core() -> bool:
 
 def _checkpoint_quantization(model_config) -> str | None:
     """The form a pre-quantized checkpoint's linears load as, or None; a format no reader holds refused here."""
-    reader = checkpoint_reader(model_config)
+    reader = checkpoint_reader(model_config.quantization_config)
     return None if reader is None else reader.scheme.name
 
 

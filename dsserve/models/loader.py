@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 
 from dsserve.config import ModelConfig
-from dsserve.errors import ConfigError, WeightsError
-from dsserve.formats.quantized import CheckpointFormat, ConvertedLinear, Fp8Checkpoint, detect_format, fp8_block_weight
+from dsserve.errors import WeightsError
+from dsserve.formats.quantized import ConvertedLinear, checkpoint_reader, convert_slice, fp8_block_weight
 from dsserve.layers.quantization import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -82,21 +82,6 @@ def plain_file_name(listing: Path, name: object) -> str:
     )
 
 
-def checkpoint_reader(config: ModelConfig) -> CheckpointFormat | None:
-    """The reader of the checkpoint's quantized linears where another tool quantized it (formats/quantized.py); None
-    for an unquantized or DeepSeek FP8 checkpoint. A variant no reader holds is a ConfigError naming the field."""
-    if config.quantization_config is None:
-        return None
-    fmt = detect_format({"quantization_config": config.quantization_config})
-    if isinstance(fmt, Fp8Checkpoint):
-        raise ConfigError(
-            f"config.json quantization_config is {fmt.method}, which dsserve does not load yet: of the FP8 "
-            "checkpoints it loads DeepSeek's block-quantized ones (quant_method 'fp8' with weight_block_size); "
-            'docs/quantization.md "Checkpoint formats"'
-        )
-    return fmt
-
-
 def iter_checkpoint(
     config: ModelConfig, dtype: torch.dtype | None, slices: dict[str, tuple] | None = None,
     keep_quantized: bool = False,
@@ -121,7 +106,7 @@ def iter_checkpoint(
     """
     folder = Path(config.path)
     shards = checkpoint_files(folder)
-    reader = checkpoint_reader(config)
+    reader = checkpoint_reader(config.quantization_config)
     linears: dict[str, dict[str, str]] = {}  # a quantized linear's prefix -> {suffix: tensor name}
     member_of: dict[str, str] = {}  # each tensor of a quantized linear -> its prefix
     locations: dict[str, str] = {}  # tensor name -> shard
@@ -166,7 +151,7 @@ def iter_checkpoint(
                             open_files[locations[part]] = _open_shard(folder / locations[part])
                         parts[suffix] = _get_tensor(open_files[locations[part]], part, folder / locations[part])
                         mapped += parts[suffix].nbytes if locations[part] == shard else 0
-                    yield target, _convert(reader, prefix, parts, slices.get(target, ()) if slices else ())
+                    yield target, convert_slice(reader, prefix, parts, slices.get(target, ()) if slices else ())
                     del parts
                     continue
                 if slices is not None and name not in slices:
@@ -218,21 +203,6 @@ def dequantize_fp8_blocks(
         )
     scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]  # (rows, cols)
     return (weight.float() * scale).to(dtype)
-
-
-def _convert(reader: CheckpointFormat, prefix: str, tensors: dict[str, torch.Tensor],
-             index: tuple) -> QuantizedWeight | ConvertedLinear:
-    """One quantized linear's checkpoint tensors -> this rank's slice (`index`: output rows, then inputs, as the
-    model's `checkpoint_slices` gives it) in dsserve's form: a QuantizedWeight, or the ConvertedLinear where the
-    layer must reorder its inputs. The reader cuts the slice on the format's packing and group boundaries (or names
-    the linear in a WeightsError where the slice falls inside them)."""
-    for dim, part in enumerate(index):
-        if part != slice(None):
-            if part.step not in (None, 1):
-                raise WeightsError(f"{prefix}: a quantized linear is sliced in whole ranges, not {part}")
-            tensors = reader.slice_tensors(tensors, ("column", "row")[dim], part.start, part.stop, prefix)
-    converted = reader.convert(tensors, prefix)
-    return converted.weight if converted.input_order is None else converted
 
 
 def _is_mtp(name: str, config: ModelConfig) -> bool:

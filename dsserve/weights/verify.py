@@ -19,7 +19,8 @@ from safetensors import safe_open
 
 from dsserve.config import ModelConfig
 from dsserve.errors import DsserveError, WeightsError
-from dsserve.models.loader import INDEX_FILE, checkpoint_reader, plain_file_name, read_index
+from dsserve.formats.quantized import checkpoint_reader
+from dsserve.models.loader import INDEX_FILE, plain_file_name, read_index
 
 MANIFEST_FILE = "dsserve-manifest.json"
 
@@ -57,7 +58,7 @@ def verify(path: str | os.PathLike, manifest: str | os.PathLike | None = None, w
     try:
         config = ModelConfig.from_path(folder)
         quant = f", FP8 blocks {config.fp8_block_size}" if config.fp8_block_size else ""
-        reader = checkpoint_reader(config)
+        reader = checkpoint_reader(config.quantization_config)
         if reader is not None:
             quant = f", {config.quantization_config['quant_method']} quantized (loads as {reader.scheme.name})"
         report.ok(f"config.json: model_type {config.model_type}, {config.num_hidden_layers} layers{quant}")

@@ -16,10 +16,10 @@ from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.backends.cpu.packing import Kind
 from dsserve.config import ModelConfig
 from dsserve.errors import ConfigError, WeightsError
+from dsserve.formats.quantized import checkpoint_reader
 from dsserve.layers.linear import Linear
 from dsserve.layers.moe import ExpertMLP, Experts
 from dsserve.layers.quantization import QuantScheme
-from dsserve.models.loader import checkpoint_reader
 from dsserve.weights.quantize import quantize_checkpoint
 from formats.test_quantized_formats import _awq_pack, _gptq_pack_cols, _gptq_pack_rows
 
@@ -285,7 +285,7 @@ def test_tp2_equals_tp1(qwen2, tmp_path, kind):
 ])
 def test_the_reader_names_the_form(quantization_config, form):
     config = ModelConfig.from_dict({**QWEN2_CONFIG, "quantization_config": quantization_config})
-    assert config.fp8_block_size is None and checkpoint_reader(config).scheme.name == form
+    assert config.fp8_block_size is None and checkpoint_reader(config.quantization_config).scheme.name == form
 
 
 @pytest.mark.parametrize("quantization_config, message", [
@@ -299,7 +299,7 @@ def test_the_reader_names_the_form(quantization_config, form):
 def test_what_no_reader_holds_is_refused(quantization_config, message):
     config = ModelConfig.from_dict({**QWEN2_CONFIG, "quantization_config": quantization_config})
     with pytest.raises(ConfigError, match=message):
-        checkpoint_reader(config)
+        checkpoint_reader(config.quantization_config)
 
 
 def test_a_refused_format_stops_the_engine_config(qwen2, tmp_path):
