@@ -98,9 +98,9 @@ def iter_checkpoint(
     hands those to the backend as they are (models/base.py). The multi-token-prediction layers (index >=
     num_hidden_layers) are skipped.
 
-    A checkpoint another tool quantized (`config.checkpoint_format()`: compressed-tensors, AWQ, GPTQ, w8a8_int8)
-    holds each quantized linear as several tensors (e.g. `qweight`, `qzeros`, `scales`): they come out as one
-    `<prefix>.weight`, converted to a QuantizedWeight (its slice cut on the format's own boundaries before
+    A checkpoint another tool quantized (formats/quantized.py `checkpoint_reader`: compressed-tensors, AWQ, GPTQ,
+    w8a8_int8) holds each quantized linear as several tensors (e.g. `qweight`, `qzeros`, `scales`): they come out
+    as one `<prefix>.weight`, converted to a QuantizedWeight (its slice cut on the format's own boundaries before
     converting), or a ConvertedLinear where the layer must reorder its inputs (GPTQ desc_act), whatever
     `keep_quantized` says; the model's loader keeps or dequantizes it as it does FP8 weights.
     """
@@ -151,6 +151,9 @@ def iter_checkpoint(
                             open_files[locations[part]] = _open_shard(folder / locations[part])
                         parts[suffix] = _get_tensor(open_files[locations[part]], part, folder / locations[part])
                         mapped += parts[suffix].nbytes if locations[part] == shard else 0
+                    if mapped > _REMAP_BYTES:  # (see _REMAP_BYTES)
+                        handle = open_files[shard] = _open_shard(folder / shard)
+                        mapped = 0
                     yield target, convert_slice(reader, prefix, parts, slices.get(target, ()) if slices else ())
                     del parts
                     continue

@@ -306,3 +306,22 @@ def test_a_refused_format_stops_the_engine_config(qwen2, tmp_path):
     folder = _write(qwen2, tmp_path / "bnb", _tensors(qwen2), {"quant_method": "bitsandbytes"})
     with pytest.raises(ConfigError, match="quant_method"):
         LLM(folder, **OPTIONS)
+
+
+def test_a_linear_whose_tensors_lie_in_several_shards(qwen2, tmp_path, monkeypatch):
+    """The reader groups a linear's tensors across shards (qweight here, qzeros and scales there); the shard being
+    read is remapped as its pages add up (a tiny _REMAP_BYTES) between quantized linears too."""
+    import dsserve.models.loader as loader
+
+    folder, _ = _packed_format(qwen2, tmp_path, "awq")
+    tensors = _tensors(folder)
+    files = {name: f"model-0000{1 + name.endswith(('qzeros', 'scales'))}-of-00002.safetensors" for name in tensors}
+    sharded = _write(folder, tmp_path / "sharded", {}, FORMATS["awq"][0])
+    (sharded / "model.safetensors").unlink()
+    for file in set(files.values()):
+        save_file({n: t for n, t in tensors.items() if files[n] == file}, str(sharded / file))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": files}))
+    monkeypatch.setattr(loader, "_REMAP_BYTES", 4096)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in LLM(sharded, backend="torch", **OPTIONS).generate(PROMPTS, params)] == \
+        [o.outputs[0].token_ids for o in LLM(folder, backend="torch", **OPTIONS).generate(PROMPTS, params)]
