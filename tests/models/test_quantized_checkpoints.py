@@ -175,15 +175,16 @@ def _assert_same_generations(got_llm, want_llm, tolerance=1e-4):
 
 
 def _assert_packed(llm, scheme, num_quantized):
-    """Every Linear but MLA's kv_b_proj and the LM head, and every routed expert, packed in `scheme`'s kind with the
-    bytes of that form (where this build has its kernel; else dequantized into float32 packs, as the packer logs)."""
+    """`num_quantized` Linears (those the checkpoint quantized) and every routed expert packed in `scheme`'s kind with
+    the layout of that form (where this build has its kernel; else dequantized into float32 packs, as the packer
+    logs); the LM head as the checkpoint holds it."""
     model, packs = llm.engine.runner.model, llm.engine.runner.backend.packs
     kind = Kind.ONEDNN_F32
     if _has_kernel(scheme):
         kind = Kind["W8A8"] if scheme.activations else Kind.INT8 if scheme.bits == 8 else Kind.INT4
     linears = [m for m in model.modules() if isinstance(m, Linear) and m in packs.linears
                and packs.linears[m].kind is kind]
-    assert len(linears) >= num_quantized
+    assert len(linears) == num_quantized
     for m in linears:
         data = packs.linears[m].data
         if kind is Kind.INT4:  # half a byte per weight, the scheme's groups and zero points
@@ -221,7 +222,7 @@ def test_compressed_tensors_from_weights_quantize(qwen2, tmp_path, scheme):
     folder, twin = _compressed_tensors(qwen2, tmp_path, scheme)
     llm = LLM(folder, **OPTIONS)
     assert llm.engine.config.checkpoint_quantization == scheme.name
-    _assert_packed(llm, scheme, num_quantized=8 if scheme.group_size != 64 else 2)  # K = 64 or 128: all of g32
+    _assert_packed(llm, scheme, num_quantized=8)  # K is 64 or 128: whole groups everywhere
     _assert_same_generations(llm, _reference(twin, scheme))
 
 
@@ -232,7 +233,7 @@ def test_deepseek_v3_experts_stack_quantized_parts(model_dir, tmp_path):
     scheme = QuantScheme(4, GROUP)
     folder, twin = _compressed_tensors(model_dir("deepseek_v3"), tmp_path, scheme)
     llm = LLM(folder, **OPTIONS)
-    _assert_packed(llm, scheme, num_quantized=4)
+    _assert_packed(llm, scheme, num_quantized=15)  # 3 layers x q_a, kv_a, o, gate/up, down (q_b: K = 48, float)
     _assert_same_generations(llm, LLM(twin, backend="torch", **OPTIONS))
 
 
