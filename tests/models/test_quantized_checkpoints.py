@@ -331,3 +331,13 @@ def test_a_linear_whose_tensors_lie_in_several_shards(qwen2, tmp_path, monkeypat
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in LLM(sharded, backend="torch", **OPTIONS).generate(PROMPTS, params)] == \
         [o.outputs[0].token_ids for o in LLM(folder, backend="torch", **OPTIONS).generate(PROMPTS, params)]
+
+
+def test_a_row_parallel_slice_of_a_desc_act_linear_is_refused(qwen2, tmp_path):
+    """desc_act scatters each group over the inputs: o_proj / down_proj cannot be split by inputs under -tp."""
+    from dsserve.models.loader import iter_checkpoint
+
+    folder, _ = _packed_format(qwen2, tmp_path, "gptq-desc-act")
+    slices = {"model.layers.0.self_attn.o_proj.weight": (slice(None), slice(0, 32))}
+    with pytest.raises(WeightsError, match="o_proj"):
+        list(iter_checkpoint(ModelConfig.from_path(folder), None, slices, keep_quantized=True))
