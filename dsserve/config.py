@@ -359,8 +359,9 @@ class EngineConfig:
     device: str  # "cpu" or "cuda"
     num_threads: int  # torch intra-op threads on CPU
     backend: str  # kernels: "cpu" (dsserve's C kernels, packed weights) or "torch" (the plain-torch reference)
-    quantization: str | None = None  # int8 / int4 weights quantized at load (layers/quantization.py names), or None
-    # the form a pre-quantized checkpoint's linears load as (models/loader.py checkpoint_reader), e.g. "int4-g128-zp"
+    quantization: str | None = None  # int8 / int4 weights quantized at load (formats/quantization.py names), or None
+    # the form a pre-quantized checkpoint's linears load as (formats/quantized.py checkpoint_reader), e.g.
+    # "int4-g128-zp"
     checkpoint_quantization: str | None = None
     seed: int = 0  # default seed of unseeded sampling
     tokenizer_path: str | None = None  # folder with tokenizer.json; default the model folder

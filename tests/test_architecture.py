@@ -19,17 +19,18 @@ RANKS = {
     "backends": 4,  # the runner picks one; a backend knows the layers it accelerates
     "models": 5,
     "layers": 6,
-    # pre-quantized checkpoint formats: read by the loader (models), written by `weights quantize`; checkpoint I/O
-    # beside the layers' maths rather than part of the engine core
+    # the number formats quantized weights are held in (formats/quantization.py: schemes, quantizing, the plain-torch
+    # twins) and the published checkpoint formats that carry them (formats/quantized.py: read by the loader, written
+    # by `weights quantize`): data formats beside the layers' maths rather than part of the engine core
     "formats": 6,
 }
 ANYWHERE = {"config", "options", "errors", "assets", "profiling"}  # imported from any layer; they import nothing above themselves
 # Operator tools read configs and checkpoints, never the engine or the device.
 TOOLS = {"plan", "weights", "mindie", "doctor"}
-# backends.cpu.kernels: the doctor asks it which CPU kernels this machine can run. layers.quantization and
-# formats: `weights quantize` writes the integers the CPU packer holds, in a format the loader reads.
+# backends.cpu.kernels: the doctor asks it which CPU kernels this machine can run. formats: `weights quantize`
+# writes the integers the CPU packer holds, in a format the loader reads.
 TOOL_ALLOWED = {"config", "options", "errors", "models.loader", "models.registry", "plan", "weights", "mindie",
-                "backends.cpu.kernels", "layers.quantization", "formats"}
+                "backends.cpu.kernels", "formats"}
 
 
 def _layer(module: str) -> str:

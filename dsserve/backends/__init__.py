@@ -21,7 +21,7 @@ NAMES = ("cpu", "torch")
 def select(name: str, device: torch.device, weight_dtype: torch.dtype | None = None,
            quantization: str | None = None) -> Backend:
     """The backend `name` for `device` ("cpu" needs a CPU device; `weight_dtype`: how it packs linear weights,
-    float32 by default; `quantization`: a layers/quantization.py scheme: dsserve's kernels on "cpu", the plain-torch
+    float32 by default; `quantization`: a formats/quantization.py scheme: dsserve's kernels on "cpu", the plain-torch
     reference products on "torch", any device)."""
     if name == "torch":
         from dsserve.backends.torch import TorchBackend

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsserve.backends.base import Backend
-from dsserve.layers.quantization import QuantScheme, reference_linear
+from dsserve.formats.quantization import QuantScheme, reference_linear
 from dsserve.profiling import PROFILER
 
 
@@ -98,7 +98,7 @@ class TorchBackend(Backend):
         self._rotary_positions: torch.Tensor | None = None  # the step's positions the cached tables belong to
         self._rotary_tables: dict[int, tuple[torch.Tensor, ...]] = {}
         # --quantization on this backend: the weights held quantized (on the model's device), each product computed
-        # by the plain-torch reference (layers/quantization.py reference_linear: dequantize, then the float op).
+        # by the plain-torch reference (formats/quantization.py reference_linear: dequantize, then the float op).
         # Correct on any device, not fast: it is what a quantized model runs on a GPU until the CUDA backend exists.
         self._scheme = QuantScheme.parse(quantization) if quantization else None
         self._quantized: dict[nn.Module, object] = {}  # a Linear -> its QuantizedWeight; an ExpertMLP -> (w13, w2)

@@ -199,7 +199,7 @@ def weights_quantize(
     shard, resumable; the output appears only when complete."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from dsserve.layers.quantization import INT4_GROUP_SIZES, QuantScheme
+    from dsserve.formats.quantization import INT4_GROUP_SIZES, QuantScheme
     from dsserve.weights.quantize import quantize_checkpoint
 
     if to not in ("int4", "int8", "w8a8"):

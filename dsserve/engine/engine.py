@@ -32,8 +32,8 @@ from dsserve.engine.request import Request, RequestStatus, SamplingParams
 from dsserve.engine.scheduler import Scheduler, SchedulerOutput
 from dsserve.engine.tokenizer import Tokenizer
 from dsserve.errors import ConfigError, EngineDeadError, InvalidRequestError
+from dsserve.formats.quantization import QuantScheme
 from dsserve.formats.quantized import checkpoint_reader
-from dsserve.layers.quantization import QuantScheme
 from dsserve.options import EngineArgs
 from dsserve.profiling import PROFILER
 from dsserve.runner.model_runner import ModelRunner, StepResult, default_num_threads
@@ -520,7 +520,7 @@ def _checkpoint_quantization(model_config) -> str | None:
 
 
 def _resolve_quantization(requested: str | None, backend: str, dtype: str) -> str | None:
-    """The --quantization scheme's canonical name (layers/quantization.py), checked against where it can run."""
+    """The --quantization scheme's canonical name (formats/quantization.py), checked against where it can run."""
     if requested is None:
         return None
     name = QuantScheme.parse(requested).name

@@ -1,1 +1,3 @@
-"""Checkpoint formats other engines publish (pre-quantized weights): detection and conversion to dsserve's forms."""
+"""Quantized weights as data: the number formats dsserve holds them in (`quantization.py`: schemes, quantizing, the
+plain-torch twins every quantized kernel is tested against) and the checkpoint formats other engines publish
+(`quantized.py`: detection and conversion to those forms)."""

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from dsserve.errors import ConfigError, WeightsError
-from dsserve.layers.quantization import FP8_BLOCK, INT4_GROUP_SIZES, QuantizedWeight, QuantScheme
+from dsserve.formats.quantization import FP8_BLOCK, INT4_GROUP_SIZES, QuantizedWeight, QuantScheme
 
 _FP16_MAX = 65504.0
 _AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # AWQ packs outputs 0,2,4,6,1,3,5,7 into nibbles 0..7 of an int32

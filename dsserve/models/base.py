@@ -13,7 +13,7 @@ from dsserve.errors import WeightsError
 from dsserve.formats.quantized import ConvertedLinear
 from dsserve.layers.linear import VocabParallel
 from dsserve.layers.norm import RMSNorm
-from dsserve.layers.quantization import QuantizedWeight
+from dsserve.formats.quantization import QuantizedWeight
 from dsserve.layers.parallel import SINGLE, TensorParallel
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from safetensors import safe_open
 
 from dsserve.config import ModelConfig
 from dsserve.errors import WeightsError
+from dsserve.formats.quantization import QuantizedWeight
 from dsserve.formats.quantized import ConvertedLinear, checkpoint_reader, convert_slice, fp8_block_weight
-from dsserve.layers.quantization import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 

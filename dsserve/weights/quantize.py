@@ -34,7 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dsserve.errors import ConfigError, WeightsError
-from dsserve.layers.quantization import QuantizedWeight, QuantScheme
+from dsserve.formats.quantization import QuantizedWeight, QuantScheme
 from dsserve.models.loader import INDEX_FILE, checkpoint_files, dequantize_fp8_blocks
 from dsserve.weights.convert import Progress, fsync_dir, side_files, write_atomic
 

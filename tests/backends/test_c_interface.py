@@ -130,7 +130,8 @@ def test_bindings_are_the_headers(lib):
 
 def test_struct_layouts_are_the_compilers(lib):
     header, structs = cpu_kernels.c_interface(), cpu_kernels._structs()
-    assert set(structs) == {"dsserve_dense_layer", "dsserve_dense_step", "dsserve_mla_layer", "dsserve_mla_step"}
+    assert set(structs) == {"dsserve_quant_weight", "dsserve_dense_layer", "dsserve_dense_step", "dsserve_mla_layer",
+                            "dsserve_mla_step"}
     assert cpu_kernels.layout_mismatches(lib.dsserve_struct_layout, header, structs) == []
     step = structs["dsserve_dense_step"](hidden=64, eps=1e-6, cache_half=1, x=1234)  # filled by field name
     assert (step.hidden, step.cache_half, step.x) == (64, 1, 1234) and abs(step.eps - 1e-6) < 1e-12

@@ -15,7 +15,7 @@ from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.backends.cpu.packing import Kind
 from dsserve.layers.linear import Linear
 from dsserve.layers.moe import ExpertMLP, Experts
-from dsserve.layers.quantization import QuantScheme, quantize_fp8
+from dsserve.formats.quantization import QuantScheme, quantize_fp8
 from dsserve.models.deepseek import MultiHeadLatentAttention
 
 PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18]]

@@ -17,22 +17,41 @@ PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18,
 NEEDS_BF16 = pytest.mark.skipif(not cpu_kernels.linear_bf16_usable(), reason="needs the bf16 linear kernel (AMX + AVX512-BF16)")
 
 
+NEEDS_QUANT = pytest.mark.skipif(not cpu_kernels.linear_quant_usable(), reason="needs the int8/int4 kernels (AVX-512)")
+
+
+def _quantized(name, quantization, kv_cache_dtype="auto"):
+    """--quantization (float32 compute): every linear and routed expert int8 / int4, read by linear_quant.c. DeepSeek
+    with --weight-dtype float16, as a bf16 checkpoint resolves it: kv_b_proj (not quantized) gets the per-head fp16
+    packing the fused MLA decoder reads (a float32 one keeps the module path)."""
+    weight_dtype = "float16" if name.startswith("deepseek") else "auto"
+    return pytest.param(name, weight_dtype, kv_cache_dtype, quantization, marks=NEEDS_QUANT,
+                        id=f"{name}-{quantization}-{kv_cache_dtype}")
+
+
 # DeepSeek: batch 3 x top-3 of 8 experts takes the sorted per-expert path, batch 1 the few-token experts kernel
-@pytest.mark.parametrize("name, weight_dtype, kv_cache_dtype", [
-    ("qwen2_untied", "float16", "auto"), ("llama_bias", "float16", "auto"), ("qwen2_tied", "float16", "float16"),
-    pytest.param("qwen2_untied", "bfloat16", "auto", marks=NEEDS_BF16),
-    ("deepseek_v3_rope16", "float16", "auto"), ("deepseek_v3_rope16", "float16", "float16"),
-    ("deepseek_v3_rope16_no_q_lora", "float16", "auto"),
-    pytest.param("deepseek_v3_rope16", "bfloat16", "auto", marks=NEEDS_BF16),
-    ("deepseek_v2_rope16", "float16", "auto"), ("deepseek_v2_lite_rope16", "float16", "float16"),
+# (quantized experts: moe.c's grouped kernel for both)
+@pytest.mark.parametrize("name, weight_dtype, kv_cache_dtype, quantization", [
+    ("qwen2_untied", "float16", "auto", None), ("llama_bias", "float16", "auto", None),
+    ("qwen2_tied", "float16", "float16", None),
+    pytest.param("qwen2_untied", "bfloat16", "auto", None, marks=NEEDS_BF16),
+    ("deepseek_v3_rope16", "float16", "auto", None), ("deepseek_v3_rope16", "float16", "float16", None),
+    ("deepseek_v3_rope16_no_q_lora", "float16", "auto", None),
+    pytest.param("deepseek_v3_rope16", "bfloat16", "auto", None, marks=NEEDS_BF16),
+    ("deepseek_v2_rope16", "float16", "auto", None), ("deepseek_v2_lite_rope16", "float16", "float16", None),
+    _quantized("qwen2_untied", "int8"), _quantized("qwen2_untied", "int4"),
+    _quantized("llama_bias", "int4-g64-zp", "float16"),
+    _quantized("deepseek_v3_rope16", "int8"), _quantized("deepseek_v3_rope16", "int4"),
+    _quantized("deepseek_v3_rope16_no_q_lora", "int4-g128-zp"), _quantized("deepseek_v2_rope16", "int4", "float16"),
 ])
-def test_fused_decode_gives_the_module_paths_bits(model_dir, monkeypatch, name, weight_dtype, kv_cache_dtype):
+def test_fused_decode_gives_the_module_paths_bits(model_dir, monkeypatch, name, weight_dtype, kv_cache_dtype,
+                                                  quantization):
     # no prefix caching: the second run's prompts must be computed as the first's were
     llm = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, weight_dtype=weight_dtype,
-              kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)
+              kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False, quantization=quantization)
     backend = llm.engine.runner.backend
     fused = backend.fused
-    assert fused is not None
+    assert fused is not None and fused.step.weights_quant == (quantization is not None)
     calls = []
     monkeypatch.setattr(backend, "fused", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=3)

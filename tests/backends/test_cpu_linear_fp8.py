@@ -1,4 +1,4 @@
-"""The fp8 linear (csrc/linear_fp8.c) against its plain-torch twin, layers/quantization.py `reference_linear`: per
+"""The fp8 linear (csrc/linear_fp8.c) against its plain-torch twin, formats/quantization.py `reference_linear`: per
 128 inputs an fp32 sum of x times the e4m3 values, times that block's scale for the row; x exact for one row (the
 GEMV), rounded to bf16 for several (the AMX tiles). Odd N and K (not multiples of 16 or 128), 1-70 rows, bias,
 both scale shapes (128 x 128 blocks, per row), every e4m3 byte including subnormals and NaN."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsserve.backends.cpu import kernels as cpu_kernels
-from dsserve.layers.quantization import QuantizedWeight, QuantScheme, quantize_fp8, reference_linear
+from dsserve.formats.quantization import QuantizedWeight, QuantScheme, quantize_fp8, reference_linear
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.linear_fp8_usable(),
                                   reason="the fp8 linear needs AMX tiles and AVX512-BF16")

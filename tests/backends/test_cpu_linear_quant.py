@@ -1,5 +1,5 @@
 """The int8 / int4 weight-only linears (csrc/linear_quant.c) against their plain-torch twin: dequantize
-(layers/quantization.py), then F.linear. One row (the GEMV), several rows (the dequantized-block path), odd N and K,
+(formats/quantization.py), then F.linear. One row (the GEMV), several rows (the dequantized-block path), odd N and K,
 K not a multiple of the group, bias; and the quantizers' own rules."""
 
 import pytest
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.errors import ConfigError
-from dsserve.layers.quantization import QuantScheme, quantize_activations, quantize_int4, quantize_int8, reference_linear
+from dsserve.formats.quantization import QuantScheme, quantize_activations, quantize_int4, quantize_int8, reference_linear
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.linear_quant_usable(),
                                   reason="the quantized linears need AVX-512")
@@ -72,6 +72,26 @@ def test_packed_layouts():
     byte = int(panels.packed[1, 5, 2])  # row 18, inputs 10 (low nibble) and 11 (high)
     assert (byte & 15, byte >> 4) == (int(int4.q[18, 10]), int(int4.q[18, 11]))
     assert torch.equal(panels.zeros[2, 1, :8], int4.zeros[32:, 1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", ["int8", "int4-zp"])
+def test_large_weights_are_packed_on_huge_page_aligned_memory(scheme):
+    """From 4 MiB up the packed panels sit in their own 2 MiB-aligned mapping (advised MADV_HUGEPAGE) with the same
+    values and products; smaller ones stay in torch's memory."""
+    torch.manual_seed(1)
+    weight, x = torch.randn(4096, 2048) * 0.05, torch.randn(1, 2048)
+    quantized = QuantScheme.parse(scheme).quantize(weight)
+    panels = cpu_kernels.pack_quantized(quantized)
+    assert panels.packed.nbytes >= 4 << 20 and panels.packed.data_ptr() % (2 << 20) == 0
+    assert panels.packed.is_contiguous() and panels.scales.nbytes < 4 << 20
+    small = cpu_kernels.pack_quantized(QuantScheme.parse(scheme).quantize(weight[:64]))
+    assert torch.equal(panels.packed[:4], small.packed)  # the first 64 rows' panels, the same bytes
+    want = _reference(x, quantized, None)
+    torch.testing.assert_close(cpu_kernels.linear_quant(x, panels, 4096), want, rtol=1e-5,
+                               atol=2e-6 * want.abs().amax().item() * 2048 ** 0.5)
+    t = torch.arange(3 << 20, dtype=torch.int32).view(-1, 1024)
+    assert torch.equal(cpu_kernels.on_huge_pages(t.t()), t.t().contiguous())  # a transposed view, laid out anew
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -12,7 +12,7 @@ from dsserve.backends.cpu.packing import Kind
 from dsserve.errors import ConfigError
 from dsserve.layers.linear import Linear
 from dsserve.layers.moe import Experts
-from dsserve.layers.quantization import QuantScheme
+from dsserve.formats.quantization import QuantScheme
 
 PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18]]
 # the checkpoint tensors the packer quantizes: every projection but MLA's kv_b_proj (attention reads it as is)
@@ -54,10 +54,14 @@ def test_quantized_equals_reference_on_dequantized_weights(model_dir, tmp_path, 
     linears = [m for m in model.modules() if isinstance(m, Linear) and backend.packs.linears.get(m) is not None]
     assert linears and all(backend.packs.linears[m].kind is kind and m.weight is None for m in linears)
     assert backend.packs.linears[model.lm_head].kind is Kind.INT8 and model.lm_head.weight is None
-    assert backend.fused is None  # decode_layers.c does not read quantized panels: layer by layer
+    # decode steps read the quantized panels in one C call (decode_layers.c); DeepSeek's from this float32 checkpoint
+    # keep the module path: the fused MLA decoder reads kv_b_proj (not quantized) packed per head in fp16, which only
+    # 16-bit weight dtypes pack (tests/backends/test_cpu_fused_decode.py runs it quantized with float16)
+    assert (backend.fused is not None) == (name != "deepseek_v3")
     if name == "deepseek_v3":
         experts = [m for m in model.modules() if isinstance(m, Experts)]
         assert experts and all(p.kind is kind for e in experts for pair in backend.packs.experts[e] for p in pair)
+        assert all(backend.packs.expert_tables[e].quantized for e in experts)  # moe.c's grouped kernel runs them
         assert all(layer.self_attn.kv_b_proj.weight is not None for layer in model.layers)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     for prompts in (PROMPTS, PROMPTS[:1]):  # several rows per linear, and one (the GEMV)

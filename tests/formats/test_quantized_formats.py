@@ -7,7 +7,7 @@ import torch
 
 from dsserve.errors import ConfigError, WeightsError
 from dsserve.formats.quantized import (AwqGemm, ChannelInt8, Fp8Checkpoint, Gptq, PackedInt, detect_format)
-from dsserve.layers.quantization import QuantScheme
+from dsserve.formats.quantization import QuantScheme
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ WQLinear_GEMM.from_linear's order_map
 

@@ -19,7 +19,7 @@ from dsserve.errors import ConfigError, WeightsError
 from dsserve.formats.quantized import checkpoint_reader
 from dsserve.layers.linear import Linear
 from dsserve.layers.moe import ExpertMLP, Experts
-from dsserve.layers.quantization import QuantScheme
+from dsserve.formats.quantization import QuantScheme
 from dsserve.weights.quantize import quantize_checkpoint
 from formats.test_quantized_formats import _awq_pack, _gptq_pack_cols, _gptq_pack_rows
 

@@ -1,5 +1,5 @@
 """`--quantization` on the torch backend: the weights held quantized, every product through the plain-torch reference
-(layers/quantization.py reference_linear). It is what runs on a GPU until the CUDA backend exists, and the twin the
+(formats/quantization.py reference_linear). It is what runs on a GPU until the CUDA backend exists, and the twin the
 CPU kernels' model path is checked against here."""
 
 import pytest
@@ -9,7 +9,7 @@ from dsserve import LLM, SamplingParams
 from dsserve.backends.cpu import kernels as cpu_kernels
 from dsserve.errors import ConfigError
 from dsserve.layers.linear import Linear
-from dsserve.layers.quantization import QuantizedWeight
+from dsserve.formats.quantization import QuantizedWeight
 
 PROMPTS = [[5, 17, 33, 9, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18]]
 PARAMS = SamplingParams(max_tokens=8, temperature=0, logprobs=0)

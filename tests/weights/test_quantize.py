@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import dsserve.weights.quantize as quantize_module
 from dsserve.errors import ConfigError
 from dsserve.formats.quantized import detect_format
-from dsserve.layers.quantization import QuantScheme
+from dsserve.formats.quantization import QuantScheme
 from dsserve.weights.quantize import quantize_checkpoint
 
 SCHEMES = [QuantScheme(4, 32, False), QuantScheme(4, 64, True), QuantScheme(4, 128, False), QuantScheme.parse("int8"),

@@ -21,7 +21,7 @@ from dsserve.backends.cpu import kernels
 from dsserve.backends.cpu.fused import build_fused_decoder
 from dsserve.backends.cpu.packing import Packer, Packs
 from dsserve.backends.torch import AttentionMetadata, TorchBackend, Workspace
-from dsserve.layers.quantization import QuantScheme
+from dsserve.formats.quantization import QuantScheme
 from dsserve.profiling import PROFILER
 
 logger = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class CpuBackend(TorchBackend):
     def experts(self, layer, x, weights, ids):
         table = self.packs.expert_tables.get(layer)
         if table is not None and x.dtype == torch.float32:
-            if ids.numel() <= layer.num_local and not table.bf16:
+            if ids.numel() <= layer.num_local and not table.bf16 and not table.quantized:
                 # Few tokens (decode at small batch): one C call over the (token, slot) pairs, no sort
                 return kernels.moe_f16(x, weights, ids - layer.first_expert, table)
             # More (prompt steps, large batches): one C call, each active expert's tokens through one GEMM pair

@@ -4,9 +4,10 @@ The fused decoders run the module path's kernels in its order (the same bits, wi
 layer). `build_fused_decoder` reads each layer's packed weights and small tensors into the C structs, or returns
 None (with the reason logged at debug level) where any layer cannot: then every decode step takes the module path.
 A layer can fall short because a linear was left on another kernel (a weight outside float16's range keeps float32,
-a failed packing check leaves F.linear), its weights are quantized (--quantization: not read here yet, so a
-quantized model decodes layer by layer), a router has no C kernel, tensor parallelism, or a layout the kernels do not
-read; any such field would otherwise reach C as a NULL pointer.
+a failed packing check leaves F.linear, an int4 scale beyond float16 leaves a quantized model's layer unquantized),
+a router has no C kernel, tensor parallelism, or a layout the kernels do not read; any such field would otherwise
+reach C as a NULL pointer. The linears are all 16-bit panels of one kind, or all int8 / int4 (--quantization: each
+reaches C as a dsserve_quant_weight struct, which says its own bits, so the two could even mix).
 """
 
 from __future__ import annotations
@@ -51,29 +52,37 @@ def build_fused_decoder(model: nn.Module, packs: Packs, kv_caches: list[torch.Te
         return None
 
 
+_QUANTIZED = frozenset({Kind.INT8, Kind.INT4})
+
+
 class _Builder:
-    """Reads packed weights for the C structs; every kernel kind the model's linears use must be one and the same."""
+    """Reads packed weights for the C structs; the model's linears must all be in one 16-bit kind, or all int8 /
+    int4."""
 
     def __init__(self, model: nn.Module, packs: Packs):
         self.model, self.packs, self.kinds = model, packs, set()
 
-    def packed(self, linear: Linear, bias_allowed: bool = True) -> torch.Tensor:
-        """A linear's weight in dsserve's own packing (its kind noted); refused where it is not."""
+    def packed(self, linear: Linear, bias_allowed: bool = True):
+        """A linear's weight as the C struct field takes it (its kind noted): 16-bit panels as a tensor, an int8 /
+        int4 weight as its dsserve_quant_weight; refused where it is in neither."""
         packed = self.packs.linears.get(linear)
         if linear.input_order is not None:
             raise _Refused("a linear reorders its inputs (GPTQ desc_act): the C decoders read x in its own order")
-        if packed is not None and packed.kind in (Kind.INT8, Kind.INT4, Kind.FP8):
-            raise _Refused("int8 / int4 / fp8 weights (--quantization, an FP8 checkpoint): decode_layers.c reads "
-                           "16-bit panels only")
-        if packed is None or not packed.kind.own:
+        if packed is not None and packed.kind is Kind.FP8:
+            raise _Refused("fp8 weights (--quantization fp8, an FP8 checkpoint): decode_layers.c reads 16-bit, int8 "
+                           "and int4 panels only")
+        if packed is None or not (packed.kind.own or packed.kind in _QUANTIZED):
             raise _Refused("a linear is not in dsserve's own packing (its weight is beyond float16's range, or its "
                            "packing check failed)")
         if not bias_allowed and packed.bias is not None:
             raise _Refused("a linear with a bias where the kernel takes none")
-        self.kinds.add(packed.kind)
-        if len(self.kinds) != 1:
-            raise _Refused("linears in more than one packing kind")
-        return packed.data
+        self.note_kinds(packed.kind)
+        return packed.data.struct if packed.kind in _QUANTIZED else packed.data
+
+    def note_kinds(self, *kinds: Kind) -> None:
+        self.kinds.update(kinds)
+        if not (len(self.kinds) == 1 or self.kinds <= _QUANTIZED):
+            raise _Refused("linears in more than one packing kind (a quantized model's layer left unquantized)")
 
     def bias(self, linear: Linear) -> torch.Tensor | None:
         return self.packs.linears[linear].bias
@@ -81,6 +90,10 @@ class _Builder:
     @property
     def weights_bf16(self) -> int:
         return int(self.kinds == {Kind.BF16})
+
+    @property
+    def weights_quant(self) -> int:
+        return int(self.kinds <= _QUANTIZED)
 
     def rotary(self, rotary, rope_dim: int, k_dim: int, v_dim: int, cache: torch.Tensor):
         if rotary.cos.dtype != torch.float32 or rotary.cos.shape[1] * 2 != rope_dim:
@@ -109,7 +122,8 @@ class _DenseBuilder(_Builder):
             layers, hidden=model.config.hidden_size, heads=attn0.num_heads, kv_heads=attn0.num_kv_heads,
             head_dim=attn0.head_dim, intermediate=model.layers[0].mlp.intermediate_size,
             eps=model.layers[0].input_layernorm.eps, scale=attn0.scale, cos=rotary.cos, sin=rotary.sin,
-            interleaved=rotary.interleaved, weights_bf16=bool(self.weights_bf16))
+            interleaved=rotary.interleaved, weights_bf16=bool(self.weights_bf16),
+            weights_quant=bool(self.weights_quant))
 
 
 class _MLABuilder(_Builder):
@@ -135,11 +149,13 @@ class _MLABuilder(_Builder):
             absorb_k_stride=absorb_k[0].numel(), absorb_v_stride=absorb_v[0].numel(),
             eps=model.layers[0].input_layernorm.eps, lora_eps=attn0.kv_a_layernorm.eps, scale=attn0.scale,
             routed_scale=c.routed_scaling_factor, interleaved=int(rotary.interleaved),
-            weights_bf16=self.weights_bf16, router_kind=router_kind(c) if moe else 0,
+            weights_bf16=self.weights_bf16, weights_quant=self.weights_quant,
+            router_kind=router_kind(c) if moe else 0,
             normalize=int(bool(c.norm_topk_prob) and c.num_experts_per_tok > 1),
             # one flag for every layer, as the module path decides per layer
             experts_f16_table=int(bool(moe) and all(
-                m.experts in self.packs.expert_tables and not self.packs.expert_tables[m.experts].bf16 for m in moe)))
+                m.experts in self.packs.expert_tables and not self.packs.expert_tables[m.experts].bf16
+                and not self.packs.expert_tables[m.experts].quantized for m in moe)))
 
     def attention(self, attn: MultiHeadLatentAttention) -> dict:
         absorbed = self.packs.absorbed.get(attn)
@@ -179,16 +195,18 @@ class _MLABuilder(_Builder):
             raise _Refused("routed experts not packed, or not all on this rank")
         if gate.weight.dtype != torch.float32 or not gate.weight.is_contiguous():
             raise _Refused("the router's weight is not contiguous float32")
-        if not all(w13.kind.own and w2.kind.own for w13, w2 in pairs):
+        if not all(p.kind.own or p.kind in _QUANTIZED for pair in pairs for p in pair):
             raise _Refused("a routed expert is not in dsserve's own packing")
-        self.kinds.update(p.kind for pair in pairs for p in pair)
-        if len(self.kinds) != 1:
-            raise _Refused("linears in more than one packing kind")
+        self.note_kinds(*(p.kind for pair in pairs for p in pair))
+
+        def address(p) -> int:
+            return ctypes.addressof(p.data.struct) if p.kind in _QUANTIZED else p.data.data_ptr()
+
         pointers = ctypes.c_void_p * num
         fields.update(router=gate.weight, router_bias=gate.e_score_correction_bias,
-                      experts=pairs,  # not a struct field: keeps the tensors the pointer arrays point into alive
-                      w13=pointers(*(w13.data.data_ptr() for w13, _ in pairs)),
-                      w2=pointers(*(w2.data.data_ptr() for _, w2 in pairs)))
+                      experts=pairs,  # not a struct field: keeps what the pointer arrays point at alive
+                      w13=pointers(*(address(w13) for w13, _ in pairs)),
+                      w2=pointers(*(address(w2) for _, w2 in pairs)))
         return fields
 
 

@@ -32,6 +32,7 @@ import functools
 import hashlib
 import logging
 import math
+import mmap
 import os
 import platform
 import re
@@ -471,9 +472,17 @@ class QuantPanels:
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scales.nbytes + (self.zeros.nbytes if self.zeros is not None else 0)
 
+    @functools.cached_property
+    def struct(self) -> ctypes.Structure:
+        """This weight as the C structs take it (dsserve_quant_weight: the fused decoders, moe_grouped); it points
+        into these tensors, which live as long as this object."""
+        return _struct("dsserve_quant_weight")(
+            packed=self.packed.data_ptr(), scales=self.scales.data_ptr(),
+            zeros=self.zeros.data_ptr() if self.zeros is not None else None, group=self.group_size, bits=self.bits)
+
 
 def pack_quantized(weight) -> QuantPanels | Fp8Panels:
-    """A `layers.quantization.QuantizedWeight` in linear_quant.c's layout (linear_quant.c draws it), or fp8's in
+    """A `formats.quantization.QuantizedWeight` in linear_quant.c's layout (linear_quant.c draws it), or fp8's in
     linear_fp8.c's."""
     if weight.scheme.float8:
         return pack_fp8(weight)
@@ -488,7 +497,7 @@ def pack_quantized(weight) -> QuantPanels | Fp8Panels:
     def panel_major(t: torch.Tensor) -> torch.Tensor:  # (rows, C) -> (panels, C, 16), rows past N zero
         out = torch.zeros(padded_rows, t.shape[1], dtype=t.dtype)
         out[:rows] = t
-        return out.view(panels, PANEL, t.shape[1]).transpose(1, 2).contiguous()
+        return on_huge_pages(out.view(panels, PANEL, t.shape[1]).transpose(1, 2))
 
     if weight.scheme.bits == 8:
         scales = torch.zeros(padded_rows, dtype=torch.float32)
@@ -498,6 +507,27 @@ def pack_quantized(weight) -> QuantPanels | Fp8Panels:
     zeros = panel_major(weight.zeros) if weight.zeros is not None else None
     return QuantPanels(4, panel_major(pairs), panel_major(weight.scales), zeros, weight.scheme.group_size,
                        weight.in_features)
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """t's values, contiguous; from 4 MiB up in a fresh private anonymous mapping advised MADV_HUGEPAGE and aligned
+    to 2 MiB, so that Linux backs it with 2 MiB pages where it can (transparent huge pages are often enabled for
+    advised mappings only, as on the 2-core Xeon). A batch-1 GEMV streams its weights from memory once per step; on
+    4 KiB pages every page crossing of each stream is a TLB miss and a restart of the hardware prefetcher (weights in
+    memory, one thread: int8 12-15 -> 15-16 GB/s, bf16 15 -> 17). Smaller tensors keep torch's allocation (the
+    alignment slack would be a large share of them). The mapping lives as long as the tensor or a view of it."""
+    if t.nbytes < 2 * _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return t.contiguous()
+    mapping = mmap.mmap(-1, t.nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: each 2 MiB is faulted in as one page
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping
+    start = -raw.data_ptr() % _HUGE_PAGE
+    out = raw[start:start + t.nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
 
 
 def linear_quant(x: torch.Tensor, panels: QuantPanels, out_features: int,
@@ -574,7 +604,7 @@ def pack_fp8(weight) -> Fp8Panels:
 
 def linear_fp8(x: torch.Tensor, panels: Fp8Panels, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) float32 @ W^T (+ bias) for a weight `pack_fp8` laid out: (..., out_features) float32. One row keeps
-    x in fp32; several round it to bf16 (layers/quantization.py `reference_linear` is the twin of both)."""
+    x in fp32; several round it to bf16 (formats/quantization.py `reference_linear` is the twin of both)."""
     if x.shape[-1] != panels.in_features:
         raise ValueError(f"the fp8 linear has {panels.in_features} inputs, x has {x.shape[-1]}")
     return _linear("dsserve_linear_fp8", "fp8", x, panels.packed, out_features, bias, panels.scales)
@@ -601,22 +631,28 @@ def heads_f16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertTable:
-    """Every local expert's packed (w13, w2), all float16 (linear_f16's layout) or all bfloat16 (linear_bf16's), as
-    two C arrays of pointers for `moe_f16` (fp16 only) and `moe_grouped`. Holds the tensors so the pointers stay
-    valid."""
+    """Every local expert's packed (w13, w2), all float16 (linear_f16's layout), all bfloat16 (linear_bf16's) or all
+    int8 / int4 (`QuantPanels`, as their C structs), as two C arrays of pointers for `moe_f16` (fp16 only) and
+    `moe_grouped`. Holds the tensors so the pointers stay valid."""
 
-    def __init__(self, w13: list[torch.Tensor], w2: list[torch.Tensor], intermediate: int, hidden: int,
-                 bf16: bool = False):
+    def __init__(self, w13: list, w2: list, intermediate: int, hidden: int, bf16: bool = False):
         self.tensors = (w13, w2)
-        self.w13 = (ctypes.c_void_p * len(w13))(*(t.data_ptr() for t in w13))
-        self.w2 = (ctypes.c_void_p * len(w2))(*(t.data_ptr() for t in w2))
+        self.quantized = isinstance(w13[0], QuantPanels)
+        address = (lambda p: ctypes.addressof(p.struct)) if self.quantized else (lambda t: t.data_ptr())
+        self.w13 = (ctypes.c_void_p * len(w13))(*(address(t) for t in w13))
+        self.w2 = (ctypes.c_void_p * len(w2))(*(address(t) for t in w2))
         self.num, self.intermediate, self.hidden, self.bf16 = len(w13), intermediate, hidden, bf16
+
+    @property
+    def weights_kind(self) -> int:
+        """moe_grouped's weights_kind: 0 fp16, 1 bf16, 2 int8 / int4."""
+        return 2 if self.quantized else int(self.bf16)
 
 
 def moe_f16(x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor, table: ExpertTable) -> torch.Tensor:
     """sum over slots s of weights[t, s] * expert local_ids[t, s](x[t]) (SwiGLU), (T, D) float32; ids outside
     [0, table.num) contribute nothing. For a few tokens: every weight is read once per (token, slot)."""
-    assert not table.bf16, "moe_f16 reads float16 experts"
+    assert not table.bf16 and not table.quantized, "moe_f16 reads float16 experts"
     x = x if x.is_contiguous() else x.contiguous()
     weights = weights.float().contiguous()
     local_ids = local_ids.long().contiguous()
@@ -643,7 +679,7 @@ def moe_grouped(x: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
     scratch = torch.empty(lib.dsserve_moe_grouped_workspace(tokens, table.hidden, top_k, table.intermediate),
                           dtype=torch.float32)
     status = lib.dsserve_moe_grouped(x.data_ptr(), tokens, table.hidden, local_ids.data_ptr(), weights.data_ptr(),
-                                     top_k, table.w13, table.w2, table.num, table.intermediate, int(table.bf16),
+                                     top_k, table.w13, table.w2, table.num, table.intermediate, table.weights_kind,
                                      out.data_ptr(), scratch.data_ptr())
     if status:
         raise RuntimeError(f"dsserve_moe_grouped failed ({status}) for {tokens} tokens x {top_k} of {table.num} experts")
@@ -821,13 +857,16 @@ class _FusedDecoder:
 
 
 def _field(value) -> int | None:
-    """A struct field's value: a tensor's address, a C array (of pointers) as such, a number, or NULL for None."""
+    """A struct field's value: a tensor's address, a C array (of pointers) or struct as such, a number, or NULL for
+    None."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
         return value.data_ptr()
     if isinstance(value, ctypes.Array):
         return ctypes.cast(value, ctypes.c_void_p).value
+    if isinstance(value, ctypes.Structure):
+        return ctypes.addressof(value)
     return value
 
 
@@ -838,17 +877,19 @@ class DenseDecoder(_FusedDecoder):
     the same bits, without ~10 Python-side calls per layer.
 
     `layers` holds, per layer, the tensors the C struct points at (kept alive here): input_norm, post_norm (D,)
-    float32; qkv, o, gate_up, down packed by `pack_f16` (or all by `pack_bf16`: `weights_bf16`); qkv_bias, o_bias
-    (or None); cache (blocks, block_size, 2, kv_heads, head_dim) float32 or float16, contiguous."""
+    float32; qkv, o, gate_up, down packed by `pack_f16` (or all by `pack_bf16`: `weights_bf16`; or all int8 / int4
+    `QuantPanels` structs: `weights_quant`); qkv_bias, o_bias (or None); cache (blocks, block_size, 2, kv_heads,
+    head_dim) float32 or float16, contiguous."""
 
     def __init__(self, layers: list[dict], *, hidden: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
                  eps: float, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-                 weights_bf16: bool = False):
+                 weights_bf16: bool = False, weights_quant: bool = False):
         cache = layers[0]["cache"]
         step = _struct("dsserve_dense_step")(
             hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate,
             block_size=cache.shape[1], eps=eps, scale=scale, cache_half=int(cache.dtype == torch.float16),
-            interleaved=int(interleaved), weights_bf16=int(weights_bf16), cos_table=cos.data_ptr(),
+            interleaved=int(interleaved), weights_bf16=int(weights_bf16), weights_quant=int(weights_quant),
+            cos_table=cos.data_ptr(),
             sin_table=sin.data_ptr())
         dims = (hidden, heads, kv_heads, head_dim, intermediate)
         super().__init__("dsserve_dense_decode", lambda lib, batch: lib.dsserve_dense_workspace(batch, *dims),

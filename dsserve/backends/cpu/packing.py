@@ -5,8 +5,8 @@ float16: dsserve's panel-packed fp16 layout (csrc/linear_f16.c, AVX2 + F16C), wi
 activations and accumulation stay fp32, half the bytes per decode step; FBGEMM's packed fp16 GEMM where the library
 could not be built. bfloat16: csrc/linear_bf16.c's AMX tiles (activations rounded to bf16), else oneDNN's bf16 GEMM.
 MLA's kv_b_proj is read by attention itself: its two halves are packed per head in fp16 for the absorbed decode.
-int8 / int4 (`--quantization`, layers/quantization.py): every other linear and routed expert quantized as it is
-packed, the LM head in int8 (csrc/linear_quant.c, AVX-512); the fused decoders do not read these yet.
+int8 / int4 (`--quantization`, formats/quantization.py): every other linear and routed expert quantized as it is
+packed, the LM head in int8 (csrc/linear_quant.c, AVX-512); the fused decoders and moe.c read them too.
 fp8 (`--quantization fp8`, or an FP8 checkpoint's weights kept as stored): e4m3 bytes with a scale per row per 128
 inputs (csrc/linear_fp8.c, AMX). A pre-quantized checkpoint tensor reaches the packer as the `quantized` staging
 of a parameter this packer marked `keeps_quantized` (models/base.py fills it) and is packed as it is.
@@ -25,7 +25,7 @@ from torch import nn
 from dsserve.backends.cpu import kernels
 from dsserve.errors import ConfigError, WeightsError
 from dsserve.layers.linear import Linear, VocabParallel
-from dsserve.layers.quantization import QuantizedWeight, QuantScheme, reference_linear
+from dsserve.formats.quantization import QuantizedWeight, QuantScheme, reference_linear
 from dsserve.layers.moe import ExpertMLP, Experts
 from dsserve.models.deepseek import MultiHeadLatentAttention
 
@@ -115,7 +115,7 @@ class Packs:
 
     linears: dict[nn.Module, PackedLinear] = field(default_factory=dict)  # Linear and the LM head
     experts: dict[Experts, list[tuple[PackedLinear, PackedLinear]]] = field(default_factory=dict)  # (w13, w2) each
-    expert_tables: dict[Experts, kernels.ExpertTable] = field(default_factory=dict)  # all fp16 or all bf16: moe.c
+    expert_tables: dict[Experts, kernels.ExpertTable] = field(default_factory=dict)  # all fp16, bf16 or int8/4: moe.c
     absorbed: dict[MultiHeadLatentAttention, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     embeddings: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # a bf16-exact input embedding, in bf16
     # MLA's kv_b_proj in bf16 for prompt attention's expansion of latents into keys and values (bf16 weights only;
@@ -287,7 +287,7 @@ class Packer:
                 packs.experts[experts] = ordered = [pairs[e] for e in range(experts.num_local)]
                 del self.expert_pairs[experts]
                 kinds = {p.kind for pair in ordered for p in pair}
-                if kinds == {Kind.F16} or kinds == {Kind.BF16}:
+                if kinds == {Kind.F16} or kinds == {Kind.BF16} or kinds <= {Kind.INT8, Kind.INT4}:
                     packs.expert_tables[experts] = kernels.ExpertTable(
                         [w13.data for w13, _ in ordered], [w2.data for _, w2 in ordered], experts.intermediate_size,
                         experts.hidden_size, bf16=kinds == {Kind.BF16})
@@ -397,7 +397,7 @@ def pack_checked(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | No
     if scheme is not None and not isinstance(weight, QuantizedWeight):
         try:
             weight = scheme.quantize(weight)
-        except ValueError as e:  # a scale beyond float16 (layers/quantization.py): this layer stays unquantized
+        except ValueError as e:  # a scale beyond float16 (formats/quantization.py): this layer stays unquantized
             logger.warning("%s: that layer keeps %s weights", e, weight_dtype)
             return pack_checked(weight, bias, weight_dtype)
     quantized = isinstance(weight, QuantizedWeight)

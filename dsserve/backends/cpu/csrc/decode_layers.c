@@ -23,14 +23,23 @@ int64_t dsserve_dense_workspace(int64_t tokens, int64_t hidden, int64_t heads, i
     return tokens * (hidden + (q + 2 * kv) + q + kv + q + hidden + 2 * intermediate + intermediate);
 }
 
-static int linear_any(int bf16, const float *x, const uint16_t *packed, const float *bias, float *y, int64_t M,
-                      int64_t N, int64_t K) {
-    return bf16 ? dsserve_linear_bf16(x, packed, bias, y, M, N, K) : dsserve_linear_f16(x, packed, bias, y, M, N, K);
+/* Which kernel reads the step's linears (moe.c's weights_kind values): 16-bit panels, or dsserve_quant_weight. */
+enum { WEIGHTS_F16, WEIGHTS_BF16, WEIGHTS_QUANT };
+
+static int weights_kind(int32_t bf16, int32_t quant) {
+    return quant ? WEIGHTS_QUANT : bf16 ? WEIGHTS_BF16 : WEIGHTS_F16;
 }
 
-static int linear(const dsserve_dense_step *s, const float *x, const uint16_t *packed, const float *bias, float *y,
+static int linear_any(int kind, const float *x, const void *weight, const float *bias, float *y, int64_t M,
+                      int64_t N, int64_t K) {
+    if (kind == WEIGHTS_QUANT) return dsserve_linear_quant(x, weight, bias, y, M, N, K);
+    if (kind == WEIGHTS_BF16) return dsserve_linear_bf16(x, weight, bias, y, M, N, K);
+    return dsserve_linear_f16(x, weight, bias, y, M, N, K);
+}
+
+static int linear(const dsserve_dense_step *s, const float *x, const void *weight, const float *bias, float *y,
                   int64_t M, int64_t N, int64_t K) {
-    return linear_any(s->weights_bf16, x, packed, bias, y, M, N, K);
+    return linear_any(weights_kind(s->weights_bf16, s->weights_quant), x, weight, bias, y, M, N, K);
 }
 
 static void add_into(float *restrict x, const float *restrict y, int64_t n) {
@@ -76,8 +85,9 @@ int dsserve_dense_decode(const dsserve_dense_layer *layers, int64_t num_layers, 
  * attend over the cache's normalized latents + rope keys as one shared KV head, and come back out per head (fp16
  * W_UV) before o_proj. The MLP half is a dense SwiGLU MLP (the first_k_dense_replace layers) or the MoE: the
  * router (V3's sigmoid noaux_tc, or V2's softmax greedy / group-limited), the routed experts (a few tokens:
- * every (token, slot) pair in one call of moe_f16 over fp16 weights; more: moe.c's moe_grouped, the module path's
- * call too), plus the shared experts. The layer and step structs: dsserve_kernels.h. */
+ * every (token, slot) pair in one call of moe_f16 over fp16 weights; more, or int8 / int4 experts: moe.c's
+ * moe_grouped, the module path's call too), plus the shared experts. Every linear of the step reads 16-bit panels
+ * (linear_f16.c or linear_bf16.c), or every one int8 / int4 panels (linear_quant.c: --quantization). The layer and step structs: dsserve_kernels.h. */
 
 /* Floats of scratch a step of s->tokens tokens needs (int64 arrays first: the buffer is 8-byte aligned). */
 int64_t dsserve_mla_workspace(const dsserve_mla_step *s) {
@@ -96,17 +106,17 @@ static void mla_attention(const dsserve_mla_layer *L, const dsserve_mla_step *s,
                           float *q_cat, float *o_lat, float *o_v, float *branch, int *status) {
     const int64_t T = s->tokens, D = s->hidden, H = s->heads, N = s->nope, R = s->rope, C = s->kv_rank;
     const int64_t V = s->v_dim, QR = s->q_rank, NR = N + R, CR = C + R;
-    const int bf16 = s->weights_bf16;
+    const int kind = weights_kind(s->weights_bf16, s->weights_quant);
 #define TRY(call) do { if ((*status = (call))) return; } while (0)
     dsserve_rms_norm(s->x, D, L->input_norm, h, T, D, s->eps);
     if (L->q_a) {
-        TRY(linear_any(bf16, h, L->q_a, L->q_a_bias, q_a, T, QR, D));
+        TRY(linear_any(kind, h, L->q_a, L->q_a_bias, q_a, T, QR, D));
         dsserve_rms_norm(q_a, QR, L->q_a_norm, q_a_n, T, QR, s->lora_eps);
-        TRY(linear_any(bf16, q_a_n, L->q_b, NULL, q, T, H * NR, QR));
+        TRY(linear_any(kind, q_a_n, L->q_b, NULL, q, T, H * NR, QR));
     } else {
-        TRY(linear_any(bf16, h, L->q_b, NULL, q, T, H * NR, D));
+        TRY(linear_any(kind, h, L->q_b, NULL, q, T, H * NR, D));
     }
-    TRY(linear_any(bf16, h, L->kv_a, L->kv_a_bias, kv, T, CR, D));
+    TRY(linear_any(kind, h, L->kv_a, L->kv_a_bias, kv, T, CR, D));
     dsserve_rms_norm(kv, CR, L->kv_a_norm, latent, T, C, s->lora_eps);
     dsserve_rotary(q + N, H * NR, NR, q_pe, T, H, R, s->positions, s->cos_table, s->sin_table, s->interleaved);
     dsserve_rotary(kv + C, CR, R, k_pe, T, 1, R, s->positions, s->cos_table, s->sin_table, s->interleaved);
@@ -120,7 +130,7 @@ static void mla_attention(const dsserve_mla_layer *L, const dsserve_mla_step *s,
     TRY(dsserve_paged_decode(q_cat, L->cache, s->tables, s->lens, o_lat, T, H, 1, CR, C, s->block_size,
                              s->table_stride, CR, 0, 0, 0, s->heads_per_task, s->scale, s->cache_half));
     TRY(dsserve_heads_f16(o_lat, L->absorb_v, s->absorb_v_stride, o_v, T, H, V, C));
-    TRY(linear_any(bf16, o_v, L->o, L->o_bias, branch, T, D, H * V));
+    TRY(linear_any(kind, o_v, L->o, L->o_bias, branch, T, D, H * V));
     add_into(s->x, branch, T * D);
 #undef TRY
 }
@@ -136,6 +146,7 @@ int dsserve_mla_decode(const dsserve_mla_layer *layers, int64_t num_layers, cons
     float *q_lat = q_nope + T * H * N, *q_cat = q_lat + T * H * C, *o_lat = q_cat + T * H * (C + R);
     float *o_v = o_lat + T * H * C, *branch = o_v + T * H * s->v_dim, *routed = branch + T * D;
     float *gate_up = routed + T * D, *act = gate_up + T * 2 * Imax, *rows = act + T * Imax;
+    const int kind = weights_kind(s->weights_bf16, s->weights_quant);
     int status = 0;
     for (int64_t l = 0; l < num_layers; l++) {
         const dsserve_mla_layer *L = layers + l;
@@ -152,18 +163,19 @@ int dsserve_mla_decode(const dsserve_mla_layer *layers, int64_t num_layers, cons
                 : dsserve_router_noaux(h, T, D, L->router, s->experts, L->router_bias, s->n_group, s->topk_group,
                                        s->top_k, s->normalize, s->routed_scale, weights, ids);
             if (status) return status;
-            if (s->experts_f16_table && pairs <= s->experts)
-                status = dsserve_moe_f16(h, T, D, ids, weights, s->top_k, L->w13, L->w2, s->experts,
-                                         s->moe_intermediate, branch, rows);
+            if (s->experts_f16_table && !s->weights_quant && pairs <= s->experts)
+                status = dsserve_moe_f16(h, T, D, ids, weights, s->top_k, (const uint16_t *const *)L->w13,
+                                         (const uint16_t *const *)L->w2, s->experts, s->moe_intermediate, branch,
+                                         rows);
             else
                 status = dsserve_moe_grouped(h, T, D, ids, weights, s->top_k, L->w13, L->w2, s->experts,
-                                             s->moe_intermediate, s->weights_bf16, branch, rows);
+                                             s->moe_intermediate, kind, branch, rows);
             if (status) return status;
         }
         if (L->gate_up) {
-            if ((status = linear_any(s->weights_bf16, h, L->gate_up, NULL, gate_up, T, 2 * I, D))) return status;
+            if ((status = linear_any(kind, h, L->gate_up, NULL, gate_up, T, 2 * I, D))) return status;
             dsserve_silu_mul(gate_up, act, T, I);
-            if ((status = linear_any(s->weights_bf16, act, L->down, NULL, shared, T, D, I))) return status;
+            if ((status = linear_any(kind, act, L->down, NULL, shared, T, D, I))) return status;
             if (L->router) add_into(branch, shared, T * D);  /* routed + shared */
         }
         add_into(s->x, branch, T * D);

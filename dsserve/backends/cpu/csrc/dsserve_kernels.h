@@ -58,11 +58,24 @@ int dsserve_linear_int4(const float *x, const uint8_t *packed, const uint16_t *s
 int dsserve_linear_fp8(const float *x, const uint8_t *packed, const float *scales, const float *bias, float *y,
                        int64_t M, int64_t N, int64_t K);
 
+/* One quantized weight as the fused decoders and moe_grouped read it (kernels.py: QuantPanels.struct): bits 8
+ * (scales float32, zeros NULL, group 0) or 4 (scales float16, zeros uint8 or NULL for symmetric). */
+typedef struct {
+    const void *packed, *scales;
+    const uint8_t *zeros;
+    int64_t group;
+    int32_t bits, reserved;
+} dsserve_quant_weight;
+
+/* dsserve_linear_int8 or dsserve_linear_int4 by w->bits (-2 for another) */
+int dsserve_linear_quant(const float *x, const dsserve_quant_weight *w, const float *bias, float *y, int64_t M,
+                         int64_t N, int64_t K);
+
 /* ---- routed experts over many tokens, grouped by expert (moe.c) --------------------------------------------- */
 
 int64_t dsserve_moe_grouped_workspace(int64_t T, int64_t D, int64_t k, int64_t I);
 int dsserve_moe_grouped(const float *x, int64_t T, int64_t D, const int64_t *ids, const float *weights, int64_t k,
-                        const uint16_t *const *w13, const uint16_t *const *w2, int64_t E, int64_t I, int bf16,
+                        const void *const *w13, const void *const *w2, int64_t E, int64_t I, int weights_kind,
                         float *out, float *work);
 
 /* ---- a decoder layer's small ops (elementwise.c) ------------------------------------------------------------ */
@@ -83,12 +96,13 @@ int dsserve_router_softmax(const float *x, int64_t T, int64_t D, const float *W,
 
 /* ---- a dense (Llama / Qwen2) decode step through every layer (decode_layers.c) ------------------------------ */
 
-/* One layer's weights: RMSNorm weights (hidden,), the four linears packed for linear_f16.c or linear_bf16.c
- * (q/k/v stacked, o, gate/up stacked, down; which one: the step's weights_bf16), their biases or NULL, and the
- * layer's KV cache (blocks, block_size, 2, kv_heads, head_dim) in float32 or float16. */
+/* One layer's weights: RMSNorm weights (hidden,), the four linears (q/k/v stacked, o, gate/up stacked, down), their
+ * biases or NULL, and the layer's KV cache (blocks, block_size, 2, kv_heads, head_dim) in float32 or float16. Each
+ * linear is packed for linear_f16.c or linear_bf16.c, or is a dsserve_quant_weight: the step's weights_bf16 and
+ * weights_quant say which, one kind for every linear of every layer. */
 typedef struct {
     const float *input_norm, *post_norm;
-    const uint16_t *qkv, *o, *gate_up, *down;
+    const void *qkv, *o, *gate_up, *down;
     const float *qkv_bias, *o_bias;
     void *cache;
 } dsserve_dense_layer;
@@ -100,7 +114,7 @@ typedef struct {
     int64_t tokens, hidden, heads, kv_heads, head_dim, intermediate;
     int64_t block_size, table_stride, heads_per_task;
     float eps, scale;
-    int32_t cache_half, interleaved, weights_bf16, reserved;
+    int32_t cache_half, interleaved, weights_bf16, weights_quant;
     const int64_t *positions, *slots, *tables, *lens;
     const float *cos_table, *sin_table;
     float *x, *work;
@@ -112,14 +126,15 @@ int dsserve_dense_decode(const dsserve_dense_layer *layers, int64_t num_layers, 
 
 /* ---- a DeepSeek (MLA + DeepSeekMoE) decode step through every layer (decode_layers.c) ----------------------- */
 
+/* The linears as in dsserve_dense_layer (16-bit panels, or dsserve_quant_weight where the step's weights_quant) */
 typedef struct {
     const float *input_norm, *post_norm, *q_a_norm, *kv_a_norm;
-    const uint16_t *q_a, *q_b, *kv_a, *o;  /* q_a NULL: no q LoRA, q_b is q_proj (hidden -> heads x (nope + rope)) */
+    const void *q_a, *q_b, *kv_a, *o;      /* q_a NULL: no q LoRA, q_b is q_proj (hidden -> heads x (nope + rope)) */
     const float *q_a_bias, *kv_a_bias, *o_bias;
     const uint16_t *absorb_k, *absorb_v;   /* per head, fp16 (linear_f16.c: heads_f16): W_UK^T (C x nope), W_UV (v x C) */
-    const uint16_t *gate_up, *down;        /* the dense MLP, or the shared experts (NULL: none) */
+    const void *gate_up, *down;            /* the dense MLP, or the shared experts (NULL: none) */
     const float *router, *router_bias;     /* (experts, hidden) float32 and V3's (experts,): NULL in a dense layer */
-    const uint16_t *const *w13, *const *w2; /* each routed expert's [gate; up] (2 I, hidden) and down (hidden, I) */
+    const void *const *w13, *const *w2;    /* each routed expert's [gate; up] (2 I, hidden) and down (hidden, I) */
     void *cache;                           /* (blocks, block_size, C + rope) float32 or float16, contiguous */
     int64_t ffn_intermediate;              /* of gate_up / down */
 } dsserve_mla_layer;
@@ -131,6 +146,7 @@ typedef struct {
     float eps, lora_eps, scale, routed_scale;
     int32_t cache_half, interleaved, weights_bf16, normalize, experts_f16_table;
     int32_t router_kind;  /* 0: V3's sigmoid noaux_tc; V2's softmax: 1 greedy, 2 group-limited greedy */
+    int32_t weights_quant; /* every linear and routed expert is a dsserve_quant_weight */
     const int64_t *positions, *slots, *tables, *lens;
     const float *cos_table, *sin_table;
     float *x, *work;

@@ -18,7 +18,7 @@
  * linear_bf16.c's), x exact in fp32: per 128 inputs a partial sum per output, then times the block's scale into the
  * output's sum. Several rows: x rounded to bf16, each 128-deep block of a pair of panels widened to bf16 once into
  * L1, then every 32-row block of x runs four AMX tiles over it; each block's fp32 partial sums are scaled and added
- * to the outputs in registers. The plain-torch twin of both is layers/quantization.py `reference_linear`.
+ * to the outputs in registers. The plain-torch twin of both is formats/quantization.py `reference_linear`.
  */
 #include <stdint.h>
 #include <stdlib.h>

@@ -3,7 +3,7 @@
  * is loaded. One row of x (batch-1 decode) is a GEMV bound by reading the weights; more rows dequantize a block of
  * a panel into L1 at a time and run an fp32 micro-kernel over it (a simple correct path; AMX int8 tiles can come).
  *
- * The formats and their plain-torch twins are dsserve/layers/quantization.py; kernels.py packs them:
+ * The formats and their plain-torch twins are dsserve/formats/quantization.py; kernels.py packs them:
  *
  * int8 (W8A16, per output channel): w[n, k] = q[n, k] * scale[n], q in [-127, 127].
  *     packed[p][k][j] = q[16 p + j][k]     int8, panels of 16 output rows, an even number of panels (rows past N
@@ -18,9 +18,8 @@
  *     zero points.
  *
  * The GEMVs read two panels side by side (two load streams in flight per thread, as linear_bf16.c's two_panels_dot).
- * int4 symmetric widens a nibble with one vpermps over the table of the sixteen values q - 8 (vpermps reads only an
- * index's low four bits: the low nibble needs no mask, the high one a shift); with zero points the table is q and
- * each group's sum is corrected once: scale * (sum q x - z * sum x).
+ * int4 widens a byte of two nibbles once and takes two FMAs from it (int4_two_panels_group says how), and corrects
+ * each group's sum once for its zero points (8 where symmetric): scale * (sum q x - z * sum x).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,6 +33,11 @@
 #define MC 64      /* rows of x per task on the several-rows path: their 16 partial sums each stay in L1 */
 #define KC 128     /* int8's depth per dequantized block on that path (int4's is one group) */
 #define MAX_GROUP 256
+/* How far ahead of its loads a GEMV prefetches each of its two streams into L1. The hardware prefetchers keep up
+ * with the bf16 GEMV; here the widening leaves the core less time to issue loads and, without this, the time of the
+ * arithmetic and of the memory reads added up (one thread, weights in memory, thread CPU time, three runs
+ * alternated: int8 9.6-10.5 -> 11.2-11.6 GB/s, int4 7.2-7.7 -> 7.9-8.0; 512 to 2048 bytes ahead alike). */
+#define PREFETCH_BYTES 1024
 
 static inline __m512 int8_row(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
@@ -60,7 +64,9 @@ static inline void int8_two_panels(const float *x, const int8_t *w0, const int8_
                                    __m512 *out1) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     int64_t k = 0;
-    for (; k + 4 <= K; k += 4) { /* four independent sums per panel */
+    for (; k + 4 <= K; k += 4) { /* four independent sums per panel; 64 bytes of each */
+        _mm_prefetch((const char *)(w0 + k * NR) + PREFETCH_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w1 + k * NR) + PREFETCH_BYTES, _MM_HINT_T0);
         const __m512 x0 = _mm512_set1_ps(x[k]), x1 = _mm512_set1_ps(x[k + 1]);
         const __m512 x2 = _mm512_set1_ps(x[k + 2]), x3 = _mm512_set1_ps(x[k + 3]);
         a0 = _mm512_fmadd_ps(int8_row(w0 + k * NR), x0, a0);
@@ -96,55 +102,67 @@ static void int8_gemv(const float *x, const int8_t *packed, const float *scales,
 
 /* ---- int4: one row ------------------------------------------------------------------------------------------- */
 
-/* The sum over group g of panel w's 16 outputs, before its scale (symmetric: of (q - 8) x; with zero points: of q x,
- * corrected by the caller). Pairs of inputs; an odd last input has a zero partner in the layout and in x. */
-#define NIBBLE_FMA(acc, lanes, table, xv) acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(lanes, table), xv, acc)
-static inline void int4_two_panels_group(const float *x, const uint8_t *w0, const uint8_t *w1, int64_t kb, int64_t ke,
-                                         __m512 table, __m512 *out0, __m512 *out1) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+/* The sum over inputs [kb, ke) of panel w's 16 outputs, before zero point and scale: of q x. A byte holds the pair
+ * (l, h) = (q[k], q[k + 1]) as l + 16 h. Widened once, it gives l through vpermps (index bits 0-3 only) and l + 16 h
+ * through vcvtdq2ps, and l x[k] + h x[k + 1] = l (x[k] - x[k + 1] / 16) + (l + 16 h) x[k + 1] / 16: two FMAs over
+ * the caller's xs, pairs (x[k] - x[k + 1] / 16, x[k + 1] / 16). Five vector ops per pair where widening each nibble
+ * on its own (a shift, two vpermps) took six: 8-10% faster with the panels in L2 (one thread, alternated). */
+static inline void int4_two_panels_group(const float *xs, const uint8_t *w0, const uint8_t *w1, int64_t kb,
+                                         int64_t ke, __m512 table, __m512 *out0, __m512 *out1) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     int64_t k = kb;
-    for (; k + 2 <= ke; k += 2) {
+    for (; k + 4 <= ke; k += 4) {
         const __m512i v0 = bytes_to_lanes(w0 + k / 2 * NR), v1 = bytes_to_lanes(w1 + k / 2 * NR);
-        const __m512 xl = _mm512_set1_ps(x[k]), xh = _mm512_set1_ps(x[k + 1]);
-        NIBBLE_FMA(a0, v0, table, xl);
-        NIBBLE_FMA(b0, v1, table, xl);
-        NIBBLE_FMA(a1, _mm512_srli_epi32(v0, 4), table, xh);
-        NIBBLE_FMA(b1, _mm512_srli_epi32(v1, 4), table, xh);
+        const __m512i u0 = bytes_to_lanes(w0 + k / 2 * NR + NR), u1 = bytes_to_lanes(w1 + k / 2 * NR + NR);
+        const __m512 xl = _mm512_set1_ps(xs[k]), xh = _mm512_set1_ps(xs[k + 1]);
+        const __m512 yl = _mm512_set1_ps(xs[k + 2]), yh = _mm512_set1_ps(xs[k + 3]);
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v0, table), xl, a0);
+        b0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v1, table), xl, b0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), xh, a1);
+        b1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), xh, b1);
+        a2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(u0, table), yl, a2);
+        b2 = _mm512_fmadd_ps(_mm512_permutexvar_ps(u1, table), yl, b2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u0), yh, a3);
+        b3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(u1), yh, b3);
     }
-    if (k < ke) { /* an odd K: the last input alone */
-        const __m512 xl = _mm512_set1_ps(x[k]);
-        NIBBLE_FMA(a0, bytes_to_lanes(w0 + k / 2 * NR), table, xl);
-        NIBBLE_FMA(b0, bytes_to_lanes(w1 + k / 2 * NR), table, xl);
+    for (; k < ke; k += 2) { /* an odd count: the last input's partner is zero in the layout and in xs */
+        const __m512i v0 = bytes_to_lanes(w0 + k / 2 * NR), v1 = bytes_to_lanes(w1 + k / 2 * NR);
+        const __m512 xl = _mm512_set1_ps(xs[k]), xh = _mm512_set1_ps(xs[k + 1]);
+        a0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v0, table), xl, a0);
+        b0 = _mm512_fmadd_ps(_mm512_permutexvar_ps(v1, table), xl, b0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v0), xh, a1);
+        b1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v1), xh, b1);
     }
-    *out0 = _mm512_add_ps(a0, a1);
-    *out1 = _mm512_add_ps(b0, b1);
+    *out0 = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+    *out1 = _mm512_add_ps(_mm512_add_ps(b0, b1), _mm512_add_ps(b2, b3));
 }
-#undef NIBBLE_FMA
 
 static inline __m512 int4_zeros(const uint8_t *zeros) {
     return _mm512_cvtepi32_ps(bytes_to_lanes(zeros));
 }
 
-static void int4_gemv(const float *x, const float *group_sums, const uint8_t *packed, const uint16_t *scales,
+/* xs: the pairs above over K rounded up to even; group_sums: x's sum over each group. */
+static void int4_gemv(const float *xs, const float *group_sums, const uint8_t *packed, const uint16_t *scales,
                       const uint8_t *zeros, const float *bias, float *y, int64_t N, int64_t K, int64_t group) {
     const int64_t panels = (N + NR - 1) / NR, groups = (K + group - 1) / group, Kp = groups * group;
-    const float offset = zeros ? 0.0f : 8.0f; /* symmetric: the table holds q - 8 */
-    const __m512 table = _mm512_sub_ps(
-        _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_ps(offset));
+    const __m512 table = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 eight = _mm512_set1_ps(8.0f); /* symmetric: every zero point is 8 */
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < panels; p += 2) {
         const uint8_t *w0 = packed + p * (Kp / 2) * NR, *w1 = w0 + (Kp / 2) * NR;
         __m512 y0 = _mm512_setzero_ps(), y1 = y0;
         for (int64_t g = 0; g < groups; g++) {
             const int64_t kb = g * group, ke = kb + group < K ? kb + group : K;
-            __m512 s0, s1;
-            int4_two_panels_group(x, w0, w1, kb, ke, table, &s0, &s1);
-            const int64_t at0 = (p * groups + g) * NR, at1 = at0 + groups * NR;
-            if (zeros) { /* sum (q - z) x = sum q x - z sum x */
-                const __m512 sx = _mm512_set1_ps(group_sums[g]);
-                s0 = _mm512_fnmadd_ps(int4_zeros(zeros + at0), sx, s0);
-                s1 = _mm512_fnmadd_ps(int4_zeros(zeros + at1), sx, s1);
+            for (int64_t line = 0; line < group / 2 * NR; line += 64) { /* the group's bytes, PREFETCH_BYTES on */
+                _mm_prefetch((const char *)(w0 + kb / 2 * NR + line) + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char *)(w1 + kb / 2 * NR + line) + PREFETCH_BYTES, _MM_HINT_T0);
             }
+            __m512 s0, s1;
+            int4_two_panels_group(xs, w0, w1, kb, ke, table, &s0, &s1);
+            const int64_t at0 = (p * groups + g) * NR, at1 = at0 + groups * NR;
+            const __m512 sx = _mm512_set1_ps(group_sums[g]); /* sum (q - z) x = sum q x - z sum x */
+            s0 = _mm512_fnmadd_ps(zeros ? int4_zeros(zeros + at0) : eight, sx, s0);
+            s1 = _mm512_fnmadd_ps(zeros ? int4_zeros(zeros + at1) : eight, sx, s1);
             y0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at0))), s0, y0);
             y1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + at1))), s1, y1);
         }
@@ -241,7 +259,7 @@ int dsserve_linear_int8(const float *x, const int8_t *packed, const float *scale
 }
 
 /* As dsserve_linear_int8 for the int4 layout; group even and at most 256 (-2 otherwise), zeros NULL: symmetric.
- * -3: no memory for the group sums. */
+ * -3: no memory for one row's scratch (x's group sums and pairs). */
 int dsserve_linear_int4(const float *x, const uint8_t *packed, const uint16_t *scales, const uint8_t *zeros,
                         const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t group) {
     if (group < 2 || group % 2 || group > MAX_GROUP) return -2;
@@ -249,18 +267,21 @@ int dsserve_linear_int4(const float *x, const uint8_t *packed, const uint16_t *s
         quant_rows(x, packed, scales, zeros, bias, y, M, N, K, group);
         return 0;
     }
-    const int64_t groups = (K + group - 1) / group;
-    float *sums = NULL;
-    if (zeros) { /* each group's sum of x, for the zero points' correction */
-        sums = malloc((size_t)groups * sizeof(float));
-        if (sums == NULL) return -3;
-        for (int64_t g = 0; g < groups; g++) {
-            float s = 0.0f;
-            for (int64_t k = g * group; k < K && k < (g + 1) * group; k++) s += x[k];
-            sums[g] = s;
-        }
+    const int64_t groups = (K + group - 1) / group, pairs = (K + 1) / 2;
+    float *sums = malloc((size_t)(groups + 2 * pairs) * sizeof(float));
+    if (sums == NULL) return -3;
+    float *xs = sums + groups;
+    for (int64_t g = 0; g < groups; g++) { /* each group's sum of x, for the zero points' correction */
+        float s = 0.0f;
+        for (int64_t k = g * group; k < K && k < (g + 1) * group; k++) s += x[k];
+        sums[g] = s;
     }
-    int4_gemv(x, sums, packed, scales, zeros, bias, y, N, K, group);
+    for (int64_t i = 0; i < pairs; i++) { /* int4_two_panels_group's pairs (x[k] - x[k + 1] / 16, x[k + 1] / 16) */
+        const float high = 2 * i + 1 < K ? x[2 * i + 1] * 0.0625f : 0.0f;
+        xs[2 * i] = x[2 * i] - high;
+        xs[2 * i + 1] = high;
+    }
+    int4_gemv(xs, sums, packed, scales, zeros, bias, y, N, K, group);
     free(sums);
     return 0;
 }
@@ -280,3 +301,10 @@ int dsserve_linear_int4(const float *x, const uint8_t *packed, const uint16_t *s
 }
 int dsserve_linear_quant_supported(void) { return 0; }
 #endif
+
+int dsserve_linear_quant(const float *x, const dsserve_quant_weight *w, const float *bias, float *y, int64_t M,
+                         int64_t N, int64_t K) {
+    if (w->bits == 8) return dsserve_linear_int8(x, w->packed, w->scales, bias, y, M, N, K);
+    if (w->bits == 4) return dsserve_linear_int4(x, w->packed, w->scales, w->zeros, bias, y, M, N, K, w->group);
+    return -2;
+}
