@@ -212,6 +212,9 @@ def test_packed_formats_load_quantized(qwen2, tmp_path, name):
     _assert_packed(llm, scheme, num_quantized=8)  # 2 layers x q/k/v, o, gate/up, down
     ordered = [m for m in llm.engine.runner.model.modules() if isinstance(m, Linear) and m.input_order is not None]
     assert len(ordered) == (8 if name == "gptq-desc-act" else 0)
+    # decode_layers.c reads int4 panels, but not x reordered: a desc_act model decodes layer by layer
+    if scheme.bits == 4:
+        assert (llm.engine.runner.backend.fused is None) == (name == "gptq-desc-act")
     if scheme.bits == 4:  # the checkpoint's own float16 scales packed as they are (not requantized)
         o_proj = llm.engine.runner.model.layers[0].self_attn.o_proj
         packed = llm.engine.runner.backend.packs.linears[o_proj].data.scales  # (panels, groups, 16)
