@@ -344,3 +344,12 @@ def test_a_row_parallel_slice_of_a_desc_act_linear_is_refused(qwen2, tmp_path):
     slices = {"model.layers.0.self_attn.o_proj.weight": (slice(None), slice(0, 32))}
     with pytest.raises(WeightsError, match="o_proj"):
         list(iter_checkpoint(ModelConfig.from_path(folder), None, slices, keep_quantized=True))
+
+
+def test_weights_verify_names_the_format(qwen2, tmp_path):
+    from dsserve.weights.verify import verify
+
+    folder, _ = _packed_format(qwen2, tmp_path, "gptq")
+    lines = [text for _, text in verify(folder).lines]
+    assert "config.json: model_type qwen2, 2 layers, gptq quantized (loads as int4)" in lines
+    assert any(text.startswith("tensors: ") and "; gptq quantized (loads as int4); " in text for text in lines)
