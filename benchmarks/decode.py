@@ -3,6 +3,7 @@
     python benchmarks/decode.py --shape r1-distill-qwen-1.5b --before a913775
     python benchmarks/decode.py --shape deepseek-v2-lite --layers 8 --batch 16 --rounds 2
     python benchmarks/decode.py --checkpoint /work/peers/ckpt/r1-distill-qwen-1.5b --quantization none int8 int4 fp8
+    python benchmarks/decode.py --shape r1-distill-qwen-1.5b --batch 16 --quantization none w8a8
 
 Each run loads the model in a fresh process with defaults (bf16 weights on AMX), warms up, then takes the best of
 3: `batch` prompts of 128 random token ids, decoded to 129 tokens each, minus the time of the same prompts to 1

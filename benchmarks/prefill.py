@@ -3,13 +3,14 @@
     python benchmarks/prefill.py --shape r1-distill-qwen-1.5b
     python benchmarks/prefill.py --shape deepseek-v2-lite --layers 4 --before 565534a --rounds 2
     python benchmarks/prefill.py --shape r1-distill-qwen-1.5b --ops     # where the prompt's time goes, by op
+    python benchmarks/prefill.py --shape r1-distill-qwen-1.5b --quantization none w8a8 --rounds 2
 
 Each run loads the model in a fresh process with defaults (bf16 weights on AMX, float32 compute) and
 `max_num_batched_tokens` = the prompt, so the whole prompt is one step; it prints the best of two prompts after a
 warm-up (tokens/s and seconds), the profiler's attention time of one more, and the sampled token (which must agree
 between commits). `--before REV` alternates with that commit, from a temporary git worktree. `--ops` also times
 every CPU backend op of one more prompt (wall time inside the op, the linears with their TFLOP/s) and prints the
-table for this tree.
+table for this tree. `--quantization` runs each named form (`none`: the default weights) in turn, alternated.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dsserve import LLM, SamplingParams
 from dsserve.profiling import PROFILER, profile_rows
 length = int(sys.argv[2])
 llm = LLM(sys.argv[1], max_model_len=length + 64, kv_cache_memory="1GiB", max_num_batched_tokens=length,
-          enable_prefix_caching=False, **({"quantization": sys.argv[5]} if sys.argv[5] != "-" else {}))
+          enable_prefix_caching=False, quantization=None if sys.argv[5] == "none" else sys.argv[5])
 prompt = torch.randint(10, int(sys.argv[3]), (length,), generator=torch.Generator().manual_seed(0)).tolist()
 params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
 llm.generate([prompt[:64]], params)
@@ -44,11 +45,12 @@ if sys.argv[4] == "ops":  # every op CpuBackend defines, timed around the call; 
     from dsserve.backends.cpu.backend import CpuBackend
     seconds, flops = collections.defaultdict(float), collections.defaultdict(float)
     def timed(name, method):
-        def call(self, layer, x, *rest):
+        def call(self, *args):  # (layer, x, ...); silu_and_mul takes (gate_up,) alone
             start = time.perf_counter()
-            out = method(self, layer, x, *rest)
+            out = method(self, *args)
             key = name
-            if name in ("linear", "gated_linear") and x.dim() == 2:
+            if name in ("linear", "gated_linear") and args[1].dim() == 2:
+                x = args[1]
                 n = out.shape[-1] * (2 if name == "gated_linear" else 1)
                 key = f"{name} {x.shape[1]} -> {n}"
                 flops[key] += 2 * x.shape[0] * x.shape[1] * n
@@ -76,25 +78,27 @@ def main() -> None:
     ap.add_argument("--before", help="also run this commit, alternated")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--ops", action="store_true", help="also time each backend op of one prompt (this tree)")
-    ap.add_argument("--quantization", help="load with --quantization NAME (int8, int4, fp8...)")
+    ap.add_argument("--quantization", nargs="+", default=["none"], help="forms to run in turn (none: no quantization)")
     args = ap.parse_args()
     checkpoint = compare.shape_checkpoint(args)
-    print(f"# {args.shape}, {args.layers or 'all'} layers, one {args.length}-token prompt"
-          f"{', --quantization ' + args.quantization if args.quantization else ''}")
+    print(f"# {args.shape}, {args.layers or 'all'} layers, one {args.length}-token prompt")
     print("| commit | prefill tok/s | seconds | of which attention | token |\n|---|---|---|---|---|")
     commits = {args.before: args.before} if args.before else {}
-    profile = None
+    profiles = []
     with checked_out({**commits, "this tree": None}) as trees:
         for _ in range(args.rounds):
-            for name, tree in trees.items():
+            for (name, tree), form in ((t, f) for t in trees.items() for f in args.quantization):
                 vocab = min(100_000, compare.SHAPES[args.shape]["vocab_size"])  # prompt ids drawn below it
                 ops = "ops" if args.ops and name == "this tree" else "-"
-                r = run_probe(tree, PROBE, str(checkpoint), str(args.length), str(vocab), ops, args.quantization or "-")
-                print(f"| {name} | {args.length / r['seconds']:.0f} | {r['seconds']:.2f} | {r['attention_s']:.2f} s | "
+                r = run_probe(tree, PROBE, str(checkpoint), str(args.length), str(vocab), ops, form)
+                label = name if form == "none" else f"{name}, {form}"
+                print(f"| {label} | {args.length / r['seconds']:.0f} | {r['seconds']:.2f} | {r['attention_s']:.2f} s | "
                       f"{r['token']} |", flush=True)
-                profile = r.get("ops") and r or profile
-    if profile:
-        print(f"\n# by op, one more prompt: {profile['total_s']:.2f} s\n| op | seconds | share | TFLOP/s |\n|---|---|---|---|")
+                if r.get("ops"):
+                    profiles.append((label, r))
+    for label, profile in profiles[-len(args.quantization):]:  # the last round's, one per form
+        print(f"\n# {label}, by op, one more prompt: {profile['total_s']:.2f} s\n"
+              "| op | seconds | share | TFLOP/s |\n|---|---|---|---|")
         for key, (seconds, tflops) in profile["ops"].items():
             rate = f"{tflops:.2f}" if tflops is not None else ""
             print(f"| {key} | {seconds:.2f} | {seconds / profile['total_s']:.0%} | {rate} |")

@@ -127,14 +127,15 @@ class TorchBackend(Backend):
                                        self._scheme.quantize(module.w2.detach()))
             module.w13 = module.w2 = None
         elif module is self._head and module.weight is not None:
-            self._quantized[module] = QuantScheme(8).quantize(module.weight.detach())
+            self._quantized[module] = self._scheme.head.quantize(module.weight.detach())
             if module is not self._embedding:  # a tied head's table is still looked up
                 module.weight = None
 
     def describe(self) -> str:
         if self._scheme is None:
             return self.name
-        return f"{self.name} (quantized {self._scheme.name}, LM head int8: plain-torch reference products)"
+        return (f"{self.name} (quantized {self._scheme.name}, LM head {self._scheme.head.name}: plain-torch reference "
+                "products)")
 
     # ---- step metadata ---------------------------------------------------------------------------------------------
 

@@ -65,6 +65,13 @@ class QuantScheme:
             return "w8a8" if self.activations else "int8"
         return "int4" + (f"-g{self.group_size}" if self.group_size != 32 else "") + ("-zp" if self.zero_point else "")
 
+    @property
+    def head(self) -> "QuantScheme":
+        """The LM head's form under this scheme: w8a8's own (int8 tiles at every batch size), int8 per row for the
+        others (the logits are the product most sensitive to weight error; llama.cpp's Q4_K_M keeps its output
+        matrix at 6 bits for the same reason)."""
+        return self if self.activations else QuantScheme(8)
+
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         """`weight` (N, K) quantized, rows a chunk at a time (a big weight's float temporaries stay ~64 MB)."""
         step = max(1, _CHUNK_VALUES // max(1, weight.shape[1]))

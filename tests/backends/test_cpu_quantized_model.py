@@ -1,6 +1,7 @@
-"""`quantization="int8" | "int4..."` at load: the CPU backend quantizes every linear, routed expert and the LM head
-(int8) as they load and runs them through csrc/linear_quant.c; greedy tokens and logprobs equal the plain-torch
-reference run on the checkpoint quantized and dequantized the same way."""
+"""`quantization="int8" | "int4..." | "w8a8"` at load: the CPU backend quantizes every linear, routed expert and the
+LM head (int8) as they load and runs them through csrc/linear_quant.c (w8a8: csrc/linear_w8a8.c); greedy tokens and
+logprobs equal the plain-torch reference run on the checkpoint quantized and dequantized the same way (w8a8: the
+torch backend holding the same quantized weights, each product through `reference_linear`)."""
 
 import shutil
 
@@ -20,6 +21,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
                "kv_a_proj_with_mqa")
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.linear_quant_usable(), reason="the quantized linears need AVX-512")
+needs_w8a8 = pytest.mark.skipif(not cpu_kernels.linear_w8a8_usable(), reason="the w8a8 linear needs AVX512-VNNI")
 
 
 def dequantized_copy(src, dst, scheme: QuantScheme):
@@ -90,6 +92,29 @@ def test_quantized_model_differs_from_the_float_one(model_dir):
 def test_unsupported_quantization_is_refused(model_dir, options, message):
     with pytest.raises(ConfigError, match=message):
         LLM(model_dir("qwen2_untied"), num_kv_blocks=16, max_model_len=64, **options)
+
+
+@needs_w8a8
+@pytest.mark.parametrize("name", ["qwen2_untied", "deepseek_v3"])
+def test_w8a8_equals_reference(model_dir, name):
+    """W8A8 end to end (routed experts included, expert by expert): the same greedy tokens and logprobs as the torch
+    backend holding the same quantized weights (every product through `reference_linear`), alone and in a batch
+    (each token's activations are quantized alone, so the batch does not change them)."""
+    quantized = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, quantization="w8a8")
+    reference = LLM(model_dir(name), num_kv_blocks=64, max_model_len=256, backend="torch", quantization="w8a8")
+    model, backend = quantized.engine.runner.model, quantized.engine.runner.backend
+    linears = [m for m in model.modules() if isinstance(m, Linear) and backend.packs.linears.get(m) is not None]
+    assert linears and all(backend.packs.linears[m].kind is Kind.W8A8 for m in linears)
+    assert backend.packs.linears[model.lm_head].kind is Kind.W8A8  # QuantScheme.head
+    if name == "deepseek_v3":
+        experts = [m for m in model.modules() if isinstance(m, Experts)]
+        assert experts and all(p.kind is Kind.W8A8 for e in experts for pair in backend.packs.experts[e] for p in pair)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    for prompts in (PROMPTS, PROMPTS[:1]):  # the AMX tiles (prompts, 5+ rows) and VNNI (decode rows)
+        for a, b in zip(quantized.generate(prompts, params), reference.generate(prompts, params)):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            for (x, _), (y, _) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert x == pytest.approx(y, abs=1e-4)
 
 
 def test_backend_refuses_quantization_without_the_kernels(model_dir, monkeypatch):

@@ -29,7 +29,8 @@ def test_torch_backend_holds_quantized_weights(model_dir, name, quantization):
     assert "quantized " + quantization in backend.describe()
     linears = [m for m in model.modules() if isinstance(m, Linear) and m in backend._quantized]
     assert linears and all(m.weight is None and backend._quantized[m].scheme.name == quantization for m in linears)
-    assert isinstance(backend._quantized[model.lm_head], QuantizedWeight)
+    head = backend._quantized[model.lm_head]
+    assert isinstance(head, QuantizedWeight) and head.scheme.name == ("w8a8" if quantization == "w8a8" else "int8")
     tokens, logprobs = _run(llm)
     float_tokens, float_logprobs = _run(LLM(model_dir(name), backend="torch", **OPTIONS))
     # a tiny random model's logits are close together: quantization moves them a little, not far

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dsserve.backends.cpu import kernels
 from dsserve.backends.cpu.fused import build_fused_decoder
-from dsserve.backends.cpu.packing import Packer, Packs
+from dsserve.backends.cpu.packing import Kind, Packer, Packs
 from dsserve.backends.torch import AttentionMetadata, TorchBackend, Workspace
 from dsserve.formats.quantization import QuantScheme
 from dsserve.profiling import PROFILER
@@ -101,7 +101,8 @@ class CpuBackend(TorchBackend):
     def weights_loaded(self, model):
         logger.info("packed %d weight matrices (%s%s) for the CPU kernels", self.packs.count,
                     str(self._packer.weight_dtype or "none").removeprefix("torch."),
-                    f", quantized {self.quantization.name}, LM head int8" if self.quantization else "")
+                    f", quantized {self.quantization.name}, LM head {self.quantization.head.name}" if self.quantization
+                    else "")
         _return_freed_memory()
 
     def set_kv_caches(self, model, kv_caches):
@@ -163,7 +164,8 @@ class CpuBackend(TorchBackend):
         if packed is not None and packed.fuses_swiglu and x.dim() == 2 and x.dtype == torch.float32:
             inner = packed.out_features // 2
             out = self.swiglu_workspace.take((x.shape[0], inner), torch.float32)
-            return kernels.linear_bf16_swiglu(x, packed.data, inner, out=out)
+            swiglu = kernels.linear_w8a8_swiglu if packed.kind is Kind.W8A8 else kernels.linear_bf16_swiglu
+            return swiglu(x, packed.data, inner, out=out)
         return super().gated_linear(layer, x)
 
     def silu_and_mul(self, gate_up):
@@ -215,7 +217,8 @@ class CpuBackend(TorchBackend):
             return super().expert(layer, expert, x)
         w13, w2 = pairs[expert]
         if w13.fuses_swiglu and x.dtype == torch.float32:
-            return w2(kernels.linear_bf16_swiglu(x, w13.data, w13.out_features // 2))
+            swiglu = kernels.linear_w8a8_swiglu if w13.kind is Kind.W8A8 else kernels.linear_bf16_swiglu
+            return w2(swiglu(x, w13.data, w13.out_features // 2))
         return w2(self.silu_and_mul(w13(x)))
 
     # ---- attention -------------------------------------------------------------------------------------------------

@@ -68,9 +68,8 @@ class _Builder:
         packed = self.packs.linears.get(linear)
         if linear.input_order is not None:
             raise _Refused("a linear reorders its inputs (GPTQ desc_act): the C decoders read x in its own order")
-        if packed is not None and packed.kind is Kind.FP8:
-            raise _Refused("fp8 weights (--quantization fp8, an FP8 checkpoint): decode_layers.c reads 16-bit, int8 "
-                           "and int4 panels only")
+        if packed is not None and packed.kind in (Kind.FP8, Kind.W8A8):
+            raise _Refused(f"{packed.kind.value} weights: decode_layers.c reads 16-bit, int8 and int4 panels only")
         if packed is None or not (packed.kind.own or packed.kind in _QUANTIZED):
             raise _Refused("a linear is not in dsserve's own packing (its weight is beyond float16's range, or its "
                            "packing check failed)")

@@ -52,9 +52,9 @@ logger = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / name
            for name in ("paged_attention.c", "linear_f16.c", "linear_bf16.c", "elementwise.c", "moe.c",
-                        "decode_layers.c", "linear_quant.c", "linear_fp8.c")]
+                        "decode_layers.c", "linear_quant.c", "linear_fp8.c", "linear_w8a8.c")]
 HEADER = CSRC / "dsserve_kernels.h"  # the C interface: kernels.py binds it (pycparser), every .c includes it
-HEADERS = [HEADER, CSRC / "vec_math.h"]
+HEADERS = [HEADER, CSRC / "vec_math.h", CSRC / "amx.h"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": ctypes.CDLL | None once tried, "why": the reason when None
 
@@ -88,9 +88,21 @@ def _amx_flags() -> list[str]:
     return ["-mamx-tile", "-mamx-bf16", "-mavx512bf16", "-mavx512f", "-mavx512bw", "-mavx512vl"]
 
 
+def _w8a8_flags() -> list[str]:
+    """linear_w8a8.c's extra flags where this CPU has AVX512-VNNI, with AMX int8 tiles where it has those too
+    (elsewhere it builds as a stub and w8a8 is refused). No contraction: the final scaling and the bias add round
+    apart, as in the twin, and the same on the tile and the VNNI path (gcc fuses them in one and not the other)."""
+    vnni, amx = getattr(torch.cpu, "_is_vnni_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if platform.machine().lower() not in ("x86_64", "amd64") or vnni is None or not vnni():
+        return []
+    return ["-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+            *(["-mamx-tile", "-mamx-int8"] if amx is not None and amx() else [])]
+
+
 # moe.c scales each expert row and adds it in one loop, where an FMA would round once instead of the module path's
 # twice (`*=`, then index_add_): no contraction there, so both paths give the same bits.
-_FILE_FLAGS = {"linear_bf16.c": _amx_flags, "linear_fp8.c": _amx_flags, "moe.c": lambda: ["-ffp-contract=off"]}
+_FILE_FLAGS = {"linear_bf16.c": _amx_flags, "linear_fp8.c": _amx_flags, "linear_w8a8.c": _w8a8_flags,
+               "moe.c": lambda: ["-ffp-contract=off"]}
 
 
 def _compiler() -> str | None:
@@ -241,7 +253,8 @@ def library() -> ctypes.CDLL | None:
                           linear_f16=bool(lib.dsserve_linear_f16_supported()) if lib is not None else False,
                           linear_bf16=bool(lib.dsserve_linear_bf16_supported()) if lib is not None else False,
                           linear_quant=bool(lib.dsserve_linear_quant_supported()) if lib is not None else False,
-                          linear_fp8=bool(lib.dsserve_linear_fp8_supported()) if lib is not None else False)
+                          linear_fp8=bool(lib.dsserve_linear_fp8_supported()) if lib is not None else False,
+                          w8a8=lib.dsserve_linear_w8a8_supported() if lib is not None else 0)
     return _state["lib"]  # type: ignore[return-value]
 
 
@@ -263,6 +276,8 @@ class KernelStatus:
     linear_bf16: bool         # bfloat16 weights run linear_bf16.c's AMX kernel (else oneDNN)
     linear_quant: bool = False  # int8 / int4 weights (--quantization) run linear_quant.c (AVX-512; else refused)
     linear_fp8: bool = False    # fp8 weights (FP8 checkpoints kept, --quantization fp8) run linear_fp8.c (AMX)
+    linear_w8a8: bool = False   # w8a8 runs linear_w8a8.c (AVX512-VNNI; else refused) ...
+    w8a8_amx: bool = False      # ... with AMX int8 tiles for many rows
 
     @property
     def fused_decode(self) -> bool:
@@ -285,7 +300,10 @@ class KernelStatus:
                                                       else "unavailable (needs AVX-512)"),
                                       "fp8 " + ("C AMX kernel linear_fp8.c" if self.linear_fp8
                                                 else "unavailable (needs AMX + AVX512-BF16): FP8 checkpoints load "
-                                                     "dequantized")]),
+                                                     "dequantized"),
+                                      "w8a8 " + ("C kernel linear_w8a8.c (" + ("AMX int8 tiles + " if self.w8a8_amx
+                                                                               else "") + "AVX512-VNNI)"
+                                                 if self.linear_w8a8 else "unavailable (needs AVX512-VNNI)")]),
                 "decode": ("every layer in one C call (decode_layers.c) where the model's weights are packed for it"
                            if self.fused_decode else "per-layer modules")}
 
@@ -296,7 +314,8 @@ def status() -> KernelStatus:
     return KernelStatus(is_built=built, why_not=why_unavailable(), vector_width=int(_state["width"]),
                         paged_attention=built, half_cache=bool(_state["half"]), linear_f16=bool(_state["linear_f16"]),
                         linear_bf16=bool(_state["linear_bf16"]), linear_quant=bool(_state["linear_quant"]),
-                        linear_fp8=bool(_state["linear_fp8"]))
+                        linear_fp8=bool(_state["linear_fp8"]),
+                        linear_w8a8=_state["w8a8"] >= 1, w8a8_amx=_state["w8a8"] == 2)
 
 
 def usable(k_dim: int, v_dim: int, cache_dtype: torch.dtype = torch.float32) -> bool:
@@ -480,15 +499,13 @@ class QuantPanels:
             packed=self.packed.data_ptr(), scales=self.scales.data_ptr(),
             zeros=self.zeros.data_ptr() if self.zeros is not None else None, group=self.group_size, bits=self.bits)
 
-
-def pack_quantized(weight) -> QuantPanels | Fp8Panels:
-    """A `formats.quantization.QuantizedWeight` in linear_quant.c's layout (linear_quant.c draws it), or fp8's in
-    linear_fp8.c's."""
+def pack_quantized(weight) -> QuantPanels | Fp8Panels | W8A8Panels:
+    """A `formats.quantization.QuantizedWeight` in its kernel's layout: linear_quant.c's for int8 / int4 (that file
+    draws it), linear_fp8.c's for fp8 (`pack_fp8`), linear_w8a8.c's for w8a8 (`pack_w8a8`)."""
     if weight.scheme.float8:
         return pack_fp8(weight)
     if weight.scheme.activations:
-        raise ConfigError(f"--quantization {weight.scheme.name} has no CPU kernel in this build yet; the forms the "
-                          "kernels hold are int8, int4 and fp8 (docs/quantization.md)")
+        return pack_w8a8(weight)
     q, rows = weight.q, weight.q.shape[0]
     panels = -(-rows // PANEL)
     panels += panels % 2
@@ -608,6 +625,91 @@ def linear_fp8(x: torch.Tensor, panels: Fp8Panels, out_features: int, bias: torc
     if x.shape[-1] != panels.in_features:
         raise ValueError(f"the fp8 linear has {panels.in_features} inputs, x has {x.shape[-1]}")
     return _linear("dsserve_linear_fp8", "fp8", x, panels.packed, out_features, bias, panels.scales)
+
+
+def linear_w8a8_usable() -> bool:
+    """The library is built with the w8a8 linear (AVX512-VNNI; AMX int8 tiles for many rows where there are)."""
+    return library() is not None and _state["w8a8"] >= 1
+
+
+# From this many rows on, w8a8 runs on the AMX int8 tiles (where there are); fewer rows on AVX512-VNNI. Both are bound
+# by reading the weights below it (benchmarks/cpu_quant_gemm.py).
+W8A8_TILE_ROWS = 5
+
+
+@dataclass(frozen=True)
+class W8A8Panels:
+    """A w8a8 (N, K) weight in linear_w8a8.c's layout: panels of 16 output rows (an even number), inputs in fours."""
+
+    packed: torch.Tensor  # int8 (panels, Kp / 4, 16, 4), Kp = K rounded up to 64
+    scales: torch.Tensor  # float32 (panels * 16,)
+    sums: torch.Tensor    # int32 (panels * 16,): each row's sum of q (VNNI multiplies u8 by s8: it corrects with it)
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scales.nbytes + self.sums.nbytes
+
+
+def pack_w8a8(weight) -> W8A8Panels:
+    """A w8a8 `QuantizedWeight` in linear_w8a8.c's layout: packed[p, k // 4, n, k % 4] = q[16 p + n, k], rows past
+    N and columns past K zero."""
+    q, rows = weight.q, weight.q.shape[0]
+    panels = -(-rows // PANEL)
+    panels += panels % 2
+    depth = -(-weight.in_features // 64) * 64
+    padded = torch.zeros(panels * PANEL, depth, dtype=torch.int8)
+    padded[:rows, : weight.in_features] = q
+    packed = padded.view(panels, PANEL, depth // 4, 4).transpose(1, 2).contiguous()
+    scales = torch.zeros(panels * PANEL, dtype=torch.float32)
+    scales[:rows] = weight.scales
+    sums = padded.sum(dim=1, dtype=torch.int32)
+    return W8A8Panels(packed, scales, sums, weight.in_features)
+
+
+def linear_w8a8(x: torch.Tensor, panels: W8A8Panels, out_features: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) float32 @ W^T (+ bias) for a w8a8 weight `pack_w8a8` laid out, x quantized per row as
+    `formats.quantization.quantize_activations` does: (..., out_features) float32, reference_linear's values up to
+    float32 rounding of the final scaling."""
+    if x.dim() != 2:
+        return linear_w8a8(x.reshape(-1, x.shape[-1]), panels, out_features, bias).view(*x.shape[:-1], out_features)
+    if x.dtype != torch.float32:
+        raise TypeError(f"the w8a8 linear takes float32 activations, got {x.dtype}")
+    if x.shape[1] != panels.in_features:
+        raise ValueError(f"the w8a8 linear has {panels.in_features} inputs, x has {x.shape[1]}")
+    x = x if x.is_contiguous() else x.contiguous()
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    if x.shape[0]:
+        _check_linear(_state["lib"].dsserve_linear_w8a8(x.data_ptr(), panels.packed.data_ptr(),
+                                                        panels.scales.data_ptr(), panels.sums.data_ptr(),
+                                                        0 if bias is None else bias.data_ptr(), out.data_ptr(),
+                                                        x.shape[0], out_features, x.shape[1], W8A8_TILE_ROWS),
+                      "w8a8", x.shape)
+    return out
+
+
+def linear_w8a8_swiglu(x: torch.Tensor, panels: W8A8Panels, intermediate: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x Wg^T) * (x Wu^T) for a w8a8 (2 I, K) gate_up weight (gate rows first) packed by `pack_w8a8`, I a
+    multiple of 16: x (T, K) float32 -> (T, I) float32 (into `out` where given), without the (T, 2 I) product in
+    memory on the AMX tiles; the values of `linear_w8a8` followed by `silu_mul` (up to float32 rounding of silu)."""
+    if intermediate % PANEL:
+        raise ValueError(f"the fused SwiGLU needs an intermediate size that is a multiple of {PANEL}, got {intermediate}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"the w8a8 linear takes float32 activations, got {x.dtype}")
+    x = x if x.is_contiguous() else x.contiguous()
+    if out is None:
+        out = torch.empty(x.shape[0], intermediate, dtype=torch.float32)
+    elif out.shape != (x.shape[0], intermediate) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 ({x.shape[0]}, {intermediate}) tensor")
+    if x.shape[0]:
+        _check_linear(_state["lib"].dsserve_linear_w8a8_swiglu(x.data_ptr(), panels.packed.data_ptr(),
+                                                               panels.scales.data_ptr(), panels.sums.data_ptr(),
+                                                               out.data_ptr(), x.shape[0], intermediate, x.shape[1],
+                                                               W8A8_TILE_ROWS),
+                      "w8a8", x.shape)
+    return out
 
 
 def pack_heads_f16(weights: torch.Tensor) -> torch.Tensor:

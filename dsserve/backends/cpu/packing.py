@@ -5,8 +5,9 @@ float16: dsserve's panel-packed fp16 layout (csrc/linear_f16.c, AVX2 + F16C), wi
 activations and accumulation stay fp32, half the bytes per decode step; FBGEMM's packed fp16 GEMM where the library
 could not be built. bfloat16: csrc/linear_bf16.c's AMX tiles (activations rounded to bf16), else oneDNN's bf16 GEMM.
 MLA's kv_b_proj is read by attention itself: its two halves are packed per head in fp16 for the absorbed decode.
-int8 / int4 (`--quantization`, formats/quantization.py): every other linear and routed expert quantized as it is
-packed, the LM head in int8 (csrc/linear_quant.c, AVX-512); the fused decoders and moe.c read them too.
+int8 / int4 / w8a8 (`--quantization`, formats/quantization.py): every other linear and routed expert quantized as it
+is packed, the LM head in int8 or w8a8 (csrc/linear_quant.c, AVX-512; w8a8: csrc/linear_w8a8.c, AMX int8 tiles and
+AVX512-VNNI); the fused decoders and moe.c read int8 and int4 panels too (not w8a8's).
 fp8 (`--quantization fp8`, or an FP8 checkpoint's weights kept as stored): e4m3 bytes with a scale per row per 128
 inputs (csrc/linear_fp8.c, AMX). A pre-quantized checkpoint tensor reaches the packer as the `quantized` staging
 of a parameter this packer marked `keeps_quantized` (models/base.py fills it) and is packed as it is.
@@ -44,6 +45,7 @@ class Kind(enum.Enum):
     INT8 = "dsserve int8"  # csrc/linear_quant.c
     INT4 = "dsserve int4"
     FP8 = "dsserve fp8"  # csrc/linear_fp8.c
+    W8A8 = "dsserve w8a8"  # csrc/linear_w8a8.c
 
     @property
     def own(self) -> bool:
@@ -64,7 +66,8 @@ class PackedLinear:
             weight = scheme.quantize(weight)
         if isinstance(weight, QuantizedWeight):
             form = weight.scheme
-            self.kind = Kind.FP8 if form.float8 else Kind.INT8 if form.bits == 8 else Kind.INT4
+            self.kind = (Kind.FP8 if form.float8 else Kind.W8A8 if form.activations else Kind.INT8 if form.bits == 8
+                         else Kind.INT4)
             self.data = kernels.pack_quantized(weight)
         elif weight_dtype == torch.float16 and kernels.linear_f16_usable():
             self.kind, self.data = Kind.F16, kernels.pack_f16(weight)
@@ -86,6 +89,8 @@ class PackedLinear:
             return kernels.linear_quant(x, self.data, self.out_features, self.bias)
         if kind is Kind.FP8:
             return kernels.linear_fp8(x, self.data, self.out_features, self.bias)
+        if kind is Kind.W8A8:
+            return kernels.linear_w8a8(x, self.data, self.out_features, self.bias)
         if kind is Kind.F16:
             return kernels.linear_f16(x, self.data, self.out_features, self.bias)
         if kind is Kind.BF16:
@@ -100,8 +105,10 @@ class PackedLinear:
     @property
     def fuses_swiglu(self) -> bool:
         """As a gate_up weight (gate rows, then as many up rows), the kernel can apply SwiGLU to its product on the
-        way out (`kernels.linear_bf16_swiglu`): bf16 on AMX, no bias, whole panels of each half."""
-        return self.kind is Kind.BF16 and self.bias is None and self.out_features % (2 * kernels.PANEL) == 0
+        way out (`kernels.linear_bf16_swiglu`, `kernels.linear_w8a8_swiglu`): bf16 on AMX or w8a8, no bias, whole
+        panels of each half."""
+        return (self.kind in (Kind.BF16, Kind.W8A8) and self.bias is None
+                and self.out_features % (2 * kernels.PANEL) == 0)
 
     @property
     def own_data(self) -> torch.Tensor | None:
@@ -156,9 +163,8 @@ class Packer:
     the packing and the remaining layers stay on F.linear (slower, correct).
 
     With `quantization`, each of those weights is quantized as it is packed (its plain weight then dropped, so
-    loading holds one float layer at a time): Linears and routed experts in that scheme, the LM head in int8 whatever
-    the scheme (the logits are the most sensitive product; llama.cpp's Q4_K_M keeps its head at 6 bits for the same
-    reason). MLA's kv_b_proj keeps its float weight and packing (attention reads it), and so do the embedding, the
+    loading holds one float layer at a time): Linears and routed experts in that scheme, the LM head in
+    `scheme.head` (int8 per row, w8a8 under w8a8: formats/quantization.py says why). MLA's kv_b_proj keeps its float weight and packing (attention reads it), and so do the embedding, the
     norms and the routers.
 
     Pre-quantized checkpoint tensors (an FP8 checkpoint's weights): where a quantized kernel is built, every weight
@@ -173,7 +179,7 @@ class Packer:
         if quantization is not None:
             _check_kernels(quantization)
         self.packs = Packs()
-        self.scheme, self.head_scheme = quantization, QuantScheme(8) if quantization is not None else None
+        self.scheme, self.head_scheme = quantization, quantization.head if quantization is not None else None
         self.weight_dtype = resolve_weight_dtype(weight_dtype)
         if quantization is not None and self.weight_dtype is None:
             raise ConfigError(f"--quantization {quantization.name} needs packed weights, unavailable on this machine "
@@ -409,17 +415,18 @@ def pack_checked(weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | No
         packed = PackedLinear(weight, bias, weight_dtype)
         rows = slice(None, None, max(1, weight.shape[0] // 64))  # a sample of the outputs: no copy of a big weight
         probe = torch.randn(3, weight.shape[1])
-        if quantized:
-            expected = reference_linear(probe, weight.select_rows(rows), None if bias is None else bias[rows])
+        sampled_bias = None if bias is None else bias[rows]
+        if quantized:  # against its plain-torch twin (w8a8's quantizes the probe's rows too)
+            expected = reference_linear(probe, weight.select_rows(rows), sampled_bias)
             agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4,
                                     atol=1e-4 * (1.0 + expected.abs().amax().item()))
         elif weight_dtype == torch.bfloat16:  # activations rounded to bf16 too, and each output
             expected = F.linear(probe.bfloat16().float(), weight[rows].to(weight_dtype).float())
             tolerance = 2**-7 * (expected.abs() + 1e-3 * expected.abs().amax())
-            agrees = bool(((packed(probe)[:, rows] - (expected if bias is None else expected + bias[rows])).abs()
+            agrees = bool(((packed(probe)[:, rows] - (expected if bias is None else expected + sampled_bias)).abs()
                            <= tolerance).all())
         else:
-            expected = F.linear(probe, weight[rows].to(weight_dtype).float(), None if bias is None else bias[rows])
+            expected = F.linear(probe, weight[rows].to(weight_dtype).float(), sampled_bias)
             agrees = torch.allclose(packed(probe)[:, rows], expected, rtol=1e-4, atol=1e-4)
     except (RuntimeError, NotImplementedError) as e:  # this torch build cannot pack it
         raise PackingFailed(f"packing a {tuple(weight.shape)} weight as {what} failed ({e})") from e
@@ -432,7 +439,9 @@ def _has_kernel(scheme: QuantScheme) -> bool:
     """This build runs weights of `scheme`."""
     if scheme.float8:
         return kernels.linear_fp8_usable()
-    return not scheme.activations and kernels.linear_quant_usable()
+    if scheme.activations:
+        return kernels.linear_w8a8_usable()
+    return kernels.linear_quant_usable()
 
 
 def _check_kernels(scheme: QuantScheme) -> None:
@@ -446,6 +455,7 @@ def _check_kernels(scheme: QuantScheme) -> None:
         raise ConfigError(f"--quantization fp8 needs dsserve's fp8 CPU kernel (csrc/linear_fp8.c, AMX tiles and "
                           f"AVX512-BF16), unavailable here ({why or 'this CPU, build or kernel has no AMX'}); use "
                           "--quantization int8, or drop --quantization")
-    if not _has_kernel(scheme):
-        raise ConfigError(f"--quantization {scheme.name} has no CPU kernel in this build yet; the forms the kernels "
-                          "hold are int8, int4 and fp8 (docs/quantization.md)")
+    if scheme.activations and not kernels.linear_w8a8_usable():
+        raise ConfigError(f"--quantization {scheme.name} needs dsserve's w8a8 CPU kernel (csrc/linear_w8a8.c, "
+                          f"AVX512-VNNI), unavailable here ({why or 'this CPU or build has no AVX512-VNNI'}); use "
+                          "--quantization int8 (int8 weights, float activations) instead")

@@ -23,6 +23,7 @@ int dsserve_linear_f16_supported(void);  /* the float16-weight linear is built (
 int dsserve_linear_bf16_supported(void); /* the bf16 AMX linear is built and Linux lets this process use the tiles */
 int dsserve_linear_quant_supported(void); /* the int8 / int4 weight-only linears are built (AVX-512) */
 int dsserve_linear_fp8_supported(void);   /* the fp8 linear is built (AMX + AVX512-BF16) and may use the tiles */
+int dsserve_linear_w8a8_supported(void);  /* w8a8: 2 AMX int8 tiles + AVX512-VNNI, 1 AVX512-VNNI only, 0 none */
 
 /* ---- decode attention over the paged cache (paged_attention.c) ---------------------------------------------- */
 
@@ -70,6 +71,14 @@ typedef struct {
 /* dsserve_linear_int8 or dsserve_linear_int4 by w->bits (-2 for another) */
 int dsserve_linear_quant(const float *x, const dsserve_quant_weight *w, const float *bias, float *y, int64_t M,
                          int64_t N, int64_t K);
+
+/* ---- int8 weights times int8 activations quantized per row on the fly (linear_w8a8.c describes the layout) -- */
+
+int dsserve_linear_w8a8(const float *x, const int8_t *packed, const float *scales, const int32_t *sums,
+                        const float *bias, float *y, int64_t M, int64_t N, int64_t K, int64_t tile_rows);
+/* y (M, I) = silu(x Wg^T) * (x Wu^T), packed the (2 I, K) gate_up weight for linear_w8a8; -2 when I % 16 != 0 */
+int dsserve_linear_w8a8_swiglu(const float *x, const int8_t *packed, const float *scales, const int32_t *sums,
+                               float *y, int64_t M, int64_t I, int64_t K, int64_t tile_rows);
 
 /* ---- routed experts over many tokens, grouped by expert (moe.c) --------------------------------------------- */
 

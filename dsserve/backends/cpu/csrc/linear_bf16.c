@@ -19,38 +19,8 @@
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && \
     defined(__linux__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 #define LINEAR_BF16_SUPPORTED 1
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-/* Linux hands out the tile registers' state only to processes that ask (once per process). */
-static int amx_permitted(void) {
-    static int state = 0; /* 0 unknown, 1 yes, -1 no; a benign race: every thread computes the same answer */
-    if (state == 0) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
-    return state == 1;
-}
-
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((packed)) tile_config;
-
-/* tmm0..3: C (16 x 16 fp32), tmm4/5: A (16 rows x 32 bf16), tmm6/7: B (16 pair rows x 32 bf16); all 64-byte rows */
-static void configure_tiles(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-}
 
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's .bfloat16() */
     uint32_t bits;
