@@ -78,6 +78,9 @@ class ModelConfig:
     moe_layer_freq: int = 1
     # FP8 block quantization, e.g. (128, 128); None for unquantized checkpoints
     fp8_block_size: tuple[int, int] | None = None
+    # Another tool's quantization (compressed-tensors, AWQ, GPTQ, w8a8_int8): config.json's quantization_config, which
+    # models/loader.py checkpoint_reader reads (and refuses where no reader holds it); None otherwise
+    quantization_config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     o_proj_bias: bool = False  # Llama with attention_bias: o_proj has a bias too (Qwen2's does not)
 
     @property
@@ -167,13 +170,15 @@ class ModelConfig:
         if raw.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json hidden_act {raw.get('hidden_act')!r} is not supported; dsserve implements silu")
         quant = raw.get("quantization_config")
-        if quant:
-            if quant.get("quant_method") != "fp8" or "weight_block_size" not in quant:
+        if quant and quant.get("quant_method") == "fp8":
+            if "weight_block_size" not in quant:
                 raise ConfigError(
                     f"config.json quantization_config {quant} is not supported; dsserve loads FP8 block-quantized "
-                    "checkpoints (quant_method 'fp8' with weight_block_size) and unquantized ones"
+                    "checkpoints (quant_method 'fp8' with weight_block_size)"
                 )
             common["fp8_block_size"] = tuple(int(x) for x in quant["weight_block_size"])
+        elif quant:
+            common["quantization_config"] = dict(quant)
         if model_type in ("deepseek_v2", "deepseek_v3"):
             is_v3 = model_type == "deepseek_v3"
             common.update(
@@ -355,6 +360,9 @@ class EngineConfig:
     num_threads: int  # torch intra-op threads on CPU
     backend: str  # kernels: "cpu" (dsserve's C kernels, packed weights) or "torch" (the plain-torch reference)
     quantization: str | None = None  # int8 / int4 weights quantized at load (formats/quantization.py names), or None
+    # the form a pre-quantized checkpoint's linears load as (formats/quantized.py checkpoint_reader), e.g.
+    # "int4-g128-zp"
+    checkpoint_quantization: str | None = None
     seed: int = 0  # default seed of unseeded sampling
     tokenizer_path: str | None = None  # folder with tokenizer.json; default the model folder
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -364,7 +372,8 @@ class EngineConfig:
         from dataclasses import asdict
 
         d = {f: getattr(self, f) for f in ("dtype", "weight_dtype", "kv_cache_dtype", "backend", "quantization",
-                                           "device", "num_threads", "seed", "tokenizer_path")}
+                                           "checkpoint_quantization", "device", "num_threads", "seed",
+                                           "tokenizer_path")}
         d.update(model=self.model.path, cache=asdict(self.cache), scheduler=asdict(self.scheduler),
                  parallel=asdict(self.parallel))
         return json.dumps(d)

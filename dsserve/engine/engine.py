@@ -33,6 +33,7 @@ from dsserve.engine.scheduler import Scheduler, SchedulerOutput
 from dsserve.engine.tokenizer import Tokenizer
 from dsserve.errors import ConfigError, EngineDeadError, InvalidRequestError
 from dsserve.formats.quantization import QuantScheme
+from dsserve.formats.quantized import checkpoint_reader
 from dsserve.options import EngineArgs
 from dsserve.profiling import PROFILER
 from dsserve.runner.model_runner import ModelRunner, StepResult, default_num_threads
@@ -421,6 +422,7 @@ def resolve_engine_args(model: str | Path, args: EngineArgs) -> EngineConfig:
         kv_cache_dtype=resolve_kv_cache_dtype(args.kv_cache_dtype, device, compute_dtype),
         backend=backend,
         quantization=_resolve_quantization(args.quantization, backend, compute_dtype),
+        checkpoint_quantization=_checkpoint_quantization(model_config),
         device=device,
         num_threads=args.num_threads or max(1, default_num_threads() // len(parallel.node_ranks)),
         seed=args.seed,
@@ -509,6 +511,12 @@ def _spare_core() -> bool:
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
     return cores > torch.get_num_threads()
+
+
+def _checkpoint_quantization(model_config) -> str | None:
+    """The form a pre-quantized checkpoint's linears load as, or None; a format no reader holds refused here."""
+    reader = checkpoint_reader(model_config.quantization_config)
+    return None if reader is None else reader.scheme.name
 
 
 def _resolve_quantization(requested: str | None, backend: str, dtype: str) -> str | None:

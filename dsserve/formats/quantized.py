@@ -331,6 +331,37 @@ def fp8_block_weight(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple
                            f"with 128x128 blocks ({e}); the checkpoint is inconsistent") from e
 
 
+def checkpoint_reader(quantization_config: Mapping[str, Any] | None) -> CheckpointFormat | None:
+    """The reader of a checkpoint's quantized linears where another tool quantized it (config.json's
+    `quantization_config`, as ModelConfig keeps it); None without one. DeepSeek's FP8 checkpoints never come here
+    (ModelConfig routes them to the loader's FP8 path); a compressed-tensors FP8 one, or a variant no reader holds,
+    is a ConfigError naming the field."""
+    if not quantization_config:
+        return None
+    fmt = detect_format({"quantization_config": quantization_config})
+    if isinstance(fmt, Fp8Checkpoint):
+        raise ConfigError(
+            f"config.json quantization_config is {fmt.method}, which dsserve does not load yet: of the FP8 "
+            f"checkpoints it loads DeepSeek's block-quantized ones (quant_method 'fp8' with weight_block_size); {_DOCS}"
+        )
+    return fmt
+
+
+def convert_slice(reader: CheckpointFormat, prefix: str, tensors: Mapping[str, torch.Tensor],
+                  index: tuple) -> QuantizedWeight | ConvertedLinear:
+    """One quantized linear's checkpoint tensors -> a tensor-parallel rank's slice (`index`: output rows, then
+    inputs, as a model's `checkpoint_slices` gives its `<prefix>.weight`) in dsserve's form: the QuantizedWeight, or
+    the ConvertedLinear where the layer must reorder its inputs. `slice_tensors` cuts on the format's packing and
+    group boundaries (a WeightsError naming the linear where the slice falls inside them)."""
+    for dim, part in enumerate(index):
+        if part != slice(None):
+            if part.step not in (None, 1):
+                raise WeightsError(f"{prefix}: a quantized linear is sliced in whole ranges, not {part}")
+            tensors = reader.slice_tensors(tensors, ("column", "row")[dim], part.start, part.stop, prefix)
+    converted = reader.convert(tensors, prefix)
+    return converted.weight if converted.input_order is None else converted
+
+
 def _compressed_tensors(quant: Mapping[str, Any]) -> CheckpointFormat | Fp8Checkpoint:
     for key in ("sparsity_config", "transform_config", "kv_cache_scheme"):
         if quant.get(key):

@@ -54,7 +54,12 @@ class Linear(nn.Module):
 
     `in_shard` makes it row-parallel: this rank holds those input columns and the output is all-reduced
     over `tp` (unless `reduce=False`: the caller sums several partial results and reduces once).
+
+    `input_order` (set by the model's loader for a GPTQ desc_act checkpoint, formats/quantized.py): the weight's
+    input columns are in that order, so the layer computes x[..., input_order] W^T (one index_select of x).
     """
+
+    accepts_input_order = True  # False where something else reads the weight as it is (MLA's kv_b_proj)
 
     def __init__(self, in_features: int, parts: list[Part], bias: bool, dtype: torch.dtype, *,
                  in_shard: slice | None = None, tp: TensorParallel = SINGLE, reduce: bool = True):
@@ -64,6 +69,7 @@ class Linear(nn.Module):
         self.weight = empty_param(out_features, local_in, dtype=dtype)
         self.row_parallel = in_shard is not None and tp.size > 1
         self.tp, self.reduce = tp, reduce
+        self.input_order: torch.Tensor | None = None  # int64 (local_in,), see the class docstring
         # Row-parallel: only rank 0 adds the bias (the partial sums are added up after).
         has_bias = bias and not (self.row_parallel and tp.rank != 0)
         self.bias = empty_param(out_features, dtype=dtype) if has_bias else None
@@ -78,10 +84,14 @@ class Linear(nn.Module):
             offset += size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.backend.linear(self, x)
+        y = self.backend.linear(self, self.ordered(x))
         if self.row_parallel and self.reduce:
             self.tp.all_reduce(y)
         return y
+
+    def ordered(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the weight's input columns are ordered (`input_order`); x itself almost always."""
+        return x if self.input_order is None else x.index_select(-1, self.input_order)
 
 
 class MLP(nn.Module):
@@ -101,7 +111,7 @@ class MLP(nn.Module):
                                 in_shard=own if tp.size > 1 else None, tp=tp, reduce=reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.backend.gated_linear(self.gate_up_proj, x))
+        return self.down_proj(self.backend.gated_linear(self.gate_up_proj, self.gate_up_proj.ordered(x)))
 
 
 class VocabParallel(nn.Module):

@@ -10,6 +10,7 @@ from torch import nn
 
 from dsserve.config import ModelConfig
 from dsserve.errors import WeightsError
+from dsserve.formats.quantized import ConvertedLinear
 from dsserve.layers.linear import VocabParallel
 from dsserve.layers.norm import RMSNorm
 from dsserve.formats.quantization import QuantizedWeight
@@ -76,7 +77,7 @@ class CausalLM(nn.Module):
             for name, selector, source in getattr(param, "sources", ()):
                 yield param, name, selector, source
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight | ConvertedLinear]],
                      on_loaded: Callable[[nn.Module], None] | None = None) -> None:
         """Copy every checkpoint tensor (already sliced to this rank's part) into the parameter slice bound to its
         name; name what is missing. `on_loaded(module)` is called as soon as a module's own parameters are
@@ -84,7 +85,9 @@ class CausalLM(nn.Module):
 
         A pre-quantized checkpoint tensor (a `QuantizedWeight`: the loader's FP8 weights kept as stored, or any
         converter's) goes as it is to `param.stage_quantized(selector, tensor)` where a backend set that (its packer
-        keeps it: backends/cpu/packing.py), and is dequantized into the parameter anywhere else."""
+        keeps it: backends/cpu/packing.py), and is dequantized into the parameter anywhere else. A ConvertedLinear
+        (GPTQ desc_act) is its QuantizedWeight with the inputs in `input_order`: the Linear takes that order (it
+        reorders x), the weight goes on as above with its columns as they are."""
         targets = {name: (param, selector) for param, name, selector, _ in self._targets()}
         required = set(targets)
         owner: dict[int, nn.Module] = {}  # parameter -> the module holding it
@@ -96,12 +99,17 @@ class CausalLM(nn.Module):
                     pending[module] = pending.get(module, 0) + len(param.sources)
         loaded: set[str] = set()
         ignored: list[str] = []
+        orders: dict[int, torch.Tensor | None] = {}  # parameter -> the input order of its first part
         for name, tensor in weights:
             target = targets.pop(name, None)  # no reference is kept: a backend may free the parameter once packed
             if target is None:
                 ignored.append(name)
                 continue
             param, selector = target
+            order = None
+            if isinstance(tensor, ConvertedLinear):
+                tensor, order = tensor.weight, tensor.input_order
+            _take_input_order(owner[id(param)], param, name, order, orders)
             view = param.data[selector] if selector else param.data
             if tuple(view.shape) != tuple(tensor.shape):
                 raise WeightsError(
@@ -129,3 +137,28 @@ class CausalLM(nn.Module):
         if ignored:
             logger.info("ignored %d checkpoint tensors not used by dsserve (e.g. %s)", len(ignored), ignored[0])
 
+
+def _take_input_order(module: nn.Module, param: nn.Parameter, name: str, order: torch.Tensor | None,
+                      orders: dict[int, torch.Tensor | None]) -> None:
+    """Give `module` (a Linear) the input order of the checkpoint linear `name` (GPTQ desc_act; None: as stored).
+    Every checkpoint linear stacked into one parameter (q/k/v, gate/up) must have the same order: they are quantized
+    from the same inputs, so GPTQ's activation order agrees among them."""
+    if id(param) not in orders:
+        orders[id(param)] = order
+        if order is None:
+            return
+        if not getattr(module, "accepts_input_order", False) or param is not getattr(module, "weight", None):
+            raise WeightsError(
+                f"{name} is quantized with its inputs reordered (GPTQ desc_act / actorder), which dsserve applies to "
+                f"plain linear layers, not to this {type(module).__name__} (routed experts, MLA's kv_b_proj); use a "
+                "checkpoint quantized without desc_act"
+            )
+        module.input_order = order.to(param.device)
+        return
+    first = orders[id(param)]
+    if (first is None) != (order is None) or (order is not None and not torch.equal(first, order)):
+        raise WeightsError(
+            f"{name} orders its inputs differently from the other checkpoint linears dsserve stacks with it into one "
+            "layer (GPTQ desc_act: their g_idx differ); dsserve holds one input order per layer: use a checkpoint "
+            "quantized without desc_act"
+        )

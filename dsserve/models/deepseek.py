@@ -48,6 +48,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, 1e-6, f"{prefix}.kv_a_layernorm.weight", dtype)
         # attention reads its weight itself: absorbed into q for decode, expanding the latents for prompts
         self.kv_b_proj = Linear(c.kv_lora_rank, by_head("kv_b_proj", c.qk_nope_head_dim + c.v_head_dim), False, dtype)
+        self.kv_b_proj.accepts_input_order = False  # attention reads its weight itself
         v_cols = slice(heads.start * c.v_head_dim, heads.stop * c.v_head_dim)
         self.o_proj = Linear(c.num_attention_heads * c.v_head_dim, [(f"{prefix}.o_proj", c.hidden_size)], c.qkv_bias,
                              dtype, in_shard=v_cols if tp.size > 1 else None, tp=tp)

@@ -1,4 +1,5 @@
-"""Read a checkpoint folder's safetensors (one file or index + shards), dequantize FP8 blocks, name every failure."""
+"""Read a checkpoint folder's safetensors (one file or index + shards), dequantize FP8 blocks, convert other
+pre-quantized linears (formats/quantized.py), name every failure."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from safetensors import safe_open
 
 from dsserve.config import ModelConfig
 from dsserve.errors import WeightsError
-from dsserve.formats.quantized import fp8_block_weight
 from dsserve.formats.quantization import QuantizedWeight
+from dsserve.formats.quantized import ConvertedLinear, checkpoint_reader, convert_slice, fp8_block_weight
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def plain_file_name(listing: Path, name: object) -> str:
 def iter_checkpoint(
     config: ModelConfig, dtype: torch.dtype | None, slices: dict[str, tuple] | None = None,
     keep_quantized: bool = False,
-) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight | ConvertedLinear]]:
     """Yield (name, tensor) for every weight in the checkpoint, in `dtype`; None: float tensors as stored (the
     model's loader converts each into its parameter: a bf16 table loaded into a bf16 parameter never passes through
     a float32 copy of itself).
@@ -94,10 +95,28 @@ def iter_checkpoint(
     belongs to another rank. FP8 weights (`float8_e4m3fn` with a `*_scale_inv` beside them, possibly in
     another shard) come out dequantized (then sliced); with `keep_quantized`, as a `QuantizedWeight` of the
     stored bytes and scales instead where they can (formats/quantized.py `fp8_block_weight`): the model's loader
-    hands those to the backend as they are (models/base.py). The multi-token-prediction layers (index >= num_hidden_layers) are skipped.
+    hands those to the backend as they are (models/base.py). The multi-token-prediction layers (index >=
+    num_hidden_layers) are skipped.
+
+    A checkpoint another tool quantized (formats/quantized.py `checkpoint_reader`: compressed-tensors, AWQ, GPTQ,
+    w8a8_int8) holds each quantized linear as several tensors (e.g. `qweight`, `qzeros`, `scales`): they come out
+    as one `<prefix>.weight`, converted to a QuantizedWeight (its slice cut on the format's own boundaries before
+    converting), or a ConvertedLinear where the layer must reorder its inputs (GPTQ desc_act), whatever
+    `keep_quantized` says; the model's loader keeps or dequantizes it as it does FP8 weights.
     """
     folder = Path(config.path)
     shards = checkpoint_files(folder)
+    reader = checkpoint_reader(config.quantization_config)
+    linears: dict[str, dict[str, str]] = {}  # a quantized linear's prefix -> {suffix: tensor name}
+    member_of: dict[str, str] = {}  # each tensor of a quantized linear -> its prefix
+    locations: dict[str, str] = {}  # tensor name -> shard
+    if reader is not None:
+        for shard in shards:
+            if not shards[shard]:  # a lone file: its tensors are listed by the file itself
+                shards[shard] = sorted(_open_shard(folder / shard).keys())
+            locations.update((name, shard) for name in shards[shard])
+        linears = reader.linears(locations)
+        member_of = {name: prefix for prefix, group in linears.items() for name in group.values()}
     scale_locations = {
         name: shard for shard, names in shards.items() for name in names if name.endswith("_scale_inv")
     }
@@ -117,6 +136,26 @@ def iter_checkpoint(
                         "contain it; the shard is incomplete or from another revision: download it again"
                     )
                 if name.endswith("_scale_inv") or _is_mtp(name, config):
+                    continue
+                if name in member_of:  # read with the rest of its linear, when its marker tensor comes
+                    prefix = member_of[name]
+                    target = f"{prefix}.weight"
+                    if not name.endswith("." + reader.marker):
+                        continue
+                    if slices is not None and target not in slices:
+                        skipped.append(target)
+                        continue
+                    parts = {}
+                    for suffix, part in linears[prefix].items():
+                        if locations[part] not in open_files:
+                            open_files[locations[part]] = _open_shard(folder / locations[part])
+                        parts[suffix] = _get_tensor(open_files[locations[part]], part, folder / locations[part])
+                        mapped += parts[suffix].nbytes if locations[part] == shard else 0
+                    if mapped > _REMAP_BYTES:  # (see _REMAP_BYTES)
+                        handle = open_files[shard] = _open_shard(folder / shard)
+                        mapped = 0
+                    yield target, convert_slice(reader, prefix, parts, slices.get(target, ()) if slices else ())
+                    del parts
                     continue
                 if slices is not None and name not in slices:
                     skipped.append(name)

@@ -90,7 +90,9 @@ class ModelRunner:
                                 on_loaded=self.backend.module_loaded)
         self.backend.weights_loaded(self.model)
         self.model.eval()
-        logger.info("loaded %s (%s%s) in %.1fs", model_config.path, config.dtype,
+        logger.info("loaded %s (%s%s%s) in %.1fs", model_config.path, config.dtype,
+                    f", {model_config.quantization_config['quant_method']} checkpoint as {config.checkpoint_quantization}"
+                    if config.checkpoint_quantization else "",
                     f", rank {tp.rank} of {tp.size}" if self.group else "", time.perf_counter() - started)
         self.num_blocks = self._num_blocks(cache_config, config.scheduler.max_model_len, config.scheduler.max_num_seqs)
         if self.group:

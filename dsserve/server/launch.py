@@ -277,7 +277,9 @@ def _print_config(config, server_config: ServerConfig, host: str, port: int, log
     m, c, s = config.model, config.cache, config.scheduler
     lines = [
         f"model: {m.path} ({m.model_type}, {m.num_hidden_layers} layers, vocab {m.vocab_size}"
-        + (f", FP8 blocks {m.fp8_block_size}" if m.fp8_block_size else "") + ")",
+        + (f", FP8 blocks {m.fp8_block_size}" if m.fp8_block_size else "")
+        + (f", quantized checkpoint: {m.quantization_config['quant_method']} as {config.checkpoint_quantization}"
+           if config.checkpoint_quantization else "") + ")",
         f"served model name: {server_config.served_model_name}",
         f"device: {config.device}, dtype: {config.dtype}, weights: {config.weight_dtype}, threads: {config.num_threads}"
         + (f", tensor parallel: {config.parallel.world_size} ranks"

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from dsserve.config import ModelConfig
 from dsserve.errors import DsserveError, WeightsError
+from dsserve.formats.quantized import checkpoint_reader
 from dsserve.models.loader import INDEX_FILE, plain_file_name, read_index
 
 MANIFEST_FILE = "dsserve-manifest.json"
@@ -54,9 +55,14 @@ def verify(path: str | os.PathLike, manifest: str | os.PathLike | None = None, w
     if not folder.is_dir():
         report.fail(f"{folder} is not a directory; pass the checkpoint folder")
         return report
+    quantized = None  # how the config says the weights are quantized, for the tensor summary
     try:
         config = ModelConfig.from_path(folder)
         quant = f", FP8 blocks {config.fp8_block_size}" if config.fp8_block_size else ""
+        reader = checkpoint_reader(config.quantization_config)
+        if reader is not None:
+            quantized = f"{config.quantization_config['quant_method']} quantized (loads as {reader.scheme.name})"
+            quant = f", {quantized}"
         report.ok(f"config.json: model_type {config.model_type}, {config.num_hidden_layers} layers{quant}")
     except DsserveError as e:
         report.fail(str(e))
@@ -89,7 +95,8 @@ def verify(path: str | os.PathLike, manifest: str | os.PathLike | None = None, w
     if dtypes:
         fp8 = dtypes.get("F8_E4M3", 0)
         summary = ", ".join(f"{n} {d}" for d, n in dtypes.most_common())
-        report.info(f"tensors: {summary}; {'FP8 block-quantized' if fp8 else 'not quantized'}; "
+        quantized = quantized or ("FP8 block-quantized" if fp8 else "not quantized")
+        report.info(f"tensors: {summary}; {quantized}; "
                     f"{total_bytes / 2**30:.2f} GiB in {len(shards)} file(s)")
     _check_tokenizer(folder, report)
     files = sorted(set(shards) | {p.name for p in folder.iterdir() if p.is_file() and p.suffix != ".safetensors"})

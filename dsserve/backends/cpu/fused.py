@@ -66,6 +66,8 @@ class _Builder:
         """A linear's weight as the C struct field takes it (its kind noted): 16-bit panels as a tensor, an int8 /
         int4 weight as its dsserve_quant_weight; refused where it is in neither."""
         packed = self.packs.linears.get(linear)
+        if linear.input_order is not None:
+            raise _Refused("a linear reorders its inputs (GPTQ desc_act): the C decoders read x in its own order")
         if packed is not None and packed.kind in (Kind.FP8, Kind.W8A8):
             raise _Refused(f"{packed.kind.value} weights: decode_layers.c reads 16-bit, int8 and int4 panels only")
         if packed is None or not (packed.kind.own or packed.kind in _QUANTIZED):
