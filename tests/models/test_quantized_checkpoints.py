@@ -268,7 +268,10 @@ def test_desc_act_orders_that_differ_within_one_layer_are_refused(qwen2, tmp_pat
 @needs_kernel
 @pytest.mark.parametrize("kind", ["awq", "w8a8"])
 def test_tp2_equals_tp1(qwen2, tmp_path, kind):
-    """Each rank converts only its slice of every linear (cut on the format's packing and group boundaries)."""
+    """Each rank converts only its slice of every linear (cut on the format's packing and group boundaries). AWQ's
+    weight-only products are one rank's to 1e-4. w8a8 quantizes each row of activations over the inputs a rank holds,
+    so a row-parallel layer's activation scale is the slice's (as in any engine running w8a8 split over ranks): its
+    log-probabilities agree within that rounding, the weights themselves being exactly one rank's."""
     if kind == "awq":
         folder, _ = _packed_format(qwen2, tmp_path, "awq")
     else:
@@ -277,11 +280,12 @@ def test_tp2_equals_tp1(qwen2, tmp_path, kind):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
     expected = LLM(folder, **options).generate(PROMPTS, params)
     llm = LLM(folder, tensor_parallel_size=2, **options)
+    tolerance = 1e-4 if kind == "awq" else 0.05
     try:
         for a, b in zip(llm.generate(PROMPTS, params), expected):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
             for (x, _), (y, _) in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-                assert x == pytest.approx(y, abs=1e-4)
+                assert x == pytest.approx(y, abs=tolerance)
     finally:
         llm.engine.shutdown()
 
