@@ -1,5 +1,5 @@
-/* What the AMX kernels (linear_bf16.c, linear_w8a8.c) share: Linux's permission to use the tile registers and the
- * one tile shape both use. Include it only where __AMX_TILE__ is defined. */
+/* What the AMX kernels (linear_bf16.c, linear_w8a8.c, linear_fp8.c) share: Linux's permission to use the tile
+ * registers and the one tile shape they all use. Include it only where __AMX_TILE__ is defined. */
 #ifndef DSSERVE_AMX_H
 #define DSSERVE_AMX_H
 

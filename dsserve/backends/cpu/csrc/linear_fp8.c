@@ -28,22 +28,12 @@
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && \
     defined(__AVX512BW__) && defined(__linux__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 
 #define NR 16
 #define BLOCK 128  /* inputs per scale */
 #define CHUNK 8    /* 32-row blocks of x per task on the several-rows path: their sums stay in L1/L2 */
 
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-static int amx_permitted(void) {
-    static int state = 0; /* 0 unknown, 1 yes, -1 no; a benign race: every thread computes the same answer */
-    if (state == 0) state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : -1;
-    return state == 1;
-}
 
 /* bf16 bits of the e4m3fn magnitude b (0..127): exponent e = b >> 3 (bias 7), mantissa m = b & 7 */
 static uint16_t e4m3_magnitude_bf16(int b) {
@@ -147,23 +137,8 @@ static int gemv(const float *x, const uint8_t *packed, const float *scales, cons
 
 /* ---- several rows: AMX bf16 tiles ---------------------------------------------------------------------------- */
 
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} __attribute__((packed)) tile_config;
-
-/* tmm0..3: C (16 x 16 fp32), tmm4/5: A (16 rows x 32 bf16), tmm6/7: B (16 pair rows x 32 bf16); all 64-byte rows */
-static void configure_tiles(void) {
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-}
+/* amx.h's configure_tiles: tmm0..3 C (16 x 16 fp32), tmm4/5 A (16 rows x 32 bf16), tmm6/7 B (16 pair rows x 32
+ * bf16) */
 
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as torch's .bfloat16() */
     uint32_t bits;
